@@ -1,0 +1,14 @@
+"""flamingo: Flamingo-style large multimodal models.
+
+A frozen open_clip vision tower feeds a Perceiver Resampler whose latents condition a frozen
+Hugging Face causal LM through tanh-gated cross-attention blocks (Alayrac et al., 2022).
+
+    from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+"""
+
+from flamingo.config import FlamingoConfig
+from flamingo.model import Flamingo, FlamingoOutput
+from flamingo.processing import FlamingoProcessor
+
+__all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "FlamingoProcessor"]
+__version__ = "0.1.0"

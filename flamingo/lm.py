@@ -1,0 +1,292 @@
+"""Hugging Face causal-LM adapter: where the gated blocks go, and the new token rows.
+
+* **Decoder-layer table.** ``DECODER_LAYOUTS`` maps an HF ``config.model_type`` to the dotted path
+  of its decoder-layer list. An unknown type is an error that lists the supported ones; there is
+  no guessing from module or model names.
+* **Interleaving.** A GATED XATTN-DENSE block runs *before* every n-th decoder layer (paper
+  Fig. 4). It is attached as a forward pre-hook on that layer, so the HF model's code, classes
+  and module tree stay untouched. The media latents and media index reach the hooks through one
+  scoped context that :meth:`FlamingoLM.forward` sets and always clears.
+* **Decoupled new tokens.** ``<image>``, ``<|endofchunk|>`` (and ``<PAD>``) get their own small
+  trainable input and output rows beside the frozen embedding and output matrices: no
+  ``resize_token_embeddings`` of frozen weights, the optimiser holds state for a few rows only,
+  and the model can predict ``<|endofchunk|>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from flamingo.config import CrossAttentionConfig, LanguageConfig
+from flamingo.tokens import SpecialTokens
+from flamingo.xattn import GatedCrossAttentionBlock
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """How to reach one LM family's decoder layers."""
+
+    layers: str
+    """Dotted path from the ``*ForCausalLM`` module to its ``ModuleList`` of decoder layers."""
+    position_ids: bool = True
+    """Whether the base model takes ``position_ids`` (left padding needs them); ALiBi models
+    (MPT) have none and are padding-invariant by construction."""
+
+
+DECODER_LAYOUTS: dict[str, DecoderLayout] = {
+    "gpt2": DecoderLayout("transformer.h"),
+    "gpt_neox": DecoderLayout("gpt_neox.layers"),
+    "llama": DecoderLayout("model.layers"),
+    "mistral": DecoderLayout("model.layers"),
+    "mpt": DecoderLayout("transformer.blocks", position_ids=False),
+    "opt": DecoderLayout("model.decoder.layers"),
+    "qwen2": DecoderLayout("model.layers"),
+    "qwen3": DecoderLayout("model.layers"),
+}
+
+
+def decoder_layout(model_type: str) -> DecoderLayout:
+    if model_type not in DECODER_LAYOUTS:
+        raise ValueError(
+            f"LM model_type {model_type!r} is not supported; supported types: "
+            f"{sorted(DECODER_LAYOUTS)}. Add its decoder-layer path to "
+            "flamingo.lm.DECODER_LAYOUTS (and a tiny-config test)."
+        )
+    return DECODER_LAYOUTS[model_type]
+
+
+def _disable_dropout(config: PretrainedConfig) -> None:
+    """Zero every dropout probability of an HF config (frozen LM: deterministic forward)."""
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
+def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load (or, with an inline architecture, randomly initialise) the HF causal LM."""
+    if cfg.architecture is not None:
+        arch = dict(cfg.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    else:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    decoder_layout(config.model_type)  # fail before loading weights
+    if cfg.disable_dropout:
+        _disable_dropout(config)
+    config._attn_implementation = cfg.attn_implementation
+    if cfg.architecture is not None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            config=config,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+        )
+    return model.to(dtype)
+
+
+class NewTokenEmbeddings(nn.Module):
+    """Trainable input (and output) rows for the tokens Flamingo adds to the vocabulary.
+
+    Rows start at the mean of the frozen matrix's rows, so a new token's logit starts at an
+    average value rather than at an arbitrary one. With a tied LM the output rows are the input
+    rows, as they would be after resizing a tied embedding.
+    """
+
+    def __init__(
+        self,
+        token_ids: tuple[int, ...],
+        input_matrix: torch.Tensor,
+        output_matrix: torch.Tensor,
+        tied: bool,
+    ) -> None:
+        super().__init__()
+        self.register_buffer(
+            "token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False
+        )
+        k = len(token_ids)
+        self.input_rows = nn.Parameter(input_matrix.float().mean(0, keepdim=True).repeat(k, 1))
+        self.output_rows = (
+            None if tied else nn.Parameter(output_matrix.float().mean(0, keepdim=True).repeat(k, 1))
+        )
+
+    def output_weight(self) -> torch.Tensor:
+        return self.input_rows if self.output_rows is None else self.output_rows
+
+
+class FlamingoLM(nn.Module):
+    """A frozen HF causal LM with gated cross-attention blocks and decoupled new-token rows."""
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        xattn_cfg: CrossAttentionConfig,
+        dim_media: int,
+        special_tokens: SpecialTokens,
+        tokenizer_size: int,
+    ) -> None:
+        super().__init__()
+        config = hf_model.config
+        self.layout = decoder_layout(config.model_type)
+        self.hf = hf_model.requires_grad_(False)
+        self.special_tokens = special_tokens
+        self.gradient_checkpointing = False
+
+        embed = hf_model.get_input_embeddings()
+        head = hf_model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ValueError(
+                f"{config.model_type}: expected a bias-free nn.Linear LM head, got {head}"
+            )
+        self.base_vocab = head.out_features
+        num_owned = len(special_tokens.new_ids)
+        if tokenizer_size - num_owned > min(self.base_vocab, embed.num_embeddings):
+            raise ValueError(
+                f"the tokenizer has {tokenizer_size - num_owned} base tokens but the LM's "
+                f"embedding has {embed.num_embeddings} rows: tokenizer and LM do not match"
+            )
+        tied = head.weight is embed.weight
+        self.new_tokens = NewTokenEmbeddings(
+            special_tokens.new_ids, embed.weight, head.weight, tied
+        )
+        ids = list(special_tokens.new_ids)
+        self.vocab_size = max(self.base_vocab, max(ids) + 1)
+        # Usual case (GPT-2, Llama): the new ids directly follow the LM's rows -> concatenate.
+        self._append_new_logits = ids == list(range(self.base_vocab, self.base_vocab + len(ids)))
+
+        layers = hf_model.get_submodule(self.layout.layers)
+        self.layer_indices = xattn_cfg.layer_indices(len(layers))
+        self.gated_blocks = nn.ModuleList(
+            GatedCrossAttentionBlock(xattn_cfg, config.hidden_size, dim_media)
+            for _ in self.layer_indices
+        )
+        for block_idx, layer_idx in enumerate(self.layer_indices):
+            layers[layer_idx].register_forward_pre_hook(
+                partial(self._run_gated_block, block_idx), with_kwargs=True
+            )
+        self._media: tuple[torch.Tensor | None, torch.Tensor] | None = None
+
+    # -- the scoped context through which media reach the hooks ---------------------------------
+
+    @contextlib.contextmanager
+    def media_context(
+        self, media_latents: torch.Tensor | None, media_index: torch.Tensor
+    ) -> Iterator[None]:
+        """Make media visible to the gated blocks for the duration of one LM call."""
+        if self._media is not None:
+            raise RuntimeError("FlamingoLM.media_context is not re-entrant")
+        self._media = (media_latents, media_index)
+        try:
+            yield
+        finally:
+            self._media = None
+
+    def _run_gated_block(
+        self, block_idx: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        if self._media is None:
+            raise RuntimeError(
+                "a decoder layer with a gated cross-attention block ran outside "
+                "FlamingoLM.forward; call the Flamingo model, not its inner HF LM"
+            )
+        media_latents, media_index = self._media
+        hidden = args[0] if args else kwargs["hidden_states"]
+        block = self.gated_blocks[block_idx]
+        dtype = block.attn_gate.dtype
+        latents = None if media_latents is None else media_latents.to(dtype)
+        if self.gradient_checkpointing and self.training:
+            out = checkpoint(block, hidden.to(dtype), latents, media_index, use_reentrant=False)
+        else:
+            out = block(hidden.to(dtype), latents, media_index)
+        out = out.to(hidden.dtype)
+        if args:
+            return (out, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": out}
+
+    # -- embeddings and logits --------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> inputs_embeds (B, T, E): frozen rows, new tokens from own rows."""
+        is_new = input_ids.unsqueeze(-1) == self.new_tokens.token_ids  # (B, T, k)
+        base_ids = input_ids.masked_fill(is_new.any(-1), 0)
+        embeds = self.hf.get_input_embeddings()(base_ids)
+        rows = self.new_tokens.input_rows
+        new = (is_new.to(rows.dtype) @ rows).to(embeds.dtype)
+        return torch.where(is_new.any(-1, keepdim=True), new, embeds)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D) -> float32 logits (B, T, vocab_size)."""
+        base = self.hf.get_output_embeddings()(hidden).float()
+        weight = self.new_tokens.output_weight()
+        new = F.linear(hidden.to(weight.dtype), weight).float()
+        if self._append_new_logits:
+            return torch.cat([base, new], dim=-1)
+        if self.vocab_size > self.base_vocab:
+            base = F.pad(base, (0, self.vocab_size - self.base_vocab))
+        return base.index_copy(-1, self.new_tokens.token_ids, new)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        media_latents: torch.Tensor | None,
+        media_index: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Returns ``(logits (B, T, vocab_size), past_key_values)``."""
+        kwargs: dict[str, Any] = {}
+        if self.layout.position_ids:
+            if position_ids is None and attention_mask is not None:
+                # Left padding: count positions from each sequence's first real token. The mask
+                # covers cached tokens too (HF convention), so keep the last T positions.
+                positions = attention_mask.long().cumsum(-1) - 1
+                position_ids = positions.clamp(min=0)[:, -input_ids.shape[1] :]
+            kwargs["position_ids"] = position_ids
+        with self.media_context(media_latents, media_index):
+            out = self.hf.base_model(
+                inputs_embeds=self.embed(input_ids),
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return self.logits(out.last_hidden_state), out.past_key_values if use_cache else None
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute decoder layers (HF's mechanism) and gated blocks in the backward pass."""
+        self.gradient_checkpointing = enabled
+        # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has the old names.
+        if hasattr(self.hf, "activation_checkpointing_enable"):
+            enable, disable = (
+                self.hf.activation_checkpointing_enable,
+                self.hf.activation_checkpointing_disable,
+            )
+        else:
+            enable, disable = (
+                self.hf.gradient_checkpointing_enable,
+                self.hf.gradient_checkpointing_disable,
+            )
+        if enabled:
+            enable({"use_reentrant": False})
+        else:
+            disable()
+
+    def decoder_layer_class(self) -> type[nn.Module]:
+        return type(self.hf.get_submodule(self.layout.layers)[0])

@@ -1,0 +1,158 @@
+"""The Flamingo model: composition, freeze policy, forward to logits (paper Sec. 2, Fig. 3).
+
+``pixel_values -> VisionEncoder (frozen) -> PerceiverResampler -> media_latents`` feed the gated
+cross-attention blocks inside the frozen LM. Only the resampler, the gated blocks and the new
+token rows train. The model returns logits; the loss is the framework's (``flamingo.losses``).
+
+The model never wraps itself for distributed training: :meth:`Flamingo.wrap_unit_classes`
+declares the modules an engine may shard or checkpoint one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flamingo.config import FlamingoConfig
+from flamingo.lm import FlamingoLM, build_causal_lm
+from flamingo.resampler import PerceiverLayer, PerceiverResampler
+from flamingo.tokens import SpecialTokens, load_tokenizer
+from flamingo.vision import VisionEncoder
+from flamingo.xattn import GatedCrossAttentionBlock, media_index_from_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FlamingoOutput:
+    """What :meth:`Flamingo.forward` returns."""
+
+    logits: torch.Tensor
+    """(B, T, vocab_size), float32."""
+    past_key_values: Any = None
+    """The LM's cache when ``use_cache=True``."""
+    media_latents: torch.Tensor | None = None
+    """(B, N, R, Dv): the resampled media, reusable across calls (e.g. while decoding)."""
+
+
+class Flamingo(nn.Module):
+    """Frozen vision tower + Perceiver Resampler + frozen LM with gated cross-attention."""
+
+    def __init__(self, cfg: FlamingoConfig, vision: VisionEncoder, lm: FlamingoLM) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.resampler = PerceiverResampler(cfg.resampler, vision.width)
+        self.lm = lm
+        if cfg.gradient_checkpointing:
+            self.lm.set_gradient_checkpointing(True)
+
+    @classmethod
+    def from_config(cls, cfg: FlamingoConfig) -> Flamingo:
+        """Build the model: frozen parts from their sources, trainable parts freshly initialised."""
+        dtype = DTYPES[cfg.frozen_dtype]
+        tokenizer, special = load_tokenizer(
+            cfg.lm.tokenizer_source(), cfg.lm.revision, cfg.lm.trust_remote_code
+        )
+        vision = VisionEncoder(cfg.vision).to(dtype)
+        hf_model = build_causal_lm(cfg.lm, dtype)
+        lm = FlamingoLM(hf_model, cfg.xattn, vision.width, special, len(tokenizer))
+        return cls(cfg, vision, lm)
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        return self.lm.special_tokens
+
+    # -- media ------------------------------------------------------------------------------------
+
+    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, N, F, C, H, W) -> media_latents (B, N, R, Dv)."""
+        return self.resampler(self.vision(pixel_values))
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        media_latents: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        media_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> FlamingoOutput:
+        """Logits for ``input_ids`` (B, T) conditioned on the media.
+
+        Give the media either as ``pixel_values (B, N, F, C, H, W)`` or, already encoded, as
+        ``media_latents (B, N, R, Dv)``; neither for text only. ``media_index (B, T)`` (phi) is
+        derived from the ``<image>`` tokens of ``input_ids`` unless given; it must be given
+        when continuing from ``past_key_values`` since the new tokens alone cannot tell which
+        image came last.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if pixel_values is not None and media_latents is not None:
+            raise ValueError("give pixel_values or media_latents, not both")
+        if pixel_values is not None:
+            media_latents = self.encode_media(pixel_values)
+        if media_index is None:
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError(
+                    "media_index is required with a non-empty past_key_values: pass the media "
+                    "index of the new tokens computed over the whole sequence"
+                )
+            media_index = media_index_from_ids(input_ids, self.special_tokens.image_id)
+        self._check_media(input_ids, media_latents, media_index)
+        logits, cache = self.lm(
+            input_ids,
+            attention_mask,
+            media_latents,
+            media_index,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return FlamingoOutput(logits=logits, past_key_values=cache, media_latents=media_latents)
+
+    @staticmethod
+    def _check_media(
+        input_ids: torch.Tensor, media_latents: torch.Tensor | None, media_index: torch.Tensor
+    ) -> None:
+        if media_index.shape != input_ids.shape:
+            raise ValueError(
+                f"media_index shape {tuple(media_index.shape)} != input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        needed = int(media_index.max()) + 1 if media_index.numel() else 0
+        available = 0 if media_latents is None else media_latents.shape[1]
+        if media_latents is not None and media_latents.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"media batch size {media_latents.shape[0]} != text batch size {input_ids.shape[0]}"
+            )
+        if needed > available:
+            raise ValueError(
+                f"the text refers to {needed} media item(s) per sequence (<image> tokens) but "
+                f"only {available} were given: pass pixel_values with N >= {needed}"
+            )
+
+    # -- training support -------------------------------------------------------------------------
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The parts that train (paper Sec. 2): everything else is frozen."""
+        return {
+            "resampler": self.resampler,
+            "gated_blocks": self.lm.gated_blocks,
+            "new_tokens": self.lm.new_tokens,
+        }
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self.parameters()
+        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+    def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
+        """Module classes a distributed engine may shard or checkpoint as units."""
+        return (self.lm.decoder_layer_class(), GatedCrossAttentionBlock, PerceiverLayer)

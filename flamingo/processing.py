@@ -1,0 +1,141 @@
+"""Interleaved text + images -> model tensors, and token ids -> text.
+
+Text marks where each image sits with ``<image>``; the images of each sequence come in the same
+order as its markers. A media item is one PIL image or a list of PIL frames (video)::
+
+    processor = FlamingoProcessor.from_config(cfg)
+    batch = processor(
+        text=["<image>A red circle.<|endofchunk|><image>A", "<image>Question: ..."],
+        images=[[img1, img2], [img3]],
+    )
+    batch["input_ids"], batch["attention_mask"], batch["pixel_values"]  # (B, N, F, C, H, W)
+
+Slots beyond a sequence's own media are zero-filled; the model never attends to them because
+no ``<image>`` token points at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from flamingo.config import FlamingoConfig, VisionConfig
+from flamingo.tokens import IMAGE, SpecialTokens, load_tokenizer
+from flamingo.vision import image_transform
+
+Media = Image.Image | Sequence[Image.Image]
+
+
+class FlamingoProcessor:
+    """Tokenizer (with Flamingo's special tokens) + the vision tower's image transform."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        special_tokens: SpecialTokens,
+        vision_cfg: VisionConfig,
+        padding_side: Literal["left", "right"] = "left",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.special_tokens = special_tokens
+        self.vision_cfg = vision_cfg
+        self.image_transform = image_transform(vision_cfg)
+        self.padding_side = padding_side
+
+    @classmethod
+    def from_config(
+        cls, cfg: FlamingoConfig, padding_side: Literal["left", "right"] = "left"
+    ) -> FlamingoProcessor:
+        tokenizer, special = load_tokenizer(
+            cfg.lm.tokenizer_source(), cfg.lm.revision, cfg.lm.trust_remote_code
+        )
+        return cls(tokenizer, special, cfg.vision, padding_side)
+
+    # -- images -------------------------------------------------------------------------------
+
+    def preprocess_media(self, media: Media) -> torch.Tensor:
+        """One image or a list of frames -> (F, C, H, W)."""
+        frames = [media] if isinstance(media, Image.Image) else list(media)
+        if not frames or not all(isinstance(f, Image.Image) for f in frames):
+            raise ValueError(
+                f"a media item must be a PIL image or a non-empty list of PIL images, got {media!r}"
+            )
+        return torch.stack([self.image_transform(f) for f in frames])
+
+    def preprocess_images(self, images: Sequence[Sequence[Media]]) -> torch.Tensor:
+        """Per-sequence lists of media -> pixel_values (B, N, F, C, H, W), zero-filled slots."""
+        per_seq = [[self.preprocess_media(m) for m in seq] for seq in images]
+        frame_counts = {t.shape[0] for seq in per_seq for t in seq}
+        if len(frame_counts) > 1:
+            raise ValueError(
+                f"all media in a batch must have the same number of frames, got {sorted(frame_counts)}"
+            )
+        num_frames = frame_counts.pop() if frame_counts else 1
+        num_media = max((len(seq) for seq in per_seq), default=0)
+        size = self.vision_cfg.image_size
+        pixel_values = torch.zeros(len(per_seq), num_media, num_frames, 3, size, size)
+        for b, seq in enumerate(per_seq):
+            for n, media in enumerate(seq):
+                pixel_values[b, n] = media
+        return pixel_values
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: Sequence[Sequence[Media]] | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        max_length: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize a batch of interleaved sequences and preprocess their media.
+
+        Returns ``input_ids`` and ``attention_mask`` (B, T) and, when images are given,
+        ``pixel_values`` (B, N, F, C, H, W). ``max_length`` truncates from the right; it is an
+        error if that cuts an ``<image>`` marker off (its image would be orphaned).
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is not None and len(images) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
+        for i, t in enumerate(texts):
+            markers = t.count(IMAGE)
+            given = 0 if images is None else len(images[i])
+            if markers != given:
+                raise ValueError(
+                    f"sequence {i} has {markers} {IMAGE} marker(s) but {given} image(s); "
+                    f"put one {IMAGE} in the text where each image belongs"
+                )
+        encoded = self.tokenizer(
+            texts,
+            padding="longest",
+            padding_side=padding_side or self.padding_side,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if max_length is not None:
+            kept = (batch["input_ids"] == self.special_tokens.image_id).sum(-1).tolist()
+            for i, t in enumerate(texts):
+                if kept[i] != t.count(IMAGE):
+                    raise ValueError(
+                        f"sequence {i}: max_length={max_length} truncates away {IMAGE} markers; "
+                        "raise max_length or give fewer images"
+                    )
+        if images is not None and any(len(seq) for seq in images):
+            batch["pixel_values"] = self.preprocess_images(images)
+        return batch
+
+    def decode(
+        self, token_ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = False
+    ) -> str:
+        """Token ids of one sequence -> text (padding removed)."""
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        ids = [i for i in ids if i != self.special_tokens.pad_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, token_ids: torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in token_ids]

@@ -1,0 +1,100 @@
+"""Perceiver Resampler (Flamingo paper, Sec. 2.1 and Fig. 5).
+
+Maps a variable number of vision tokens per media item (an image, or a video's frames) to a
+fixed number R of latents. Learned latents cross-attend to ``concat(media tokens, latents)``;
+each layer is pre-norm attention then a feed-forward, both residual; a final LayerNorm.
+
+For video, a learned time embedding per frame is added to that frame's tokens before they are
+flattened, so the latents can tell frames apart; single images (F == 1) get none.
+
+Shapes (DESIGN.md glossary): ``vision_tokens (B, N, F, V, Dv) -> media_latents (B, N, R, Dv)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from flamingo.config import ResamplerConfig
+from flamingo.layers import FeedForward
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to the media tokens and to themselves."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media (b, n, d), latents (b, r, d) -> (b, r, d)."""
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h r d -> b r (h d)"))
+
+
+class PerceiverLayer(nn.Module):
+    """One resampler layer: residual attention, then residual feed-forward (a wrap unit)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = PerceiverAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents + self.attn(media, latents)
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """(B, N, F, V, D) vision tokens -> (B, N, R, D) latents."""
+
+    def __init__(self, cfg: ResamplerConfig, dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
+        self.time_embeddings = (
+            nn.Parameter(torch.randn(cfg.max_num_frames, dim)) if cfg.max_num_frames else None
+        )
+        self.layers = nn.ModuleList(
+            PerceiverLayer(dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        if vision_tokens.ndim != 5:
+            raise ValueError(
+                f"vision_tokens must be (B, N, F, V, D), got shape {tuple(vision_tokens.shape)}"
+            )
+        b, n, num_frames = vision_tokens.shape[:3]
+        x = vision_tokens.to(self.latents.dtype)
+        if num_frames > 1:
+            if self.time_embeddings is None:
+                raise ValueError(
+                    f"got {num_frames} frames per media item but resampler.max_num_frames is 0: "
+                    "set resampler.max_num_frames >= the number of video frames"
+                )
+            if num_frames > self.cfg.max_num_frames:
+                raise ValueError(
+                    f"got {num_frames} frames per media item, more than "
+                    f"resampler.max_num_frames={self.cfg.max_num_frames}: sample fewer frames "
+                    "or raise max_num_frames"
+                )
+            x = x + rearrange(self.time_embeddings[:num_frames], "f d -> f 1 d")
+        media = rearrange(x, "b n f v d -> (b n) (f v) d")
+        latents = repeat(self.latents, "r d -> bn r d", bn=b * n)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return rearrange(self.norm(latents), "(b n) r d -> b n r d", b=b)

@@ -1,0 +1,91 @@
+"""The frozen open_clip vision tower: pixels -> patch tokens (paper Sec. 2.1).
+
+Returns the transformer's patch tokens: no CLS token, no projection to the contrastive space.
+Whether the tower's final LayerNorm (``ln_post``) is applied to them is the explicit config
+field ``VisionConfig.ln_post_on_tokens``; we run the tower's stages ourselves rather than call
+``visual.forward``, whose token normalisation changed across open_clip releases (2.24 added
+``final_ln_after_pool``).
+
+The tower is frozen: no parameter requires grad, it stays in eval mode whatever mode its parent
+is put in, and its forward runs without autograd.
+
+Shapes: ``pixel_values (B, N, F, C, H, W) -> vision_tokens (B, N, F, V, Dv)``.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+from einops import rearrange
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from flamingo.config import VisionConfig
+
+
+def build_clip(cfg: VisionConfig) -> nn.Module:
+    """Build the open_clip model named by ``cfg`` (with its pretrained weights, if any)."""
+    if cfg.architecture is not None:
+        clip = open_clip.CLIP(**cfg.architecture)
+        if cfg.pretrained:
+            open_clip.load_checkpoint(clip, cfg.pretrained, strict=True, weights_only=True)
+        return clip
+    if cfg.model_name not in open_clip.list_models():
+        raise ValueError(
+            f"vision.model_name {cfg.model_name!r} is not an open_clip architecture; "
+            f"choose one of open_clip.list_models() or give vision.architecture inline"
+        )
+    return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, weights_only=True)
+
+
+def image_transform(cfg: VisionConfig):
+    """The tower's evaluation transform: PIL image -> normalised (C, H, W) tensor."""
+    return open_clip.image_transform(
+        cfg.image_size, is_train=False, mean=cfg.image_mean, std=cfg.image_std
+    )
+
+
+class VisionEncoder(nn.Module):
+    """Frozen open_clip ViT returning patch tokens."""
+
+    def __init__(self, cfg: VisionConfig, visual: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        visual = visual if visual is not None else build_clip(cfg).visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"vision tower {cfg.model_name!r} is a {type(visual).__name__}; only open_clip "
+                "VisionTransformer towers (ViT-*) provide patch tokens here"
+            )
+        size = visual.image_size
+        if tuple(size) != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"vision.image_size={cfg.image_size} but {cfg.model_name!r} expects {tuple(size)}"
+            )
+        self.visual = visual.requires_grad_(False).eval()
+        self.width = visual.transformer.width
+        self.num_tokens = visual.grid_size[0] * visual.grid_size[1]
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        # Frozen: keep eval mode (no dropout, no patch dropout) whatever the parent asks.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.image_size
+        if pixel_values.ndim != 6 or tuple(pixel_values.shape[3:]) != (3, size, size):
+            raise ValueError(
+                f"pixel_values must be (B, N, F, 3, {size}, {size}), got shape "
+                f"{tuple(pixel_values.shape)}; preprocess images with FlamingoProcessor"
+            )
+        b, n, f = pixel_values.shape[:3]
+        v = self.visual
+        x = rearrange(pixel_values, "b n f c h w -> (b n f) c h w").to(v.conv1.weight.dtype)
+        x = rearrange(v.conv1(x), "m d gh gw -> m (gh gw) d")
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.transformer(v.ln_pre(x))
+        if self.cfg.ln_post_on_tokens:
+            x = v.ln_post(x)
+        tokens = x[:, 1:]  # drop the CLS token
+        return rearrange(tokens, "(b n f) v d -> b n f v d", b=b, n=n, f=f)

@@ -1,0 +1,109 @@
+"""Masked, tanh-gated cross-attention from text to media latents (paper Sec. 2.2, Fig. 4, 7).
+
+A GATED XATTN-DENSE block computes, on the LM's hidden states ``y``::
+
+    y = y + tanh(attn_gate) * xattn(q=y, kv=media_latents)
+    y = y + tanh(ff_gate)   * ffw(y)
+
+with both gates initialised to 0, so that at initialisation the model is exactly the LM.
+
+Which media a token sees is given by the media index phi (``media_index (B, T)``): the index of
+the last ``<image>`` at or before the token, -1 when there is none. A token attends to the R
+latents of that media item only (paper), or optionally of every item up to it. Tokens with no
+media before them get exactly zero cross-attention output.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from flamingo.config import CrossAttentionConfig
+from flamingo.layers import FeedForward
+
+
+def media_index_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """phi: for each token, the index of the last ``<image>`` at or before it, else -1.
+
+    ``input_ids (B, T) -> media_index (B, T)`` (int64).
+    """
+    return (input_ids == image_token_id).long().cumsum(dim=-1) - 1
+
+
+def cross_attention_mask(
+    media_index: torch.Tensor, num_media: int, num_latents: int, attend: str
+) -> torch.Tensor:
+    """Boolean mask (B, 1, T, N*R): True where token t may attend to latent key j.
+
+    Rows of tokens with no media (index -1) are all True so that SDPA stays finite; their
+    output is zeroed by the caller.
+    """
+    key_media = torch.arange(num_media, device=media_index.device).repeat_interleave(num_latents)
+    idx = media_index.unsqueeze(-1)  # (B, T, 1)
+    allowed = (key_media == idx) if attend == "last" else (key_media <= idx)
+    allowed = allowed | (idx < 0)
+    return allowed.unsqueeze(1)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries (pre-norm) attend to the latents of the media each token may see."""
+
+    def __init__(self, dim: int, dim_media: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_media, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        media_latents: torch.Tensor,
+        media_index: torch.Tensor,
+        attend: Literal["last", "all_previous"] = "last",
+    ) -> torch.Tensor:
+        """x (B, T, D), media_latents (B, N, R, Dv), media_index (B, T) -> (B, T, D)."""
+        _, num_media, num_latents, _ = media_latents.shape
+        q = self.to_q(self.norm(x))
+        k, v = self.to_kv(rearrange(media_latents, "b n r d -> b (n r) d")).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        mask = cross_attention_mask(media_index, num_media, num_latents, attend)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = rearrange(out, "b h t d -> b t (h d)")
+        has_media = (media_index >= 0).unsqueeze(-1).to(out.dtype)
+        return self.to_out(out * has_media)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """GATED XATTN-DENSE: residual tanh-gated cross-attention then tanh-gated feed-forward."""
+
+    def __init__(self, cfg: CrossAttentionConfig, dim: int, dim_media: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn = MaskedCrossAttention(dim, dim_media, cfg.heads, cfg.dim_head)
+        self.ff = FeedForward(dim, cfg.ff_mult)
+        gate_shape = (dim,) if cfg.gate == "vector" else (1,)
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        media_latents: torch.Tensor | None,
+        media_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """x (B, T, D); media_latents (B, N, R, Dv) or None for text only; media_index (B, T)."""
+        if media_latents is not None:
+            x = x + self.attn_gate.tanh() * self.attn(
+                x, media_latents, media_index, self.cfg.attend
+            )
+        ff = self.ff(x)
+        if not self.cfg.ff_on_imageless_tokens:
+            ff = ff * (media_index >= 0).unsqueeze(-1).to(ff.dtype)
+        return x + self.ff_gate.tanh() * ff

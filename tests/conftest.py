@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny config, a tiny model and processor, small PIL images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "model" / "tiny.yaml"
+
+
+def tiny_config(*overrides: str) -> FlamingoConfig:
+    return FlamingoConfig.from_yaml(TINY, overrides=list(overrides))
+
+
+def build(*overrides: str, seed: int = 0) -> Flamingo:
+    torch.manual_seed(seed)
+    return Flamingo.from_config(tiny_config(*overrides)).eval()
+
+
+def set_gates(model: Flamingo, value: float = 0.7) -> None:
+    """Open the tanh gates so that images influence the text (they start at 0)."""
+    with torch.no_grad():
+        for block in model.lm.gated_blocks:
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (40, 32)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def noise_image(seed: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(arr.numpy())
+
+
+@pytest.fixture(scope="session")
+def cfg() -> FlamingoConfig:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def processor(cfg: FlamingoConfig) -> FlamingoProcessor:
+    return FlamingoProcessor.from_config(cfg)
+
+
+@pytest.fixture
+def model() -> Flamingo:
+    return build()

@@ -1,0 +1,73 @@
+"""Typed configs: every YAML loads, errors name the key, overrides and round-trips work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flamingo.config import FlamingoConfig, from_dict
+from tests.conftest import ROOT, TINY
+
+LOADERS = {"model": FlamingoConfig.from_yaml}
+
+
+def all_yaml() -> list[Path]:
+    return sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_directory_is_covered():
+    kinds = {p.relative_to(ROOT / "configs").parts[0] for p in all_yaml()}
+    assert kinds <= set(LOADERS), f"add a loader for config kind(s) {kinds - set(LOADERS)}"
+
+
+@pytest.mark.parametrize("path", all_yaml(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_loads(path: Path):
+    kind = path.relative_to(ROOT / "configs").parts[0]
+    cfg = LOADERS[kind](path)
+    assert from_dict(type(cfg), cfg.to_dict()) == cfg
+
+
+def test_real_configs_name_hub_models():
+    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/openflamingo-9b.yaml")
+    assert (cfg.vision.model_name, cfg.vision.pretrained) == ("ViT-L-14", "openai")
+    assert cfg.lm.name_or_path == "mosaicml/mpt-7b"
+    assert (cfg.xattn.every_n_layers, cfg.xattn.first_layer) == (4, 3)
+    assert cfg.xattn.layer_indices(32) == [3, 7, 11, 15, 19, 23, 27, 31]
+
+
+def test_overrides_are_typed():
+    cfg = FlamingoConfig.from_yaml(TINY, overrides=["resampler.depth=3", "xattn.gate=vector"])
+    assert cfg.resampler.depth == 3 and cfg.xattn.gate == "vector"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("resampler.dept=2", "resampler.dept"),
+        ("resampler.depth=two", "resampler.depth"),
+        ("resampler.depth=0", "depth"),
+        ("xattn.attend=first", "xattn.attend"),
+        ("xattn.first_layer=1", "first_layer"),
+        ("frozen_dtype=int8", "frozen_dtype"),
+        ("vision.image_mean=[0.5, 0.5]", "vision.image_mean"),
+        ("lm.disable_dropout=1", "lm.disable_dropout"),
+        ("bogus=1", "bogus"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override: str, key: str):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        FlamingoConfig.from_yaml(TINY, overrides=[override])
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        FlamingoConfig.from_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="section.key=value"):
+        FlamingoConfig.from_yaml(TINY, overrides=["resampler.depth"])
+
+
+def test_dict_round_trip():
+    cfg = FlamingoConfig.from_yaml(TINY)
+    again = FlamingoConfig.from_dict(cfg.to_dict())
+    assert again == cfg

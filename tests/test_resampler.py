@@ -1,0 +1,59 @@
+"""Perceiver Resampler: shapes, per-item independence, time embeddings for video."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo.config import ResamplerConfig
+from flamingo.resampler import PerceiverResampler
+
+DIM = 32
+
+
+def make(max_num_frames: int = 4) -> PerceiverResampler:
+    torch.manual_seed(0)
+    cfg = ResamplerConfig(
+        depth=2, heads=2, dim_head=8, num_latents=5, ff_mult=2, max_num_frames=max_num_frames
+    )
+    return PerceiverResampler(cfg, DIM).eval()
+
+
+def test_shapes():
+    out = make()(torch.randn(2, 3, 1, 7, DIM))
+    assert out.shape == (2, 3, 5, DIM)
+
+
+def test_media_items_are_resampled_independently():
+    resampler = make()
+    x = torch.randn(2, 3, 1, 7, DIM)
+    y = x.clone()
+    y[1, 2] += torch.randn_like(y[1, 2])
+    a, b = resampler(x), resampler(y)
+    changed = (a - b).abs().amax(dim=(-1, -2)) > 1e-6
+    assert changed.tolist() == [[False, False, False], [False, False, True]]
+
+
+def test_video_uses_time_embeddings_and_images_do_not():
+    resampler = make()
+    video, image = torch.randn(1, 1, 3, 7, DIM), torch.randn(1, 1, 1, 7, DIM)
+    before_video, before_image = resampler(video), resampler(image)
+    with torch.no_grad():
+        resampler.time_embeddings.add_(torch.randn_like(resampler.time_embeddings))
+    assert not torch.allclose(resampler(video), before_video)
+    assert torch.equal(resampler(image), before_image)
+    # frame order matters only through the time embeddings
+    swapped = video[:, :, [1, 0, 2]]
+    assert not torch.allclose(resampler(swapped), resampler(video))
+
+
+def test_too_many_frames_is_a_clear_error():
+    with pytest.raises(ValueError, match="max_num_frames=4"):
+        make()(torch.randn(1, 1, 5, 7, DIM))
+    with pytest.raises(ValueError, match="max_num_frames is 0"):
+        make(max_num_frames=0)(torch.randn(1, 1, 2, 7, DIM))
+
+
+def test_bad_rank_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"\(B, N, F, V, D\)"):
+        make()(torch.randn(2, 7, DIM))

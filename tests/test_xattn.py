@@ -1,0 +1,99 @@
+"""Gated cross-attention: phi, masking locality, exact zeros, gates, options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo.config import CrossAttentionConfig
+from flamingo.xattn import GatedCrossAttentionBlock, media_index_from_ids
+
+IMG = 9
+DIM, DIM_MEDIA, N, R = 16, 12, 3, 4
+
+
+def block(**kw) -> GatedCrossAttentionBlock:
+    torch.manual_seed(0)
+    cfg = CrossAttentionConfig(heads=2, dim_head=8, ff_mult=2, **kw)
+    b = GatedCrossAttentionBlock(cfg, DIM, DIM_MEDIA).eval()
+    with torch.no_grad():
+        b.attn_gate.fill_(1.0)
+        b.ff_gate.fill_(1.0)
+    return b
+
+
+def test_media_index_is_last_image_at_or_before():
+    ids = torch.tensor([[1, 2, IMG, 3, 4, IMG, IMG, 5], [IMG, 1, 1, 1, 1, 1, 1, 1]])
+    assert media_index_from_ids(ids, IMG).tolist() == [
+        [-1, -1, 0, 0, 0, 1, 2, 2],
+        [0, 0, 0, 0, 0, 0, 0, 0],
+    ]
+
+
+def inputs():
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM)
+    latents = torch.randn(2, N, R, DIM_MEDIA)
+    media_index = torch.tensor([[-1, -1, 0, 0, 1, 1, 2, 2], [-1, 0, 0, 0, 0, 0, 0, 0]])
+    return x, latents, media_index
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_a_token_sees_only_the_last_image_before_it(k: int):
+    b = block(ff_on_imageless_tokens=False)
+    x, latents, media_index = inputs()
+    other = latents.clone()
+    other[:, k] += torch.randn_like(other[:, k])
+    changed = (b.attn(x, latents, media_index) - b.attn(x, other, media_index)).abs().amax(
+        -1
+    ) > 1e-6
+    assert torch.equal(changed, media_index == k)
+
+
+def test_all_previous_option_sees_every_earlier_image():
+    b = block(attend="all_previous")
+    x, latents, media_index = inputs()
+    other = latents.clone()
+    other[:, 0] += torch.randn_like(other[:, 0])
+    changed = b.attn(x, latents, media_index, "all_previous") - b.attn(
+        x, other, media_index, "all_previous"
+    )
+    assert torch.equal(changed.abs().amax(-1) > 1e-6, media_index >= 0)
+
+
+def test_tokens_without_an_image_get_exactly_zero_cross_attention():
+    b = block(ff_on_imageless_tokens=False)
+    x, latents, media_index = inputs()
+    out = b(x, latents, media_index)
+    none = media_index < 0
+    assert torch.equal(out[none], x[none])  # attention exactly zero, FFW switched off
+    assert not torch.allclose(out[~none], x[~none])
+
+
+def test_ffw_on_imageless_tokens_is_a_choice():
+    b = block(ff_on_imageless_tokens=True)
+    x, latents, media_index = inputs()
+    with torch.no_grad():
+        b.attn_gate.zero_()
+    out = b(x, latents, media_index)
+    assert not torch.allclose(out[media_index < 0], x[media_index < 0])
+
+
+def test_gates_start_closed_so_the_block_is_the_identity():
+    torch.manual_seed(0)
+    for gate in ("scalar", "vector"):
+        b = GatedCrossAttentionBlock(
+            CrossAttentionConfig(heads=2, dim_head=8, gate=gate), DIM, DIM_MEDIA
+        )
+        assert b.attn_gate.shape == ((DIM,) if gate == "vector" else (1,))
+        x, latents, media_index = inputs()
+        assert torch.equal(b(x, latents, media_index), x)
+        assert torch.equal(b(x, None, media_index), x)
+
+
+def test_gates_receive_gradients_at_init():
+    torch.manual_seed(0)
+    b = GatedCrossAttentionBlock(CrossAttentionConfig(heads=2, dim_head=8), DIM, DIM_MEDIA)
+    x, latents, media_index = inputs()
+    b(x, latents, media_index).pow(2).sum().backward()
+    assert b.attn_gate.grad.abs().item() > 0 and b.ff_gate.grad.abs().item() > 0
