@@ -23,8 +23,6 @@ import yaml
 
 T = TypeVar("T")
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 # --------------------------------------------------------------------------------------------
 # Generic loading: dict -> dataclass tree, with type checks and dotted error messages

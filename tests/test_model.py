@@ -236,3 +236,34 @@ def test_gradient_checkpointing_recomputes_layers_and_blocks(processor):
     )
     model(**batch(processor)).logits.sum().backward()
     assert calls == {"decoder_mlp": 2, "gated_block": 2}
+
+
+def test_cached_continuation_equals_the_full_forward(model, processor):
+    set_gates(model)
+    enc = processor(
+        [INTERLEAVED, "<image>a red circle<|endofchunk|><image>a"],
+        images=[[noise_image(1), noise_image(2)], [noise_image(3), noise_image(4)]],
+    )
+    full = model(**enc)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    media_index = (ids == model.special_tokens.image_id).long().cumsum(-1) - 1
+    cut = ids.shape[1] - 3
+    first = model(ids[:, :cut], mask[:, :cut], pixel_values=enc["pixel_values"], use_cache=True)
+    with pytest.raises(ValueError, match="media_index is required"):
+        model(
+            ids[:, cut:],
+            mask,
+            media_latents=first.media_latents,
+            past_key_values=first.past_key_values,
+        )
+    rest = model(
+        ids[:, cut:],
+        mask,
+        media_latents=first.media_latents,
+        past_key_values=first.past_key_values,
+        media_index=media_index[:, cut:],
+        use_cache=True,
+    )
+    torch.testing.assert_close(
+        torch.cat([first.logits, rest.logits], 1), full.logits, atol=1e-5, rtol=1e-5
+    )
