@@ -6,9 +6,9 @@ Hugging Face causal LM through tanh-gated cross-attention blocks (Alayrac et al.
     from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 """
 
-from flamingo.config import FlamingoConfig
+from flamingo.config import FlamingoConfig, library_version
 from flamingo.model import Flamingo, FlamingoOutput
 from flamingo.processing import FlamingoProcessor
 
 __all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "FlamingoProcessor"]
-__version__ = "0.1.0"
+__version__ = library_version()

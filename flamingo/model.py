@@ -11,6 +11,7 @@ declares the modules an engine may shard or checkpoint one by one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,25 @@ class Flamingo(nn.Module):
         hf_model = build_causal_lm(cfg.lm, dtype)
         lm = FlamingoLM(hf_model, cfg.xattn, vision.width, special, len(tokenizer))
         return cls(cfg, vision, lm)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> Flamingo:
+        """Load a checkpoint written by :meth:`save_pretrained` (see ``flamingo.checkpoint``)."""
+        # checkpoint.py builds on this module, so it is imported when first needed.
+        from flamingo.checkpoint import from_pretrained
+
+        return from_pretrained(directory, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | Path, processor: Any = None) -> Path:
+        """Write config, trainable weights and tokenizer to ``directory``."""
+        from flamingo.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, processor)
 
     @property
     def special_tokens(self) -> SpecialTokens:

@@ -16,17 +16,20 @@ no ``<image>`` token points at them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 
-from flamingo.config import FlamingoConfig, VisionConfig
+from flamingo.config import FlamingoConfig, VisionConfig, read_checkpoint_config
 from flamingo.tokens import IMAGE, SpecialTokens, load_tokenizer
 from flamingo.vision import image_transform
 
 Media = Image.Image | Sequence[Image.Image]
+PROCESSOR_CONFIG = "processor_config.json"
 
 
 class FlamingoProcessor:
@@ -53,6 +56,24 @@ class FlamingoProcessor:
             cfg.lm.tokenizer_source(), cfg.lm.revision, cfg.lm.trust_remote_code
         )
         return cls(tokenizer, special, cfg.vision, padding_side)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> FlamingoProcessor:
+        """The processor saved in a checkpoint directory (its tokenizer and settings)."""
+        directory = Path(directory)
+        cfg, _ = read_checkpoint_config(directory)
+        cfg.lm.tokenizer = str(directory)
+        settings_path = directory / PROCESSOR_CONFIG
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        return cls.from_config(cfg, padding_side=settings.get("padding_side", "left"))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer files and ``processor_config.json`` to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(directory))
+        settings = {"padding_side": self.padding_side}
+        (directory / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     # -- images -------------------------------------------------------------------------------
 
