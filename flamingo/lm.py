@@ -29,7 +29,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.tokens import SpecialTokens
-from flamingo.xattn import GatedCrossAttentionBlock
+from flamingo.xattn import GatedCrossAttentionBlock, MediaKV
+
+MediaInput = torch.Tensor | list[MediaKV] | None
+"""What the gated blocks attend to: media latents (B, N, R, Dv), one precomputed MediaKV per
+gated block (decoding), or None (text only)."""
 
 
 @dataclass(frozen=True)
@@ -177,18 +181,17 @@ class FlamingoLM(nn.Module):
             layers[layer_idx].register_forward_pre_hook(
                 partial(self._run_gated_block, block_idx), with_kwargs=True
             )
-        self._media: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self.tokenizer_size = tokenizer_size
+        self._media: tuple[MediaInput, torch.Tensor] | None = None
 
     # -- the scoped context through which media reach the hooks ---------------------------------
 
     @contextlib.contextmanager
-    def media_context(
-        self, media_latents: torch.Tensor | None, media_index: torch.Tensor
-    ) -> Iterator[None]:
+    def media_context(self, media: MediaInput, media_index: torch.Tensor) -> Iterator[None]:
         """Make media visible to the gated blocks for the duration of one LM call."""
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
-        self._media = (media_latents, media_index)
+        self._media = (media, media_index)
         try:
             yield
         finally:
@@ -202,19 +205,29 @@ class FlamingoLM(nn.Module):
                 "a decoder layer with a gated cross-attention block ran outside "
                 "FlamingoLM.forward; call the Flamingo model, not its inner HF LM"
             )
-        media_latents, media_index = self._media
+        media, media_index = self._media
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.gated_blocks[block_idx]
         dtype = block.attn_gate.dtype
-        latents = None if media_latents is None else media_latents.to(dtype)
+        if isinstance(media, list):
+            media = media[block_idx]
+        elif media is not None:
+            media = media.to(dtype)
         if self.gradient_checkpointing and self.training:
-            out = checkpoint(block, hidden.to(dtype), latents, media_index, use_reentrant=False)
+            out = checkpoint(block, hidden.to(dtype), media, media_index, use_reentrant=False)
         else:
-            out = block(hidden.to(dtype), latents, media_index)
+            out = block(hidden.to(dtype), media, media_index)
         out = out.to(hidden.dtype)
         if args:
             return (out, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": out}
+
+    def media_kv(self, media_latents: torch.Tensor) -> list[MediaKV]:
+        """Every gated block's cross-attention keys/values, to reuse across decoding steps."""
+        return [
+            block.attn.media_kv(media_latents.to(block.attn_gate.dtype))
+            for block in self.gated_blocks
+        ]
 
     # -- embeddings and logits --------------------------------------------------------------
 
@@ -244,7 +257,7 @@ class FlamingoLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        media_latents: torch.Tensor | None,
+        media: MediaInput,
         media_index: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
@@ -259,7 +272,7 @@ class FlamingoLM(nn.Module):
                 positions = attention_mask.long().cumsum(-1) - 1
                 position_ids = positions.clamp(min=0)[:, -input_ids.shape[1] :]
             kwargs["position_ids"] = position_ids
-        with self.media_context(media_latents, media_index):
+        with self.media_context(media, media_index):
             out = self.hf.base_model(
                 inputs_embeds=self.embed(input_ids),
                 attention_mask=attention_mask,

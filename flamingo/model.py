@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from flamingo.config import FlamingoConfig
-from flamingo.lm import FlamingoLM, build_causal_lm
+from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
 from flamingo.tokens import SpecialTokens, load_tokenizer
 from flamingo.vision import VisionEncoder
-from flamingo.xattn import GatedCrossAttentionBlock, media_index_from_ids
+from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, media_index_from_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,7 +71,7 @@ class Flamingo(nn.Module):
         device: torch.device | str | None = None,
     ) -> Flamingo:
         """Load a checkpoint written by :meth:`save_pretrained` (see ``flamingo.checkpoint``)."""
-        # checkpoint.py builds on this module, so it is imported when first needed.
+        # checkpoint.py and generation.py build on this module: imported when first needed.
         from flamingo.checkpoint import from_pretrained
 
         return from_pretrained(directory, dtype=dtype, device=device)
@@ -81,6 +81,20 @@ class Flamingo(nn.Module):
         from flamingo.checkpoint import save_pretrained
 
         return save_pretrained(self, directory, processor)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Continue prompts; see :func:`flamingo.generation.generate` for the arguments."""
+        from flamingo.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def score(
+        self, input_ids: torch.Tensor, candidates: list[torch.Tensor], **kwargs: Any
+    ) -> torch.Tensor:
+        """Log-likelihoods of continuations; see :func:`flamingo.generation.score`."""
+        from flamingo.generation import score
+
+        return score(self, input_ids, candidates, **kwargs)
 
     @property
     def special_tokens(self) -> SpecialTokens:
@@ -104,19 +118,31 @@ class Flamingo(nn.Module):
         use_cache: bool = False,
         media_index: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        media_kv: list[MediaKV] | None = None,
     ) -> FlamingoOutput:
         """Logits for ``input_ids`` (B, T) conditioned on the media.
 
-        Give the media either as ``pixel_values (B, N, F, C, H, W)`` or, already encoded, as
-        ``media_latents (B, N, R, Dv)``; neither for text only. ``media_index (B, T)`` (phi) is
-        derived from the ``<image>`` tokens of ``input_ids`` unless given; it must be given
-        when continuing from ``past_key_values`` since the new tokens alone cannot tell which
-        image came last.
+        Give the media as ``pixel_values (B, N, F, C, H, W)``, as already resampled
+        ``media_latents (B, N, R, Dv)``, or as the gated blocks' precomputed keys/values
+        (``media_kv``, see :meth:`FlamingoLM.media_kv`); none of them for text only.
+        ``media_index (B, T)`` (phi) is derived from the ``<image>`` tokens of ``input_ids``
+        unless given; it must be given when continuing from ``past_key_values``, since the new
+        tokens alone cannot tell which image came last. ``attention_mask`` covers the cached
+        tokens too, as in Hugging Face.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        if pixel_values is not None and media_latents is not None:
-            raise ValueError("give pixel_values or media_latents, not both")
+        given = [
+            n
+            for n, v in (
+                ("pixel_values", pixel_values),
+                ("media_latents", media_latents),
+                ("media_kv", media_kv),
+            )
+            if v is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one of pixel_values, media_latents, media_kv, not both {given}")
         if pixel_values is not None:
             media_latents = self.encode_media(pixel_values)
         if media_index is None:
@@ -126,11 +152,12 @@ class Flamingo(nn.Module):
                     "index of the new tokens computed over the whole sequence"
                 )
             media_index = media_index_from_ids(input_ids, self.special_tokens.image_id)
-        self._check_media(input_ids, media_latents, media_index)
+        media = media_kv if media_kv is not None else media_latents
+        self._check_media(input_ids, media, media_index)
         logits, cache = self.lm(
             input_ids,
             attention_mask,
-            media_latents,
+            media,
             media_index,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -139,20 +166,21 @@ class Flamingo(nn.Module):
         return FlamingoOutput(logits=logits, past_key_values=cache, media_latents=media_latents)
 
     @staticmethod
-    def _check_media(
-        input_ids: torch.Tensor, media_latents: torch.Tensor | None, media_index: torch.Tensor
-    ) -> None:
+    def _check_media(input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor) -> None:
         if media_index.shape != input_ids.shape:
             raise ValueError(
                 f"media_index shape {tuple(media_index.shape)} != input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
+        if isinstance(media, list):
+            batch, available = (media[0].k.shape[0], media[0].num_media) if media else (None, 0)
+        elif media is not None:
+            batch, available = media.shape[0], media.shape[1]
+        else:
+            batch, available = None, 0
+        if batch is not None and batch != input_ids.shape[0]:
+            raise ValueError(f"media batch size {batch} != text batch size {input_ids.shape[0]}")
         needed = int(media_index.max()) + 1 if media_index.numel() else 0
-        available = 0 if media_latents is None else media_latents.shape[1]
-        if media_latents is not None and media_latents.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"media batch size {media_latents.shape[0]} != text batch size {input_ids.shape[0]}"
-            )
         if needed > available:
             raise ValueError(
                 f"the text refers to {needed} media item(s) per sequence (<image> tokens) but "

@@ -15,6 +15,7 @@ media before them get exactly zero cross-attention output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -49,6 +50,22 @@ def cross_attention_mask(
     return allowed.unsqueeze(1)
 
 
+@dataclass
+class MediaKV:
+    """One block's cross-attention keys and values for a batch of media."""
+
+    k: torch.Tensor
+    """(B, heads, N*R, dim_head)"""
+    v: torch.Tensor
+    """(B, heads, N*R, dim_head)"""
+    num_media: int
+    num_latents: int
+
+    def index_select(self, index: torch.Tensor) -> MediaKV:
+        """Rows ``index`` of the batch (e.g. each prompt repeated once per beam)."""
+        return MediaKV(self.k[index], self.v[index], self.num_media, self.num_latents)
+
+
 class MaskedCrossAttention(nn.Module):
     """Text queries (pre-norm) attend to the latents of the media each token may see."""
 
@@ -61,20 +78,25 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_media, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
+    def media_kv(self, media_latents: torch.Tensor) -> MediaKV:
+        """media_latents (B, N, R, Dv) -> keys and values (B, heads, N*R, dim_head)."""
+        _, num_media, num_latents, _ = media_latents.shape
+        k, v = self.to_kv(rearrange(media_latents, "b n r d -> b (n r) d")).chunk(2, dim=-1)
+        k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (k, v))
+        return MediaKV(k, v, num_media, num_latents)
+
     def forward(
         self,
         x: torch.Tensor,
-        media_latents: torch.Tensor,
+        media: torch.Tensor | MediaKV,
         media_index: torch.Tensor,
         attend: Literal["last", "all_previous"] = "last",
     ) -> torch.Tensor:
-        """x (B, T, D), media_latents (B, N, R, Dv), media_index (B, T) -> (B, T, D)."""
-        _, num_media, num_latents, _ = media_latents.shape
-        q = self.to_q(self.norm(x))
-        k, v = self.to_kv(rearrange(media_latents, "b n r d -> b (n r) d")).chunk(2, dim=-1)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        mask = cross_attention_mask(media_index, num_media, num_latents, attend)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        """x (B, T, D), media: latents (B, N, R, Dv) or their MediaKV, media_index (B, T)."""
+        kv = media if isinstance(media, MediaKV) else self.media_kv(media)
+        q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
+        mask = cross_attention_mask(media_index, kv.num_media, kv.num_latents, attend)
+        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask)
         out = rearrange(out, "b h t d -> b t (h d)")
         has_media = (media_index >= 0).unsqueeze(-1).to(out.dtype)
         return self.to_out(out * has_media)
@@ -95,14 +117,14 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        media_latents: torch.Tensor | None,
+        media: torch.Tensor | MediaKV | None,
         media_index: torch.Tensor,
     ) -> torch.Tensor:
-        """x (B, T, D); media_latents (B, N, R, Dv) or None for text only; media_index (B, T)."""
-        if media_latents is not None:
-            x = x + self.attn_gate.tanh() * self.attn(
-                x, media_latents, media_index, self.cfg.attend
-            )
+        """x (B, T, D); media: latents (B, N, R, Dv), their MediaKV, or None for text only;
+        media_index (B, T)."""
+        if media is not None:
+            attn = self.attn(x, media, media_index, self.cfg.attend)
+            x = x + self.attn_gate.tanh() * attn
         ff = self.ff(x)
         if not self.cfg.ff_on_imageless_tokens:
             ff = ff * (media_index >= 0).unsqueeze(-1).to(ff.dtype)
