@@ -1,0 +1,188 @@
+"""OpenFlamingo import: our logits equal OpenFlamingo's own on converted weights.
+
+OpenFlamingo's model is built from its published package (``open-flamingo``, installed with
+``--no-deps`` by ``make install``) around the same tiny open_clip tower and tiny OPT LM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
+
+from flamingo import Flamingo, FlamingoProcessor
+from flamingo.checkpoint import from_openflamingo
+from flamingo.convert import main as convert_main
+from flamingo.tokens import TINY_TOKENIZER_DIR
+from tests.conftest import noise_image, tiny_config
+
+of_flamingo = pytest.importorskip("open_flamingo.src.flamingo")
+of_lm = pytest.importorskip("open_flamingo.src.flamingo_lm")
+of_utils = pytest.importorskip("open_flamingo.src.utils")
+
+EVERY = 2  # gated blocks before layers 1 and 3 (OpenFlamingo's n-1 placement)
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """A tiny CLIP checkpoint and a tiny OPT directory (with the tiny tokenizer), on disk."""
+    root = tmp_path_factory.mktemp("of")
+    torch.manual_seed(0)
+    arch = tiny_config().vision.architecture
+    clip = open_clip.CLIP(**arch)
+    torch.save({"state_dict": clip.state_dict()}, root / "clip.pt")
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=896,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+            dropout=0.1,
+        )
+    )
+    opt.save_pretrained(root / "opt")
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(root / "opt")
+    return root
+
+
+def openflamingo_model(root: Path):
+    torch.manual_seed(1)
+    tokenizer = AutoTokenizer.from_pretrained(root / "opt")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    clip = open_clip.CLIP(**tiny_config().vision.architecture)
+    open_clip.load_checkpoint(clip, str(root / "clip.pt"))
+    clip.visual.output_tokens = True
+    lang = AutoModelForCausalLM.from_pretrained(root / "opt")
+    of_utils.extend_instance(lang, of_lm.FlamingoLMMixin)
+    lang.set_decoder_layers_attr_name("model.decoder.layers")
+    lang.resize_token_embeddings(len(tokenizer))
+    model = of_flamingo.Flamingo(
+        clip,
+        lang,
+        eoc_token_id=tokenizer.convert_tokens_to_ids("<|endofchunk|>"),
+        media_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vis_dim=64,
+        cross_attn_every_n_layers=EVERY,
+    )
+    with torch.no_grad():  # open the gates and move the new rows so that everything matters
+        for block in lang.gated_cross_attn_layers:
+            if block is not None:
+                block.attn_gate.fill_(0.7)
+                block.ff_gate.fill_(-0.4)
+        lang.get_input_embeddings().weight[-3:].normal_()
+    return model.eval(), tokenizer
+
+
+def our_config(root: Path):
+    cfg = tiny_config(
+        f"vision.pretrained={root / 'clip.pt'}",
+        "vision.ln_post_on_tokens=true",  # the installed open_clip normalises the tokens
+        "resampler.depth=6",
+        "resampler.heads=8",
+        "resampler.dim_head=64",
+        "resampler.num_latents=64",
+        "resampler.ff_mult=4",
+        "resampler.max_num_frames=0",
+        f"xattn.every_n_layers={EVERY}",
+        f"xattn.first_layer={EVERY - 1}",
+        "xattn.heads=8",
+        "xattn.dim_head=64",
+        "xattn.ff_mult=4",
+        f"lm.name_or_path={root / 'opt'}",
+        f"lm.tokenizer={root / 'opt'}",
+    )
+    cfg.lm.architecture = None
+    return cfg
+
+
+BATCHES = [
+    # text before the first image, several images, and left padding of the second row
+    (
+        [
+            "some text first <image>a red circle<|endofchunk|><image>two<|endofchunk|><image>and",
+            "<image>short",
+        ],
+        [[1, 2, 3], [4]],
+    ),
+    (
+        [
+            "<image>Question: what? Short answer: red<|endofchunk|><image>Question: and?",
+            "only words, no image",
+        ],
+        [[5, 6], []],
+    ),
+]
+
+
+@pytest.mark.parametrize("batch_index", range(len(BATCHES)))
+def test_logits_match_openflamingo(backbones, batch_index):
+    theirs, tokenizer = openflamingo_model(backbones)
+    ours = from_openflamingo(theirs.state_dict(), our_config(backbones)).eval()
+    processor = FlamingoProcessor.from_config(ours.cfg)
+    texts, seeds = BATCHES[batch_index]
+    images = [[noise_image(s) for s in row] for row in seeds]
+    enc = processor(texts, images=images, padding_side="left")
+    pixels = enc["pixel_values"]  # rows without images get zero-filled slots
+    assert enc["attention_mask"][1, 0] == 0, "the second row must be left padded"
+    with torch.no_grad():
+        expected = theirs(
+            vision_x=pixels, lang_x=enc["input_ids"], attention_mask=enc["attention_mask"]
+        ).logits
+        got = ours(**enc).logits
+    vocab = expected.shape[-1]
+    assert vocab == len(tokenizer)
+    real = enc["attention_mask"].bool()
+    diff = (got[..., :vocab] - expected)[real].abs().max().item()
+    print(f"max |ours - OpenFlamingo| = {diff:.2e}")
+    assert diff <= 1e-4
+    other = {**enc, "pixel_values": torch.randn_like(enc["pixel_values"])}
+    assert not torch.allclose(ours(**other).logits[..., :vocab], got[..., :vocab]), (
+        "images must matter"
+    )
+
+
+def test_converted_checkpoint_round_trips_and_cli(backbones, tmp_path):
+    theirs, _ = openflamingo_model(backbones)
+    torch.save(theirs.state_dict(), tmp_path / "checkpoint.pt")
+    cfg_path = tmp_path / "of.yaml"
+    cfg_path.write_text(yaml.safe_dump(our_config(backbones).to_dict()))
+    convert_main(
+        [
+            "openflamingo",
+            str(tmp_path / "checkpoint.pt"),
+            str(tmp_path / "out"),
+            "--config",
+            str(cfg_path),
+        ]
+    )
+    loaded = Flamingo.from_pretrained(tmp_path / "out")
+    direct = from_openflamingo(tmp_path / "checkpoint.pt", our_config(backbones))
+    processor = FlamingoProcessor.from_pretrained(tmp_path / "out")
+    enc = processor(["a <image>b"], images=[[noise_image(0)]])
+    with torch.no_grad():
+        assert torch.equal(loaded(**enc).logits, direct.eval()(**enc).logits)
+
+
+def test_mismatched_config_and_foreign_keys_are_clear_errors(backbones):
+    theirs, _ = openflamingo_model(backbones)
+    state = theirs.state_dict()
+    cfg = our_config(backbones)
+    cfg.xattn.first_layer = 0
+    with pytest.raises(ValueError, match="xattn.first_layer=1"):
+        from_openflamingo(state, cfg)
+    with pytest.raises(ValueError, match=r"outside OpenFlamingo's layout: \['extra.weight'\]"):
+        from_openflamingo({**state, "extra.weight": torch.zeros(1)}, our_config(backbones))
+    bad = dict(state)
+    key = next(k for k in bad if k.startswith("vision_encoder.") and k.endswith("weight"))
+    bad[key] = bad[key] + 1
+    with pytest.raises(ValueError, match="frozen weights in the checkpoint differ"):
+        from_openflamingo(bad, our_config(backbones))
