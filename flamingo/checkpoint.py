@@ -16,6 +16,7 @@ or mis-shaped tensor is an error naming it. Nothing is unpickled.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -278,12 +279,18 @@ def from_openflamingo(state_dict_or_path, cfg) -> Flamingo:
         )
     ours["lm.new_tokens.input_rows"] = their_embed[new_ids]
     if lm.new_tokens.output_rows is not None:
-        if head_key not in state:
-            raise ValueError(
-                f"the checkpoint has no output rows for the new tokens ({head_key}); OpenFlamingo "
-                "does not save its untied LM head"
+        if head_key in state:
+            ours["lm.new_tokens.output_rows"] = state[head_key][new_ids]
+        else:
+            # OpenFlamingo resizes an untied LM head with random rows it neither trains nor
+            # saves: they cannot be recovered, so ours keep their initialisation (the mean row).
+            warnings.warn(
+                f"the checkpoint has no {head_key}: the output rows of {new_ids} keep their "
+                "initial values, so logits of the new tokens differ from OpenFlamingo's "
+                "(whose rows were random and untrained)",
+                stacklevel=2,
             )
-        ours["lm.new_tokens.output_rows"] = state[head_key][new_ids]
+            ours["lm.new_tokens.output_rows"] = lm.new_tokens.output_rows.detach().clone()
     elif head_key in state and head is not embed:
         frozen_checks["lm.hf." + head_key.removeprefix("lang_encoder.")] = state[head_key]
 

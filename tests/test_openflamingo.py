@@ -12,7 +12,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig
 
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.checkpoint import from_openflamingo
@@ -49,21 +49,36 @@ def backbones(tmp_path_factory):
     )
     opt.save_pretrained(root / "opt")
     AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(root / "opt")
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=871,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+        )
+    )
+    llama.save_pretrained(root / "llama")
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(root / "llama")
     return root
 
 
-def openflamingo_model(root: Path):
+LAYERS = {"opt": "model.decoder.layers", "llama": "model.layers"}
+
+
+def openflamingo_model(root: Path, lm: str = "opt"):
     torch.manual_seed(1)
-    tokenizer = AutoTokenizer.from_pretrained(root / "opt")
+    tokenizer = AutoTokenizer.from_pretrained(root / lm)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     clip = open_clip.CLIP(**tiny_config().vision.architecture)
     open_clip.load_checkpoint(clip, str(root / "clip.pt"))
     clip.visual.output_tokens = True
-    lang = AutoModelForCausalLM.from_pretrained(root / "opt")
+    lang = AutoModelForCausalLM.from_pretrained(root / lm)
     of_utils.extend_instance(lang, of_lm.FlamingoLMMixin)
-    lang.set_decoder_layers_attr_name("model.decoder.layers")
+    lang.set_decoder_layers_attr_name(LAYERS[lm])
     lang.resize_token_embeddings(len(tokenizer))
     model = of_flamingo.Flamingo(
         clip,
@@ -79,10 +94,11 @@ def openflamingo_model(root: Path):
                 block.attn_gate.fill_(0.7)
                 block.ff_gate.fill_(-0.4)
         lang.get_input_embeddings().weight[-3:].normal_()
+        lang.get_output_embeddings().weight[-3:].normal_()
     return model.eval(), tokenizer
 
 
-def our_config(root: Path):
+def our_config(root: Path, lm: str = "opt"):
     cfg = tiny_config(
         f"vision.pretrained={root / 'clip.pt'}",
         "vision.ln_post_on_tokens=true",  # the installed open_clip normalises the tokens
@@ -97,8 +113,8 @@ def our_config(root: Path):
         "xattn.heads=8",
         "xattn.dim_head=64",
         "xattn.ff_mult=4",
-        f"lm.name_or_path={root / 'opt'}",
-        f"lm.tokenizer={root / 'opt'}",
+        f"lm.name_or_path={root / lm}",
+        f"lm.tokenizer={root / lm}",
     )
     cfg.lm.architecture = None
     return cfg
@@ -186,3 +202,32 @@ def test_mismatched_config_and_foreign_keys_are_clear_errors(backbones):
     bad[key] = bad[key] + 1
     with pytest.raises(ValueError, match="frozen weights in the checkpoint differ"):
         from_openflamingo(bad, our_config(backbones))
+
+
+def test_untied_llama_matches_and_a_missing_head_is_announced(backbones):
+    """Llama: untied output rows. No left padding: with transformers 5, OpenFlamingo's Llama
+    positions ignore the attention mask (ours count from each row's first real token)."""
+    theirs, tokenizer = openflamingo_model(backbones, "llama")
+    cfg = our_config(backbones, "llama")
+    ours = from_openflamingo(theirs.state_dict(), cfg).eval()
+    processor = FlamingoProcessor.from_config(ours.cfg)
+    enc = processor(
+        ["text <image>a red circle<|endofchunk|><image>and"],
+        images=[[noise_image(1), noise_image(2)]],
+    )
+    with torch.no_grad():
+        expected = theirs(
+            vision_x=enc["pixel_values"],
+            lang_x=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+        ).logits
+        got = ours(**enc).logits
+    assert (got[..., : expected.shape[-1]] - expected).abs().max() <= 1e-4
+
+    state = {k: v for k, v in theirs.state_dict().items() if not k.endswith("lm_head.weight")}
+    with pytest.warns(UserWarning, match="keep their initial values"):
+        partial = from_openflamingo(state, our_config(backbones, "llama")).eval()
+    with torch.no_grad():
+        logits = partial(**enc).logits
+    base = [i for i in range(expected.shape[-1]) if i not in partial.special_tokens.new_ids]
+    assert (logits[..., base] - expected[..., base]).abs().max() <= 1e-4
