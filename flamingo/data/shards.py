@@ -33,6 +33,8 @@ class WriteSummary:
     samples_written: int = 0
     samples_reused: int = 0
     skipped: Counter = field(default_factory=Counter)
+    events: Counter = field(default_factory=Counter)
+    """Things that changed a written sample without skipping it (e.g. an image dropped)."""
 
     def report(self) -> str:
         lines = [
@@ -42,6 +44,9 @@ class WriteSummary:
             f"samples skipped: {sum(self.skipped.values())}"
             + "".join(f"\n  {reason}: {n}" for reason, n in sorted(self.skipped.items())),
         ]
+        if self.events:
+            lines.append("within written samples:")
+            lines += [f"  {event}: {n}" for event, n in sorted(self.events.items())]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +56,7 @@ class WriteSummary:
             "samples_written": self.samples_written,
             "samples_reused": self.samples_reused,
             "skipped": dict(self.skipped),
+            "events": dict(self.events),
         }
 
 
@@ -66,12 +72,13 @@ def write_shards(
     items_per_shard: int = 1000,
     total: int | None = None,
     desc: str = "writing shards",
+    events: Counter | None = None,
 ) -> WriteSummary:
     """Encode ``items`` into shards ``out_dir/prefix-00000.tar``, ...
 
     ``encode(item)`` returns a sample dict (see ``schema.encode_*``), or a list of them, or
     raises :class:`SkipSample` (counted by reason). Other exceptions propagate: they are bugs,
-    not bad data.
+    not bad data. ``events`` is a Counter the encoder may update; it goes into the summary.
     """
     if items_per_shard < 1:
         raise ValueError(f"items_per_shard must be >= 1, got {items_per_shard}")
@@ -116,6 +123,7 @@ def write_shards(
             summary.samples_written += 1
             in_current += 1
     finish()
+    summary.events.update(events or {})
     (out_dir / f"{prefix}-summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary
 

@@ -1,0 +1,123 @@
+"""Video-text clips -> webdataset shards (schema "video"): F frames sampled evenly + caption.
+
+Sources:
+  --videos DIR   video files (mp4, webm, avi, mkv, mov) decoded with PyAV, each with a caption
+                 file beside it (clip.mp4 + clip.txt), or captions from --captions
+  --frames DIR   one sub-folder per clip holding its frames (sorted by name) and caption.txt
+
+Frames are sampled evenly over the clip (first and last included) and stored as JPEG.
+Unreadable videos, clips with fewer frames than --num-frames and empty captions are skipped
+and counted.
+
+    python -m data_prep.video --videos clips --num-frames 8 --out shards/video
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+
+from data_prep.common import add_output_args, finish, read_table
+from flamingo.data.images import decode_image
+from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_video, sanitize_key
+from flamingo.data.shards import write_shards
+
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
+
+
+def even_indices(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``, first and last included."""
+    if count == 1:
+        return [0]
+    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+
+
+def decode_video_frames(path: Path, count: int) -> list[Image.Image]:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [frame.to_image() for frame in container.decode(video=0)]
+    except Exception as e:  # av raises its own error types for broken files
+        raise SkipSample("video_decode_error", f"{type(e).__name__}: {e}") from e
+    if len(frames) < count:
+        raise SkipSample("too_few_frames", f"{len(frames)} < {count}")
+    return [frames[i] for i in even_indices(len(frames), count)]
+
+
+def folder_frames(folder: Path, count: int, max_pixels: int) -> list[Image.Image]:
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    if len(paths) < count:
+        raise SkipSample("too_few_frames", f"{len(paths)} < {count}")
+    return [
+        decode_image(paths[i].read_bytes(), max_pixels)[0] for i in even_indices(len(paths), count)
+    ]
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.video",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--videos", type=Path, help="folder of video files")
+    source.add_argument("--frames", type=Path, help="folder of clip folders of frames")
+    parser.add_argument(
+        "--captions", type=Path, help="table (.jsonl/.csv/.parquet) with columns video, caption"
+    )
+    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip")
+    add_output_args(parser, "video")
+    args = parser.parse_args(argv)
+    if args.num_frames < 1:
+        parser.error("--num-frames must be >= 1")
+
+    captions: dict[str, str] = {}
+    if args.captions:
+        captions = {
+            str(r.get("video")): str(r.get("caption") or "") for r in read_table(args.captions)
+        }
+    root = args.videos or args.frames
+    if not root.is_dir():
+        parser.error(f"{root} is not a directory")
+
+    def items() -> Iterator[Path]:
+        if args.videos:
+            yield from sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+        else:
+            yield from sorted(p for p in root.iterdir() if p.is_dir())
+
+    def encode(path: Path) -> dict:
+        rel = str(path.relative_to(root))
+        sidecar = path / "caption.txt" if args.frames else path.with_suffix(".txt")
+        caption = captions.get(rel) or (
+            sidecar.read_text(errors="replace") if sidecar.is_file() else ""
+        )
+        caption = " ".join(caption.split())
+        if not caption:
+            raise SkipSample("empty_text", f"no caption for {rel}")
+        if args.videos:
+            frames = decode_video_frames(path, args.num_frames)
+        else:
+            frames = folder_frames(path, args.num_frames, args.max_image_pixels)
+        key = sanitize_key(str(Path(rel).with_suffix("")) if args.videos else rel)
+        return encode_video(key, [jpeg(f) for f in frames], "jpg", caption, {"source": rel})
+
+    summary = write_shards(
+        items(), encode, args.out, args.prefix, args.items_per_shard, desc="video"
+    )
+    finish(summary, args.out)
+
+
+if __name__ == "__main__":
+    main()
