@@ -317,6 +317,14 @@ class ShardStream:
             ids, pixels = self.preprocess(raw, rng, counters)
         except SkipSample as e:
             counters[f"skip/{e.reason}"] += 1
+            if counters[f"skip/{e.reason}"] == 1:
+                log.warning(
+                    "dataset %s: skipped sample %s of %s: %s (later ones of this kind are only counted)",
+                    self.cfg.name,
+                    key,
+                    url,
+                    e,
+                )
             self._check_skip_rate(url)
             return None
         counters["ok"] += 1
