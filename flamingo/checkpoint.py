@@ -86,14 +86,32 @@ def _load_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
 # -- save / load --------------------------------------------------------------------------------
 
 
+def exported_names(model: Flamingo) -> list[str]:
+    """Every tensor name ``save_pretrained`` writes (trainable, then frozen-without-source)."""
+    return list(trainable_state_dict(model)) + list(frozen_state_dict(model))
+
+
 def save_pretrained(
-    model: Flamingo, directory: str | Path, processor: FlamingoProcessor | None = None
+    model: Flamingo,
+    directory: str | Path,
+    processor: FlamingoProcessor | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` (and its tokenizer / processor files) to ``directory``."""
+    """Write ``model`` (and its tokenizer / processor files) to ``directory``.
+
+    ``tensors`` replaces the module's values by name: a sharded engine (ZeRO-3) gathers the
+    full weights of :func:`exported_names` and passes them here.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _save_tensors(trainable_state_dict(model), directory / TRAINABLE_NAME)
-    frozen = frozen_state_dict(model)
+    trainable, frozen = trainable_state_dict(model), frozen_state_dict(model)
+    if tensors is not None:
+        missing = sorted((set(trainable) | set(frozen)) - set(tensors))
+        if missing:
+            raise ValueError(f"tensors lacks {missing[:10]}")
+        trainable = {n: tensors[n] for n in trainable}
+        frozen = {n: tensors[n] for n in frozen}
+    _save_tensors(trainable, directory / TRAINABLE_NAME)
     if frozen:
         _save_tensors(frozen, directory / FROZEN_NAME)
     elif (directory / FROZEN_NAME).exists():

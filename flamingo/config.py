@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,13 +128,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like 'section.key=value'")
         dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = data
-        for k in keys[:-1]:
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {k!r} is not a section")
-            node = child
+        keys: list[Any] = dotted.strip().split(".")
+        node: Any = data
+        for i, k in enumerate(keys):
+            if isinstance(node, list):  # datasets.0.batch_size=4
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ValueError(
+                        f"override {item!r}: {k!r} is not an index of a {len(node)}-item list"
+                    )
+                keys[i] = k = int(k)
+            elif not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {keys[i - 1]!r} is not a section")
+            if i < len(keys) - 1:
+                node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
         node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return data
 
@@ -457,3 +464,112 @@ class DatasetConfig:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (paper App. B.1.2)."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Applied to the gated blocks' weight matrices only (none on the resampler, gates, norms,
+    biases or token rows)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping, once per optimiser step (0 disables it)."""
+    warmup_steps: int = 5000
+    """Linear warm-up, in optimiser steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant (paper) or cosine decay to ``min_lr_ratio * lr``."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay, grad_clip and warmup_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+@dataclass
+class TrainConfig:
+    """A pretraining run: model, datasets, optimisation, engine, checkpoints, logging."""
+
+    model: str
+    """Path of the model config YAML (e.g. configs/model/tiny.yaml)."""
+    datasets: list[DatasetConfig]
+    """Datasets trained on together; each step accumulates gradients over all of them."""
+    model_overrides: list[str] = field(default_factory=list)
+    """Dotted overrides applied to the model config."""
+    output_dir: str = "runs/train"
+    """Checkpoints, logs, plots and the exported model go here."""
+    steps: int = 1000
+    """Optimiser steps."""
+    accumulation: int = 1
+    """Micro-batches of each dataset per optimiser step."""
+    mixing: Literal["all", "round_robin"] = "all"
+    """``all``: every step accumulates over every dataset (paper); ``round_robin``: one
+    dataset per step (the paper's ablation)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: frozen weights and activations in bf16, trainable weights and optimiser state
+    fp32."""
+    seed: int = 0
+    """Seeds model initialisation, data order and augmentation."""
+    num_workers: int = 2
+    """Data-loader worker processes per dataset and rank."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and schedule."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON with ZeRO/offload settings only (configs/deepspeed/); None trains in one
+    process with plain PyTorch."""
+    checkpoint_every: int = 1000
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept (older ones are deleted)."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
+            _positive(key, getattr(self, key))
+        if not self.datasets:
+            raise ValueError("datasets: give at least one")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets: names must be unique, got {names}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        data = apply_overrides(load_yaml(path), list(overrides or []))
+        try:
+            return from_dict(cls, data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)

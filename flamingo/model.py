@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from flamingo.config import FlamingoConfig
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
@@ -28,10 +29,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
-class FlamingoOutput:
-    """What :meth:`Flamingo.forward` returns."""
+class FlamingoOutput(ModelOutput):
+    """What :meth:`Flamingo.forward` returns (a Hugging Face ModelOutput, so that engines that
+    hook module outputs, like ZeRO-3, find its tensors)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None
     """(B, T, vocab_size), float32."""
     past_key_values: Any = None
     """The LM's cache when ``use_cache=True``."""
@@ -200,6 +202,11 @@ class Flamingo(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         params = self.parameters()
         return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+    def external_parameters(self) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+        """Parameters read by a module other than their owner (sharding engines must know):
+        the LM adapter uses the new token rows directly."""
+        return [(self.lm, list(self.lm.new_tokens.parameters()))]
 
     def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes a distributed engine may shard or checkpoint as units."""

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from flamingo.config import FlamingoConfig, from_dict
+from flamingo.config import FlamingoConfig, TrainConfig, from_dict
 from tests.conftest import ROOT, TINY
 
-LOADERS = {"model": FlamingoConfig.from_yaml}
+LOADERS = {"model": FlamingoConfig.from_yaml, "train": TrainConfig.from_yaml}
 
 
 def all_yaml() -> list[Path]:
     return sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name
+)
+def test_deepspeed_jsons_hold_only_zero_settings(path: Path):
+    from flamingo.distributed import OWNED_KEYS
+
+    data = json.loads(path.read_text())
+    assert "zero_optimization" in data and not set(data) & set(OWNED_KEYS)
+
+
+def test_train_configs_name_existing_model_configs():
+    for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
+        cfg = TrainConfig.from_yaml(path)
+        FlamingoConfig.from_yaml(ROOT / cfg.model)
+        assert cfg.deepspeed is None or (ROOT / cfg.deepspeed).is_file()
 
 
 def test_configs_directory_is_covered():

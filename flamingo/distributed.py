@@ -1,0 +1,293 @@
+"""The training engine: plain PyTorch in one process, or DeepSpeed ZeRO 1/2/3 across many.
+
+This is the only module that imports deepspeed. ``train.py`` sees one interface,
+:class:`Engine`: ``begin_step(lr)``, ``micro_step(loss)`` for every micro-batch,
+``finish_step()`` once per optimiser step, checkpoint save/load, and gathering of full weights for export and logging.
+
+DeepSpeed's JSON (``configs/deepspeed/*.json``) holds only ZeRO/offload settings; batch size,
+accumulation, precision, clipping and the optimiser come from the train config, and a JSON
+that sets any of them is an error. Only trainable parameters reach the optimiser, so frozen
+weights never get fp32 master copies or optimiser state.
+
+Normalisation across ranks: the loss given to ``micro_step`` is this rank's share of the
+step's global objective (token counts were summed over ranks). DeepSpeed averages gradients
+over ranks, so the engine multiplies by the world size to keep the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flamingo.config import TrainConfig
+
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+)
+
+
+@dataclass
+class StepInfo:
+    applied: bool
+    """False when the step was skipped (non-finite loss or gradient)."""
+    grad_norm: float
+    """Global gradient norm before clipping (inf/nan when skipped)."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; weight decay on the gated blocks' matrices alone (paper:
+    none on the resampler), never on gates, norms, biases or token rows."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.ndim >= 2 and name.startswith("lm.gated_blocks.")
+        (decay if is_matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Engine:
+    """What the training loop needs from an engine."""
+
+    module: nn.Module
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model through the engine (DeepSpeed counts micro-steps in its forward)."""
+        return self.module(*args, **kwargs)
+
+    def begin_step(self, lr: float) -> None:
+        """Set the learning rate of the coming optimiser step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish_step(self) -> StepInfo:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def full_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full fp32 copies of the named parameters (collective: every rank must call)."""
+        raise NotImplementedError
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class LocalEngine(Engine):
+    """One process, plain PyTorch AdamW; skips a step whose loss or gradient is non-finite."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.module = model.to(self.device)
+        self.cfg = cfg
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+        )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._finite = True
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            self._finite = False  # skip the backward; the whole step is dropped below
+            return
+        loss.backward()
+
+    def finish_step(self) -> StepInfo:
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        applied = self._finite and math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._finite = True
+        return StepInfo(applied, norm if applied else math.nan)
+
+    def save(self, directory: Path) -> None:
+        trainable = {
+            n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad
+        }
+        torch.save(
+            {"trainable": trainable, "optimizer": self.optimizer.state_dict()},
+            directory / "engine.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=True)
+        expected = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        if set(state["trainable"]) != expected:
+            raise ValueError(
+                f"{directory}: trainable weights do not match the model: missing "
+                f"{sorted(expected - set(state['trainable']))}, unexpected "
+                f"{sorted(set(state['trainable']) - expected)}"
+            )
+        # frozen weights are not in the checkpoint: they were rebuilt from their sources
+        self.module.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().float().cpu() for n in names}
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stage and offload from the JSON), launched by the ``deepspeed`` CLI."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, micro_batches_per_step: int) -> None:
+        import deepspeed
+
+        self._ds = deepspeed
+        ds_config = self.build_config(cfg, micro_batches_per_step)
+        deepspeed.init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        groups = param_groups(model, cfg.optim.weight_decay)
+        if ds_config["zero_optimization"].get("stage", 0) == 3:
+            # Parameters used outside their own module's forward must be announced to ZeRO-3.
+            for module, params in model.external_parameters():
+                for p in params:
+                    deepspeed.zero.register_external_parameter(module, p)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds_config
+        )
+        self.module = self.engine.module
+        self.device = self.engine.device
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.named = dict(self.module.named_parameters())
+
+    @staticmethod
+    def build_config(cfg: TrainConfig, micro_batches_per_step: int) -> dict[str, Any]:
+        path = Path(cfg.deepspeed)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed config not found: {path}")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        conflicts = sorted(set(ds) & set(OWNED_KEYS))
+        if conflicts:
+            raise ValueError(
+                f"{path} sets {conflicts}: batch size, accumulation, precision, clipping and the "
+                "optimiser come from the train config (optim.*, datasets.*.batch_size, "
+                "accumulation, precision); remove them from the DeepSpeed JSON"
+            )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        o = cfg.optim
+        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get(
+            "device", "none"
+        ) not in ("none", None)
+        adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        if not offload:
+            adam["torch_adam"] = True  # no FusedAdam build; offload needs DeepSpeed's CPUAdam
+        return {
+            **ds,
+            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: we feed our own batches
+            "gradient_accumulation_steps": micro_batches_per_step,
+            "train_batch_size": micro_batches_per_step * world,
+            "gradient_clipping": o.grad_clip,
+            "bf16": {"enabled": cfg.precision == "bf16"},
+            "optimizer": {"type": "AdamW", "params": adam},
+            "zero_allow_untested_optimizer": True,
+        }
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Through the engine, never engine.module: ZeRO-3 advances its micro-step counter
+        # there, and without it every backward overwrites the accumulated gradients.
+        return self.engine(*args, **kwargs)
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        # A non-finite loss still goes backward: its NaN gradients make DeepSpeed's overflow
+        # check skip the whole step on every rank and clear the accumulated gradients.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()  # applies the update only at the accumulation boundary
+
+    def finish_step(self) -> StepInfo:
+        applied = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        return StepInfo(applied, norm if applied else math.nan)
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(
+            str(directory.parent),
+            tag=directory.name,
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+
+    def load(self, directory: Path) -> None:
+        # Frozen weights are not in the checkpoint: they were rebuilt from their sources.
+        path, _ = self.engine.load_checkpoint(
+            str(directory.parent), tag=directory.name, load_module_strict=False
+        )
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def full_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name in names:
+            p = self.named[name]
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)
+            elif self.zero_stage == 3:
+                with self._ds.zero.GatheredParameters([p]):
+                    full = p.detach().clone()
+            else:
+                full = p.detach()
+            out[name] = full.float().cpu()
+        return out
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batches_per_step: int) -> Engine:
+    """DeepSpeed when the config names a DeepSpeed JSON, plain PyTorch otherwise."""
+    if cfg.deepspeed:
+        return DeepSpeedEngine(model, cfg, micro_batches_per_step)
+    if launched_distributed():
+        raise ValueError(
+            "launched on several processes but the train config has no `deepspeed:` JSON; "
+            "set deepspeed=configs/deepspeed/zero2.json (or run one process)"
+        )
+    return LocalEngine(model, cfg)

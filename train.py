@@ -1,0 +1,264 @@
+"""Pretrain a Flamingo model: frozen vision tower and LM, weighted NLL over several datasets.
+
+One process:      python train.py --config configs/train/tiny.yaml [key=value ...]
+Several (ZeRO):   deepspeed --num_gpus 8 train.py --config configs/train/x.yaml deepspeed=configs/deepspeed/zero2.json
+Several nodes:    deepspeed --hostfile hosts train.py --config ...   (or --num_nodes 2 --no_ssh
+                  --node_rank R --master_addr A on each node)
+
+Each optimiser step takes ``accumulation`` micro-batches from every dataset (paper: gradients
+accumulated over all datasets; ``mixing=round_robin`` for the ablation), normalises each
+dataset's NLL by its target tokens over the whole step and all ranks, and weights it by the
+dataset's ``loss_weight``. Checkpoints are resumable exactly (``--resume auto``); the final
+model is exported with ``save_pretrained`` to ``OUTPUT/model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo.checkpoint import exported_names, save_pretrained
+from flamingo.config import TrainConfig, to_dict
+from flamingo.data.pipeline import FlamingoLoader
+from flamingo.distributed import build_engine
+from flamingo.losses import count_targets, make_labels, summed_nll, weighted_loss
+from flamingo.runs import CheckpointDir, RunLogger
+
+log = logging.getLogger("flamingo.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=Path, required=True, help="train config YAML (configs/train/)"
+    )
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (latest complete checkpoint), none, or a checkpoint folder",
+    )
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted config overrides, e.g. steps=100 datasets.0.batch_size=4",
+    )
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every generator's state as JSON-friendly values (no pickle in checkpoints)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
+    out = Path(cfg.output_dir)
+
+    # -- setup: model, data, engine, state -----------------------------------------------------
+    model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides)
+    if cfg.precision == "bf16" and not cfg.deepspeed:
+        model_cfg.frozen_dtype = "bfloat16"
+    seed_everything(cfg.seed)  # same model initialisation on every rank
+    model = Flamingo.from_config(model_cfg)
+    processor = FlamingoProcessor.from_config(model_cfg)
+    datasets = {d.name: d for d in cfg.datasets}
+    per_step = [d.name for d in cfg.datasets] if cfg.mixing == "all" else [cfg.datasets[0].name]
+    engine = build_engine(model, cfg, micro_batches_per_step=len(per_step) * cfg.accumulation)
+    logging.basicConfig(
+        level=logging.INFO if engine.is_main else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+    loaders = {
+        name: FlamingoLoader.from_processor(
+            d, processor, seed=cfg.seed, num_workers=cfg.num_workers
+        )
+        for name, d in datasets.items()
+    }
+    special = processor.special_tokens
+    checkpoints = CheckpointDir(out / "checkpoints")
+    runlog = RunLogger(out, enabled=engine.is_main, tensorboard=cfg.tensorboard)
+    step, skipped_steps = 0, 0
+
+    resume_from = checkpoints.resolve(args.resume)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "train_config.json").read_text())
+        if FlamingoConfig.from_dict(saved["model"]) != model_cfg:
+            raise ValueError(
+                f"{resume_from} was trained with another model config; start a new output_dir"
+            )
+        engine.load(resume_from)
+        state = json.loads((resume_from / f"trainer_rank{engine.rank:05d}.json").read_text())
+        step, skipped_steps = state["step"], state["skipped_steps"]
+        for name, loader in loaders.items():
+            loader.load_state_dict(state["loaders"][name])
+        runlog.history = state.get("history", [])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    def save_checkpoint() -> None:
+        if engine.is_main:
+            checkpoints.prepare(step)
+        engine.barrier()
+        tmp = checkpoints.tmp_path(step)
+        engine.save(tmp)
+        state = {
+            "step": step,
+            "skipped_steps": skipped_steps,
+            "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
+            "history": runlog.history,
+            "rng": rng_state(),
+        }
+        (tmp / f"trainer_rank{engine.rank:05d}.json").write_text(json.dumps(state))
+        engine.barrier()
+        if engine.is_main:
+            (tmp / "train_config.json").write_text(
+                json.dumps({"train": cfg.to_dict(), "model": to_dict(model_cfg)})
+            )
+            checkpoints.commit(step)
+            checkpoints.prune(cfg.keep_checkpoints)
+            runlog.plot()
+        engine.barrier()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    model = engine.module
+    model.train()
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    gate_names = [n for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not engine.is_main,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    while step < cfg.steps:
+        start = time.perf_counter()
+        lr = cfg.optim.lr_at(step, cfg.steps)
+        names = per_step if cfg.mixing == "all" else [cfg.datasets[step % len(cfg.datasets)].name]
+        micro = [(name, next(iterators[name])) for name in names for _ in range(cfg.accumulation)]
+        for _, batch in micro:
+            batch["labels"] = make_labels(batch["input_ids"], batch["attention_mask"], special)
+        # each dataset's NLL is normalised by its target tokens over the step, on every rank
+        counts = torch.tensor(
+            [
+                sum(int(count_targets(b["labels"])) for n, b in micro if n == name)
+                for name in datasets
+            ],
+            dtype=torch.float64,
+        )
+        counts = engine.all_reduce_sum(counts.to(engine.device)).cpu()
+        step_targets = dict(zip(datasets, counts.tolist(), strict=True))
+        nll_sums = defaultdict(float)
+        samples = 0
+        engine.begin_step(lr)
+        for name, batch in micro:
+            out_ = engine.forward(
+                batch["input_ids"].to(engine.device),
+                batch["attention_mask"].to(engine.device),
+                pixel_values=batch["pixel_values"].to(engine.device),
+            )
+            nll = summed_nll(out_.logits, batch["labels"].to(engine.device))
+            nll_sums[name] += float(nll.detach())
+            loss = weighted_loss(nll, datasets[name].loss_weight, step_targets[name])
+            samples += batch["input_ids"].shape[0]
+            engine.micro_step(loss)
+        info = engine.finish_step()
+        skipped_steps += not info.applied
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            sums = engine.all_reduce_sum(
+                torch.tensor(
+                    [nll_sums[n] for n in datasets], dtype=torch.float64, device=engine.device
+                )
+            ).cpu()
+            seconds = time.perf_counter() - start
+            metrics = {
+                f"loss/{n}": s / max(step_targets[n], 1)
+                for n, s in zip(datasets, sums.tolist(), strict=True)
+                if step_targets[n] > 0
+            }
+            metrics["loss/total"] = sum(
+                datasets[n].loss_weight * metrics.get(f"loss/{n}", 0.0) for n in datasets
+            )
+            metrics.update(
+                lr=lr, grad_norm=info.grad_norm, skipped_steps=skipped_steps, step_seconds=seconds
+            )
+            metrics["tokens_per_s"] = sum(step_targets.values()) / seconds
+            metrics["samples_per_s"] = samples * engine.world_size / seconds
+            gates = engine.full_tensors(gate_names)
+            for n, g in gates.items():
+                layer = n.split(".")[2]
+                metrics[f"gate/{layer}.{n.rsplit('.', 1)[1]}"] = float(g.tanh().abs().mean())
+            for name, loader in loaders.items():
+                for reason, count in loader.stats().items():
+                    if reason.startswith(("skip/", "shard_error", "image_dropped/")):
+                        metrics[f"data/{name}/{reason}"] = count
+            runlog.log(step, metrics)
+            bar.set_postfix(
+                loss=f"{metrics['loss/total']:.3f}", lr=f"{lr:.2e}", gnorm=f"{info.grad_norm:.2f}"
+            )
+            if not math.isfinite(info.grad_norm):
+                log.warning(
+                    "step %d skipped: non-finite loss or gradient (%d skipped so far)",
+                    step,
+                    skipped_steps,
+                )
+
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint()
+    bar.close()
+
+    # -- export -----------------------------------------------------------------------------------
+    names = exported_names(model)
+    tensors = engine.full_tensors(names)
+    if engine.is_main:
+        save_pretrained(model, out / "model", processor, tensors=tensors)
+        runlog.plot()
+        log.info("exported %s (%d skipped steps)", out / "model", skipped_steps)
+    runlog.close()
+    engine.barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
