@@ -308,3 +308,13 @@ def test_kill_during_checkpointing_leaves_a_loadable_checkpoint(shards, tmp_path
         ["--config", str(CONFIG), *overrides(shards, out, steps=last + 1, checkpoint_every=1000)]
     )
     assert metrics(out)[-1]["step"] == last + 1
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_offload_in_bf16(shards, tmp_path):
+    out = tmp_path / "offload"
+    args = train_args(shards, out, "zero2-offload", steps=2, checkpoint_every=2, precision="bf16")
+    check(deepspeed(["--num_gpus", "2", "--master_port", "29650", *args], timeout=600))
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics(out))
+    model = Flamingo.from_pretrained(out / "model")
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
