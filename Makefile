@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,data,train]"
+	$(BIN)/pip install -e ".[dev,data,train,eval]"
 	# OpenFlamingo, for the import parity test and benchmarks only: it pins torch 2.0.1, so
 	# it goes in without its dependencies (it runs on the ones above).
 	$(BIN)/pip install --no-deps open-flamingo==2.0.1 einops-exts==0.0.4

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from eval.config import EvalConfig
+from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from flamingo.checkpoint import exported_names, save_pretrained
 from flamingo.config import TrainConfig, to_dict
@@ -102,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     datasets = {d.name: d for d in cfg.datasets}
     per_step = [d.name for d in cfg.datasets] if cfg.mixing == "all" else [cfg.datasets[0].name]
     engine = build_engine(model, cfg, micro_batches_per_step=len(per_step) * cfg.accumulation)
+    eval_cfg = EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides) if cfg.eval_every else None
+    if eval_cfg is not None and getattr(engine, "zero_stage", 0) == 3:
+        raise ValueError(
+            "eval during training runs on rank 0 and cannot use ZeRO-3 sharded weights; evaluate the exported model"
+        )
     logging.basicConfig(
         level=logging.INFO if engine.is_main else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
@@ -245,6 +252,23 @@ def main(argv: list[str] | None = None) -> None:
                     skipped_steps,
                 )
 
+        if eval_cfg is not None and step % cfg.eval_every == 0:
+            if engine.is_main:
+                model.eval()
+                results = evaluate(model, processor, eval_cfg, f"{out} step {step}", shard=(0, 1))
+                model.train()
+                scores = {
+                    f"eval/{task}/{shots}shot/{metric}": s["mean"]
+                    for task, by_shots in results.items()
+                    for shots, entry in by_shots.items()
+                    for metric, s in entry["scores"].items()
+                }
+                runlog.log(step, scores)
+                log.info(
+                    "step %d eval: %s", step, ", ".join(f"{k}={v:.2f}" for k, v in scores.items())
+                )
+            engine.barrier()
+
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
     bar.close()
@@ -257,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         runlog.plot()
         log.info("exported %s (%d skipped steps)", out / "model", skipped_steps)
     runlog.close()
-    engine.barrier()
+    engine.close()
 
 
 if __name__ == "__main__":

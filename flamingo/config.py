@@ -78,7 +78,8 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _check_value(v, item, f"{key}.{k}") for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true/false, got {value!r}")
@@ -551,6 +552,13 @@ class TrainConfig:
     """Log metrics every this many steps."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    eval_config: str | None = None
+    """An eval config (configs/eval/) run every ``eval_every`` steps on rank 0, e.g. with
+    ``eval_overrides: [max_items=64, trials=1, "shots=[0,4]"]``."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: never)."""
+    eval_overrides: list[str] = field(default_factory=list)
+    """Dotted overrides for the eval config (a small task subset, few items)."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -562,6 +570,8 @@ class TrainConfig:
             raise ValueError(f"datasets: names must be unique, got {names}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.eval_every < 0 or (self.eval_every and not self.eval_config):
+            raise ValueError("eval_every needs an eval_config (and must be >= 0)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -114,6 +114,13 @@ class Engine:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group cleanly (a live communicator at interpreter exit can abort
+        the process: "terminate called without an active exception")."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 class LocalEngine(Engine):
     """One process, plain PyTorch AdamW; skips a step whose loss or gradient is non-finite."""

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from eval.config import EvalConfig
 from flamingo.config import FlamingoConfig, TrainConfig, from_dict
 from tests.conftest import ROOT, TINY
 
-LOADERS = {"model": FlamingoConfig.from_yaml, "train": TrainConfig.from_yaml}
+LOADERS = {
+    "model": FlamingoConfig.from_yaml,
+    "train": TrainConfig.from_yaml,
+    "eval": EvalConfig.from_yaml,
+}
 
 
 def all_yaml() -> list[Path]:

@@ -318,3 +318,42 @@ def test_deepspeed_offload_in_bf16(shards, tmp_path):
     assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics(out))
     model = Flamingo.from_pretrained(out / "model")
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_evaluation_during_training(shards, tmp_path):
+    import yaml
+
+    from tests.eval_fixtures import write_all
+
+    tasks = write_all(tmp_path / "bench")
+    eval_cfg = {
+        "tasks": {k: tasks[k] for k in ("coco", "vqav2")},
+        "shots": [0, 2],
+        "trials": 1,
+        "num_beams": 1,
+        "query_set_size": 4,
+        "max_items": 2,
+        "output_dir": str(tmp_path / "eval"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
+    out = tmp_path / "run"
+    train.main(
+        [
+            "--config",
+            str(CONFIG),
+            *overrides(
+                shards,
+                out,
+                steps=4,
+                checkpoint_every=4,
+                eval_every=2,
+                eval_config=tmp_path / "eval.yaml",
+            ),
+        ]
+    )
+    evals = [m for m in metrics(out) if any(k.startswith("eval/") for k in m)]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert {"eval/coco/0shot/CIDEr", "eval/coco/2shot/CIDEr", "eval/vqav2/2shot/accuracy"} <= set(
+        evals[0]
+    )

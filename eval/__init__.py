@@ -1,0 +1,1 @@
+"""Few-shot evaluation on the Flamingo benchmarks (captioning, VQA, classification)."""

@@ -1,0 +1,75 @@
+"""Choosing demonstrations: random per item (seeded) or RICES (Flamingo App. A.2: the query
+set items nearest to the test image by frozen vision features, most similar last)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from eval.tasks import Item
+
+
+def query_set(train_items: list[Item], size: int, seed: int) -> list[Item]:
+    """The demonstration pool: ``size`` train items drawn once per trial."""
+    if len(train_items) < 2:
+        raise ValueError("need at least 2 train items for demonstrations")
+    rng = random.Random(f"query/{seed}")
+    return rng.sample(train_items, min(size, len(train_items)))
+
+
+def random_demos(pool: list[Item], item: Item, shots: int, seed: int) -> list[Item]:
+    """``shots`` demonstrations for ``item``, seeded by the trial and the item."""
+    rng = random.Random(f"demos/{seed}/{item.id}")
+    return rng.sample(pool, min(shots, len(pool)))
+
+
+class RICES:
+    """Retrieval-based In-Context Example Selection over a demonstration pool."""
+
+    def __init__(self, pool: list[Item], pool_features: torch.Tensor) -> None:
+        self.pool = pool
+        self.features = torch.nn.functional.normalize(pool_features.float(), dim=-1)
+
+    def demos(self, query_features: torch.Tensor, shots: int) -> list[list[Item]]:
+        """For each query row: the ``shots`` most similar pool items, most similar LAST."""
+        q = torch.nn.functional.normalize(query_features.float(), dim=-1)
+        similarity = q @ self.features.T  # (Q, P)
+        top = similarity.topk(min(shots, len(self.pool)), dim=-1).indices  # most similar first
+        return [[self.pool[int(i)] for i in row.flip(0)] for row in top]
+
+
+def image_features(
+    encode,
+    items: list[Item],
+    load_image,
+    cache_dir: Path | None,
+    cache_key: str,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """(N, D) features of ``items``' images, cached on disk under ``cache_key``."""
+    ids = "\n".join(it.id for it in items)
+    digest = hashlib.sha1(f"{cache_key}\n{ids}".encode()).hexdigest()[:16]
+    path = cache_dir / f"rices-{digest}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        return load_file(str(path))["features"]
+    chunks = []
+    for start in tqdm(range(0, len(items), batch_size), desc="RICES features", leave=False):
+        images = [load_image(it.image) for it in items[start : start + batch_size]]
+        chunks.append(encode(images))
+    features = torch.cat(chunks)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features.contiguous()}, str(path))
+    return features
+
+
+def open_rgb(path: Path) -> Image.Image:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return Image.open(path).convert("RGB")

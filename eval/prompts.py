@@ -1,0 +1,46 @@
+"""Prompt formats, in one place (Flamingo paper App. A / OpenFlamingo's evaluation).
+
+Captioning: ``<image>Output:{caption}<|endofchunk|>``; VQA: ``<image>Question:{q} Short
+answer:{a}<|endofchunk|>``; classification: ``<image>A photo of {class}<|endofchunk|>``;
+HatefulMemes: ``<image>is an image with: '{text}' written on it. Is it hateful? Answer:{a}``.
+A demonstration has its answer filled in; the query stops where the model continues.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from flamingo.tokens import END_OF_CHUNK, IMAGE
+
+if TYPE_CHECKING:
+    from eval.tasks import Item
+
+
+def render(kind: str, item: Item, with_answer: bool, task: str = "") -> str:
+    answer = item.answers[0] if item.answers else ""
+    if kind == "caption":
+        body, ans = "Output:", answer
+    elif kind == "vqa":
+        body, ans = f"Question:{item.question} Short answer:", answer
+    elif kind == "classification":
+        body, ans = "A photo of", f" {answer}"
+    elif kind == "binary":
+        body, ans = f"is an image with: '{item.text}' written on it. Is it hateful? Answer:", answer
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")
+    return f"{IMAGE}{body}{ans}{END_OF_CHUNK}" if with_answer else f"{IMAGE}{body}"
+
+
+def text_only(prompt: str) -> str:
+    """A demonstration with its image removed (the paper's 0-shot: two text-only demos)."""
+    return prompt.replace(IMAGE, "")
+
+
+def postprocess(kind: str, generated: str) -> str:
+    """The answer part of a generation: cut at the end of the chunk or a new prompt."""
+    text = generated.split(END_OF_CHUNK)[0]
+    text = re.split(r"Question:|Answer:|Output:|Short answer:", text)[0]
+    if kind == "vqa":
+        text = text.split("\n")[0]
+    return text.strip()

@@ -1,0 +1,277 @@
+"""Run few-shot benchmarks on a checkpoint.
+
+    python -m eval.run --config configs/eval/<name>.yaml --checkpoint DIR [--shots 0 4] [--tasks coco vqav2]
+    torchrun --nproc_per_node 8 -m eval.run --config ... --checkpoint DIR      # many processes
+
+Items are split over processes without padding (each evaluated exactly once); rank 0 gathers
+the predictions, scores every (task, shots, trial), writes ``<output_dir>/results-<time>.json``
+(config, checkpoint, per-trial scores, mean and std, predictions) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from eval import prompts
+from eval.config import EvalConfig, TaskConfig
+from eval.fewshot import RICES, image_features, open_rgb, query_set, random_demos
+from eval.tasks import Item, Task, get_task
+from flamingo import Flamingo, FlamingoProcessor
+from flamingo.config import to_dict
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="a save_pretrained directory"
+    )
+    parser.add_argument("--shots", type=int, nargs="+", help="override the config's shots")
+    parser.add_argument("--tasks", nargs="+", help="evaluate only these tasks of the config")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+class Evaluator:
+    """Evaluates one model on tasks; every process calls every method (collectives inside)."""
+
+    def __init__(
+        self,
+        model: Flamingo,
+        processor: FlamingoProcessor,
+        cfg: EvalConfig,
+        checkpoint: str,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
+        self.model, self.processor, self.cfg, self.checkpoint = model, processor, cfg, checkpoint
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if shard is None:  # (rank, world): all processes of the job share the items
+            shard = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.rank, self.world = shard
+
+    # -- demonstrations ---------------------------------------------------------------------
+
+    def _features(self, items: list[Item], tag: str) -> torch.Tensor:
+        @torch.no_grad()
+        def encode(images):
+            pixels = self.processor.preprocess_images([[im] for im in images]).to(
+                self.device, self.dtype
+            )
+            return self.model.vision(pixels).mean(dim=(1, 2, 3)).float().cpu()  # (B, Dv)
+
+        key = f"{Path(self.checkpoint).resolve()}|{self.model.cfg.vision}|{tag}"
+        cache = Path(self.cfg.cache_dir) if self.rank == 0 else None
+        return image_features(encode, items, open_rgb, cache, key)
+
+    def demonstrations(
+        self, task: Task, pool: list[Item], items: list[Item], shots: int, seed: int
+    ) -> list[list[Item]]:
+        count = 2 if shots == 0 else shots  # 0-shot: two text-only demonstrations
+        if self.cfg.demos == "random" or shots == 0:
+            return [random_demos(pool, it, count, seed) for it in items]
+        rices = RICES(pool, self._features(pool, f"{task.name}/pool/{seed}"))
+        return rices.demos(self._features(items, f"{task.name}/items"), count)
+
+    # -- one trial -------------------------------------------------------------------------
+
+    def _prompt(
+        self, task: Task, demos: list[Item], item: Item, shots: int
+    ) -> tuple[str, list[Path]]:
+        context = "".join(task.prompt(d, with_answer=True) for d in demos)
+        images = [d.image for d in demos]
+        if shots == 0:
+            context, images = prompts.text_only(context), []
+        return context + task.prompt(item, with_answer=False), images + [item.image]
+
+    @torch.no_grad()
+    def _generate(
+        self, task: Task, tcfg: TaskConfig, batch: list[tuple[Item, str, list[Path]]]
+    ) -> dict[str, str]:
+        enc = self.processor(
+            [p for _, p, _ in batch],
+            images=[[open_rgb(x) for x in ims] for _, _, ims in batch],
+            padding_side="left",
+        )
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=tcfg.max_new_tokens,
+            num_beams=self.cfg.num_beams,
+            length_penalty=self.cfg.length_penalty,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(new, skip_special_tokens=False)
+        return {it.id: task.postprocess(t) for (it, _, _), t in zip(batch, texts, strict=True)}
+
+    @torch.no_grad()
+    def _rank_classes(self, task: Task, item: Item, prompt: str, images: list[Path]) -> list[float]:
+        enc = self.processor([prompt], images=[[open_rgb(x) for x in images]])
+        tok = self.processor.tokenizer
+        candidates = [
+            torch.tensor(
+                tok(f" {c}" if task.kind == "classification" else c, add_special_tokens=False)[
+                    "input_ids"
+                ],
+                device=self.device,
+            )
+            for c in task.class_names()
+        ]
+        scores = self.model.score(
+            enc["input_ids"].to(self.device),
+            candidates,
+            attention_mask=enc["attention_mask"].to(self.device),
+            pixel_values=enc["pixel_values"].to(self.device, self.dtype),
+        )
+        return scores.tolist()
+
+    def trial(
+        self,
+        task: Task,
+        tcfg: TaskConfig,
+        train: list[Item],
+        test: list[Item],
+        shots: int,
+        seed: int,
+    ) -> dict[str, Any]:
+        pool = query_set(train, self.cfg.query_set_size, seed)
+        mine = test[self.rank :: self.world]  # no padding: every item exactly once overall
+        demos = self.demonstrations(task, pool, mine, shots, seed)
+        work = [(it, *self._prompt(task, d, it, shots)) for it, d in zip(mine, demos, strict=True)]
+        predictions: dict[str, Any] = {}
+        bar = tqdm(
+            total=len(work),
+            desc=f"{task.name} {shots}-shot seed {seed}",
+            disable=self.rank != 0,
+            leave=False,
+        )
+        if task.kind in ("caption", "vqa"):
+            for start in range(0, len(work), self.cfg.batch_size):
+                predictions.update(
+                    self._generate(task, tcfg, work[start : start + self.cfg.batch_size])
+                )
+                bar.update(len(work[start : start + self.cfg.batch_size]))
+        else:
+            for it, prompt, images in work:
+                predictions[it.id] = self._rank_classes(task, it, prompt, images)
+                bar.update(1)
+        bar.close()
+        if self.world > 1:
+            gathered: list[dict[str, Any]] = [{} for _ in range(self.world)]
+            dist.all_gather_object(gathered, predictions)
+            predictions = {k: v for part in gathered for k, v in part.items()}
+        assert len(predictions) == len(test), (len(predictions), len(test))
+        return predictions
+
+
+def summarize(trials: list[dict[str, float]]) -> dict[str, Any]:
+    out = {}
+    for metric in trials[0]:
+        values = [t[metric] for t in trials]
+        out[metric] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "trials": values,
+        }
+    return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    rows = [
+        "| task | metric | shots | score (mean ± std over trials) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for task, by_shots in results.items():
+        for shots, entry in by_shots.items():
+            for metric, s in entry["scores"].items():
+                rows.append(f"| {task} | {metric} | {shots} | {s['mean']:.2f} ± {s['std']:.2f} |")
+    return "\n".join(rows)
+
+
+def evaluate(
+    model: Flamingo,
+    processor: FlamingoProcessor,
+    cfg: EvalConfig,
+    checkpoint: str,
+    tasks: list[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Every (task, shots, trial) of ``cfg``; returns {task: {shots: {scores, predictions}}}.
+
+    ``shard=(0, 1)`` evaluates everything in this process (e.g. rank 0 during training)."""
+    evaluator = Evaluator(model, processor, cfg, checkpoint, shard)
+    results: dict[str, Any] = {}
+    for name in tasks or list(cfg.tasks):
+        if name not in cfg.tasks:
+            raise ValueError(f"task {name!r} is not in the eval config (has {sorted(cfg.tasks)})")
+        tcfg = cfg.tasks[name]
+        task = get_task(name, tcfg.paths)
+        train = task.load(tcfg.train_split)
+        test = task.load(tcfg.eval_split)[: cfg.max_items]
+        results[name] = {}
+        for shots in cfg.shots:
+            trial_scores, trial_predictions = [], []
+            for t in range(cfg.trials):
+                predictions = evaluator.trial(task, tcfg, train, test, shots, cfg.seed + t)
+                trial_scores.append(task.score(test, predictions))
+                trial_predictions.append(predictions)
+            results[name][str(shots)] = {
+                "scores": summarize(trial_scores),
+                "predictions": trial_predictions,
+            }
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    cfg = EvalConfig.from_yaml(args.config, args.overrides)
+    if args.shots:
+        cfg.shots = args.shots
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model = Flamingo.from_pretrained(
+        args.checkpoint, dtype=getattr(torch, cfg.dtype), device=device
+    )
+    processor = FlamingoProcessor.from_pretrained(args.checkpoint)
+    start = time.time()
+    results = evaluate(model, processor, cfg, str(args.checkpoint), args.tasks)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": to_dict(cfg),
+        "checkpoint": str(args.checkpoint),
+        "seconds": time.time() - start,
+        "world_size": world_size,
+        "results": results,
+    }
+    path = out_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(markdown_table(results))
+    print(f"\nwrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

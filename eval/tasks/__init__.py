@@ -1,0 +1,98 @@
+"""Benchmark registry: one small file per benchmark, registered with :func:`register`.
+
+A task reads its official files into :class:`Item` lists per split, builds prompts (the
+formats live in ``eval/prompts.py``), post-processes generations and computes its metric.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from eval import prompts
+
+
+@dataclass
+class Item:
+    """One evaluation example."""
+
+    id: str
+    image: Path
+    question: str = ""
+    answers: list[str] = field(default_factory=list)
+    """VQA: the annotators' answers; captioning: the reference captions; classification: the
+    class name; HatefulMemes: ["yes"] or ["no"]."""
+    label: int | None = None
+    """Classification / HatefulMemes: the class index."""
+    text: str = ""
+    """Text printed on the image (HatefulMemes)."""
+
+
+class Task:
+    """Base class; subclasses set ``name``, ``kind`` and implement ``load``."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Literal["caption", "vqa", "classification", "binary"]]
+
+    def __init__(self, paths: dict[str, Any]) -> None:
+        self.paths = {k: Path(v) if isinstance(v, str) else v for k, v in paths.items()}
+        for key in self.required_paths():
+            if key not in self.paths:
+                raise ValueError(f"task {self.name}: missing path {key!r} in the eval config")
+
+    @classmethod
+    def required_paths(cls) -> tuple[str, ...]:
+        return ()
+
+    def load(self, split: str) -> list[Item]:
+        raise NotImplementedError
+
+    # -- prompts and answers ------------------------------------------------------------------
+
+    def prompt(self, item: Item, with_answer: bool) -> str:
+        return prompts.render(self.kind, item, with_answer, self.name)
+
+    def postprocess(self, generated: str) -> str:
+        return prompts.postprocess(self.kind, generated)
+
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def score(self, items: list[Item], predictions: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    if cls.name in TASKS:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str, paths: dict[str, Any]) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
+    return TASKS[name](paths)
+
+
+def _load_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def read_json(path: Path) -> Any:
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    with path.open() as f:
+        return json.load(f)
+
+
+_load_all()

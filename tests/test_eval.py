@@ -1,0 +1,190 @@
+"""Evaluation: metrics on known answers, RICES ordering, every task end to end, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from eval.fewshot import RICES
+from eval.metrics import okvqa_accuracy, process_punctuation, roc_auc, vqa_accuracy
+from eval.run import main as eval_main
+from eval.tasks import TASKS, Item
+from tests.conftest import ROOT, build, set_gates
+from tests.eval_fixtures import write_all
+
+# -- metrics on hand-checked cases ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("two", ["2"] * 10, 1.0),  # numbers as words
+        ("The dog.", ["dog"] * 10, 1.0),  # articles and a final period
+        ("dont know", ["don't know"] * 10, 1.0),  # contractions map dont -> don't
+        ("yes", ["yes"] * 2 + ["no"] * 8, 0.6),  # 8 subsets with 2 matches (2/3), 2 with 1 (1/3)
+        ("yes", ["yes"] * 3 + ["no"] * 7, 0.9),  # 7 subsets with 3 matches, 3 with 2 (2/3)
+        ("yes", ["yes"] * 4 + ["no"] * 6, 1.0),
+        ("red", ["blue"] * 10, 0.0),
+        (
+            "hot-dog",
+            ["hot dog"] * 5 + ["hotdog"] * 5,
+            1.0,
+        ),  # a hyphen inside a word becomes a space
+        (
+            "hot dog",
+            ["hot-dog"] * 5 + ["x"] * 5,
+            1.0,
+        ),  # GT punctuation only applied when GTs differ
+        ("1,000", ["1000"] * 5 + ["many"] * 5, 1.0),  # comma between digits removes all punctuation
+    ],
+)
+def test_vqa_accuracy_known_cases(prediction, answers, expected):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+
+
+def test_vqa_quirks_are_kept():
+    # GTs all identical: no normalisation of the GT at all (official quirk)
+    assert vqa_accuracy("hot dog", ["hot-dog"] * 10) == 0.0
+    # the period regex removes at most 32 periods (re.UNICODE passed as the count)
+    assert process_punctuation("." * 40) == "." * 8
+
+
+def test_okvqa_stemming_and_roc_auc():
+    assert okvqa_accuracy("running", ["run"] * 10) == 1.0
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+
+
+def test_cider_equals_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from eval.metrics import caption_scores
+
+    preds = {"1": "a man riding a horse", "2": "a cat on a mat", "3": "two dogs play"}
+    refs = {
+        "1": ["a man rides a horse", "a person on a horse"],
+        "2": ["a cat sitting on a mat"],
+        "3": ["two dogs playing in grass"],
+    }
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": preds[k]}] for k in refs})
+    expected = Cider().compute_score(gts, res)[0]
+    assert caption_scores(preds, refs, meteor=False)["CIDEr"] == pytest.approx(expected)
+
+
+def test_rices_picks_nearest_most_similar_last():
+    pool = [Item(id=str(i), image=None) for i in range(5)]
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
+    demos = RICES(pool, features).demos(torch.tensor([[1.0, 0.05]]), 3)
+    # cosine: item 0 = .9988, item 1 = .9982, item 3 = .7424, ... -> the nearest comes last
+    assert [d.id for d in demos[0]] == ["3", "1", "0"]
+
+
+# -- every task through the command -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model = build()
+    set_gates(model, 0.5)
+    model.save_pretrained(root / "ckpt")
+    tasks = write_all(root / "data")
+    cfg = {
+        "tasks": tasks,
+        "shots": [0, 2],
+        "trials": 2,
+        "num_beams": 2,
+        "batch_size": 2,
+        "query_set_size": 4,
+        "output_dir": str(root / "out"),
+        "cache_dir": str(root / "cache"),
+    }
+    (root / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_registry_covers_the_benchmarks():
+    assert {
+        "coco",
+        "flickr30k",
+        "vqav2",
+        "okvqa",
+        "textvqa",
+        "vizwiz",
+        "hateful_memes",
+        "imagenet",
+    } <= set(TASKS)
+
+
+@pytest.mark.parametrize("demos", ["random", "rices"])
+def test_every_task_runs_end_to_end(setup, demos, capsys):
+    record = eval_main(
+        [
+            "--config",
+            str(setup / "eval.yaml"),
+            "--checkpoint",
+            str(setup / "ckpt"),
+            f"demos={demos}",
+        ]
+    )
+    results = record["results"]
+    assert set(results) == {
+        "coco",
+        "flickr30k",
+        "vqav2",
+        "okvqa",
+        "textvqa",
+        "vizwiz",
+        "hateful_memes",
+        "imagenet",
+    }
+    for task, by_shots in results.items():
+        assert set(by_shots) == {"0", "2"}, task
+        for entry in by_shots.values():
+            for metric in entry["scores"].values():
+                assert len(metric["trials"]) == 2 and 0 <= metric["mean"] <= 100 + 1e-6, task
+            assert all(len(p) > 0 for p in entry["predictions"])
+    assert len(results["coco"]["2"]["predictions"][0]) == 3  # the Karpathy test split here
+    table = capsys.readouterr().out
+    assert "| coco | CIDEr | 2 |" in table and "| hateful_memes | ROC-AUC | 0 |" in table
+    if demos == "rices":
+        assert any((setup / "cache").glob("rices-*.safetensors"))
+
+
+def test_two_processes_evaluate_each_item_once(setup):
+    cfg = yaml.safe_load((setup / "eval.yaml").read_text())
+    cfg["tasks"] = {"vqav2": cfg["tasks"]["vqav2"], "coco": cfg["tasks"]["coco"]}
+    cfg["shots"], cfg["trials"], cfg["output_dir"] = [2], 1, str(setup / "out2")
+    (setup / "eval2.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29660",
+        "-m",
+        "eval.run",
+        "--config",
+        str(setup / "eval2.yaml"),
+        "--checkpoint",
+        str(setup / "ckpt"),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (setup / "out2").glob("results-*.json")
+    record = json.loads(path.read_text())
+    assert record["world_size"] == 2
+    predictions = record["results"]["vqav2"]["2"]["predictions"][0]
+    assert sorted(predictions) == ["60", "70", "80"]  # every val question once, no padding
