@@ -189,6 +189,10 @@ class VisionConfig:
     pooled output only (tokens un-normalised), so OpenFlamingo configs set this to false."""
     image_size: int = 224
     """Input resolution; must equal the tower's own."""
+    resize: Literal["pad", "crop"] = "pad"
+    """How images become squares, in training and inference alike: ``pad`` keeps the aspect
+    ratio and pads with the mean colour (paper); ``crop`` resizes the short side and center
+    crops (open_clip's and OpenFlamingo's preprocessing)."""
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     """Per-channel normalisation mean of the tower's training."""
     image_std: tuple[float, float, float] = OPENAI_STD

@@ -14,10 +14,12 @@ Shapes: ``pixel_values (B, N, F, C, H, W) -> vision_tokens (B, N, F, V, Dv)``.
 
 from __future__ import annotations
 
+import numpy as np
 import open_clip
 import torch
 from einops import rearrange
 from open_clip.transformer import VisionTransformer
+from PIL import Image
 from torch import nn
 
 from flamingo.config import VisionConfig
@@ -38,10 +40,37 @@ def build_clip(cfg: VisionConfig) -> nn.Module:
     return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, weights_only=True)
 
 
+def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """Resize so the longer side is ``size`` (aspect kept), pad to ``size`` x ``size``."""
+    scale = size / max(image.size)
+    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(new, Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
+    return canvas
+
+
+def mean_colour(cfg: VisionConfig) -> tuple[int, int, int]:
+    """The padding colour: the normalisation mean, so padding is 0 after normalising."""
+    return tuple(round(255 * m) for m in cfg.image_mean)
+
+
+def to_tensor(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
+    """RGB PIL image -> normalised float (3, H, W)."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
 def image_transform(cfg: VisionConfig):
-    """The tower's evaluation transform: PIL image -> normalised (C, H, W) tensor."""
-    return open_clip.image_transform(
-        cfg.image_size, is_train=False, mean=cfg.image_mean, std=cfg.image_std
+    """Inference transform (PIL image -> normalised (C, H, W)), the same resize as training."""
+    if cfg.resize == "crop":
+        return open_clip.image_transform(
+            cfg.image_size, is_train=False, mean=cfg.image_mean, std=cfg.image_std
+        )
+    return lambda image: to_tensor(
+        resize_pad(image.convert("RGB"), cfg.image_size, mean_colour(cfg)), cfg
     )
 
 

@@ -389,3 +389,20 @@ def test_atomic_and_resumable_writing(tmp_path):
     assert len(summary.shards_written) == 2 and summary.samples_written == 7
     keys = [s["__key__"] for i in range(3) for s in read_shard(str(tmp_path / f"w-{i:05d}.tar"))]
     assert keys == [f"k{i}" for i in range(12)]
+
+
+@pytest.mark.parametrize("resize", ["pad", "crop"])
+def test_training_and_inference_resize_images_alike(processor, resize):
+    from dataclasses import replace
+
+    from flamingo.data.images import ImagePreprocessor
+    from flamingo.vision import image_transform
+
+    cfg = replace(processor.vision_cfg, resize=resize)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).resize((100, 60))
+    train = ImagePreprocessor(cfg)(image)
+    infer = image_transform(cfg)(image)
+    assert train.shape == infer.shape == (3, 32, 32)
+    tolerance = 1e-6 if resize == "pad" else 0.15  # torchvision's resize vs PIL's, same geometry
+    assert (train - infer).abs().mean() < tolerance

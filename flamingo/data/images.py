@@ -4,9 +4,9 @@ Decoding turns any common encoding into 8-bit RGB: CMYK, 16-bit, palette, graysc
 alpha images are converted (transparent pixels composited onto white) and counted by mode;
 truncated or corrupt files and decompression bombs raise ``SkipSample``.
 
-Preprocessing resizes keeping the aspect ratio and pads to a square with the normalisation
-mean colour (so padding is 0 after normalisation), then flips horizontally with a per-sample
-probability, then normalises (paper: aspect kept, padded).
+Preprocessing resizes exactly like inference (``vision.resize``: by default keeping the aspect
+ratio and padding with the normalisation mean colour, as in the paper), then flips
+horizontally with a per-sample probability, then normalises.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from flamingo.config import VisionConfig
 from flamingo.data.schema import SkipSample
+from flamingo.vision import mean_colour, resize_pad, to_tensor
 
 
 def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
@@ -60,31 +62,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, F
 
 
-def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
-    """Resize so the longer side is ``size`` (aspect kept), pad to ``size`` x ``size``."""
-    scale = size / max(image.size)
-    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    image = image.resize(new, Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
-
-
 class ImagePreprocessor:
-    """PIL RGB image -> normalised (3, size, size) tensor, with optional random flip."""
+    """PIL RGB image -> normalised (3, size, size) tensor, resized like the inference
+    transform (``vision.resize``: pad or crop), with an optional horizontal flip."""
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.fill = tuple(round(255 * m) for m in mean)
+    def __init__(self, cfg: VisionConfig) -> None:
+        self.cfg = cfg
+        self.size = cfg.image_size
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
-        image = resize_pad(image, self.size, self.fill)
+        if self.cfg.resize == "pad":
+            image = resize_pad(image, self.size, mean_colour(self.cfg))
+        else:
+            scale = self.size / min(image.size)
+            image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))), Image.Resampling.BICUBIC)
+            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
         if flip:
             image = ImageOps.mirror(image)
-        x = (
-            torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-            / 255.0
-        )
-        return (x - self.mean) / self.std
+        return to_tensor(image, self.cfg)

@@ -398,8 +398,7 @@ class FlamingoLoader:
 
     @classmethod
     def from_processor(cls, cfg: DatasetConfig, processor: Any, **kwargs: Any) -> FlamingoLoader:
-        vision = processor.vision_cfg
-        images = ImagePreprocessor(vision.image_size, vision.image_mean, vision.image_std)
+        images = ImagePreprocessor(processor.vision_cfg)
         return cls(cfg, processor.tokenizer, processor.special_tokens, images, **kwargs)
 
     def make_stream(
