@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flamingo.config import apply_overrides, from_dict, load_yaml, to_dict
+from flamingo.config import load_config, to_dict
 
 
 @dataclass
@@ -65,11 +65,7 @@ class EvalConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
-        data = apply_overrides(load_yaml(path), list(overrides or []))
-        try:
-            return from_dict(cls, data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -157,6 +157,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Load config class ``cls`` from YAML plus ``section.key=value`` overrides; errors name
+    the file and the dotted key."""
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    try:
+        return from_dict(cls, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def _positive(key: str, value: int | float) -> None:
     if value <= 0:
         raise ValueError(f"{key} must be > 0, got {value}")
@@ -332,11 +342,7 @@ class FlamingoConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> FlamingoConfig:
         """Load a model config from YAML, then apply ``section.key=value`` overrides."""
-        data = apply_overrides(load_yaml(path), list(overrides or []))
-        try:
-            return from_dict(cls, data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -579,11 +585,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        data = apply_overrides(load_yaml(path), list(overrides or []))
-        try:
-            return from_dict(cls, data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
