@@ -131,8 +131,15 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 f"{resume_from} was trained with another model config; start a new output_dir"
             )
+        state_file = resume_from / f"trainer_rank{engine.rank:05d}.json"
+        saved_ranks = len(list(resume_from.glob("trainer_rank*.json")))
+        if not state_file.is_file() or saved_ranks != engine.world_size:
+            raise ValueError(
+                f"{resume_from} was written by {saved_ranks} process(es); resume it with the same "
+                f"number (this run has {engine.world_size}), or start a new output_dir"
+            )
         engine.load(resume_from)
-        state = json.loads((resume_from / f"trainer_rank{engine.rank:05d}.json").read_text())
+        state = json.loads(state_file.read_text())
         step, skipped_steps = state["step"], state["skipped_steps"]
         for name, loader in loaders.items():
             loader.load_state_dict(state["loaders"][name])
