@@ -1,0 +1,284 @@
+"""Training step, ours vs OpenFlamingo: forward + backward + AdamW step on the same batch.
+
+    python -m bench.train_step [--config tiny|small] [--steps 5] [--batch 4] [--out bench/results]
+
+Both models are built around the same architecture (open_clip ViT + OPT LM, random weights,
+gated blocks before every layer, 8x64 heads, 6-layer resampler, 64 latents, 5 images per
+sequence); OpenFlamingo's comes from its published package (``open-flamingo``, installed with
+``--no-deps``) with its own freeze policy (it also trains the whole input embedding). Each
+implementation runs in its own process so that peak memory (max RSS on CPU, max allocated on
+GPU) is its own. Prints a markdown table of ratios and writes a JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    # vision: open_clip architecture (tiny inline or a registry name), LM: OPT config fields
+    "tiny": {
+        "vision": "tiny",
+        "lm": dict(
+            vocab_size=896,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+        ),
+        "seq_len": 64,
+    },
+    "small": {
+        "vision": "ViT-B-16",  # 86M-parameter ViT-B/16 at 224 px
+        "lm": dict(
+            vocab_size=50272,
+            hidden_size=768,
+            ffn_dim=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            word_embed_proj_dim=768,
+        ),  # OPT-125m
+        "seq_len": 256,
+    },
+}
+NUM_IMAGES = 5
+
+
+def build_backbones(name: str):
+    import open_clip
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from flamingo.config import FlamingoConfig
+
+    spec = CONFIGS[name]
+    tiny = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
+    if spec["vision"] == "tiny":
+        clip, image_size = open_clip.CLIP(**tiny.vision.architecture), tiny.vision.image_size
+    else:
+        clip = open_clip.create_model(spec["vision"], pretrained=None)
+        image_size = clip.visual.image_size[0]
+    lm = AutoModelForCausalLM.from_config(
+        OPTConfig(**spec["lm"], dropout=0.0, attention_dropout=0.0)
+    )
+    return clip, lm, image_size
+
+
+def make_batch(batch: int, seq_len: int, image_size: int, special, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 800, (batch, seq_len), generator=g)
+    stride = seq_len // NUM_IMAGES
+    for k in range(NUM_IMAGES):  # <image> text <|endofchunk|> chunks
+        ids[:, k * stride] = special.image_id
+        ids[:, (k + 1) * stride - 1] = special.end_of_chunk_id
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(batch, NUM_IMAGES, 1, 3, image_size, image_size, generator=g)
+    return ids, mask, pixels
+
+
+def run_ours(name: str, batch: int, steps: int, device: str) -> dict:
+    from flamingo import Flamingo, FlamingoConfig
+    from flamingo.distributed import param_groups
+    from flamingo.lm import FlamingoLM
+    from flamingo.losses import count_targets, make_labels, summed_nll
+    from flamingo.tokens import load_tokenizer
+    from flamingo.vision import VisionEncoder
+
+    clip, lm, image_size = build_backbones(name)
+    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
+    cfg.vision.image_size = image_size
+    cfg.resampler.depth, cfg.resampler.heads, cfg.resampler.dim_head = 6, 8, 64
+    cfg.resampler.num_latents, cfg.resampler.ff_mult, cfg.resampler.max_num_frames = 64, 4, 0
+    cfg.xattn.heads, cfg.xattn.dim_head, cfg.xattn.ff_mult = 8, 64, 4
+    tokenizer, special = load_tokenizer("tiny")
+    vision = VisionEncoder(cfg.vision, clip.visual)
+    model = (
+        Flamingo(cfg, vision, FlamingoLM(lm, cfg.xattn, vision.width, special, len(tokenizer)))
+        .to(device)
+        .train()
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    ids, mask, pixels = (
+        t.to(device)
+        for t in make_batch(
+            batch, CONFIGS[name]["seq_len"], image_size, special, lm.config.vocab_size
+        )
+    )
+    labels = make_labels(ids, mask, special)
+    targets = count_targets(labels)
+
+    def step():
+        loss = summed_nll(model(ids, mask, pixel_values=pixels).logits, labels) / targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], 1.0
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, steps, batch, int(targets), model, device)
+
+
+def run_openflamingo(name: str, batch: int, steps: int, device: str) -> dict:
+    from open_flamingo.src.flamingo import Flamingo as OFFlamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    from flamingo.losses import count_targets, make_labels
+    from flamingo.tokens import load_tokenizer
+
+    clip, lm, image_size = build_backbones(name)
+    tokenizer, special = load_tokenizer("tiny")  # same special-token order as OpenFlamingo's
+    clip.visual.output_tokens = True
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.decoder.layers")
+    model = OFFlamingo(
+        clip,
+        lm,
+        special.end_of_chunk_id,
+        special.image_id,
+        vis_dim=clip.visual.transformer.width,
+        cross_attn_every_n_layers=1,
+    )
+    # OpenFlamingo's own freeze policy (open_flamingo/src/factory.py)
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids, mask, pixels = (
+        t.to(device)
+        for t in make_batch(
+            batch, CONFIGS[name]["seq_len"], image_size, special, lm.config.vocab_size
+        )
+    )
+    labels = make_labels(ids, mask, special)
+
+    def step():
+        loss = model(vision_x=pixels, lang_x=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, steps, batch, int(count_targets(labels)), model, device)
+
+
+def timed(step, steps: int, batch: int, targets: int, model, device: str) -> dict:
+    step()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "step_s": seconds,
+        "samples_per_s": batch / seconds,
+        "tokens_per_s": targets / seconds,
+        "peak_mib": peak,
+        "trainable_params": trainable,
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    run = run_ours if args.impl == "ours" else run_openflamingo
+    print(json.dumps(run(args.config, args.batch, args.steps, args.device)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impl", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.impl:
+        return child(args)
+    results = {}
+    for impl in ("ours", "openflamingo"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.train_step",
+            "--impl",
+            impl,
+            "--config",
+            args.config,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+        ]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{impl} failed:\n{done.stderr[-3000:]}")
+        results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+    ours, of = results["ours"], results["openflamingo"]
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {args.threads} threads"
+    )
+    record = {
+        "config": args.config,
+        "batch": args.batch,
+        "images_per_sequence": NUM_IMAGES,
+        "seq_len": CONFIGS[args.config]["seq_len"],
+        "device": args.device,
+        "machine": machine,
+        "torch": torch.__version__,
+        "results": results,
+        "ratios": {
+            "samples_per_s": ours["samples_per_s"] / of["samples_per_s"],
+            "peak_memory": ours["peak_mib"] / of["peak_mib"],
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train_step-{args.config}-{args.device.split(':')[0]}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(
+        f"| train step ({args.config}, batch {args.batch}, {machine}) | ours | OpenFlamingo | ours / OpenFlamingo |"
+    )
+    print("| --- | --- | --- | --- |")
+    for key, label in (
+        ("samples_per_s", "samples/s"),
+        ("tokens_per_s", "target tokens/s"),
+        ("peak_mib", "peak memory (MiB)"),
+        ("trainable_params", "trainable parameters"),
+    ):
+        print(f"| {label} | {ours[key]:.4g} | {of[key]:.4g} | {ours[key] / of[key]:.2f} |")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
