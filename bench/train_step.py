@@ -73,19 +73,19 @@ def build_backbones(name: str):
     return clip, lm, image_size
 
 
-def make_batch(batch: int, seq_len: int, image_size: int, special, vocab: int):
+def make_batch(batch: int, seq_len: int, image_size: int, special, num_images: int = NUM_IMAGES):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 800, (batch, seq_len), generator=g)
-    stride = seq_len // NUM_IMAGES
-    for k in range(NUM_IMAGES):  # <image> text <|endofchunk|> chunks
+    stride = seq_len // num_images
+    for k in range(num_images):  # <image> text <|endofchunk|> chunks
         ids[:, k * stride] = special.image_id
         ids[:, (k + 1) * stride - 1] = special.end_of_chunk_id
     mask = torch.ones_like(ids)
-    pixels = torch.randn(batch, NUM_IMAGES, 1, 3, image_size, image_size, generator=g)
+    pixels = torch.randn(batch, num_images, 1, 3, image_size, image_size, generator=g)
     return ids, mask, pixels
 
 
-def run_ours(name: str, batch: int, steps: int, device: str) -> dict:
+def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_images: int) -> dict:
     from flamingo import Flamingo, FlamingoConfig
     from flamingo.distributed import param_groups
     from flamingo.lm import FlamingoLM
@@ -108,10 +108,7 @@ def run_ours(name: str, batch: int, steps: int, device: str) -> dict:
     )
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     ids, mask, pixels = (
-        t.to(device)
-        for t in make_batch(
-            batch, CONFIGS[name]["seq_len"], image_size, special, lm.config.vocab_size
-        )
+        t.to(device) for t in make_batch(batch, seq_len, image_size, special, num_images)
     )
     labels = make_labels(ids, mask, special)
     targets = count_targets(labels)
@@ -128,7 +125,9 @@ def run_ours(name: str, batch: int, steps: int, device: str) -> dict:
     return timed(step, steps, batch, int(targets), model, device)
 
 
-def run_openflamingo(name: str, batch: int, steps: int, device: str) -> dict:
+def run_openflamingo(
+    name: str, batch: int, steps: int, device: str, seq_len: int, num_images: int
+) -> dict:
     from open_flamingo.src.flamingo import Flamingo as OFFlamingo
     from open_flamingo.src.flamingo_lm import FlamingoLMMixin
     from open_flamingo.src.utils import extend_instance
@@ -158,10 +157,7 @@ def run_openflamingo(name: str, batch: int, steps: int, device: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids, mask, pixels = (
-        t.to(device)
-        for t in make_batch(
-            batch, CONFIGS[name]["seq_len"], image_size, special, lm.config.vocab_size
-        )
+        t.to(device) for t in make_batch(batch, seq_len, image_size, special, num_images)
     )
     labels = make_labels(ids, mask, special)
 
@@ -205,7 +201,8 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     run = run_ours if args.impl == "ours" else run_openflamingo
-    print(json.dumps(run(args.config, args.batch, args.steps, args.device)))
+    seq_len = args.seq_len or CONFIGS[args.config]["seq_len"]
+    print(json.dumps(run(args.config, args.batch, args.steps, args.device, seq_len, args.images)))
 
 
 def main() -> None:
@@ -215,6 +212,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=NUM_IMAGES, help="images per sequence")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: the config's)"
+    )
     parser.add_argument("--impl", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -238,7 +239,9 @@ def main() -> None:
             str(args.threads),
             "--device",
             args.device,
-        ]
+            "--images",
+            str(args.images),
+        ] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{impl} failed:\n{done.stderr[-3000:]}")
@@ -252,8 +255,8 @@ def main() -> None:
     record = {
         "config": args.config,
         "batch": args.batch,
-        "images_per_sequence": NUM_IMAGES,
-        "seq_len": CONFIGS[args.config]["seq_len"],
+        "images_per_sequence": args.images,
+        "seq_len": args.seq_len or CONFIGS[args.config]["seq_len"],
         "device": args.device,
         "machine": machine,
         "torch": torch.__version__,
@@ -264,7 +267,12 @@ def main() -> None:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"train_step-{args.config}-{args.device.split(':')[0]}.json"
+    shape = (
+        f"-{args.images}img-{record['seq_len']}tok"
+        if (args.images, args.seq_len) != (NUM_IMAGES, None)
+        else ""
+    )
+    path = args.out / f"train_step-{args.config}{shape}-{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(
         f"| train step ({args.config}, batch {args.batch}, {machine}) | ours | OpenFlamingo | ours / OpenFlamingo |"
