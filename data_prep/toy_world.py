@@ -1,0 +1,317 @@
+"""The toy world: a synthetic visual domain for running the whole Flamingo recipe on a CPU.
+
+Images of 1-3 coloured shapes on a plain, noisy background; short clips of one moving shape;
+captions, questions with answers (colour, shape, count, position, motion direction) and
+interleaved documents. Everything is deterministic from a seed. Some colour-shape
+combinations are held out of train and validation and appear only in test (compositional
+generalisation).
+
+Writes, under ``--out``:
+
+* ``shards/{pairs,interleaved,video}-{train,val}-NNNNN.tar`` in the data schema real corpora use;
+* ``eval/captions.json`` (COCO Karpathy format) and ``eval/vqa_{train,test}_{questions,annotations}.json``
+  (official VQA format) with their images in ``eval/images/``, so the real eval tasks read them
+  unchanged; test items are flagged ``held_out`` when they contain a held-out combination;
+* ``text/corpus.txt``: the world's text, for pretraining the toy LM;
+* ``world.json``: the vocabulary, splits and held-out combinations.
+
+    python -m data_prep.toy_world --out runs/demo/world [--seed 0] [--scale 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
+from flamingo.data.shards import write_shards
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+    "purple": (150, 60, 190), "orange": (245, 140, 30),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = {"small": 0.1, "large": 0.17}
+"""Half-width of a shape as a fraction of the image width."""
+BACKGROUNDS = [(245, 245, 245), (210, 210, 200), (40, 40, 50), (200, 225, 240)]
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+    size: str
+    x: float
+    """Centre, as a fraction of the width."""
+    y: float
+
+    @property
+    def position(self) -> str:
+        horizontal = "left" if self.x < 0.4 else "right" if self.x > 0.6 else "center"
+        vertical = "top" if self.y < 0.4 else "bottom" if self.y > 0.6 else "middle"
+        if horizontal == "center":
+            return "center" if vertical == "middle" else vertical
+        return horizontal
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.kind}"
+
+
+def draw(
+    shapes: list[Shape],
+    background: tuple[int, int, int],
+    rng: random.Random,
+    size: int = IMAGE_SIZE,
+) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    pen = ImageDraw.Draw(image)
+    for s in shapes:
+        r = SIZES[s.size] * size
+        cx, cy = s.x * size, s.y * size
+        colour = COLOURS[s.colour]
+        if s.kind == "circle":
+            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        elif s.kind == "square":
+            pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        elif s.kind == "triangle":
+            pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+        elif s.kind == "diamond":
+            pen.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+        else:  # cross
+            w = r / 3
+            pen.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+            pen.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+    noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 6, (size, size, 3))
+    return Image.fromarray(
+        np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    )
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+class World:
+    """Samples scenes, clips and their text for one split."""
+
+    def __init__(self, seed: int, split: str) -> None:
+        self.rng = random.Random(f"{seed}/{split}")
+        self.split = split
+        combos = [(c, k) for c in COLOURS for k in SHAPES]
+        self.combos = combos if split == "test" else [c for c in combos if c not in HELD_OUT]
+        self.corpus: list[str] = []
+
+    def shape(self, taken: list[Shape]) -> Shape | None:
+        """A new shape that does not overlap ``taken`` (None when there is no room)."""
+        colour, kind = self.rng.choice(self.combos)
+        size = self.rng.choice(list(SIZES))
+        for _ in range(50):
+            x, y = self.rng.uniform(0.2, 0.8), self.rng.uniform(0.2, 0.8)
+            gap = [SIZES[size] + SIZES[t.size] + 0.04 for t in taken]
+            if all(max(abs(x - t.x), abs(y - t.y)) > g for t, g in zip(taken, gap, strict=True)):
+                return Shape(colour, kind, size, x, y)
+        return None
+
+    def scene(self, held_out_only: bool = False) -> tuple[list[Shape], tuple[int, int, int]]:
+        shapes: list[Shape] = []
+        for _ in range(self.rng.choice((1, 1, 2, 3))):
+            new = self.shape(shapes)
+            if new is not None:
+                shapes.append(new)
+        if held_out_only:
+            colour, kind = self.rng.choice(HELD_OUT)
+            s = shapes[0]
+            shapes[0] = Shape(colour, kind, s.size, s.x, s.y)
+        return shapes, self.rng.choice(BACKGROUNDS)
+
+    def caption(self, shapes: list[Shape]) -> str:
+        parts = [
+            f"{s.phrase()} {'in' if s.position == 'center' else 'on'} the {s.position}"
+            for s in shapes
+        ]
+        return (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
+
+    def question(self, shapes: list[Shape]) -> tuple[str, str]:
+        s = self.rng.choice(shapes)
+        kind = self.rng.choice(("colour", "shape", "count", "position"))
+        if kind == "colour":
+            return f"what colour is the {s.kind}?", s.colour
+        if kind == "shape":
+            return f"what shape is {s.colour}?", s.kind
+        if kind == "count":
+            return "how many shapes are there?", str(len(shapes))
+        return f"where is the {s.colour} {s.kind}?", s.position
+
+    def pair_sample(self, i: int) -> dict:
+        shapes, background = self.scene()
+        caption = self.caption(shapes)
+        question, answer = self.question(shapes)
+        self.corpus += [caption, f"Question: {question} Short answer: {answer}"]
+        return encode_pair(
+            f"{self.split}p{i}", png(draw(shapes, background, self.rng)), "png", caption
+        )
+
+    def document_sample(self, i: int) -> dict:
+        chunks: list = [
+            self.rng.choice(["Some shapes.", "Look at these pictures.", "A page about shapes."])
+        ]
+        for _ in range(self.rng.randint(2, 4)):
+            shapes, background = self.scene()
+            question, answer = self.question(shapes)
+            text = self.rng.choice(
+                [self.caption(shapes), f"Question: {question} Short answer: {answer}"]
+            )
+            chunks += [(png(draw(shapes, background, self.rng)), "png"), text]
+            self.corpus.append(text)
+        return encode_interleaved(f"{self.split}d{i}", chunks)
+
+    def video_sample(self, i: int) -> dict:
+        frames, caption, _ = self.clip()
+        self.corpus.append(caption)
+        return encode_video(f"{self.split}v{i}", [png(f) for f in frames], "png", caption)
+
+    def clip(self, frames: int = 4) -> tuple[list[Image.Image], str, str]:
+        shape = self.shape([])
+        assert shape is not None  # an empty image always has room
+        direction = self.rng.choice(list(DIRECTIONS))
+        dx, dy = DIRECTIONS[direction]
+        background = self.rng.choice(BACKGROUNDS)
+        start_x, start_y = 0.5 - dx * 0.25, 0.5 - dy * 0.25
+        images = []
+        for f in range(frames):
+            t = f / max(frames - 1, 1) * 0.5
+            moved = Shape(shape.colour, shape.kind, "small", start_x + dx * t, start_y + dy * t)
+            images.append(draw([moved], background, self.rng))
+        return images, f"{shape.phrase()} moving {direction}.", direction
+
+
+def write_world(out: Path, seed: int = 0, scale: float = 1.0, items_per_shard: int = 500) -> dict:
+    """Write the whole world under ``out``; returns the summary written to world.json."""
+    counts = {
+        "pairs": int(3000 * scale),
+        "interleaved": int(1500 * scale),
+        "video": int(800 * scale),
+    }
+    shards = out / "shards"
+    summary: dict = {"seed": seed, "held_out": [list(c) for c in HELD_OUT], "shards": {}}
+    corpus: list[str] = []
+    for split, fraction in (("train", 1.0), ("val", 0.1)):
+        world = World(seed, split)
+
+        encoders = {
+            "pairs": world.pair_sample,
+            "interleaved": world.document_sample,
+            "video": world.video_sample,
+        }
+        for kind, encode in encoders.items():
+            n = max(1, int(counts[kind] * fraction))
+            write_shards(
+                range(n),
+                encode,
+                shards,
+                f"{kind}-{split}",
+                items_per_shard,
+                total=n,
+                desc=f"{kind} {split}",
+            )
+            last = (n - 1) // items_per_shard
+            summary["shards"][f"{kind}-{split}"] = str(
+                shards / f"{kind}-{split}-{{00000..{last:05d}}}.tar"
+            )
+        corpus.extend(world.corpus)
+
+    # evaluation files in the official formats
+    images_dir = out / "eval" / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    karpathy, vqa = [], {"train": ([], []), "test": ([], [])}
+    for split, n in (("train", int(400 * scale)), ("test", int(200 * scale))):
+        world = World(seed + 1, split)
+        for i in range(max(4, n)):
+            shapes, background = world.scene(held_out_only=split == "test" and i % 2 == 1)
+            held = any((s.colour, s.kind) in HELD_OUT for s in shapes)
+            image_id = (0 if split == "train" else 100000) + i
+            name = f"COCO_{split}2014_{image_id:012d}.jpg"
+            draw(shapes, background, world.rng).save(
+                images_dir / name, "PNG"
+            )  # a PNG under a .jpg name decodes fine
+            caption = world.caption(shapes)
+            karpathy.append(
+                {
+                    "filepath": "",
+                    "filename": name,
+                    "imgid": image_id,
+                    "cocoid": image_id,
+                    "split": split,
+                    "held_out": held,
+                    "sentences": [{"raw": caption, "tokens": caption.rstrip(".").split()}],
+                }
+            )
+            question, answer = world.question(shapes)
+            qid = image_id * 10
+            vqa[split][0].append({"image_id": image_id, "question": question, "question_id": qid})
+            vqa[split][1].append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": question.split()[0],
+                    "answer_type": "other",
+                    "held_out": held,
+                    "multiple_choice_answer": answer,
+                    "answers": [
+                        {"answer": answer, "answer_confidence": "yes", "answer_id": k + 1}
+                        for k in range(10)
+                    ],
+                }
+            )
+    (out / "eval" / "captions.json").write_text(json.dumps({"images": karpathy, "dataset": "toy"}))
+    for split, (questions, answer_records) in vqa.items():
+        subtype = f"{split}2014"
+        (out / "eval" / f"vqa_{split}_questions.json").write_text(
+            json.dumps({"questions": questions, "data_subtype": subtype, "task_type": "Open-Ended"})
+        )
+        (out / "eval" / f"vqa_{split}_annotations.json").write_text(
+            json.dumps({"annotations": answer_records, "data_subtype": subtype})
+        )
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    (out / "text" / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    summary.update(
+        colours=list(COLOURS), shapes=list(SHAPES), image_size=IMAGE_SIZE, corpus_lines=len(corpus)
+    )
+    (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.toy_world",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of samples")
+    parser.add_argument("--items-per-shard", type=int, default=500)
+    args = parser.parse_args(argv)
+    summary = write_world(args.out, args.seed, args.scale, args.items_per_shard)
+    print(
+        json.dumps(
+            {k: v for k, v in summary.items() if k in ("shards", "held_out", "corpus_lines")},
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
