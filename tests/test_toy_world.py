@@ -40,8 +40,9 @@ def test_rendered_shapes_are_where_the_caption_says():
     shape = Shape("red", "circle", "large", 0.25, 0.5)
     assert shape.position == "left"
     image = np.asarray(draw([shape], (245, 245, 245), random.Random(0)), dtype=float)
-    left, right = image[:, :32].mean(axis=(0, 1)), image[:, 32:].mean(axis=(0, 1))
-    assert left[0] - left[2] > 40 and abs(right[0] - right[2]) < 10
+    centre = image[30:34, 14:18].mean(axis=(0, 1))  # around (x, y) = (0.25, 0.5) * 64
+    assert np.abs(centre - (220, 40, 40)).max() < 25  # red, up to the noise
+    assert np.abs(image[:, 40:].mean(axis=(0, 1)) - 245).max() < 5  # the right side is background
 
 
 def test_real_loaders_and_eval_tasks_read_the_world(tmp_path, processor):
