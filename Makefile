@@ -29,7 +29,7 @@ format: install
 	$(BIN)/ruff format .
 
 demo: install
-	$(BIN)/python -m flamingo.demo
+	$(BIN)/python -m demo.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

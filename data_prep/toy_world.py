@@ -170,8 +170,10 @@ class World:
         for _ in range(self.rng.randint(2, 4)):
             shapes, background = self.scene()
             question, answer = self.question(shapes)
+            # a toy web page: images followed by captions or questions, in the styles that
+            # few-shot prompts use (the paper's M3W pages teach the model such patterns)
             text = self.rng.choice(
-                [self.caption(shapes), f"Question: {question} Short answer: {answer}"]
+                [f"Output: {self.caption(shapes)}", f"Question: {question} Short answer: {answer}"]
             )
             chunks += [(png(draw(shapes, background, self.rng)), "png"), text]
             self.corpus.append(text)

@@ -50,6 +50,9 @@ class EvalConfig:
     """Items per generation batch."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Model dtype for evaluation."""
+    blank_images: bool = False
+    """Replace every image by a blank one: the *blind* baseline that shows what the model
+    gets from the images."""
     cache_dir: str = "runs/eval-cache"
     """RICES features are cached here (computed once per checkpoint, task and split)."""
     output_dir: str = "runs/eval"

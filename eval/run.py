@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
 from eval import prompts
@@ -60,6 +61,7 @@ class Evaluator:
         self.model, self.processor, self.cfg, self.checkpoint = model, processor, cfg, checkpoint
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.open_image = blank_like if cfg.blank_images else open_rgb
         if shard is None:  # (rank, world): all processes of the job share the items
             shard = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.rank, self.world = shard
@@ -76,7 +78,9 @@ class Evaluator:
 
         key = f"{Path(self.checkpoint).resolve()}|{self.model.cfg.vision}|{tag}"
         cache = Path(self.cfg.cache_dir) if self.rank == 0 else None
-        return image_features(encode, items, open_rgb, cache, key)
+        return image_features(
+            encode, items, self.open_image, cache, f"{key}|blank={self.cfg.blank_images}"
+        )
 
     def demonstrations(
         self, task: Task, pool: list[Item], items: list[Item], shots: int, seed: int
@@ -104,7 +108,7 @@ class Evaluator:
     ) -> dict[str, str]:
         enc = self.processor(
             [p for _, p, _ in batch],
-            images=[[open_rgb(x) for x in ims] for _, _, ims in batch],
+            images=[[self.open_image(x) for x in ims] for _, _, ims in batch],
             padding_side="left",
         )
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -121,7 +125,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _rank_classes(self, task: Task, item: Item, prompt: str, images: list[Path]) -> list[float]:
-        enc = self.processor([prompt], images=[[open_rgb(x) for x in images]])
+        enc = self.processor([prompt], images=[[self.open_image(x) for x in images]])
         tok = self.processor.tokenizer
         candidates = [
             torch.tensor(
@@ -177,6 +181,12 @@ class Evaluator:
             predictions = {k: v for part in gathered for k, v in part.items()}
         assert len(predictions) == len(test), (len(predictions), len(test))
         return predictions
+
+
+def blank_like(path: Path) -> Image.Image:
+    """A mid-grey image of the same size (the blind baseline)."""
+    with Image.open(path) as image:
+        return Image.new("RGB", image.size, (128, 128, 128))
 
 
 def summarize(trials: list[dict[str, float]]) -> dict[str, Any]:

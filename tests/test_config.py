@@ -17,7 +17,13 @@ def demo_loader(path: Path):
     from demo.pretrain_lm import LMPretrainConfig
     from flamingo.config import load_config
 
-    by_stem = {"clip": ClipPretrainConfig, "lm": LMPretrainConfig, "model": FlamingoConfig}
+    by_stem = {
+        "clip": ClipPretrainConfig,
+        "lm": LMPretrainConfig,
+        "model": FlamingoConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }
     return load_config(by_stem[path.stem], path)
 
 

@@ -188,3 +188,26 @@ def test_two_processes_evaluate_each_item_once(setup):
     assert record["world_size"] == 2
     predictions = record["results"]["vqav2"]["2"]["predictions"][0]
     assert sorted(predictions) == ["60", "70", "80"]  # every val question once, no padding
+
+
+def test_blind_baseline_blanks_every_image(setup):
+    from eval.run import blank_like
+
+    path = next((setup / "data" / "vqav2").rglob("*.jpg"))
+    blank = blank_like(path)
+    assert blank.size == (20, 20) and blank.getextrema() == ((128, 128), (128, 128), (128, 128))
+    record = eval_main(
+        [
+            "--config",
+            str(setup / "eval.yaml"),
+            "--checkpoint",
+            str(setup / "ckpt"),
+            "--tasks",
+            "vqav2",
+            "--shots",
+            "2",
+            "blank_images=true",
+            "trials=1",
+        ]
+    )
+    assert set(record["results"]["vqav2"]) == {"2"}
