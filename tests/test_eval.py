@@ -196,18 +196,13 @@ def test_blind_baseline_blanks_every_image(setup):
     path = next((setup / "data" / "vqav2").rglob("*.jpg"))
     blank = blank_like(path)
     assert blank.size == (20, 20) and blank.getextrema() == ((128, 128), (128, 128), (128, 128))
-    record = eval_main(
-        [
-            "--config",
-            str(setup / "eval.yaml"),
-            "--checkpoint",
-            str(setup / "ckpt"),
-            "--tasks",
-            "vqav2",
-            "--shots",
-            "2",
-            "blank_images=true",
-            "trials=1",
-        ]
-    )
+    args = [
+        "--config",
+        str(setup / "eval.yaml"),
+        "--checkpoint",
+        str(setup / "ckpt"),
+        "blank_images=true",
+        "trials=1",
+    ]
+    record = eval_main([*args, "--tasks", "vqav2", "--shots", "2"])
     assert set(record["results"]["vqav2"]) == {"2"}
