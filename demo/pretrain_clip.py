@@ -11,7 +11,6 @@ file.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -24,7 +23,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from flamingo.config import VisionConfig, load_config
+from demo.common import cli, summary, warmup_cosine
+from flamingo.config import VisionConfig
 from flamingo.data.shards import expand_shards, read_shard
 from flamingo.vision import image_transform
 
@@ -75,12 +75,7 @@ def pretrain(cfg: ClipPretrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     losses = []
     for step in tqdm(range(cfg.steps), desc="stage 1: CLIP"):
-        lr = (
-            cfg.lr
-            * min(1.0, (step + 1) / cfg.warmup_steps)
-            * 0.5
-            * (1 + math.cos(math.pi * step / cfg.steps))
-        )
+        lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = rng.sample(range(len(images)), min(cfg.batch_size, len(images)))
@@ -95,26 +90,13 @@ def pretrain(cfg: ClipPretrainConfig) -> dict:
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict()}, out)
-    summary = {
-        "first_loss": losses[0],
-        "last_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "pairs": len(images),
-        "steps": cfg.steps,
-    }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    result = summary(losses, pairs=len(images), steps=cfg.steps)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m demo.pretrain_clip", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    print(
-        json.dumps(pretrain(load_config(ClipPretrainConfig, args.config, args.overrides)), indent=2)
-    )
+    cli("python -m demo.pretrain_clip", __doc__, ClipPretrainConfig, pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ so that a Flamingo model config names the directory as ``lm.name_or_path``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flamingo.config import load_config
+from demo.common import cli, summary, warmup_cosine
 from flamingo.tokens import TINY_TOKENIZER, TINY_TOKENIZER_DIR
 
 
@@ -74,12 +72,7 @@ def pretrain(cfg: LMPretrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     losses = []
     for step in tqdm(range(cfg.steps), desc="stage 2: LM"):
-        lr = (
-            cfg.lr
-            * min(1.0, (step + 1) / cfg.warmup_steps)
-            * 0.5
-            * (1 + math.cos(math.pi * step / cfg.steps))
-        )
+        lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = data[[rng.randrange(len(data)) for _ in range(cfg.batch_size)]]
@@ -95,26 +88,13 @@ def pretrain(cfg: LMPretrainConfig) -> dict:
     out = Path(cfg.output_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    summary = {
-        "first_loss": losses[0],
-        "last_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "sequences": len(data),
-        "steps": cfg.steps,
-    }
-    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    result = summary(losses, sequences=len(data), steps=cfg.steps)
+    (out / "pretrain_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m demo.pretrain_lm", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    print(
-        json.dumps(pretrain(load_config(LMPretrainConfig, args.config, args.overrides)), indent=2)
-    )
+    cli("python -m demo.pretrain_lm", __doc__, LMPretrainConfig, pretrain, argv)
 
 
 if __name__ == "__main__":
