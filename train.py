@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         if eval_cfg is not None and step % cfg.eval_every == 0:
             if engine.is_main:
                 model.eval()
-                results = evaluate(model, processor, eval_cfg, f"{out} step {step}", shard=(0, 1))
+                # the run's name keys the RICES feature cache: the vision tower is frozen, so
+                # the features of every eval are the same
+                results = evaluate(model, processor, eval_cfg, str(out), shard=(0, 1))
                 model.train()
                 scores = {
                     f"eval/{task}/{shots}shot/{metric}": s["mean"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.train_step import CONFIGS, build_backbones
+from bench.train_step import CONFIGS, build_backbones, openflamingo_model, openflamingo_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +47,7 @@ class OpenFlamingoDecoder(torch.nn.Module):
 
 
 def build(config: str, root: Path):
-    from open_flamingo.src.flamingo import Flamingo as OFFlamingo
-    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-    from open_flamingo.src.utils import extend_instance
-
     from flamingo.checkpoint import from_openflamingo
-    from flamingo.config import FlamingoConfig
     from flamingo.tokens import TINY_TOKENIZER_DIR, load_tokenizer
 
     torch.manual_seed(0)
@@ -63,23 +58,13 @@ def build(config: str, root: Path):
 
     AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(root / "lm")
     tokenizer, special = load_tokenizer(str(root / "lm"))
-    clip.visual.output_tokens = True
-    extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name("model.decoder.layers")
-    of = OFFlamingo(
-        clip,
-        lm,
-        special.end_of_chunk_id,
-        special.image_id,
-        vis_dim=clip.visual.transformer.width,
-        cross_attn_every_n_layers=1,
-    ).eval()
+    of = openflamingo_model(clip, lm, special).eval()
     with torch.no_grad():
         for block in lm.gated_cross_attn_layers:
             block.attn_gate.fill_(0.5)
             block.ff_gate.fill_(0.5)
 
-    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
+    cfg = openflamingo_model_config(image_size)
     if CONFIGS[config]["vision"] == "tiny":
         cfg.vision.pretrained = str(root / "clip.pt")
     else:
@@ -93,9 +78,6 @@ def build(config: str, root: Path):
         True,
         "crop",
     )
-    cfg.resampler.depth, cfg.resampler.heads, cfg.resampler.dim_head = 6, 8, 64
-    cfg.resampler.num_latents, cfg.resampler.ff_mult, cfg.resampler.max_num_frames = 64, 4, 0
-    cfg.xattn.heads, cfg.xattn.dim_head, cfg.xattn.ff_mult = 8, 64, 4
     cfg.lm.architecture, cfg.lm.name_or_path, cfg.lm.tokenizer = (
         None,
         str(root / "lm"),

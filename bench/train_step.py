@@ -85,8 +85,41 @@ def make_batch(batch: int, seq_len: int, image_size: int, special, num_images: i
     return ids, mask, pixels
 
 
+def openflamingo_model_config(image_size: int):
+    """The tiny model config with OpenFlamingo's numerics (6-layer resampler with 64 latents,
+    8x64 heads, FFW x4, no time embeddings; gated blocks before every layer)."""
+    from flamingo.config import FlamingoConfig
+
+    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
+    cfg.vision.image_size = image_size
+    cfg.resampler.depth, cfg.resampler.heads, cfg.resampler.dim_head = 6, 8, 64
+    cfg.resampler.num_latents, cfg.resampler.ff_mult, cfg.resampler.max_num_frames = 64, 4, 0
+    cfg.xattn.heads, cfg.xattn.dim_head, cfg.xattn.ff_mult = 8, 64, 4
+    return cfg
+
+
+def openflamingo_model(clip, lm, special):
+    """OpenFlamingo's own Flamingo (its package) around an open_clip model and an OPT LM."""
+    from open_flamingo.src.flamingo import Flamingo as OFFlamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    clip.visual.output_tokens = True
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.decoder.layers")
+    vis_dim = clip.visual.transformer.width
+    return OFFlamingo(
+        clip,
+        lm,
+        special.end_of_chunk_id,
+        special.image_id,
+        vis_dim=vis_dim,
+        cross_attn_every_n_layers=1,
+    )
+
+
 def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_images: int) -> dict:
-    from flamingo import Flamingo, FlamingoConfig
+    from flamingo import Flamingo
     from flamingo.distributed import param_groups
     from flamingo.lm import FlamingoLM
     from flamingo.losses import count_targets, make_labels, summed_nll
@@ -94,11 +127,7 @@ def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_i
     from flamingo.vision import VisionEncoder
 
     clip, lm, image_size = build_backbones(name)
-    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
-    cfg.vision.image_size = image_size
-    cfg.resampler.depth, cfg.resampler.heads, cfg.resampler.dim_head = 6, 8, 64
-    cfg.resampler.num_latents, cfg.resampler.ff_mult, cfg.resampler.max_num_frames = 64, 4, 0
-    cfg.xattn.heads, cfg.xattn.dim_head, cfg.xattn.ff_mult = 8, 64, 4
+    cfg = openflamingo_model_config(image_size)
     tokenizer, special = load_tokenizer("tiny")
     vision = VisionEncoder(cfg.vision, clip.visual)
     model = (
@@ -128,26 +157,12 @@ def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_i
 def run_openflamingo(
     name: str, batch: int, steps: int, device: str, seq_len: int, num_images: int
 ) -> dict:
-    from open_flamingo.src.flamingo import Flamingo as OFFlamingo
-    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-    from open_flamingo.src.utils import extend_instance
-
     from flamingo.losses import count_targets, make_labels
     from flamingo.tokens import load_tokenizer
 
     clip, lm, image_size = build_backbones(name)
     tokenizer, special = load_tokenizer("tiny")  # same special-token order as OpenFlamingo's
-    clip.visual.output_tokens = True
-    extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name("model.decoder.layers")
-    model = OFFlamingo(
-        clip,
-        lm,
-        special.end_of_chunk_id,
-        special.image_id,
-        vis_dim=clip.visual.transformer.width,
-        cross_attn_every_n_layers=1,
-    )
+    model = openflamingo_model(clip, lm, special)
     # OpenFlamingo's own freeze policy (open_flamingo/src/factory.py)
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
