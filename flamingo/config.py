@@ -89,6 +89,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -235,6 +240,12 @@ class ResamplerConfig:
     max_num_frames: int = 0
     """Learned time embeddings for video frames, up to this many frames; 0 disables them (and
     video input)."""
+    spatial_embeddings: bool = False
+    """Add a learned embedding per vision-token position (per patch) before resampling. The
+    paper and OpenFlamingo add none: their deep encoders carry position in the token features.
+    A shallow encoder's tokens may not (the toy world's 2-layer CLIP: attention pooling reads
+    an object's position at 29% without them, 83% with), and the resampler's attention pooling
+    has no other way to tell where a token came from."""
 
     def __post_init__(self) -> None:
         for key in ("depth", "heads", "dim_head", "num_latents", "ff_mult"):

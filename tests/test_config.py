@@ -79,6 +79,11 @@ def test_real_configs_name_hub_models():
 def test_overrides_are_typed():
     cfg = FlamingoConfig.from_yaml(TINY, overrides=["resampler.depth=3", "xattn.gate=vector"])
     assert cfg.resampler.depth == 3 and cfg.xattn.gate == "vector"
+    # YAML 1.1 reads "5e-4" (no dot) as a string; a float field takes it as the number
+    train = TrainConfig.from_yaml(ROOT / "configs/train/tiny.yaml", ["optim.lr=5e-4"])
+    assert train.optim.lr == 5e-4
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        TrainConfig.from_yaml(ROOT / "configs/train/tiny.yaml", ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize(
