@@ -48,7 +48,7 @@ class Flamingo(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = vision
-        self.resampler = PerceiverResampler(cfg.resampler, vision.width)
+        self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
         self.lm = lm
         if cfg.gradient_checkpointing:
             self.lm.set_gradient_checkpointing(True)

@@ -6,6 +6,8 @@ each layer is pre-norm attention then a feed-forward, both residual; a final Lay
 
 For video, a learned time embedding per frame is added to that frame's tokens before they are
 flattened, so the latents can tell frames apart; single images (F == 1) get none.
+With ``spatial_embeddings`` (off in the paper), a learned embedding per token position is added
+too, so the latents can tell where in the image a token came from.
 
 Shapes (DESIGN.md glossary): ``vision_tokens (B, N, F, V, Dv) -> media_latents (B, N, R, Dv)``.
 """
@@ -61,13 +63,21 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     """(B, N, F, V, D) vision tokens -> (B, N, R, D) latents."""
 
-    def __init__(self, cfg: ResamplerConfig, dim: int) -> None:
+    def __init__(self, cfg: ResamplerConfig, dim: int, num_tokens: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
         self.time_embeddings = (
             nn.Parameter(torch.randn(cfg.max_num_frames, dim)) if cfg.max_num_frames else None
         )
+        self.spatial_embeddings = None
+        if cfg.spatial_embeddings:
+            if not num_tokens:
+                raise ValueError(
+                    "resampler.spatial_embeddings needs the number of vision tokens per frame"
+                )
+            # zero at init: the resampler starts as the paper's and learns how much to use them
+            self.spatial_embeddings = nn.Parameter(torch.zeros(num_tokens, dim))
         self.layers = nn.ModuleList(
             PerceiverLayer(dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth)
         )
@@ -80,6 +90,13 @@ class PerceiverResampler(nn.Module):
             )
         b, n, num_frames = vision_tokens.shape[:3]
         x = vision_tokens.to(self.latents.dtype)
+        if self.spatial_embeddings is not None:
+            if x.shape[3] != self.spatial_embeddings.shape[0]:
+                raise ValueError(
+                    f"got {x.shape[3]} vision tokens per frame; the spatial embeddings were "
+                    f"built for {self.spatial_embeddings.shape[0]}"
+                )
+            x = x + self.spatial_embeddings
         if num_frames > 1:
             if self.time_embeddings is None:
                 raise ValueError(

@@ -57,3 +57,26 @@ def test_too_many_frames_is_a_clear_error():
 def test_bad_rank_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(B, N, F, V, D\)"):
         make()(torch.randn(2, 7, DIM))
+
+
+def test_spatial_embeddings_start_at_zero_and_make_token_order_matter():
+    torch.manual_seed(0)
+    plain = make()
+    cfg = ResamplerConfig(
+        depth=2, heads=2, dim_head=8, num_latents=5, ff_mult=2, max_num_frames=4,
+        spatial_embeddings=True,
+    )  # fmt: skip
+    spatial = PerceiverResampler(cfg, DIM, num_tokens=7).eval()
+    spatial.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 2, 1, 7, DIM)
+    shuffled = x[:, :, :, torch.randperm(7)]
+    # at init: the paper's resampler, which cannot tell where a token came from
+    torch.testing.assert_close(spatial(x), plain(x))
+    torch.testing.assert_close(plain(shuffled), plain(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        spatial.spatial_embeddings.normal_()
+    assert not torch.allclose(spatial(shuffled), spatial(x), atol=1e-3)
+    with pytest.raises(ValueError, match="built for 7"):
+        spatial(torch.randn(1, 1, 1, 6, DIM))
+    with pytest.raises(ValueError, match="number of vision tokens"):
+        PerceiverResampler(cfg, DIM)
