@@ -121,6 +121,9 @@ class Evaluator:
         )
         new = out[:, enc["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new, skip_special_tokens=False)
+        eos = self.processor.tokenizer.eos_token
+        if eos:  # the LM's own end of text ends an answer as <|endofchunk|> does
+            texts = [t.split(eos)[0] for t in texts]
         return {it.id: task.postprocess(t) for (it, _, _), t in zip(batch, texts, strict=True)}
 
     @torch.no_grad()
