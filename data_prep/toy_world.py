@@ -97,6 +97,11 @@ def draw(
     )
 
 
+def qa_text(question: str, answer: str) -> str:
+    """A question and its answer in the few-shot VQA prompt's format (eval/prompts.py)."""
+    return f"Question:{question} Short answer:{answer}"
+
+
 def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
@@ -158,7 +163,7 @@ class World:
         shapes, background = self.scene()
         caption = self.caption(shapes)
         question, answer = self.question(shapes)
-        self.corpus += [caption, f"Question: {question} Short answer: {answer}"]
+        self.corpus += [caption, qa_text(question, answer)]
         return encode_pair(
             f"{self.split}p{i}", png(draw(shapes, background, self.rng)), "png", caption
         )
@@ -172,9 +177,7 @@ class World:
             question, answer = self.question(shapes)
             # a toy web page: images followed by captions or questions, in the styles that
             # few-shot prompts use (the paper's M3W pages teach the model such patterns)
-            text = self.rng.choice(
-                [f"Output: {self.caption(shapes)}", f"Question: {question} Short answer: {answer}"]
-            )
+            text = self.rng.choice([f"Output:{self.caption(shapes)}", qa_text(question, answer)])
             chunks += [(png(draw(shapes, background, self.rng)), "png"), text]
             self.corpus.append(text)
         return encode_interleaved(f"{self.split}d{i}", chunks)
