@@ -1,14 +1,23 @@
 """``make demo``: the toy world's whole Flamingo recipe, offline, on a CPU.
 
-    python -m demo.run [--stages world clip lm flamingo eval] [--force] [--scale 1.0]
+    python -m demo.run [--stages world clip lm flamingo eval] [--force] [--out runs/demo]
+                       [--scale 1.0] [--set STAGE.KEY=VALUE ...]
 
 Stages (each reused when its output exists, unless ``--force``):
-  world     data_prep.toy_world -> runs/demo/world (shards, eval files, text corpus)
-  clip      stage 1, demo.pretrain_clip with configs/demo/clip.yaml -> runs/demo/clip
-  lm        stage 2, demo.pretrain_lm with configs/demo/lm.yaml -> runs/demo/lm
-  flamingo  stage 3, train.py with configs/demo/train.yaml -> runs/demo/flamingo
-  eval      eval.run with configs/demo/eval.yaml: random demos, RICES, and the blind baseline
-Writes runs/demo/results.md and prints it.
+  world     data_prep.toy_world -> OUT/world (shards, eval files, text corpus)
+  clip      stage 1, demo.pretrain_clip with configs/demo/clip.yaml -> OUT/clip
+  lm        stage 2, demo.pretrain_lm with configs/demo/lm.yaml -> OUT/lm
+  flamingo  stage 3, train.py with configs/demo/train.yaml -> OUT/flamingo
+  eval      eval.run with configs/demo/eval.yaml: random demos, RICES, the blind baseline
+  ablation  (not run by default) the paper's round-robin ablation: stage 3 again with one
+            dataset per step and as many samples in all -> OUT/flamingo-round-robin, evaluated
+            with random demos beside the main model
+
+The YAML files under configs/demo/ name paths under runs/demo/; the runner re-roots them under
+OUT (absolute, so the checkpoints load from anywhere) and writes each stage's effective config
+to OUT/configs/. ``--set`` overrides a stage's config, e.g. ``--set flamingo.steps=300
+--set eval.max_items=20``. Writes OUT/results.md (scores on all, seen and held-out colour-shape
+combinations) and OUT/kshot.png, and prints the table.
 """
 
 from __future__ import annotations
@@ -18,89 +27,148 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "demo"
-OUT = Path("runs/demo")
-STAGES = ("world", "clip", "lm", "flamingo", "eval")
+DEFAULT_OUT = "runs/demo"
+STAGES = ("world", "clip", "lm", "flamingo", "eval", "ablation")
+DEFAULT_STAGES = STAGES[:-1]
+ORDER = ("world", "clip", "lm", "flamingo", "ablation", "eval")
+KINDS = ("interleaved", "pairs", "video")
 
 
-def world_stage(force: bool, scale: float) -> dict:
-    from data_prep.toy_world import write_world
-
-    summary_path = OUT / "world" / "world.json"
-    if summary_path.is_file() and not force:
-        return json.loads(summary_path.read_text())
-    if force:
-        shutil.rmtree(OUT / "world", ignore_errors=True)
-    return write_world(OUT / "world", seed=0, scale=scale)
-
-
-def clip_stage(world: dict, force: bool) -> None:
-    from demo.pretrain_clip import ClipPretrainConfig, pretrain
-    from flamingo.config import load_config
-
-    cfg = load_config(
-        ClipPretrainConfig, CONFIGS / "clip.yaml", [f"shards={world['shards']['pairs-train']}"]
-    )
-    if not Path(cfg.output).is_file() or force:
-        print(json.dumps(pretrain(cfg)))
+def rebase(value: Any, out: Path) -> Any:
+    """Every string under ``runs/demo/`` in a loaded YAML tree, moved under ``out``."""
+    if isinstance(value, dict):
+        return {k: rebase(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rebase(v, out) for v in value]
+    if isinstance(value, str) and value.startswith(DEFAULT_OUT + "/"):
+        return str(out / value[len(DEFAULT_OUT) + 1 :])
+    return value
 
 
-def lm_stage(force: bool) -> None:
-    from demo.pretrain_lm import LMPretrainConfig, pretrain
-    from flamingo.config import load_config
-
-    cfg = load_config(LMPretrainConfig, CONFIGS / "lm.yaml")
-    if not (Path(cfg.output_dir) / "config.json").is_file() or force:
-        print(json.dumps(pretrain(cfg)))
-
-
-def flamingo_stage(world: dict, force: bool) -> Path:
-    import train
-
-    out = OUT / "flamingo"
-    if force:
-        shutil.rmtree(out, ignore_errors=True)
-    if not (out / "model" / "config.json").is_file():
-        shards = [
-            f"datasets.{i}.shards={world['shards'][f'{kind}-train']}"
-            for i, kind in enumerate(("interleaved", "pairs", "video"))
-        ]
-        train.main(["--config", str(CONFIGS / "train.yaml"), *shards])
-    return out / "model"
+def stage_config(name: str, out: Path, **replace: Any) -> Path:
+    """configs/demo/NAME.yaml re-rooted under ``out`` (plus ``replace``), saved in OUT/configs."""
+    tree = rebase(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), out)
+    tree.update(replace)
+    path = out / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
 
 
-def eval_stage(checkpoint: Path) -> dict[str, dict]:
-    from eval.run import main as eval_main
+class Demo:
+    """The stages, run in ORDER; ``force`` names the stages to redo even when done."""
 
-    variants = {
-        "random demos": [],
-        "RICES demos": ["demos=rices"],
-        "blind (blank images)": ["blank_images=true"],
-    }
-    return {
-        name: eval_main(
-            ["--config", str(CONFIGS / "eval.yaml"), "--checkpoint", str(checkpoint), *extra]
-        )["results"]
-        for name, extra in variants.items()
-    }
+    def __init__(self, out: Path, force: set[str], scale: float, sets: dict[str, list[str]]):
+        self.out, self.force, self.scale, self.sets = out, force, scale, sets
+        self.world: dict = {}
 
+    def run_world(self) -> None:
+        from data_prep.toy_world import write_world
 
-def results_table(results: dict[str, dict]) -> str:
-    rows = [
-        "| setting | task | metric | " + " | ".join(f"{s}-shot" for s in ("0", "4", "8")) + " |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for setting, by_task in results.items():
-        for task, by_shots in by_task.items():
-            metric = next(iter(next(iter(by_shots.values()))["scores"]))
-            cells = [
-                f"{by_shots[s]['scores'][metric]['mean']:.1f}" if s in by_shots else "-"
-                for s in ("0", "4", "8")
+        summary = self.out / "world" / "world.json"
+        if summary.is_file() and "world" not in self.force:
+            self.world = json.loads(summary.read_text())
+            return
+        shutil.rmtree(self.out / "world", ignore_errors=True)
+        self.world = write_world(self.out / "world", seed=0, scale=self.scale)
+
+    def run_clip(self) -> None:
+        from demo.pretrain_clip import ClipPretrainConfig, pretrain
+        from flamingo.config import load_config
+
+        path = stage_config("clip", self.out, shards=self.world["shards"]["pairs-train"])
+        cfg = load_config(ClipPretrainConfig, path, self.sets["clip"])
+        if "clip" in self.force or not Path(cfg.output).is_file():
+            print(json.dumps(pretrain(cfg)))
+
+    def run_lm(self) -> None:
+        from demo.pretrain_lm import LMPretrainConfig, pretrain
+        from flamingo.config import load_config
+
+        cfg = load_config(LMPretrainConfig, stage_config("lm", self.out), self.sets["lm"])
+        if "lm" in self.force or not (Path(cfg.output_dir) / "config.json").is_file():
+            print(json.dumps(pretrain(cfg)))
+
+    def train(self, stage: str, output_dir: Path, extra: list[str]) -> Path:
+        import train
+
+        if stage in self.force:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        if not (output_dir / "model" / "config.json").is_file():
+            model = stage_config("model", self.out)
+            path = stage_config("train", self.out, model=str(model))
+            shards = [
+                f"datasets.{i}.shards={self.world['shards'][f'{kind}-train']}"
+                for i, kind in enumerate(KINDS)
             ]
-            rows.append(f"| {setting} | {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            overrides = [*shards, f"output_dir={output_dir}", *self.sets["flamingo"], *extra]
+            train.main(["--config", str(path), *overrides])
+        return output_dir / "model"
+
+    def run_flamingo(self) -> Path:
+        return self.train("flamingo", self.out / "flamingo", [])
+
+    def run_ablation(self) -> Path:
+        """Round robin over the datasets, one per step, with as many samples in all: the same
+        compute as the main run, spread over len(datasets) times the steps."""
+        from flamingo.config import TrainConfig
+
+        cfg = TrainConfig.from_yaml(CONFIGS / "train.yaml", self.sets["flamingo"])
+        n = len(cfg.datasets)
+        extra = [
+            "mixing=round_robin",
+            f"steps={cfg.steps * n}",
+            f"optim.warmup_steps={cfg.optim.warmup_steps * n}",
+            f"checkpoint_every={cfg.checkpoint_every * n}",
+            f"log_every={cfg.log_every * n}",
+        ]
+        return self.train("ablation", self.out / "flamingo-round-robin", extra)
+
+    def evaluate(self, checkpoint: Path, extra: list[str]) -> dict:
+        from eval.run import main as eval_main
+
+        path = stage_config("eval", self.out)
+        args = ["--config", str(path), "--checkpoint", str(checkpoint), *self.sets["eval"]]
+        return eval_main([*args, *extra])["results"]
+
+    def run_eval(self, ablation: Path | None) -> str:
+        from demo.report import kshot_plot, results_table, split_scores
+        from eval.config import EvalConfig
+
+        model = self.out / "flamingo" / "model"
+        variants = {
+            "random demos": (model, []),
+            "RICES demos": (model, ["demos=rices"]),
+            "blind (blank images)": (model, ["blank_images=true"]),
+        }
+        if ablation is not None:
+            variants["round-robin ablation"] = (ablation, [])
+        results = {name: self.evaluate(ckpt, extra) for name, (ckpt, extra) in variants.items()}
+        cfg = EvalConfig.from_yaml(self.out / "configs" / "eval.yaml", self.sets["eval"])
+        scores = split_scores(cfg, results)
+        (self.out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        kshot_plot(scores, cfg.shots, self.out / "kshot.png")
+        table = results_table(scores, cfg.shots)
+        (self.out / "results.md").write_text(table + "\n")
+        return table
+
+
+def parse_sets(items: list[str]) -> dict[str, list[str]]:
+    sets: dict[str, list[str]] = {s: [] for s in ("clip", "lm", "flamingo", "eval")}
+    for item in items:
+        stage, _, override = item.partition(".")
+        if stage not in sets or "=" not in override:
+            raise SystemExit(
+                f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of {sorted(sets)}"
+            )
+        sets[stage].append(override)
+    return sets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,35 +177,45 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES))
     parser.add_argument("--force", action="store_true", help="redo the selected stages")
+    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
     parser.add_argument("--scale", type=float, default=1.0, help="size of the toy world")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE"
+    )
     args = parser.parse_args(argv)
-    times = {}
+    sets = parse_sets(args.sets)
+    out = args.out.resolve()
+    selected = set(args.stages)
+    if "ablation" in selected:
+        selected.add("eval")  # an ablation is only worth its scores
+    demo = Demo(out, selected if args.force else set(), args.scale, sets)
+    ablation = out / "flamingo-round-robin" / "model"
+    times: dict[str, float] = {}
     start = time.time()
-    world = None
-    for stage in STAGES:
-        if stage not in args.stages and stage != "world":
+    for stage in ORDER:
+        if stage not in selected and stage != "world":  # later stages read the world's shards
             continue
         t = time.time()
         if stage == "world":
-            world = world_stage(args.force and "world" in args.stages, args.scale)
+            demo.run_world()
         elif stage == "clip":
-            clip_stage(world, args.force)
+            demo.run_clip()
         elif stage == "lm":
-            lm_stage(args.force)
+            demo.run_lm()
         elif stage == "flamingo":
-            flamingo_stage(world, args.force)
-        else:
-            results = eval_stage(OUT / "flamingo" / "model")
-            table = results_table(results)
-            (OUT / "results.md").write_text(table + "\n")
-            print("\n" + table)
+            demo.run_flamingo()
+        elif stage == "ablation":
+            demo.run_ablation()
+        else:  # the ablation's scores are reported whenever it has been trained
+            print("\n" + demo.run_eval(ablation if (ablation / "config.json").is_file() else None))
         times[stage] = time.time() - t
         print(f"[demo] {stage} done in {times[stage]:.0f}s")
     print(
         f"[demo] total {time.time() - start:.0f}s: "
         + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+        + f"; results in {out}/results.md, plots in {out}"
     )
 
 

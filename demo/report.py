@@ -1,0 +1,102 @@
+"""The demo's report: scores on seen and held-out colour-shape combinations, the results
+table (markdown) and the k-shot plot, from the evaluation results ``eval.run`` returns.
+
+The toy world flags each test item that shows a held-out combination (``held_out`` in its
+``captions.json`` image record and VQA annotation); the split scores re-score each run's
+saved predictions on those items and on the others with the task's own metric.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.config import EvalConfig
+from eval.tasks import get_task
+
+SPLITS = ("all", "seen", "held-out")
+
+
+def held_out_ids(task: str, paths: dict[str, Any]) -> set[str]:
+    """Ids of the test items that show a held-out combination, from the world's eval files."""
+    if task == "coco":
+        images = json.loads(Path(paths["karpathy_json"]).read_text())["images"]
+        return {str(im["cocoid"]) for im in images if im.get("held_out")}
+    annotations = json.loads(Path(paths["test_annotations"]).read_text())["annotations"]
+    return {str(a["question_id"]) for a in annotations if a.get("held_out")}
+
+
+def split_scores(cfg: EvalConfig, results: dict[str, dict]) -> dict:
+    """``{setting: {task: {shots: {split: (metric, mean over trials)}}}}``."""
+    out: dict = {}
+    for task_name, tcfg in cfg.tasks.items():
+        task = get_task(task_name, tcfg.paths)
+        items = {it.id: it for it in task.load(tcfg.eval_split)}
+        held = held_out_ids(task_name, tcfg.paths)
+        for setting, by_task in results.items():
+            for shots, run in by_task[task_name].items():
+                metric = next(iter(run["scores"]))
+                cell = out.setdefault(setting, {}).setdefault(task_name, {})[shots] = {}
+                for split in SPLITS:
+                    values = []
+                    for predictions in run["predictions"]:
+                        chosen = [
+                            items[i]
+                            for i in predictions
+                            if split == "all" or (i in held) == (split == "held-out")
+                        ]
+                        if chosen:
+                            values.append(task.score(chosen, predictions)[metric])
+                    if values:
+                        cell[split] = (metric, sum(values) / len(values))
+    return out
+
+
+def results_table(scores: dict, shots: list[int]) -> str:
+    head = "| setting | task | metric | split | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    rows = [head, "|" + " --- |" * (4 + len(shots))]
+    for setting, by_task in scores.items():
+        for task, by_shots in by_task.items():
+            for split in SPLITS:
+                cells = [by_shots.get(str(s), {}).get(split) for s in shots]
+                if not any(cells):
+                    continue
+                metric = next(c for c in cells if c)[0]
+                values = [f"{c[1]:.1f}" if c else "-" for c in cells]
+                rows.append(
+                    f"| {setting} | {task} | {metric} | {split} | " + " | ".join(values) + " |"
+                )
+    return "\n".join(rows)
+
+
+def kshot_plot(scores: dict, shots: list[int], path: Path) -> None:
+    """One panel per task: score against the number of shots, a line per setting and split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(next(iter(scores.values())))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for colour, (setting, by_task) in enumerate(scores.items()):
+            for split, style in (("seen", "-"), ("held-out", "--")):
+                points = [
+                    (s, by_task[task][str(s)][split][1])
+                    for s in shots
+                    if split in by_task[task].get(str(s), {})
+                ]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(
+                        xs, ys, style, color=f"C{colour}", marker="o", label=f"{setting}, {split}"
+                    )
+        metric = next(iter(next(iter(scores.values()))[task].values()))["all"][0]
+        ax.set(title=f"toy {task}", xlabel="shots", ylabel=metric, xticks=shots)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

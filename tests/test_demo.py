@@ -1,0 +1,74 @@
+"""A shortened ``make demo``: every stage runs, every artifact is written, the images matter."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from demo import run as demo_run
+
+SHORT = [
+    "--scale", "0.1",
+    "--set", "clip.steps=60",
+    "--set", "lm.steps=60",
+    "--set", "flamingo.steps=300",
+    "--set", "flamingo.checkpoint_every=150",
+    "--set", "eval.max_items=24",
+    "--set", "eval.shots=[0,4]",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    demo_run.main(["--out", str(out), *SHORT])
+    return out
+
+
+def test_every_artifact_is_written(demo_dir):
+    for path in (
+        "world/world.json",
+        "world/eval/captions.json",
+        "clip/toy-clip.pt",
+        "lm/config.json",
+        "flamingo/model/config.json",
+        "flamingo/curves.png",
+        "flamingo/metrics.jsonl",
+        "configs/train.yaml",
+        "results.md",
+        "scores.json",
+        "kshot.png",
+    ):
+        assert (demo_dir / path).is_file(), path
+    assert any((demo_dir / "flamingo" / "tensorboard").iterdir())
+    # every path in the effective configs points into the demo's own directory
+    assert "runs/demo" not in (demo_dir / "configs" / "train.yaml").read_text()
+
+
+def test_scores_are_finite_and_beat_the_blind_baseline(demo_dir):
+    scores = json.loads((demo_dir / "scores.json").read_text())
+    for setting in scores.values():
+        for by_shots in setting.values():
+            for by_split in by_shots.values():
+                assert set(by_split) == {"all", "seen", "held-out"}
+                assert all(math.isfinite(v) for _, v in by_split.values())
+    seeing = scores["random demos"]["coco"]["0"]["all"][1]
+    blind = scores["blind (blank images)"]["coco"]["0"]["all"][1]
+    assert seeing > blind + 10, (seeing, blind)
+    table = (demo_dir / "results.md").read_text()
+    assert "| random demos | coco | CIDEr | held-out |" in table
+
+
+def test_finished_stages_are_reused(demo_dir, capsys):
+    clip = demo_dir / "clip" / "toy-clip.pt"
+    before = clip.stat().st_mtime_ns
+    demo_run.main(["--out", str(demo_dir), "--stages", "clip", "lm", "flamingo", *SHORT])
+    assert clip.stat().st_mtime_ns == before
+    assert "stage 1" not in capsys.readouterr().err  # no CLIP progress bar: nothing retrained
+
+
+def test_bad_set_names_the_expected_form():
+    with pytest.raises(SystemExit, match="STAGE.KEY=VALUE"):
+        demo_run.parse_sets(["flamingo:steps=3"])
