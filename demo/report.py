@@ -38,13 +38,12 @@ def split_scores(cfg: EvalConfig, results: dict[str, dict]) -> dict:
             for shots, run in by_task[task_name].items():
                 metric = next(iter(run["scores"]))
                 cell = out.setdefault(setting, {}).setdefault(task_name, {})[shots] = {}
-                for split in SPLITS:
+                cell["all"] = (metric, run["scores"][metric]["mean"])  # eval.run's own
+                for split in ("seen", "held-out"):
                     values = []
                     for predictions in run["predictions"]:
                         chosen = [
-                            items[i]
-                            for i in predictions
-                            if split == "all" or (i in held) == (split == "held-out")
+                            items[i] for i in predictions if (i in held) == (split == "held-out")
                         ]
                         if chosen:
                             values.append(task.score(chosen, predictions)[metric])

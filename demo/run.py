@@ -34,9 +34,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "demo"
 DEFAULT_OUT = "runs/demo"
-STAGES = ("world", "clip", "lm", "flamingo", "eval", "ablation")
-DEFAULT_STAGES = STAGES[:-1]
-ORDER = ("world", "clip", "lm", "flamingo", "ablation", "eval")
+STAGES = ("world", "clip", "lm", "flamingo", "ablation", "eval")
+"""In the order they run."""
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "ablation")
 KINDS = ("interleaved", "pairs", "video")
 
 
@@ -62,7 +62,7 @@ def stage_config(name: str, out: Path, **replace: Any) -> Path:
 
 
 class Demo:
-    """The stages, run in ORDER; ``force`` names the stages to redo even when done."""
+    """The stages; ``force`` names the stages to redo even when done."""
 
     def __init__(self, out: Path, force: set[str], scale: float, sets: dict[str, list[str]]):
         self.out, self.force, self.scale, self.sets = out, force, scale, sets
@@ -95,7 +95,7 @@ class Demo:
         if "lm" in self.force or not (Path(cfg.output_dir) / "config.json").is_file():
             print(json.dumps(pretrain(cfg)))
 
-    def train(self, stage: str, output_dir: Path, extra: list[str]) -> Path:
+    def train(self, stage: str, output_dir: Path, extra: list[str]) -> None:
         import train
 
         if stage in self.force:
@@ -109,12 +109,11 @@ class Demo:
             ]
             overrides = [*shards, f"output_dir={output_dir}", *self.sets["flamingo"], *extra]
             train.main(["--config", str(path), *overrides])
-        return output_dir / "model"
 
-    def run_flamingo(self) -> Path:
-        return self.train("flamingo", self.out / "flamingo", [])
+    def run_flamingo(self) -> None:
+        self.train("flamingo", self.out / "flamingo", [])
 
-    def run_ablation(self) -> Path:
+    def run_ablation(self) -> None:
         """Round robin over the datasets, one per step, with as many samples in all: the same
         compute as the main run, spread over len(datasets) times the steps."""
         from flamingo.config import TrainConfig
@@ -128,18 +127,14 @@ class Demo:
             f"checkpoint_every={cfg.checkpoint_every * n}",
             f"log_every={cfg.log_every * n}",
         ]
-        return self.train("ablation", self.out / "flamingo-round-robin", extra)
-
-    def evaluate(self, checkpoint: Path, extra: list[str]) -> dict:
-        from eval.run import main as eval_main
-
-        path = stage_config("eval", self.out)
-        args = ["--config", str(path), "--checkpoint", str(checkpoint), *self.sets["eval"]]
-        return eval_main([*args, *extra])["results"]
+        self.train("ablation", self.out / "flamingo-round-robin", extra)
 
     def run_eval(self, ablation: Path | None) -> str:
         from demo.report import kshot_plot, results_table, split_scores
         from eval.config import EvalConfig
+        from eval.run import main as eval_main
+
+        path = stage_config("eval", self.out)
 
         model = self.out / "flamingo" / "model"
         variants = {
@@ -149,8 +144,13 @@ class Demo:
         }
         if ablation is not None:
             variants["round-robin ablation"] = (ablation, [])
-        results = {name: self.evaluate(ckpt, extra) for name, (ckpt, extra) in variants.items()}
-        cfg = EvalConfig.from_yaml(self.out / "configs" / "eval.yaml", self.sets["eval"])
+        results = {
+            name: eval_main(
+                ["--config", str(path), "--checkpoint", str(ckpt), *self.sets["eval"], *extra]
+            )["results"]
+            for name, (ckpt, extra) in variants.items()
+        }
+        cfg = EvalConfig.from_yaml(path, self.sets["eval"])
         scores = split_scores(cfg, results)
         (self.out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         kshot_plot(scores, cfg.shots, self.out / "kshot.png")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     ablation = out / "flamingo-round-robin" / "model"
     times: dict[str, float] = {}
     start = time.time()
-    for stage in ORDER:
+    for stage in STAGES:
         if stage not in selected and stage != "world":  # later stages read the world's shards
             continue
         t = time.time()

@@ -199,3 +199,32 @@ def test_blind_baseline_blanks_every_image(setup):
     ]
     record = eval_main([*args, "--tasks", "vqav2", "--shots", "2"])
     assert set(record["results"]["vqav2"]) == {"2"}
+
+
+def test_an_answer_ends_at_the_lm_end_of_text_too(setup, monkeypatch):
+    """Beams that emit the LM's own end-of-text keep going until <|endofchunk|> or the token
+    limit; what follows it is not part of the answer."""
+    from eval.config import EvalConfig
+    from eval.run import Evaluator
+    from eval.tasks import get_task
+    from flamingo import Flamingo, FlamingoProcessor
+
+    cfg = EvalConfig.from_yaml(setup / "eval.yaml")
+    model = Flamingo.from_pretrained(setup / "ckpt")
+    processor = FlamingoProcessor.from_pretrained(setup / "ckpt")
+    tok = processor.tokenizer
+    assert tok.eos_token
+    answer = tok("blue", add_special_tokens=False)["input_ids"]
+    junk = tok(" left", add_special_tokens=False)["input_ids"]
+    tail = torch.tensor([*answer, tok.eos_token_id, *junk])
+
+    def fake_generate(input_ids, **kwargs):
+        return torch.cat([input_ids, tail.expand(len(input_ids), -1)], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    tcfg = cfg.tasks["vqav2"]
+    task = get_task("vqav2", tcfg.paths)
+    item = task.load(tcfg.eval_split)[0]
+    evaluator = Evaluator(model, processor, cfg, str(setup / "ckpt"))
+    prompt, images = evaluator._prompt(task, [], item, shots=0)
+    assert evaluator._generate(task, tcfg, [(item, prompt, images)]) == {item.id: "blue"}

@@ -144,39 +144,9 @@ def check(result: subprocess.CompletedProcess) -> None:
 def test_deepspeed_two_processes_train_checkpoint_resume_export(shards, tmp_path, stage):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     port = "29610" if stage == "zero2" else "29620"
-    check(
-        deepspeed(
-            [
-                "--num_gpus",
-                "2",
-                "--master_port",
-                port,
-                *train_args(shards, straight, stage, steps=4, checkpoint_every=2),
-            ]
-        )
-    )
-    check(
-        deepspeed(
-            [
-                "--num_gpus",
-                "2",
-                "--master_port",
-                port,
-                *train_args(shards, resumed, stage, steps=2, checkpoint_every=2),
-            ]
-        )
-    )
-    check(
-        deepspeed(
-            [
-                "--num_gpus",
-                "2",
-                "--master_port",
-                port,
-                *train_args(shards, resumed, stage, steps=4, checkpoint_every=2),
-            ]
-        )
-    )
+    for out, steps in ((straight, 4), (resumed, 2), (resumed, 4)):  # run, stop at 2, resume
+        args = train_args(shards, out, stage, steps=steps, checkpoint_every=2)
+        check(deepspeed(["--num_gpus", "2", "--master_port", port, *args]))
     a, b = metrics(straight), metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b, strict=True):
