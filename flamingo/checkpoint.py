@@ -170,6 +170,7 @@ def _check_openflamingo_config(cfg) -> None:
         "xattn.ff_mult": (x.ff_mult, 4),
         "xattn.attend": (x.attend, "last"),
         "xattn.gate": (x.gate, "scalar"),
+        "xattn.gating": (x.gating, "tanh"),
         "xattn.ff_on_imageless_tokens": (x.ff_on_imageless_tokens, True),
         "resampler.depth": (r.depth, 6),
         "resampler.heads": (r.heads, 8),

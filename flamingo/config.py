@@ -274,6 +274,10 @@ class CrossAttentionConfig:
     images before it."""
     gate: Literal["scalar", "vector"] = "scalar"
     """``tanh`` gates per block: one scalar each (paper) or one value per channel."""
+    gating: Literal["tanh", "none"] = "tanh"
+    """``tanh``: each residual branch is scaled by ``tanh(alpha)``, alpha initialised to 0
+    (paper). ``none``: the paper's "w/o tanh gating" ablation (Table 3): the branches are added
+    unscaled, so a fresh model is *not* the LM. An ablation switch, not for real runs."""
     ff_on_imageless_tokens: bool = True
     """Run the gated feed-forward on tokens with no image before them too (OpenFlamingo does;
     the paper is silent). Their cross-attention output is always exactly zero."""

@@ -208,7 +208,7 @@ class FlamingoLM(nn.Module):
         media, media_index = self._media
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.gated_blocks[block_idx]
-        dtype = block.attn_gate.dtype
+        dtype = block.attn.to_q.weight.dtype
         if isinstance(media, list):
             media = media[block_idx]
         elif media is not None:
@@ -225,7 +225,7 @@ class FlamingoLM(nn.Module):
     def media_kv(self, media_latents: torch.Tensor) -> list[MediaKV]:
         """Every gated block's cross-attention keys/values, to reuse across decoding steps."""
         return [
-            block.attn.media_kv(media_latents.to(block.attn_gate.dtype))
+            block.attn.media_kv(media_latents.to(block.attn.to_q.weight.dtype))
             for block in self.gated_blocks
         ]
 

@@ -5,7 +5,8 @@ A GATED XATTN-DENSE block computes, on the LM's hidden states ``y``::
     y = y + tanh(attn_gate) * xattn(q=y, kv=media_latents)
     y = y + tanh(ff_gate)   * ffw(y)
 
-with both gates initialised to 0, so that at initialisation the model is exactly the LM.
+with both gates initialised to 0, so that at initialisation the model is exactly the LM
+(``gating: none``, the paper's ablation, adds both branches unscaled and has no gates).
 
 Which media a token sees is given by the media index phi (``media_index (B, T)``): the index of
 the last ``<image>`` at or before the token, -1 when there is none. A token attends to the R
@@ -110,9 +111,13 @@ class GatedCrossAttentionBlock(nn.Module):
         self.cfg = cfg
         self.attn = MaskedCrossAttention(dim, dim_media, cfg.heads, cfg.dim_head)
         self.ff = FeedForward(dim, cfg.ff_mult)
-        gate_shape = (dim,) if cfg.gate == "vector" else (1,)
-        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
-        self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
+        if cfg.gating == "tanh":
+            gate_shape = (dim,) if cfg.gate == "vector" else (1,)
+            self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
+            self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
+
+    def _gated(self, branch: torch.Tensor, gate: str) -> torch.Tensor:
+        return branch * getattr(self, gate).tanh() if self.cfg.gating == "tanh" else branch
 
     def forward(
         self,
@@ -124,8 +129,8 @@ class GatedCrossAttentionBlock(nn.Module):
         media_index (B, T)."""
         if media is not None:
             attn = self.attn(x, media, media_index, self.cfg.attend)
-            x = x + self.attn_gate.tanh() * attn
+            x = x + self._gated(attn, "attn_gate")
         ff = self.ff(x)
         if not self.cfg.ff_on_imageless_tokens:
             ff = ff * (media_index >= 0).unsqueeze(-1).to(ff.dtype)
-        return x + self.ff_gate.tanh() * ff
+        return x + self._gated(ff, "ff_gate")

@@ -195,6 +195,10 @@ def test_mismatched_config_and_foreign_keys_are_clear_errors(backbones):
     cfg.xattn.first_layer = 0
     with pytest.raises(ValueError, match="xattn.first_layer=1"):
         from_openflamingo(state, cfg)
+    cfg = our_config(backbones)
+    cfg.xattn.gating = "none"
+    with pytest.raises(ValueError, match="xattn.gating='tanh'"):
+        from_openflamingo(state, cfg)
     with pytest.raises(ValueError, match=r"outside OpenFlamingo's layout: \['extra.weight'\]"):
         from_openflamingo({**state, "extra.weight": torch.zeros(1)}, our_config(backbones))
     bad = dict(state)

@@ -97,3 +97,22 @@ def test_gates_receive_gradients_at_init():
     x, latents, media_index = inputs()
     b(x, latents, media_index).pow(2).sum().backward()
     assert b.attn_gate.grad.abs().item() > 0 and b.ff_gate.grad.abs().item() > 0
+
+
+def test_no_gating_ablation_adds_the_branches_unscaled():
+    """gating=none (paper Table 3's "w/o tanh gating") equals a tanh block whose gates are
+    fully open, has no gate parameters, and so is not the identity at init."""
+    torch.manual_seed(0)
+    ungated = GatedCrossAttentionBlock(
+        CrossAttentionConfig(heads=2, dim_head=8, gating="none"), DIM, DIM_MEDIA
+    )
+    assert not [n for n, _ in ungated.named_parameters() if n.endswith("gate")]
+    gated = GatedCrossAttentionBlock(CrossAttentionConfig(heads=2, dim_head=8), DIM, DIM_MEDIA)
+    gated.load_state_dict(ungated.state_dict(), strict=False)
+    with torch.no_grad():
+        gated.attn_gate.fill_(torch.inf)  # tanh(inf) == 1 exactly
+        gated.ff_gate.fill_(torch.inf)
+    x, latents, media_index = inputs()
+    out = ungated(x, latents, media_index)
+    assert not torch.allclose(out, x)
+    torch.testing.assert_close(out, gated(x, latents, media_index), rtol=0, atol=0)
