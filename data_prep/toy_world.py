@@ -4,7 +4,9 @@ Images of 1-3 coloured shapes on a plain, noisy background; short clips of one m
 captions, questions with answers (colour, shape, count, position, motion direction) and
 interleaved documents. Everything is deterministic from a seed. Some colour-shape
 combinations are held out of train and validation and appear only in test (compositional
-generalisation).
+generalisation). Each image-caption pair is followed by its twin, the same scene with one
+shape changed, so that contrastive pretraining must learn shapes; pages write their captions
+in one of two styles, the benchmark's references in the rarer one.
 
 Writes, under ``--out``:
 
@@ -24,7 +26,7 @@ import argparse
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,13 @@ SIZES = {"small": 0.1, "large": 0.17}
 BACKGROUNDS = [(245, 245, 245), (210, 210, 200), (40, 40, 50), (200, 225, 240)]
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+CAPTION_STYLES = {"list": 0.7, "sentence": 0.3}
+"""How often a page writes its captions in each style. ``list``: "2 shapes: small red circle at
+left, large blue square at right."; ``sentence``: "a small red circle on the left and a large
+blue square on the right." (also the pairs' captions). The captioning benchmark's references use
+the pages' rarer ``sentence`` style, as COCO's captions are one style among the web's: a model
+given no demonstrations writes the common style, demonstrations show which is wanted."""
+BENCHMARK_STYLE = "sentence"
 IMAGE_SIZE = 64
 
 
@@ -117,6 +126,7 @@ class World:
         combos = [(c, k) for c in COLOURS for k in SHAPES]
         self.combos = combos if split == "test" else [c for c in combos if c not in HELD_OUT]
         self.corpus: list[str] = []
+        self._scene: tuple[list[Shape], tuple[int, int, int]] = ([], BACKGROUNDS[0])
 
     def shape(self, taken: list[Shape]) -> Shape | None:
         """A new shape that does not overlap ``taken`` (None when there is no room)."""
@@ -141,12 +151,28 @@ class World:
             shapes[0] = Shape(colour, kind, s.size, s.x, s.y)
         return shapes, self.rng.choice(BACKGROUNDS)
 
-    def caption(self, shapes: list[Shape]) -> str:
+    def caption(self, shapes: list[Shape], style: str = "sentence") -> str:
+        if style == "list":
+            parts = [f"{s.size} {s.colour} {s.kind} at {s.position}" for s in shapes]
+            count = f"{len(shapes)} shape{'s' if len(shapes) > 1 else ''}"
+            return f"{count}: {', '.join(parts)}."
         parts = [
             f"{s.phrase()} {'in' if s.position == 'center' else 'on'} the {s.position}"
             for s in shapes
         ]
         return (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
+
+    def page_style(self) -> str:
+        return self.rng.choices(list(CAPTION_STYLES), weights=list(CAPTION_STYLES.values()))[0]
+
+    def twin(self, shapes: list[Shape]) -> list[Shape]:
+        """The scene with one shape's kind changed (its colour, size and place kept): a hard
+        negative for contrastive pretraining, which otherwise tells captions apart by colour,
+        size and place alone and never learns shapes."""
+        i = self.rng.randrange(len(shapes))
+        s = shapes[i]
+        kinds = [k for c, k in self.combos if c == s.colour and k != s.kind]
+        return [*shapes[:i], replace(s, kind=self.rng.choice(kinds)), *shapes[i + 1 :]]
 
     def question(self, shapes: list[Shape]) -> tuple[str, str]:
         s = self.rng.choice(shapes)
@@ -160,7 +186,13 @@ class World:
         return f"where is the {s.colour} {s.kind}?", s.position
 
     def pair_sample(self, i: int) -> dict:
-        shapes, background = self.scene()
+        """Even ``i``: a new scene; odd ``i``: the previous scene's twin (``twin``), so the
+        two sit next to each other in the shards."""
+        if i % 2 == 0:
+            self._scene = self.scene()
+            shapes, background = self._scene
+        else:
+            shapes, background = self.twin(self._scene[0]), self._scene[1]
         caption = self.caption(shapes)
         question, answer = self.question(shapes)
         self.corpus += [caption, qa_text(question, answer)]
@@ -172,12 +204,14 @@ class World:
         chunks: list = [
             self.rng.choice(["Some shapes.", "Look at these pictures.", "A page about shapes."])
         ]
+        style = self.page_style()
         for _ in range(self.rng.randint(2, 4)):
             shapes, background = self.scene()
             question, answer = self.question(shapes)
-            # a toy web page: images followed by captions or questions, in the styles that
-            # few-shot prompts use (the paper's M3W pages teach the model such patterns)
-            text = self.rng.choice([f"Output:{self.caption(shapes)}", qa_text(question, answer)])
+            # a toy web page: images followed by captions (one style per page) or questions,
+            # in the formats few-shot prompts use (the paper's M3W pages teach such patterns)
+            caption = f"Output:{self.caption(shapes, style)}"
+            text = self.rng.choice([caption, qa_text(question, answer)])
             chunks += [(png(draw(shapes, background, self.rng)), "png"), text]
             self.corpus.append(text)
         return encode_interleaved(f"{self.split}d{i}", chunks)
@@ -205,7 +239,7 @@ class World:
 def write_world(out: Path, seed: int = 0, scale: float = 1.0, items_per_shard: int = 500) -> dict:
     """Write the whole world under ``out``; returns the summary written to world.json."""
     counts = {
-        "pairs": int(3000 * scale),
+        "pairs": int(6000 * scale),  # 3000 scenes, each followed by its twin
         "interleaved": int(1500 * scale),
         "video": int(800 * scale),
     }
@@ -251,7 +285,7 @@ def write_world(out: Path, seed: int = 0, scale: float = 1.0, items_per_shard: i
             draw(shapes, background, world.rng).save(
                 images_dir / name, "PNG"
             )  # a PNG under a .jpg name decodes fine
-            caption = world.caption(shapes)
+            caption = world.caption(shapes, BENCHMARK_STYLE)
             karpathy.append(
                 {
                     "filepath": "",

@@ -44,18 +44,35 @@ class ClipPretrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 20
     seed: int = 0
+    group_size: int = 1
+    """Draw batches as whole groups of this many consecutive pairs (2 for the toy world, which
+    writes each scene next to its twin with one shape changed: in-batch hard negatives)."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} must be >= 1 and divide batch_size={self.batch_size}"
+            )
 
 
-def load_pairs(spec: str, transform) -> tuple[torch.Tensor, list[str]]:
+def load_pairs(spec: str, transform, group_size: int = 1) -> tuple[torch.Tensor, list[str]]:
     images, captions = [], []
     for url in expand_shards(spec):
         for sample in read_shard(url):
             key = next(k for k in sample if k in ("png", "jpg", "jpeg", "webp"))
             images.append(transform(Image.open(io.BytesIO(sample[key])).convert("RGB")))
             captions.append(sample["txt"].decode())
-    if len(images) < 2:
-        raise ValueError(f"{spec}: need at least two pairs")
+    if len(images) < 2 * group_size:
+        raise ValueError(f"{spec}: need at least two groups of {group_size} pair(s)")
     return torch.stack(images), captions
+
+
+def batch_indices(rng: random.Random, n: int, batch_size: int, group_size: int) -> list[int]:
+    """A batch of whole groups of ``group_size`` consecutive items out of ``n``, drawn without
+    replacement (a trailing incomplete group is never drawn)."""
+    num_groups = n // group_size
+    groups = rng.sample(range(num_groups), min(batch_size // group_size, num_groups))
+    return [g * group_size + j for g in groups for j in range(group_size)]
 
 
 def pretrain(cfg: ClipPretrainConfig) -> dict:
@@ -67,7 +84,7 @@ def pretrain(cfg: ClipPretrainConfig) -> dict:
         architecture=cfg.architecture,
         image_size=cfg.image_size,
     )
-    images, captions = load_pairs(cfg.shards, image_transform(vision))
+    images, captions = load_pairs(cfg.shards, image_transform(vision), cfg.group_size)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg.context_length)
     texts = tokenizer(captions)
     loss_fn = open_clip.ClipLoss()
@@ -78,7 +95,7 @@ def pretrain(cfg: ClipPretrainConfig) -> dict:
         lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = rng.sample(range(len(images)), min(cfg.batch_size, len(images)))
+        index = batch_indices(rng, len(images), cfg.batch_size, cfg.group_size)
         image_features, text_features, logit_scale = model(images[index], texts[index])[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
         loss.backward()

@@ -9,9 +9,10 @@ Stages (each reused when its output exists, unless ``--force``):
   lm        stage 2, demo.pretrain_lm with configs/demo/lm.yaml -> OUT/lm
   flamingo  stage 3, train.py with configs/demo/train.yaml -> OUT/flamingo
   eval      eval.run with configs/demo/eval.yaml: random demos, RICES, the blind baseline
-  ablation  (not run by default) the paper's round-robin ablation: stage 3 again with one
-            dataset per step and as many samples in all -> OUT/flamingo-round-robin, evaluated
-            with random demos beside the main model
+  ablation  (not run by default) two of the paper's ablations (Table 3), each stage 3 again
+            with one change, evaluated with random demos beside the main model:
+            round robin, one dataset per step, as many samples in all -> OUT/flamingo-round-robin;
+            no tanh gating (xattn.gating=none) -> OUT/flamingo-no-gating
 
 The YAML files under configs/demo/ name paths under runs/demo/; the runner re-roots them under
 OUT (absolute, so the checkpoints load from anywhere) and writes each stage's effective config
@@ -95,13 +96,21 @@ class Demo:
         if "lm" in self.force or not (Path(cfg.output_dir) / "config.json").is_file():
             print(json.dumps(pretrain(cfg)))
 
-    def train(self, stage: str, output_dir: Path, extra: list[str]) -> None:
+    def train(
+        self, stage: str, output_dir: Path, extra: list[str], model_extra: dict | None = None
+    ) -> None:
         import train
 
         if stage in self.force:
             shutil.rmtree(output_dir, ignore_errors=True)
         if not (output_dir / "model" / "config.json").is_file():
             model = stage_config("model", self.out)
+            if model_extra:  # an ablated model config beside the main one
+                tree = yaml.safe_load(model.read_text())
+                for section, values in model_extra.items():
+                    tree[section] = {**tree[section], **values}
+                model = model.with_name(f"model-{output_dir.name}.yaml")
+                model.write_text(yaml.safe_dump(tree, sort_keys=False))
             path = stage_config("train", self.out, model=str(model))
             shards = [
                 f"datasets.{i}.shards={self.world['shards'][f'{kind}-train']}"
@@ -114,8 +123,9 @@ class Demo:
         self.train("flamingo", self.out / "flamingo", [])
 
     def run_ablation(self) -> None:
-        """Round robin over the datasets, one per step, with as many samples in all: the same
-        compute as the main run, spread over len(datasets) times the steps."""
+        """Round robin over the datasets, one per step, with as many samples in all (the same
+        compute as the main run, spread over len(datasets) times the steps); and the gated
+        blocks without their tanh gates."""
         from flamingo.config import TrainConfig
 
         cfg = TrainConfig.from_yaml(CONFIGS / "train.yaml", self.sets["flamingo"])
@@ -128,8 +138,9 @@ class Demo:
             f"log_every={cfg.log_every * n}",
         ]
         self.train("ablation", self.out / "flamingo-round-robin", extra)
+        self.train("ablation", self.out / "flamingo-no-gating", [], {"xattn": {"gating": "none"}})
 
-    def run_eval(self, ablation: Path | None) -> str:
+    def run_eval(self, ablations: dict[str, Path]) -> str:
         from demo.report import kshot_plot, results_table, split_scores
         from eval.config import EvalConfig
         from eval.run import main as eval_main
@@ -142,8 +153,7 @@ class Demo:
             "RICES demos": (model, ["demos=rices"]),
             "blind (blank images)": (model, ["blank_images=true"]),
         }
-        if ablation is not None:
-            variants["round-robin ablation"] = (ablation, [])
+        variants.update({name: (ckpt, []) for name, ckpt in ablations.items()})
         results = {
             name: eval_main(
                 ["--config", str(path), "--checkpoint", str(ckpt), *self.sets["eval"], *extra]
@@ -191,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     if "ablation" in selected:
         selected.add("eval")  # an ablation is only worth its scores
     demo = Demo(out, selected if args.force else set(), args.scale, sets)
-    ablation = out / "flamingo-round-robin" / "model"
+    ablations = {
+        "round-robin ablation": out / "flamingo-round-robin" / "model",
+        "no-gating ablation": out / "flamingo-no-gating" / "model",
+    }
     times: dict[str, float] = {}
     start = time.time()
     for stage in STAGES:
@@ -208,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
             demo.run_flamingo()
         elif stage == "ablation":
             demo.run_ablation()
-        else:  # the ablation's scores are reported whenever it has been trained
-            print("\n" + demo.run_eval(ablation if (ablation / "config.json").is_file() else None))
+        else:  # an ablation's scores are reported whenever it has been trained
+            trained = {k: v for k, v in ablations.items() if (v / "config.json").is_file()}
+            print("\n" + demo.run_eval(trained))
         times[stage] = time.time() - t
         print(f"[demo] {stage} done in {times[stage]:.0f}s")
     print(

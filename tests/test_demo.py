@@ -11,10 +11,10 @@ from demo import run as demo_run
 
 SHORT = [
     "--scale", "0.1",
-    "--set", "clip.steps=60",
-    "--set", "lm.steps=60",
-    "--set", "flamingo.steps=300",
-    "--set", "flamingo.checkpoint_every=150",
+    "--set", "clip.steps=150",
+    "--set", "lm.steps=150",  # the LM must learn both caption styles
+    "--set", "flamingo.steps=600",
+    "--set", "flamingo.checkpoint_every=300",
     "--set", "eval.max_items=24",
     "--set", "eval.shots=[0,4]",
 ]  # fmt: skip

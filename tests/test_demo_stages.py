@@ -3,6 +3,9 @@ parts of a Flamingo model config."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 from data_prep.toy_world import write_world
@@ -47,3 +50,13 @@ def test_stages_pretrain_and_load_into_the_demo_model(tmp_path):
     processor = FlamingoProcessor.from_config(cfg)
     enc = processor(["<image>a small red circle"], images=[[noise_image(0, (64, 64))]])
     assert torch.isfinite(model(**enc).logits).all()
+
+
+def test_clip_batches_hold_whole_twin_groups():
+    rng = random.Random(0)
+    for _ in range(20):
+        index = pretrain_clip.batch_indices(rng, 101, 64, 2)
+        assert len(index) == 64 and len(set(index)) == 64 and max(index) < 100
+        assert all(index[i] % 2 == 0 and index[i + 1] == index[i] + 1 for i in range(0, 64, 2))
+    with pytest.raises(ValueError, match="group_size=3 must be >= 1 and divide batch_size=64"):
+        pretrain_clip.ClipPretrainConfig(shards="x", output="y", architecture={}, group_size=3)

@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 
-from data_prep.toy_world import HELD_OUT, Shape, draw, write_world
+from data_prep.toy_world import HELD_OUT, SHAPES, Shape, draw, write_world
 from eval.tasks import get_task
 from flamingo.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
@@ -76,3 +76,34 @@ def test_real_loaders_and_eval_tasks_read_the_world(tmp_path, processor):
     items = vqa.load("test")
     assert items and items[0].image.is_file() and len(items[0].answers) == 10
     assert (tmp_path / "text" / "corpus.txt").read_text().count("\n") > 50
+
+
+def test_pairs_come_with_twins_that_change_one_shape_only(tmp_path):
+    world = write_world(tmp_path, seed=1, scale=0.02)
+    pairs = samples(world["shards"]["pairs-train"])
+    assert len(pairs) >= 100 and len(pairs) % 2 == 0
+    for (_, a), (_, b) in zip(pairs[::2], pairs[1::2], strict=True):
+        words_a, words_b = a.decode().split(), b.decode().split()
+        assert len(words_a) == len(words_b)
+        changed = [(x, y) for x, y in zip(words_a, words_b, strict=True) if x != y]
+        # one word differs, a shape kind for a different kind (possibly with its punctuation)
+        assert len(changed) == 1, (a, b)
+        (x, y), kinds = changed[0], set(SHAPES)
+        assert x.rstrip(".,") in kinds and y.rstrip(".,") in kinds
+
+
+def test_pages_keep_one_caption_style_and_the_benchmark_uses_the_sentence_style(tmp_path):
+    world = write_world(tmp_path, seed=2, scale=0.05)
+    styles_per_page = []
+    for url in expand_shards(world["shards"]["interleaved-train"]):
+        for sample in read_shard(url):
+            chunks = json.loads(sample["json"])["chunks"]
+            captions = [c["text"] for c in chunks if c.get("text", "").startswith("Output:")]
+            styles_per_page.append({":" in c.removeprefix("Output:") for c in captions})
+    assert all(len(s) <= 1 for s in styles_per_page)  # never two styles on one page
+    seen = set().union(*styles_per_page)
+    assert seen == {True, False}  # both styles occur across pages
+    captions = json.loads((tmp_path / "eval" / "captions.json").read_text())["images"]
+    for image in captions:
+        raw = image["sentences"][0]["raw"]
+        assert raw.startswith("a ") and ":" not in raw and " the " in raw, raw
