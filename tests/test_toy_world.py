@@ -14,6 +14,8 @@ from flamingo.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.data.shards import expand_shards, read_shard
 
+KINDS = ("pairs", "interleaved", "video")
+
 
 def samples(spec: str) -> list[tuple[str, bytes]]:
     return [
@@ -28,7 +30,10 @@ def test_world_is_deterministic_and_holds_out_combinations(tmp_path):
     b = write_world(tmp_path / "b", seed=3, scale=0.02)
     for name, spec in a["shards"].items():
         assert samples(spec) == samples(b["shards"][name]), name
-    train_text = " ".join(t.decode() for _, t in samples(a["shards"]["pairs-train"]))
+    train_text = " ".join(
+        t.decode() for kind in KINDS for _, t in samples(a["shards"][f"{kind}-train"])
+    )
+    assert "Output:" in train_text and "moving" in train_text  # pages and clips are in it too
     for colour, kind in HELD_OUT:
         assert f"{colour} {kind}" not in train_text
     captions = json.loads((tmp_path / "a" / "eval" / "captions.json").read_text())["images"]
