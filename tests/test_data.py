@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,15 @@ def test_deterministic_given_a_seed(tmp_path, processor, resampled):
     c = take(iter(loader(processor, "pairs", shards, seed=2, **kw)), 6)
     assert all(same(x, y) for x, y in zip(a, b, strict=True))
     assert not all(same(x, y) for x, y in zip(a, c, strict=True))
+    # where the shards live does not matter: the same files elsewhere give the same batches
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for tar in tmp_path.glob("*.tar"):
+        shutil.copy(tar, moved / tar.name)
+    d = take(
+        iter(loader(processor, "pairs", shards.replace(str(tmp_path), str(moved)), seed=1, **kw)), 6
+    )
+    assert all(same(x, y) for x, y in zip(a, d, strict=True))
 
 
 @pytest.mark.parametrize(("resampled", "num_workers"), [(True, 2), (False, 2), (True, 0)])

@@ -219,6 +219,9 @@ class ShardStream:
         counters: dict[str, int] | None = None,
     ) -> None:
         self.cfg, self.urls, self.preprocess, self.pad_id = cfg, urls, preprocess, pad_id
+        # per-sample randomness is seeded by the shard's place in the list, not its path, so the
+        # same shards read from another directory give the same batches
+        self._shard_index = {url: i for i, url in enumerate(urls)}
         self.seed, self.stream_id, self.num_streams = seed, stream_id, num_streams
         self.state = state
         self.counters: Counter = Counter(counters or {})
@@ -311,7 +314,8 @@ class ShardStream:
         counters["seen"] += 1
         key = raw.get("__key__", "?")
         rng = random.Random(
-            f"{self.seed}/sample/{url}/{key}/{self.state.epoch}/{self.state.shard_pos}"
+            f"{self.seed}/sample/{self._shard_index[url]}/{key}/{self.state.epoch}/"
+            f"{self.state.shard_pos}"
         )
         try:
             ids, pixels = self.preprocess(raw, rng, counters)
