@@ -35,7 +35,7 @@ from flamingo.checkpoint import exported_names, save_pretrained
 from flamingo.config import TrainConfig, to_dict
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.distributed import build_engine
-from flamingo.losses import count_targets, make_labels, summed_nll, weighted_loss
+from flamingo.losses import count_targets, make_labels, weighted_loss
 from flamingo.runs import CheckpointDir, RunLogger
 
 log = logging.getLogger("flamingo.train")
@@ -205,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         samples = 0
         engine.begin_step(lr)
         for name, batch in micro:
-            out_ = engine.forward(
+            # the head is fused with the loss: no (B, T, vocab) logits are built
+            nll = engine.forward(
                 batch["input_ids"].to(engine.device),
                 batch["attention_mask"].to(engine.device),
                 pixel_values=batch["pixel_values"].to(engine.device),
-            )
-            nll = summed_nll(out_.logits, batch["labels"].to(engine.device))
+                labels=batch["labels"].to(engine.device),
+            ).nll_sum
             nll_sums[name] += float(nll.detach())
             loss = weighted_loss(nll, datasets[name].loss_weight, step_targets[name])
             samples += batch["input_ids"].shape[0]

@@ -1,6 +1,6 @@
 """Training step, ours vs OpenFlamingo: forward + backward + AdamW step on the same batch.
 
-    python -m bench.train_step [--config tiny|small] [--steps 5] [--batch 4] [--out bench/results]
+    python -m bench.train_step [--config tiny|small] [--steps 5] [--batch 4] [--profile N] [--out bench/results]
 
 Both models are built around the same architecture (open_clip ViT + OPT LM, random weights,
 gated blocks before every layer, 8x64 heads, 6-layer resampler, 64 latents, 5 images per
@@ -122,7 +122,7 @@ def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_i
     from flamingo import Flamingo
     from flamingo.distributed import param_groups
     from flamingo.lm import FlamingoLM
-    from flamingo.losses import count_targets, make_labels, summed_nll
+    from flamingo.losses import count_targets, make_labels
     from flamingo.tokens import load_tokenizer
     from flamingo.vision import VisionEncoder
 
@@ -142,8 +142,8 @@ def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_i
     labels = make_labels(ids, mask, special)
     targets = count_targets(labels)
 
-    def step():
-        loss = summed_nll(model(ids, mask, pixel_values=pixels).logits, labels) / targets
+    def step():  # as train.py: the head fused with the loss
+        loss = model(ids, mask, pixel_values=pixels, labels=labels).nll_sum / targets
         loss.backward()
         torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]], 1.0
@@ -186,6 +186,38 @@ def run_openflamingo(
     return timed(step, steps, batch, int(count_targets(labels)), model, device)
 
 
+PROFILE = {"ops": 0}
+"""Set by ``--profile N``: after timing, profile one more step and report its N costliest ops."""
+
+
+def top_ops(step, device: str, count: int) -> list[dict]:
+    """One step under torch.profiler: the ``count`` ops with the most self time, by shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    events = sorted(
+        prof.key_averages(group_by_input_shape=True), key=lambda e: getattr(e, key), reverse=True
+    )
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:120],
+            "calls": e.count,
+            "ms": getattr(e, key) / 1e3,
+            "share": getattr(e, key) / total,
+        }
+        for e in events[:count]
+    ]
+
+
 def timed(step, steps: int, batch: int, targets: int, model, device: str) -> dict:
     step()  # warm-up
     if device.startswith("cuda"):
@@ -203,18 +235,22 @@ def timed(step, steps: int, batch: int, targets: int, model, device: str) -> dic
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
+    result = {
         "step_s": seconds,
         "samples_per_s": batch / seconds,
         "tokens_per_s": targets / seconds,
         "peak_mib": peak,
         "trainable_params": trainable,
     }
+    if PROFILE["ops"]:
+        result["top_ops"] = top_ops(step, device, PROFILE["ops"])
+    return result
 
 
 def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    PROFILE["ops"] = args.profile
     run = run_ours if args.impl == "ours" else run_openflamingo
     seq_len = args.seq_len or CONFIGS[args.config]["seq_len"]
     print(json.dumps(run(args.config, args.batch, args.steps, args.device, seq_len, args.images)))
@@ -230,6 +266,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=NUM_IMAGES, help="images per sequence")
     parser.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (default: the config's)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile one extra step of each and list its N costliest ops (after the timing)",
     )
     parser.add_argument("--impl", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -256,6 +299,8 @@ def main() -> None:
             args.device,
             "--images",
             str(args.images),
+            "--profile",
+            str(args.profile),
         ] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
@@ -300,6 +345,15 @@ def main() -> None:
         ("trainable_params", "trainable parameters"),
     ):
         print(f"| {label} | {ours[key]:.4g} | {of[key]:.4g} | {ours[key] / of[key]:.2f} |")
+    for impl, result in results.items():
+        if "top_ops" in result:
+            print(f"\n{impl}: costliest ops of one profiled step (self time)\n")
+            print("| op | input shapes | calls | ms | share |\n| --- | --- | --- | --- | --- |")
+            for op in result["top_ops"]:
+                print(
+                    f"| {op['op']} | {op['shapes']} | {op['calls']} | {op['ms']:.0f} "
+                    f"| {op['share']:.1%} |"
+                )
     print(f"\nwrote {path}")
 
 

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from flamingo.config import CrossAttentionConfig, LanguageConfig
+from flamingo.fused_nll import fused_summed_nll
 from flamingo.tokens import SpecialTokens
 from flamingo.xattn import GatedCrossAttentionBlock, MediaKV
 
@@ -251,6 +252,19 @@ class FlamingoLM(nn.Module):
             base = F.pad(base, (0, self.vocab_size - self.base_vocab))
         return base.index_copy(-1, self.new_tokens.token_ids, new)
 
+    def summed_nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token NLL of ``labels (B, T)`` (-100: no target) from the last hidden
+        states ``(B, T, D)``, the head fused with the loss: the same value and gradients as
+        ``flamingo.losses.summed_nll(self.logits(hidden), labels)`` without the logits."""
+        return fused_summed_nll(
+            hidden,
+            labels,
+            self.hf.get_output_embeddings().weight,
+            self.new_tokens.output_weight(),
+            self.new_tokens.token_ids,
+            self.vocab_size,
+        )
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(
@@ -262,8 +276,11 @@ class FlamingoLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Returns ``(logits (B, T, vocab_size), past_key_values)``."""
+        """Returns ``(logits (B, T, vocab_size), past_key_values)``; with ``labels``,
+        ``(summed NLL, past_key_values)`` instead, without computing the logits
+        (:meth:`summed_nll`)."""
         kwargs: dict[str, Any] = {}
         if self.layout.position_ids:
             if position_ids is None and attention_mask is not None:
@@ -280,7 +297,10 @@ class FlamingoLM(nn.Module):
                 use_cache=use_cache,
                 **kwargs,
             )
-        return self.logits(out.last_hidden_state), out.past_key_values if use_cache else None
+        cache = out.past_key_values if use_cache else None
+        if labels is not None:
+            return self.summed_nll(out.last_hidden_state, labels), cache
+        return self.logits(out.last_hidden_state), cache
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute decoder layers (HF's mechanism) and gated blocks in the backward pass."""

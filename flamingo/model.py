@@ -39,6 +39,9 @@ class FlamingoOutput(ModelOutput):
     """The LM's cache when ``use_cache=True``."""
     media_latents: torch.Tensor | None = None
     """(B, N, R, Dv): the resampled media, reusable across calls (e.g. while decoding)."""
+    nll_sum: torch.Tensor | None = None
+    """With ``labels``: the summed next-token NLL over the targets (float32 scalar), computed
+    with the head fused into the loss; ``logits`` is then None."""
 
 
 class Flamingo(nn.Module):
@@ -121,6 +124,7 @@ class Flamingo(nn.Module):
         media_index: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         media_kv: list[MediaKV] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> FlamingoOutput:
         """Logits for ``input_ids`` (B, T) conditioned on the media.
 
@@ -131,6 +135,13 @@ class Flamingo(nn.Module):
         unless given; it must be given when continuing from ``past_key_values``, since the new
         tokens alone cannot tell which image came last. ``attention_mask`` covers the cached
         tokens too, as in Hugging Face.
+
+        With ``labels (B, T)`` (``flamingo.losses.make_labels``; -100 where no loss is taken)
+        the output holds ``nll_sum``, the summed next-token NLL over the targets, instead of
+        logits: the LM head is fused with the loss a few hundred rows at a time, so the
+        ``(B, T, vocab)`` logits are never built (same value and gradients as
+        ``flamingo.losses.summed_nll(logits, labels)``). Weighting and normalisation stay the
+        caller's (``flamingo.losses.weighted_loss``).
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -156,7 +167,11 @@ class Flamingo(nn.Module):
             media_index = media_index_from_ids(input_ids, self.special_tokens.image_id)
         media = media_kv if media_kv is not None else media_latents
         self._check_media(input_ids, media, media_index)
-        logits, cache = self.lm(
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        result, cache = self.lm(
             input_ids,
             attention_mask,
             media,
@@ -164,8 +179,13 @@ class Flamingo(nn.Module):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            labels=labels,
         )
-        return FlamingoOutput(logits=logits, past_key_values=cache, media_latents=media_latents)
+        if labels is not None:
+            return FlamingoOutput(
+                past_key_values=cache, media_latents=media_latents, nll_sum=result
+            )
+        return FlamingoOutput(logits=result, past_key_values=cache, media_latents=media_latents)
 
     @staticmethod
     def _check_media(input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor) -> None:
@@ -205,8 +225,10 @@ class Flamingo(nn.Module):
 
     def external_parameters(self) -> list[tuple[nn.Module, list[nn.Parameter]]]:
         """Parameters read by a module other than their owner (sharding engines must know):
-        the LM adapter uses the new token rows directly."""
-        return [(self.lm, list(self.lm.new_tokens.parameters()))]
+        the LM adapter uses the new token rows directly, and the output matrix when the head
+        is fused with the loss (``labels``)."""
+        head = self.lm.hf.get_output_embeddings().weight
+        return [(self.lm, [*self.lm.new_tokens.parameters(), head])]
 
     def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes a distributed engine may shard or checkpoint as units."""

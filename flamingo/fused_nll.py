@@ -1,0 +1,130 @@
+"""The LM head and the next-token NLL fused, a chunk of rows at a time (no full logits).
+
+For a real vocabulary the float32 logits ``(B, T, V)`` are the largest activation of a training
+step (OPT: V = 50272, Llama 3: 128256), and the plain path keeps several copies alive at once:
+the logits, their log-softmax saved for backward, and the gradient. Here, for a chunk of rows,
+the head matmul, the log-sum-exp, the loss and the gradient with respect to the hidden states
+(and to the new-token rows) are computed together *during the forward*; the backward only
+scales what was stored by the incoming gradient. The loss needs O(chunk * V) memory instead of
+O(B * T * V), with no extra FLOPs: the base head is frozen, so the gradient matmul that the
+plain backward would do is the one done here.
+
+Only rows with a target are computed at all, so padding and masked text cost no head FLOPs.
+
+The logits this computes are exactly those of :meth:`flamingo.lm.FlamingoLM.logits`: the base
+head's columns (in the head's dtype, then float32), zero columns up to ``vocab_size``, and the
+new tokens' columns from their own float32 rows, overriding base columns they fall inside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 23
+"""Logits per chunk (32 MiB of float32): rows per chunk = CHUNK_ELEMENTS // vocab size."""
+
+
+def fused_summed_nll(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    base_weight: torch.Tensor,
+    new_weight: torch.Tensor,
+    new_ids: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Sum of the next-token NLL over the targets, straight from the final hidden states.
+
+    ``hidden (B, T, D)``: the LM's last hidden states; ``labels (B, T)``: token ids, with
+    ``ignore_index`` where no loss is taken (position t predicts ``labels[:, t + 1]``);
+    ``base_weight (Vb, D)``: the frozen output matrix; ``new_weight (k, D)``: the new tokens'
+    output rows, placed at columns ``new_ids (k,)``; ``vocab_size``: the columns of the
+    assembled logits. Returns a float32 scalar, differentiable with respect to ``hidden`` and
+    ``new_weight`` (not ``base_weight``, which must be frozen).
+    """
+    if base_weight.requires_grad:
+        raise ValueError("fused_summed_nll: the base output matrix must be frozen")
+    targets = labels[:, 1:]
+    valid = targets != ignore_index
+    rows = hidden[:, :-1][valid]  # (N, D): only positions with a target
+    targets = targets[valid]
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // vocab_size)
+    need_grad = torch.is_grad_enabled() and (rows.requires_grad or new_weight.requires_grad)
+    return _FusedHeadNLL.apply(
+        rows, new_weight, targets, base_weight, new_ids, vocab_size, chunk_rows, need_grad
+    )
+
+
+class _FusedHeadNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        rows: torch.Tensor,
+        new_weight: torch.Tensor,
+        targets: torch.Tensor,
+        base_weight: torch.Tensor,
+        new_ids: torch.Tensor,
+        vocab_size: int,
+        chunk_rows: int,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        base_vocab = base_weight.shape[0]
+        inside = new_ids < base_vocab  # new columns that override base columns
+        # zero columns of the assembled logits: beyond the base, not taken by a new token
+        num_zero_columns = vocab_size - base_vocab - int((~inside).sum())
+        new_position = torch.full((vocab_size,), -1, dtype=torch.long, device=rows.device)
+        new_position[new_ids] = torch.arange(len(new_ids), device=rows.device)
+
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows) if need_grad else None
+        grad_new = torch.zeros_like(new_weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, rows.shape[0], chunk_rows):
+            h = rows[start : start + chunk_rows]
+            t = targets[start : start + chunk_rows]
+            base = F.linear(h.to(base_weight.dtype), base_weight).float()  # (n, Vb)
+            new = F.linear(h.to(new_weight.dtype), new_weight).float()  # (n, k)
+            base[:, new_ids[inside]] = float("-inf")  # overridden by the new columns
+            t_new = new_position[t]  # index among the new rows, -1 for other tokens
+            is_new = t_new >= 0
+            on_base = ~is_new & (t < base_vocab)
+            t_base = torch.where(on_base, t, 0)
+            target_logit = torch.where(
+                is_new,
+                new.gather(1, t_new.clamp(min=0)[:, None]).squeeze(1),
+                torch.where(on_base, base.gather(1, t_base[:, None]).squeeze(1), 0.0),
+            )
+            peak = torch.maximum(base.amax(-1), new.amax(-1))[:, None]
+            if num_zero_columns > 0:
+                peak = peak.clamp(min=0.0)
+            base, new = base.sub_(peak).exp_(), new.sub_(peak).exp_()  # overridden: exactly 0
+            sum_exp = base.sum(-1, keepdim=True) + new.sum(-1, keepdim=True)
+            if num_zero_columns > 0:
+                sum_exp += num_zero_columns * (-peak).exp()
+            total += (peak + sum_exp.log()).sum() - target_logit.sum()
+            if not need_grad:
+                continue
+            # d(sum NLL)/d logits = softmax - one_hot(target), for each part of the vocabulary
+            base, new = base.div_(sum_exp), new.div_(sum_exp)
+            n = torch.arange(h.shape[0], device=h.device)
+            base[n[on_base], t_base[on_base]] -= 1.0
+            new[n[is_new], t_new[is_new]] -= 1.0
+            grad_h = (base.to(base_weight.dtype) @ base_weight).to(rows.dtype)
+            grad_h += (new.to(new_weight.dtype) @ new_weight).to(rows.dtype)
+            grad_rows[start : start + chunk_rows] = grad_h
+            grad_new += new.t() @ h.to(new_weight.dtype).float()
+        if need_grad:
+            ctx.save_for_backward(grad_rows, grad_new.to(new_weight.dtype))
+        ctx.need_grad = need_grad
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.need_grad:
+            raise RuntimeError("fused_summed_nll ran without gradients but backward was called")
+        grad_rows, grad_new = ctx.saved_tensors
+        scale = grad_out.to(grad_rows.dtype)
+        return grad_rows * scale, grad_new * grad_out.to(grad_new.dtype), *(None,) * 6
