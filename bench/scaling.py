@@ -15,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def point(config: str, images: int, seq_len: int, batch: int, steps: int, out: Path) -> dict:
+def point(
+    config: str, images: int, seq_len: int, batch: int, steps: int, repeats: int, out: Path
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -30,6 +32,8 @@ def point(config: str, images: int, seq_len: int, batch: int, steps: int, out: P
         str(batch),
         "--steps",
         str(steps),
+        "--repeats",
+        str(repeats),
         "--out",
         str(out),
     ]
@@ -45,15 +49,24 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per point")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scaling")
     args = parser.parse_args()
     rows = []
     for images in args.images:  # sequence long enough for every image
         rows.append(
-            point(args.config, images, max(256, 8 * images), args.batch, args.steps, args.out)
+            point(
+                args.config,
+                images,
+                max(256, 8 * images),
+                args.batch,
+                args.steps,
+                args.repeats,
+                args.out,
+            )
         )
     for seq_len in args.seq_lens:
-        rows.append(point(args.config, 5, seq_len, args.batch, args.steps, args.out))
+        rows.append(point(args.config, 5, seq_len, args.batch, args.steps, args.repeats, args.out))
     print(
         "| images | tokens | ours step (s) | OpenFlamingo step (s) | ours peak (MiB) | OpenFlamingo peak (MiB) |"
     )

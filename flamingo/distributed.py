@@ -64,6 +64,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """PyTorch AdamW, fused into one kernel per parameter where PyTorch has one (CPU, CUDA):
+    the same update up to rounding, without the for-loop version's per-tensor temporaries
+    (about 4x faster on the CPU)."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
 def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -123,15 +132,15 @@ class Engine:
 
 
 class LocalEngine(Engine):
-    """One process, plain PyTorch AdamW; skips a step whose loss or gradient is non-finite."""
+    """One process, PyTorch's fused AdamW; skips a step whose loss or gradient is non-finite."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.module = model.to(self.device)
         self.cfg = cfg
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+        self.optimizer = adamw(
+            param_groups(self.module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._finite = True
@@ -226,7 +235,9 @@ class DeepSpeedEngine(Engine):
         ) not in ("none", None)
         adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
         if not offload:
-            adam["torch_adam"] = True  # no FusedAdam build; offload needs DeepSpeed's CPUAdam
+            # torch.optim.AdamW (no FusedAdam build), fused into one kernel per partition;
+            # offload needs DeepSpeed's CPUAdam
+            adam.update(torch_adam=True, fused=True)
         return {
             **ds,
             "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: we feed our own batches

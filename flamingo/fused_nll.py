@@ -21,8 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 23
-"""Logits per chunk (32 MiB of float32): rows per chunk = CHUNK_ELEMENTS // vocab size."""
+CHUNK_ELEMENTS = 1 << 24
+"""At most this many logits per chunk (64 MiB of float32; OPT's vocabulary: 333 rows), the rows
+split evenly. Fewer, larger chunks keep the head matmul efficient: on 2 CPU cores, forward and
+backward for 510 rows x 50272 columns took 0.79 s in chunks of 166 rows, 0.66 s in chunks of
+256 and 0.59 s in one (the unfused path: 0.92 s)."""
 
 
 def fused_summed_nll(
@@ -51,7 +54,8 @@ def fused_summed_nll(
     rows = hidden[:, :-1][valid]  # (N, D): only positions with a target
     targets = targets[valid]
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // vocab_size)
+        num_chunks = -(-rows.shape[0] * vocab_size // CHUNK_ELEMENTS)  # ceil
+        chunk_rows = max(1, -(-rows.shape[0] // max(1, num_chunks)))
     need_grad = torch.is_grad_enabled() and (rows.requires_grad or new_weight.requires_grad)
     return _FusedHeadNLL.apply(
         rows, new_weight, targets, base_weight, new_ids, vocab_size, chunk_rows, need_grad

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import train
 from flamingo import Flamingo, FlamingoProcessor
+from flamingo.distributed import adamw
 from tests.conftest import ROOT, noise_image
 from tests.tiny_shards import write_tiny_shards
 
@@ -79,6 +80,26 @@ def test_exact_resume(shards, tmp_path):
     )
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_adamw_matches_the_for_loop_version():
+    """The engine's AdamW is PyTorch's fused kernel on the CPU, and updates as the default."""
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    updated = []
+    for make in (adamw, torch.optim.AdamW):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:]}]
+        opt = make(groups, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 - step) + p.detach()
+            opt.step()
+        updated.append(params)
+        if make is adamw:
+            assert opt.defaults["fused"] is True
+    for got, want in zip(*updated, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_non_finite_loss_skips_the_whole_step(shards, tmp_path, monkeypatch):
