@@ -305,6 +305,8 @@ class FlamingoLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute decoder layers (HF's mechanism) and gated blocks in the backward pass."""
         self.gradient_checkpointing = enabled
+        for block in self.gated_blocks:  # checkpointing manages the saved tensors itself
+            block.ff.recompute_activation = not enabled
         # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has the old names.
         if hasattr(self.hf, "activation_checkpointing_enable"):
             enable, disable = (
