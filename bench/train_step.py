@@ -124,7 +124,8 @@ def openflamingo_model(clip, lm, special):
     )
 
 
-def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_images: int) -> dict:
+def prepare_ours(name: str, batch: int, device: str, seq_len: int, num_images: int):
+    """Our model, optimiser and batch: returns ``(step, target tokens, model)``."""
     from flamingo import Flamingo
     from flamingo.distributed import adamw, param_groups
     from flamingo.lm import FlamingoLM
@@ -157,12 +158,11 @@ def run_ours(name: str, batch: int, steps: int, device: str, seq_len: int, num_i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, steps, batch, int(targets), model, device)
+    return step, int(targets), model
 
 
-def run_openflamingo(
-    name: str, batch: int, steps: int, device: str, seq_len: int, num_images: int
-) -> dict:
+def prepare_openflamingo(name: str, batch: int, device: str, seq_len: int, num_images: int):
+    """OpenFlamingo's model, optimiser and batch: returns ``(step, target tokens, model)``."""
     from flamingo.losses import count_targets, make_labels
     from flamingo.tokens import load_tokenizer
 
@@ -189,11 +189,7 @@ def run_openflamingo(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, steps, batch, int(count_targets(labels)), model, device)
-
-
-PROFILE = {"ops": 0}
-"""Set by ``--profile N``: after timing, profile one more step and report its N costliest ops."""
+    return step, int(count_targets(labels)), model
 
 
 def top_ops(step, device: str, count: int) -> list[dict]:
@@ -243,7 +239,7 @@ def timed(step, steps: int, batch: int, targets: int, model, device: str) -> dic
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = {
+    return {
         "step_s": seconds,
         "step_s_all": times,
         "samples_per_s": batch / seconds,
@@ -251,18 +247,18 @@ def timed(step, steps: int, batch: int, targets: int, model, device: str) -> dic
         "peak_mib": peak,
         "trainable_params": trainable,
     }
-    if PROFILE["ops"]:
-        result["top_ops"] = top_ops(step, device, PROFILE["ops"])
-    return result
 
 
 def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    PROFILE["ops"] = args.profile
-    run = run_ours if args.impl == "ours" else run_openflamingo
+    prepare = prepare_ours if args.impl == "ours" else prepare_openflamingo
     seq_len = args.seq_len or CONFIGS[args.config]["seq_len"]
-    print(json.dumps(run(args.config, args.batch, args.steps, args.device, seq_len, args.images)))
+    step, targets, model = prepare(args.config, args.batch, args.device, seq_len, args.images)
+    result = timed(step, args.steps, args.batch, targets, model, args.device)
+    if args.profile:  # after the timing, so that the profiler does not slow it
+        result["top_ops"] = top_ops(step, args.device, args.profile)
+    print(json.dumps(result))
 
 
 def main() -> None:

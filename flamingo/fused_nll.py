@@ -119,16 +119,12 @@ class _FusedHeadNLL(torch.autograd.Function):
             grad_h += (new.to(new_weight.dtype) @ new_weight).to(rows.dtype)
             grad_rows[start : start + chunk_rows] = grad_h
             grad_new += new.t() @ h.to(new_weight.dtype).float()
-        if need_grad:
+        if need_grad:  # otherwise the output has no graph and backward never runs
             ctx.save_for_backward(grad_rows, grad_new.to(new_weight.dtype))
-        ctx.need_grad = need_grad
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.need_grad:
-            raise RuntimeError("fused_summed_nll ran without gradients but backward was called")
         grad_rows, grad_new = ctx.saved_tensors
-        scale = grad_out.to(grad_rows.dtype)
-        return grad_rows * scale, grad_new * grad_out.to(grad_new.dtype), *(None,) * 6
+        return grad_rows * grad_out.to(grad_rows.dtype), grad_new * grad_out, *(None,) * 6

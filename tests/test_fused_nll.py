@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flamingo import fused_nll
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.losses import IGNORE, make_labels, summed_nll
 from tests.conftest import build, noise_image, set_gates
@@ -30,8 +31,11 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("chunk_rows", [1, 4, None])
-def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows):
+@pytest.mark.parametrize("chunk_rows", [1, 4, None, "default split"])
+def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, monkeypatch):
+    if chunk_rows == "default split":  # the default chunking, with chunks of 3 or 4 rows
+        monkeypatch.setattr(fused_nll, "CHUNK_ELEMENTS", 64)
+        chunk_rows = None
     base_vocab, ids, vocab = LAYOUTS[layout]
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
@@ -54,6 +58,12 @@ def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows):
     torch.testing.assert_close(fused, plain)
     for got, want in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want)
+    with torch.no_grad():  # the loss alone, no gradients kept
+        value = fused_summed_nll(
+            hidden, labels, base_weight, new_weight, new_ids, vocab, chunk_rows=chunk_rows
+        )
+    assert not value.requires_grad
+    torch.testing.assert_close(value, plain.detach())
 
 
 def test_backward_scales_with_the_incoming_gradient():
