@@ -2,22 +2,91 @@
 
 Both follow the paper's pre-norm transformer conventions: a LayerNorm before each attention and
 feed-forward, bias-free projections, GELU.
+
+**Cheap activations are rebuilt, not kept.** A trainable Linear keeps its input for its weight
+gradient. Where that input is a cheap function of tensors autograd keeps anyway (a LayerNorm's
+output: its input is kept for the LayerNorm's own backward; a GELU's output: its input is
+kept), the modules here let autograd drop it and rebuild it in the backward
+(:func:`recompute_in_backward`): the same values and gradients bit for bit, for one elementwise
+op per tensor. Inside activation checkpointing, which manages saved tensors itself, it is
+switched off (``recompute_saved``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class _Rebuild(NamedTuple):
+    """What autograd stores instead of a view of the recomputed tensor."""
+
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+@contextlib.contextmanager
+def recompute_in_backward(
+    tensor: torch.Tensor, recompute: Callable[[], torch.Tensor], enabled: bool = True
+) -> Iterator[None]:
+    """Autograd does not keep ``tensor`` (or views of it) for the ops run inside the block.
+
+    Their backward calls ``recompute()`` (under no_grad) to rebuild it; it must return the same
+    values, contiguous, from tensors that stay alive anyway. Without grad mode, or when
+    ``enabled`` is false or ``tensor`` is not contiguous, the block runs unchanged.
+    """
+    if not (enabled and torch.is_grad_enabled() and tensor.is_contiguous()):
+        yield
+        return
+    storage, dtype, base = (
+        tensor.untyped_storage().data_ptr(),
+        tensor.dtype,
+        tensor.storage_offset(),
+    )
+
+    def pack(saved: torch.Tensor):
+        if saved.dtype == dtype and saved.untyped_storage().data_ptr() == storage:
+            return _Rebuild(saved.shape, saved.stride(), saved.storage_offset() - base)
+        return saved
+
+    def unpack(saved):
+        if not isinstance(saved, _Rebuild):
+            return saved
+        with torch.no_grad():
+            full = recompute()
+        return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def stays_materialised(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters can be read during any part of the backward.
+
+    Under ZeRO-3, parameters below the persistence threshold stay whole on every rank; the
+    others are released between the module's own uses, so a recomputation that reads them
+    outside that module's backward must not be used.
+    """
+    return all(getattr(p, "ds_persist", True) for p in module.parameters())
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` without a module call (no hooks: safe to run inside a backward)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class FeedForward(nn.Sequential):
     """Pre-norm MLP: LayerNorm -> Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim).
 
-    With ``recompute_activation`` (the default) the GELU output, which the last Linear would
-    keep for its weight gradient, is not stored: the backward recomputes it from the GELU's
-    input, which autograd keeps anyway. Same values and gradients, one ``(tokens, mult*dim)``
-    tensor less per feed-forward. Turn it off inside activation checkpointing, which manages
-    the saved tensors itself.
+    With ``recompute_saved`` (the default) neither the LayerNorm output nor the GELU output,
+    which the Linears would keep for their weight gradients, is stored: the backward rebuilds
+    them from the LayerNorm's and the GELU's inputs (module docstring).
     """
 
     def __init__(self, dim: int, mult: int = 4) -> None:
@@ -28,26 +97,15 @@ class FeedForward(nn.Sequential):
             nn.GELU(),
             nn.Linear(inner, dim, bias=False),
         )
-        self.recompute_activation = True
+        self.recompute_saved = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, up, act, down = self
-        hidden = up(norm(x))
+        normed = norm(x)
+        rebuild_norm = self.recompute_saved and stays_materialised(norm)
+        with recompute_in_backward(normed, lambda: layer_norm(norm, x), rebuild_norm):
+            hidden = up(normed)
         activated = act(hidden)
-        if not (self.recompute_activation and torch.is_grad_enabled() and hidden.requires_grad):
-            return down(activated)
-        storage = activated.untyped_storage().data_ptr()
-
-        def pack(t: torch.Tensor):
-            if t.untyped_storage().data_ptr() == storage:  # the Linear's input (or a view)
-                return ("recompute", t.shape)
-            return t
-
-        def unpack(saved):
-            if isinstance(saved, tuple):
-                with torch.no_grad():
-                    return act(hidden).view(saved[1])
-            return saved
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        gelu = lambda: F.gelu(hidden, approximate=act.approximate)  # noqa: E731
+        with recompute_in_backward(activated, gelu, self.recompute_saved):
             return down(activated)

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.tokens import SpecialTokens
-from flamingo.xattn import GatedCrossAttentionBlock, MediaKV
+from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, cross_attention_bias
 
 MediaInput = torch.Tensor | list[MediaKV] | None
 """What the gated blocks attend to: media latents (B, N, R, Dv), one precomputed MediaKV per
@@ -184,6 +184,7 @@ class FlamingoLM(nn.Module):
             )
         self.tokenizer_size = tokenizer_size
         self._media: tuple[MediaInput, torch.Tensor] | None = None
+        self._attn_biases: dict[tuple, torch.Tensor] = {}
 
     # -- the scoped context through which media reach the hooks ---------------------------------
 
@@ -193,10 +194,12 @@ class FlamingoLM(nn.Module):
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
         self._media = (media, media_index)
+        self._attn_biases = {}  # cross-attention masks, built once per call and shared
         try:
             yield
         finally:
             self._media = None
+            self._attn_biases = {}
 
     def _run_gated_block(
         self, block_idx: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -214,10 +217,21 @@ class FlamingoLM(nn.Module):
             media = media[block_idx]
         elif media is not None:
             media = media.to(dtype)
+        bias = None
+        if media is not None:
+            shape = (
+                (media.num_media, media.num_latents)
+                if isinstance(media, MediaKV)
+                else tuple(media.shape[1:3])
+            )
+            key = (*shape, block.cfg.attend, dtype)
+            if key not in self._attn_biases:
+                self._attn_biases[key] = cross_attention_bias(media_index, *key)
+            bias = self._attn_biases[key]
         if self.gradient_checkpointing and self.training:
-            out = checkpoint(block, hidden.to(dtype), media, media_index, use_reentrant=False)
+            out = checkpoint(block, hidden.to(dtype), media, media_index, bias, use_reentrant=False)
         else:
-            out = block(hidden.to(dtype), media, media_index)
+            out = block(hidden.to(dtype), media, media_index, bias)
         out = out.to(hidden.dtype)
         if args:
             return (out, *args[1:]), kwargs
@@ -306,7 +320,7 @@ class FlamingoLM(nn.Module):
         """Recompute decoder layers (HF's mechanism) and gated blocks in the backward pass."""
         self.gradient_checkpointing = enabled
         for block in self.gated_blocks:  # checkpointing manages the saved tensors itself
-            block.ff.recompute_activation = not enabled
+            block.ff.recompute_saved = block.attn.recompute_saved = not enabled
         # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has the old names.
         if hasattr(self.hf, "activation_checkpointing_enable"):
             enable, disable = (

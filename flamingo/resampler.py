@@ -20,11 +20,15 @@ from einops import rearrange, repeat
 from torch import nn
 
 from flamingo.config import ResamplerConfig
-from flamingo.layers import FeedForward
+from flamingo.layers import FeedForward, layer_norm, recompute_in_backward, stays_materialised
 
 
 class PerceiverAttention(nn.Module):
-    """Latents attend to the media tokens and to themselves."""
+    """Latents attend to the media tokens and to themselves.
+
+    With ``recompute_saved`` (the default) the normed inputs, which the query and key/value
+    projections would keep, are rebuilt in the backward (:mod:`flamingo.layers`).
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int) -> None:
         super().__init__()
@@ -35,13 +39,24 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.recompute_saved = True
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media (b, n, d), latents (b, r, d) -> (b, r, d)."""
-        media = self.norm_media(media)
-        latents = self.norm_latents(latents)
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        rebuild = self.recompute_saved and stays_materialised(self)
+
+        def normed_latents() -> torch.Tensor:
+            return layer_norm(self.norm_latents, latents)
+
+        def kv_input() -> torch.Tensor:
+            return torch.cat([layer_norm(self.norm_media, media), normed_latents()], dim=1)
+
+        normed = self.norm_latents(latents)
+        with recompute_in_backward(normed, normed_latents, rebuild):
+            q = self.to_q(normed)
+        both = torch.cat([self.norm_media(media), normed], dim=1)
+        with recompute_in_backward(both, kv_input, rebuild):
+            k, v = self.to_kv(both).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h r d -> b r (h d)"))

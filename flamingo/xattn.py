@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from flamingo.config import CrossAttentionConfig
-from flamingo.layers import FeedForward
+from flamingo.layers import FeedForward, layer_norm, recompute_in_backward, stays_materialised
 
 
 def media_index_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -51,6 +51,17 @@ def cross_attention_mask(
     return allowed.unsqueeze(1)
 
 
+def cross_attention_bias(
+    media_index: torch.Tensor, num_media: int, num_latents: int, attend: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`cross_attention_mask` as an additive float mask (0 allowed, -inf not): what SDPA
+    turns a boolean mask into on every call. Built once per LM call and shared by the gated
+    blocks, the backward keeps one copy instead of one per block."""
+    allowed = cross_attention_mask(media_index, num_media, num_latents, attend)
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, float("-inf"))
+
+
 @dataclass
 class MediaKV:
     """One block's cross-attention keys and values for a batch of media."""
@@ -68,7 +79,11 @@ class MediaKV:
 
 
 class MaskedCrossAttention(nn.Module):
-    """Text queries (pre-norm) attend to the latents of the media each token may see."""
+    """Text queries (pre-norm) attend to the latents of the media each token may see.
+
+    With ``recompute_saved`` (the default) the LayerNorm output, which the query projection
+    would keep, is rebuilt in the backward (:mod:`flamingo.layers`).
+    """
 
     def __init__(self, dim: int, dim_media: int, heads: int, dim_head: int) -> None:
         super().__init__()
@@ -78,6 +93,7 @@ class MaskedCrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_media, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.recompute_saved = True
 
     def media_kv(self, media_latents: torch.Tensor) -> MediaKV:
         """media_latents (B, N, R, Dv) -> keys and values (B, heads, N*R, dim_head)."""
@@ -92,15 +108,24 @@ class MaskedCrossAttention(nn.Module):
         media: torch.Tensor | MediaKV,
         media_index: torch.Tensor,
         attend: Literal["last", "all_previous"] = "last",
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D), media: latents (B, N, R, Dv) or their MediaKV, media_index (B, T)."""
+        """x (B, T, D), media: latents (B, N, R, Dv) or their MediaKV, media_index (B, T);
+        ``attn_bias``: :func:`cross_attention_bias` for these arguments, when already built."""
         kv = media if isinstance(media, MediaKV) else self.media_kv(media)
-        q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
-        mask = cross_attention_mask(media_index, kv.num_media, kv.num_latents, attend)
-        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask)
-        out = rearrange(out, "b h t d -> b t (h d)")
+        if attn_bias is None:
+            attn_bias = cross_attention_bias(
+                media_index, kv.num_media, kv.num_latents, attend, x.dtype
+            )
+        normed = self.norm(x)
+        rebuild_norm = self.recompute_saved and stays_materialised(self.norm)
+        with recompute_in_backward(normed, lambda: layer_norm(self.norm, x), rebuild_norm):
+            q = rearrange(self.to_q(normed), "b t (h d) -> b h t d", h=self.heads)
+        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=attn_bias)
         has_media = (media_index >= 0).unsqueeze(-1).to(out.dtype)
-        return self.to_out(out * has_media)
+        # zeroed after the bias-free projection, not before: the same values, and the
+        # projection keeps the attention's own output (its heads merge as a view) not a copy
+        return self.to_out(rearrange(out, "b h t d -> b t (h d)")) * has_media
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -124,11 +149,12 @@ class GatedCrossAttentionBlock(nn.Module):
         x: torch.Tensor,
         media: torch.Tensor | MediaKV | None,
         media_index: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D); media: latents (B, N, R, Dv), their MediaKV, or None for text only;
-        media_index (B, T)."""
+        media_index (B, T); ``attn_bias``: the shared cross-attention mask, if built."""
         if media is not None:
-            attn = self.attn(x, media, media_index, self.cfg.attend)
+            attn = self.attn(x, media, media_index, self.cfg.attend, attn_bias)
             x = x + self._gated(attn, "attn_gate")
         ff = self.ff(x)
         if not self.cfg.ff_on_imageless_tokens:

@@ -217,6 +217,20 @@ def test_media_context_always_clears(model, processor, monkeypatch):
         model.lm.hf(input_ids=enc["input_ids"])
 
 
+def test_one_cross_attention_mask_is_built_per_call_and_shared(model, processor, monkeypatch):
+    import flamingo.lm
+
+    built = []
+    original = flamingo.lm.cross_attention_bias
+    monkeypatch.setattr(
+        flamingo.lm, "cross_attention_bias", lambda *a: built.append(original(*a)) or built[-1]
+    )
+    model(**batch(processor))
+    assert len(model.lm.gated_blocks) > 1 and len(built) == 1
+    model(**batch(processor))  # not kept across calls
+    assert len(built) == 2 and model.lm._attn_biases == {}
+
+
 def test_wrap_units_are_declared(model):
     names = {c.__name__ for c in model.wrap_unit_classes()}
     assert names == {"LlamaDecoderLayer", "GatedCrossAttentionBlock", "PerceiverLayer"}

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from flamingo.config import CrossAttentionConfig
-from flamingo.xattn import GatedCrossAttentionBlock, media_index_from_ids
+from flamingo.xattn import (
+    GatedCrossAttentionBlock,
+    cross_attention_bias,
+    cross_attention_mask,
+    media_index_from_ids,
+)
 
 IMG = 9
 DIM, DIM_MEDIA, N, R = 16, 12, 3, 4
@@ -116,3 +121,37 @@ def test_no_gating_ablation_adds_the_branches_unscaled():
     out = ungated(x, latents, media_index)
     assert not torch.allclose(out, x)
     torch.testing.assert_close(out, gated(x, latents, media_index), rtol=0, atol=0)
+
+
+def test_zeroing_imageless_tokens_after_the_projection_changes_no_bit():
+    # MaskedCrossAttention zeroes rows after its bias-free output projection (so that the
+    # projection keeps a view of the attention output, not a masked copy)
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    attn = block().attn
+    x, latents, media_index = inputs()
+    x.requires_grad_(True)
+    kv = attn.media_kv(latents)
+    q = rearrange(attn.to_q(attn.norm(x)), "b t (h d) -> b h t d", h=attn.heads)
+    bias = cross_attention_bias(media_index, N, R, "last", x.dtype)
+    out = rearrange(
+        F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=bias), "b h t d -> b t (h d)"
+    )
+    reference = attn.to_out(out * (media_index >= 0).unsqueeze(-1))
+    y = attn(x, latents, media_index)
+    assert torch.equal(y, reference)
+    weights = torch.randn_like(y)
+    grads = [
+        torch.autograd.grad((t * weights).sum(), [x, attn.to_out.weight]) for t in (y, reference)
+    ]
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_given_bias_equals_the_mask_built_inside():
+    attn = block().attn
+    x, latents, media_index = inputs()
+    bias = cross_attention_bias(media_index, N, R, "last", x.dtype)
+    assert torch.equal(attn(x, latents, media_index, attn_bias=bias), attn(x, latents, media_index))
+    assert torch.equal(bias == 0, cross_attention_mask(media_index, N, R, "last"))
