@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--new", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,15 +122,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, of, image_size = build(args.config, Path(tmp))
         enc = prompt_batch(ours, image_size, args.batch)
+    ours, of = ours.to(args.device), of.to(args.device)
+    enc = {k: v.to(args.device) for k, v in enc.items()}
     kwargs = dict(max_new_tokens=args.new, num_beams=args.beams)
     timings, outputs = {}, {}
+    cuda = args.device.startswith("cuda")
     with torch.no_grad():
         for name, run in (
             ("ours", lambda: ours.generate(**enc, **kwargs)),
             ("openflamingo", lambda: generate(of, **enc, **kwargs, use_cache=False)),
         ):
+            if cuda:  # a first call loads the kernels; then time a second one
+                run()
+                torch.cuda.synchronize()
             start = time.perf_counter()
             outputs[name] = run()
+            if cuda:
+                torch.cuda.synchronize()
             timings[name] = time.perf_counter() - start
     same = torch.equal(outputs["ours"], outputs["openflamingo"])
     record = {
@@ -141,12 +150,15 @@ def main() -> None:
         "seconds": timings,
         "speedup": timings["openflamingo"] / timings["ours"],
         "identical_tokens": same,
-        "machine": f"{platform.machine()} CPU, {args.threads} threads",
+        "device": args.device,
+        "machine": torch.cuda.get_device_name()
+        if cuda
+        else f"{platform.machine()} CPU, {args.threads} threads",
         "torch": torch.__version__,
         "openflamingo_side": "our beam search over OpenFlamingo's forward (no caches, images re-encoded per beam); its generate fails with transformers 5",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"generation-{args.config}-cpu.json"
+    path = args.out / f"generation-{args.config}-{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(
         f"| generation ({args.config}, batch {args.batch}, beam {args.beams}, {args.new} tokens) | ours | OpenFlamingo | speed-up |"

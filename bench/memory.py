@@ -10,6 +10,7 @@ asked the allocator for, over time: the CPU analogue of CUDA's max allocated.
 from __future__ import annotations
 
 import gc
+import warnings
 
 import torch
 
@@ -18,9 +19,12 @@ def live_tensor_mib() -> float:
     """Memory of every CPU tensor storage Python can reach (weights, optimiser state, batch)."""
     gc.collect()
     storages = {}
-    for obj in gc.get_objects():
-        if torch.is_tensor(obj) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
+    with warnings.catch_warnings():  # isinstance() on deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.device.type == "cpu":
+            storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) / 2**20
 

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.flops import StepShape, peak_tflops, train_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -57,6 +60,19 @@ CONFIGS = {
             word_embed_proj_dim=768,
         ),  # OPT-125m
         "seq_len": 256,
+    },
+    "1b": {  # for a GPU: ~1.7B parameters (ViT-L/14 304M, OPT-1.3B, 0.14B trainable)
+        "vision": "ViT-L-14",
+        "lm": dict(
+            vocab_size=50272,
+            hidden_size=2048,
+            ffn_dim=8192,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            word_embed_proj_dim=2048,
+        ),  # OPT-1.3b
+        "seq_len": 512,
+        "xattn_every": 4,  # as OpenFlamingo's larger models
     },
 }
 NUM_IMAGES = 5
@@ -93,9 +109,10 @@ def make_batch(batch: int, seq_len: int, image_size: int, special, num_images: i
     return ids, mask, pixels
 
 
-def openflamingo_model_config(image_size: int):
+def openflamingo_model_config(image_size: int, every: int = 1):
     """The tiny model config with OpenFlamingo's numerics (6-layer resampler with 64 latents,
-    8x64 heads, FFW x4, no time embeddings; gated blocks before every layer)."""
+    8x64 heads, FFW x4, no time embeddings; gated blocks before every ``every``-th layer,
+    the last of each group, as OpenFlamingo places them)."""
     from flamingo.config import FlamingoConfig
 
     cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
@@ -103,10 +120,49 @@ def openflamingo_model_config(image_size: int):
     cfg.resampler.depth, cfg.resampler.heads, cfg.resampler.dim_head = 6, 8, 64
     cfg.resampler.num_latents, cfg.resampler.ff_mult, cfg.resampler.max_num_frames = 64, 4, 0
     cfg.xattn.heads, cfg.xattn.dim_head, cfg.xattn.ff_mult = 8, 64, 4
+    cfg.xattn.every_n_layers, cfg.xattn.first_layer = every, every - 1
     return cfg
 
 
-def openflamingo_model(clip, lm, special):
+def step_shape(name: str, batch: int, seq_len: int, images: int) -> StepShape:
+    """The dimensions the FLOP count of a step needs, from the benchmark config."""
+    import open_clip
+
+    from flamingo.config import FlamingoConfig
+
+    spec = CONFIGS[name]
+    if spec["vision"] == "tiny":
+        vision = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml").vision
+        vision_cfg = vision.architecture["vision_cfg"]
+    else:
+        vision_cfg = open_clip.get_model_config(spec["vision"])["vision_cfg"]
+    width, size, patch = vision_cfg["width"], vision_cfg["image_size"], vision_cfg["patch_size"]
+    cfg = openflamingo_model_config(size, spec.get("xattn_every", 1))
+    lm = spec["lm"]
+    return StepShape(
+        batch=batch,
+        seq_len=seq_len,
+        images=images,
+        vision_width=width,
+        vision_layers=vision_cfg["layers"],
+        vision_mlp=int(width * vision_cfg.get("mlp_ratio", 4.0)),
+        patch=patch,
+        patches=(size // patch) ** 2,
+        resampler_depth=cfg.resampler.depth,
+        resampler_inner=cfg.resampler.heads * cfg.resampler.dim_head,
+        latents=cfg.resampler.num_latents,
+        resampler_ff_mult=cfg.resampler.ff_mult,
+        gated_blocks=len(cfg.xattn.layer_indices(lm["num_hidden_layers"])),
+        xattn_inner=cfg.xattn.heads * cfg.xattn.dim_head,
+        xattn_ff_mult=cfg.xattn.ff_mult,
+        lm_width=lm["hidden_size"],
+        lm_layers=lm["num_hidden_layers"],
+        lm_ffn=lm["ffn_dim"],
+        vocab=lm["vocab_size"],
+    )
+
+
+def openflamingo_model(clip, lm, special, every: int = 1):
     """OpenFlamingo's own Flamingo (its package) around an open_clip model and an OPT LM."""
     from open_flamingo.src.flamingo import Flamingo as OFFlamingo
     from open_flamingo.src.flamingo_lm import FlamingoLMMixin
@@ -122,12 +178,13 @@ def openflamingo_model(clip, lm, special):
         special.end_of_chunk_id,
         special.image_id,
         vis_dim=vis_dim,
-        cross_attn_every_n_layers=1,
+        cross_attn_every_n_layers=every,
     )
 
 
-def prepare_ours(name: str, batch: int, device: str, seq_len: int, num_images: int):
-    """Our model, optimiser and batch: returns ``(step, target tokens, model)``."""
+def prepare_ours(name: str, args: argparse.Namespace):
+    """Our model, its optimiser's parameter groups and AdamW, and its loss on the batch:
+    ``(model, groups, make_optimizer, compute_loss, target tokens)``."""
     from flamingo import Flamingo
     from flamingo.distributed import adamw, param_groups
     from flamingo.lm import FlamingoLM
@@ -136,62 +193,108 @@ def prepare_ours(name: str, batch: int, device: str, seq_len: int, num_images: i
     from flamingo.vision import VisionEncoder
 
     clip, lm, image_size = build_backbones(name)
-    cfg = openflamingo_model_config(image_size)
+    cfg = openflamingo_model_config(image_size, CONFIGS[name].get("xattn_every", 1))
     tokenizer, special = load_tokenizer("tiny")
     vision = VisionEncoder(cfg.vision, clip.visual)
-    model = (
-        Flamingo(cfg, vision, FlamingoLM(lm, cfg.xattn, vision.width, special, len(tokenizer)))
-        .to(device)
-        .train()
-    )
-    optimizer = adamw(param_groups(model, 0.1), lr=1e-4)  # as train.py's LocalEngine
-    ids, mask, pixels = (
-        t.to(device) for t in make_batch(batch, seq_len, image_size, special, num_images)
-    )
+    model = Flamingo(cfg, vision, FlamingoLM(lm, cfg.xattn, vision.width, special, len(tokenizer)))
+    ids, mask, pixels = batch_on_device(args, image_size, special)
     labels = make_labels(ids, mask, special)
     targets = count_targets(labels)
 
-    def step():  # as train.py: the head fused with the loss
-        loss = model(ids, mask, pixel_values=pixels, labels=labels).nll_sum / targets
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], 1.0
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def compute_loss(model) -> torch.Tensor:  # as train.py: the head fused with the loss
+        return model(ids, mask, pixel_values=pixels, labels=labels).nll_sum / targets
 
-    return step, int(targets), model
+    def make_optimizer(groups):
+        return adamw(groups, lr=1e-4)  # as train.py's LocalEngine
+
+    return model, param_groups(model, 0.1), make_optimizer, compute_loss, int(targets)
 
 
-def prepare_openflamingo(name: str, batch: int, device: str, seq_len: int, num_images: int):
-    """OpenFlamingo's model, optimiser and batch: returns ``(step, target tokens, model)``."""
+def prepare_openflamingo(name: str, args: argparse.Namespace):
+    """OpenFlamingo's model, trainable parameters, AdamW and loss, as :func:`prepare_ours`."""
     from flamingo.losses import count_targets, make_labels
     from flamingo.tokens import load_tokenizer
 
     clip, lm, image_size = build_backbones(name)
     tokenizer, special = load_tokenizer("tiny")  # same special-token order as OpenFlamingo's
-    model = openflamingo_model(clip, lm, special)
+    model = openflamingo_model(clip, lm, special, CONFIGS[name].get("xattn_every", 1))
     # OpenFlamingo's own freeze policy (open_flamingo/src/factory.py)
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
     model.lang_encoder.get_input_embeddings().requires_grad_(True)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids, mask, pixels = (
-        t.to(device) for t in make_batch(batch, seq_len, image_size, special, num_images)
-    )
+    ids, mask, pixels = batch_on_device(args, image_size, special)
     labels = make_labels(ids, mask, special)
 
+    def compute_loss(model) -> torch.Tensor:
+        return model(vision_x=pixels, lang_x=ids, attention_mask=mask, labels=labels).loss
+
+    def make_optimizer(groups):
+        return torch.optim.AdamW(groups, lr=1e-4)  # its training script's
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, [{"params": params}], make_optimizer, compute_loss, int(count_targets(labels))
+
+
+def batch_on_device(args: argparse.Namespace, image_size: int, special):
+    ids, mask, pixels = make_batch(args.batch, args.seq_len, image_size, special, args.images)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return ids.to(args.device), mask.to(args.device), pixels.to(args.device, dtype)
+
+
+def deepspeed_engine(model, groups, precision: str):
+    """A one-process DeepSpeed ZeRO-2 engine (bf16 or fp32), the optimiser as train.py's."""
+    import os
+    import socket
+
+    import deepspeed
+
+    with socket.socket() as s:  # a free port for the one-process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    ).items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed()
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "fused": True}},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    return engine
+
+
+def make_step(prepared, args: argparse.Namespace):
+    """``(step, trained module)``: one optimiser step on the batch, with each framework's own
+    AdamW (``--engine torch``) or both under the same DeepSpeed ZeRO-2 engine."""
+    model, groups, make_optimizer, compute_loss, _ = prepared
+    model = model.to(args.device).train()
+    if args.engine == "zero2":
+        engine = deepspeed_engine(model, groups, args.precision)
+
+        def step():
+            loss = compute_loss(engine)
+            engine.backward(loss)
+            engine.step()
+
+        return step, engine.module
+    optimizer = make_optimizer(groups)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
     def step():
-        loss = model(vision_x=pixels, lang_x=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        compute_loss(model).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, int(count_targets(labels)), model
+    return step, model
 
 
 def top_ops(step, device: str, count: int) -> list[dict]:
@@ -222,19 +325,36 @@ def top_ops(step, device: str, count: int) -> list[dict]:
     ]
 
 
-def peak_live_mib(step) -> float:
-    """The most memory held by live CPU tensors during one step: what the allocator was asked
-    for, free of how malloc keeps and fragments its heap (the CPU analogue of CUDA's max
-    allocated). Tensors alive before the step (weights, optimiser state, batch) plus the
-    profiler's running total of the step's allocations minus its frees, at its highest."""
+ATTENTION_OP = re.compile(
+    r"flash|efficient_attention|fmha|scaled_dot_product|multi_head_attention|softmax", re.I
+)
+"""Profiler op and kernel names that tell how attention was computed."""
+
+
+def profiled_step(step, device: str) -> dict:
+    """One step under the profiler: the attention ops and kernels that ran (with counts), and
+    on CPU the peak memory of live tensors: what the allocator was asked for, free of how
+    malloc keeps and fragments its heap (the CPU analogue of CUDA's max allocated): tensors
+    alive before the step (weights, optimiser state, batch) plus the step's own, at most."""
     from torch.profiler import ProfilerActivity, profile
 
     from bench.memory import allocated_bytes, live_tensor_mib
 
-    before = live_tensor_mib()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    cpu = device == "cpu"
+    before = live_tensor_mib() if cpu else 0.0
+    activities = [ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA])
+    with profile(activities=activities, profile_memory=cpu) as prof:
         step()
-    return before + allocated_bytes(prof)[0] / 2**20
+        if not cpu:
+            torch.cuda.synchronize()
+    kernels = {e.key: e.count for e in prof.key_averages() if ATTENTION_OP.search(e.key)}
+    out = {
+        "attention_ops": dict(sorted(kernels.items())),
+        "flash_attention": any("flash" in name.lower() for name in kernels),
+    }
+    if cpu:
+        out["peak_live_mib"] = before + allocated_bytes(prof)[0] / 2**20
+    return out
 
 
 def timed(step, steps: int, batch: int, targets: int, model, device: str) -> dict:
@@ -270,12 +390,16 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     prepare = prepare_ours if args.impl == "ours" else prepare_openflamingo
-    seq_len = args.seq_len or CONFIGS[args.config]["seq_len"]
-    step, targets, model = prepare(args.config, args.batch, args.device, seq_len, args.images)
-    result = timed(step, args.steps, args.batch, targets, model, args.device)
-    if args.device == "cpu":  # after the timing: the profiler slows the step it watches
-        result["peak_live_mib"] = peak_live_mib(step)
-    if args.profile:  # after the timing, so that the profiler does not slow it
+    prepared = prepare(args.config, args)
+    step, model = make_step(prepared, args)
+    result = timed(step, args.steps, args.batch, prepared[-1], model, args.device)
+    flops = train_step_flops(step_shape(args.config, args.batch, args.seq_len, args.images))
+    result["flops_per_step"] = flops
+    result["tflops_per_s"] = flops["total"] / result["step_s"] / 1e12
+    result["mfu"] = result["tflops_per_s"] / args.peak_tflops if args.peak_tflops else None
+    # after the timing: the profiler slows the steps it watches
+    result.update(profiled_step(step, args.device))
+    if args.profile:
         result["top_ops"] = top_ops(step, args.device, args.profile)
     print(json.dumps(result))
 
@@ -290,6 +414,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=NUM_IMAGES, help="images per sequence")
     parser.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (default: the config's)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["torch", "zero2"],
+        default="torch",
+        help="torch: each framework's own AdamW loop; zero2: both in a one-process DeepSpeed "
+        "ZeRO-2 engine",
+    )
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 needs --engine zero2"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak, for MFU (default: known GPUs' datasheet figure)",
     )
     parser.add_argument(
         "--repeats",
@@ -307,31 +447,27 @@ def main() -> None:
     parser.add_argument("--impl", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    if args.precision == "bf16" and args.engine != "zero2":
+        parser.error("--precision bf16 runs under DeepSpeed: add --engine zero2")
     if args.impl:
         return child(args)
+    default_seq_len = args.seq_len is None
+    args.seq_len = args.seq_len or CONFIGS[args.config]["seq_len"]
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {args.threads} threads"
+    )
+    if args.peak_tflops is None and args.device.startswith("cuda"):
+        args.peak_tflops = peak_tflops(machine, args.precision)
     runs: dict[str, list[dict]] = {"ours": [], "openflamingo": []}
     for _, impl in itertools.product(range(args.repeats), runs):  # alternate: drift hits both
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.train_step",
-            "--impl",
-            impl,
-            "--config",
-            args.config,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--threads",
-            str(args.threads),
-            "--device",
-            args.device,
-            "--images",
-            str(args.images),
-            "--profile",
-            str(args.profile),
-        ] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
+        cmd = [sys.executable, "-m", "bench.train_step", "--impl", impl]
+        for flag in ("config", "batch", "steps", "threads", "device", "images", "seq_len"):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        cmd += ["--engine", args.engine, "--precision", args.precision]
+        cmd += ["--profile", str(args.profile)]
+        cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{impl} failed:\n{done.stderr[-3000:]}")
@@ -344,53 +480,51 @@ def main() -> None:
             if key in done_runs[0]:
                 results[impl][key] = max(r[key] for r in done_runs)
     ours, of = results["ours"], results["openflamingo"]
-    machine = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else f"{platform.machine()} CPU, {args.threads} threads"
-    )
+    ratios = {
+        "samples_per_s": ours["samples_per_s"] / of["samples_per_s"],
+        "peak_memory": ours["peak_mib"] / of["peak_mib"],
+    }
+    if "peak_live_mib" in ours:
+        ratios["peak_live_memory"] = ours["peak_live_mib"] / of["peak_live_mib"]
     record = {
         "config": args.config,
         "batch": args.batch,
         "repeats": args.repeats,
         "images_per_sequence": args.images,
-        "seq_len": args.seq_len or CONFIGS[args.config]["seq_len"],
+        "seq_len": args.seq_len,
+        "engine": args.engine,
+        "precision": args.precision,
         "device": args.device,
         "machine": machine,
+        "peak_tflops": args.peak_tflops,
         "torch": torch.__version__,
         "results": results,
-        "ratios": {
-            "samples_per_s": ours["samples_per_s"] / of["samples_per_s"],
-            "peak_memory": ours["peak_mib"] / of["peak_mib"],
-            **(
-                {"peak_live_memory": ours["peak_live_mib"] / of["peak_live_mib"]}
-                if "peak_live_mib" in ours
-                else {}
-            ),
-        },
+        "ratios": ratios,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    shape = (
-        f"-{args.images}img-{record['seq_len']}tok"
-        if (args.images, args.seq_len) != (NUM_IMAGES, None)
-        else ""
-    )
-    path = args.out / f"train_step-{args.config}{shape}-{args.device.split(':')[0]}.json"
+    name = f"train_step-{args.config}"
+    if (args.images, default_seq_len) != (NUM_IMAGES, True):
+        name += f"-{args.images}img-{args.seq_len}tok"
+    if (args.engine, args.precision) != ("torch", "fp32"):
+        name += f"-{args.engine}-{args.precision}"
+    path = args.out / f"{name}-{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(
-        f"| train step ({args.config}, batch {args.batch}, {machine}) | ours | OpenFlamingo | ours / OpenFlamingo |"
-    )
-    print("| --- | --- | --- | --- |")
+    title = f"train step ({args.config}, batch {args.batch}, {args.engine}, {args.precision}, {machine})"
+    print(f"| {title} | ours | OpenFlamingo | ours / OpenFlamingo |\n| --- | --- | --- | --- |")
     for key, label in (
         ("samples_per_s", "samples/s"),
         ("tokens_per_s", "target tokens/s"),
         ("peak_mib", "peak memory (MiB)" if args.device != "cpu" else "peak RSS (MiB)"),
         ("peak_live_mib", "peak live tensors (MiB)"),
         ("trainable_params", "trainable parameters"),
+        ("tflops_per_s", "model TFLOP/s"),
+        ("mfu", "MFU"),
     ):
-        if key not in ours:
-            continue
-        print(f"| {label} | {ours[key]:.4g} | {of[key]:.4g} | {ours[key] / of[key]:.2f} |")
+        if ours.get(key) is not None:
+            print(f"| {label} | {ours[key]:.4g} | {of[key]:.4g} | {ours[key] / of[key]:.2f} |")
+    flash = {True: "yes", False: "no"}
+    print(f"| flash attention | {flash[ours['flash_attention']]} | ", end="")
+    print(f"{flash[of['flash_attention']]} | |")
     for impl, result in results.items():
         if "top_ops" in result:
             print(f"\n{impl}: costliest ops of one profiled step (self time)\n")

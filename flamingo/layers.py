@@ -69,11 +69,12 @@ def recompute_in_backward(
 def stays_materialised(module: nn.Module) -> bool:
     """Whether ``module``'s parameters can be read during any part of the backward.
 
-    Under ZeRO-3, parameters below the persistence threshold stay whole on every rank; the
-    others are released between the module's own uses, so a recomputation that reads them
-    outside that module's backward must not be used.
+    Not under ZeRO-3 (its parameters carry ``ds_status``): it releases a module's parameters
+    after each use, so a recomputation that reads them during another module's backward would
+    find them empty. Even those below the persistence threshold are released during the first,
+    trace-recording step.
     """
-    return all(getattr(p, "ds_persist", True) for p in module.parameters())
+    return not any(hasattr(p, "ds_status") for p in module.parameters())
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

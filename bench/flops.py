@@ -1,0 +1,125 @@
+"""Analytic FLOPs of one Flamingo training step, and model FLOPs utilisation (MFU).
+
+Counted: matrix multiplications, 2 FLOPs per multiply-add; LayerNorms, activations, softmax,
+the loss and the optimiser are left out (a few percent). With F a part's forward FLOPs:
+
+* frozen vision tower, run without gradients: **F**. Per image, the patch embedding
+  ``2 P (3 p^2) W`` and per layer ``2 S (4 W^2 + 2 W M) + 4 S^2 W`` (QKV and output
+  projections, MLP, attention scores and their weighted sum over ``S = P + 1`` tokens);
+* trainable resampler and gated cross-attention blocks: **3F** (input and weight gradients).
+  Resampler, per media item and layer: keys and values over the ``V + R`` media tokens and
+  latents ``2 (V+R) W 2I``, queries ``2 R W I``, attention ``4 R (V+R) I``, output ``2 R I W``,
+  feed-forward ``4 R W (m W)``. Gated block, per sequence: queries ``2 T D I``, media keys and
+  values ``2 (N R) Dv 2I``, attention over every media latent ``4 T (N R) I`` (the mask
+  removes none of the work), output ``2 T I D``, feed-forward ``4 T D (m D)``;
+* frozen LM, gradients flowing through to the gated blocks and the embeddings: its
+  projections and MLP, per layer ``2 T (4 D^2 + 2 D F_ff)``, **2F** (input gradients only);
+  its attention, per layer ``4 T^2 D``, **3F** (queries, keys and values all need gradients):
+  the full ``T x T`` score matrix, as the Megatron/PaLM convention counts it (causal kernels
+  skip about half);
+* the LM head: **2F** with ``F = 2 T D V``, every position (model FLOPs: what the model
+  needs, the same figure for any implementation; ours computes target rows only).
+
+MFU is these model FLOPs per second over the device's dense peak (:data:`PEAK_TFLOPS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PEAK_TFLOPS = {  # dense tensor-core peaks by device name and precision (vendor datasheets)
+    ("H100 PCIe", "bf16"): 756.0,
+    ("H100", "bf16"): 989.0,
+    ("H200", "bf16"): 989.0,
+    ("A100", "bf16"): 312.0,
+    ("H100 PCIe", "fp32"): 51.0,
+    ("H100", "fp32"): 67.0,
+    ("H200", "fp32"): 67.0,
+    ("A100", "fp32"): 19.5,
+}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The device's dense peak for ``precision`` (first name that matches), None if unknown."""
+    for (name, prec), tflops in PEAK_TFLOPS.items():
+        if name in device_name and prec == precision:
+            return tflops
+    return None
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What the FLOPs of a step depend on (the glossary's names)."""
+
+    batch: int
+    seq_len: int  # T
+    images: int  # N per sequence
+    vision_width: int  # W (= Dv)
+    vision_layers: int
+    vision_mlp: int  # M
+    patch: int  # p
+    patches: int  # P (= V, the tokens the resampler sees)
+    resampler_depth: int
+    resampler_inner: int  # heads x dim_head
+    latents: int  # R
+    resampler_ff_mult: int
+    gated_blocks: int
+    xattn_inner: int
+    xattn_ff_mult: int
+    lm_width: int  # D
+    lm_layers: int
+    lm_ffn: int  # F_ff
+    vocab: int  # V of the head
+
+
+def forward_flops(s: StepShape) -> dict[str, float]:
+    """Forward FLOPs of each part for the whole batch."""
+    w, tokens, v, r = s.vision_width, s.patches + 1, s.patches, s.latents
+    vision = 2 * s.patches * 3 * s.patch**2 * w + s.vision_layers * (
+        2 * tokens * (4 * w * w + 2 * w * s.vision_mlp) + 4 * tokens * tokens * w
+    )
+    i = s.resampler_inner
+    resampler = s.resampler_depth * (
+        2 * (v + r) * w * 2 * i
+        + 2 * r * w * i
+        + 4 * r * (v + r) * i
+        + 2 * r * i * w
+        + 4 * r * w * s.resampler_ff_mult * w
+    )
+    t, d, media, i = s.seq_len, s.lm_width, s.images * s.latents, s.xattn_inner
+    gated = s.gated_blocks * (
+        2 * t * d * i
+        + 2 * media * w * 2 * i
+        + 4 * t * media * i
+        + 2 * t * i * d
+        + 4 * t * d * s.xattn_ff_mult * d
+    )
+    lm = s.lm_layers * 2 * t * (4 * d * d + 2 * d * s.lm_ffn)
+    lm_attention = s.lm_layers * 4 * t * t * d
+    head = 2 * t * d * s.vocab
+    items = s.batch * s.images
+    return {
+        "vision": float(vision * items),
+        "resampler": float(resampler * items),
+        "gated_blocks": float(gated * s.batch),
+        "lm": float(lm * s.batch),
+        "lm_attention": float(lm_attention * s.batch),
+        "head": float(head * s.batch),
+    }
+
+
+BACKWARD_FACTOR = {
+    "vision": 1,
+    "resampler": 3,
+    "gated_blocks": 3,
+    "lm": 2,
+    "lm_attention": 3,
+    "head": 2,
+}
+"""Forward + backward FLOPs over forward FLOPs of each part (module docstring)."""
+
+
+def train_step_flops(s: StepShape) -> dict[str, float]:
+    """Training-step FLOPs of each part (forward and backward) and their ``total``."""
+    parts = {k: f * BACKWARD_FACTOR[k] for k, f in forward_flops(s).items()}
+    return {**parts, "total": sum(parts.values())}
