@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo clean
+.PHONY: install test lint format demo bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ format: install
 
 demo: install
 	$(BIN)/python -m demo.run
+
+bench: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

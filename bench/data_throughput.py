@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import random
 import tempfile
@@ -73,7 +74,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=400, help="samples per kind in the shards")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    rows = []
     cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         specs = {
@@ -103,18 +106,21 @@ def main() -> None:
                 for _ in range(batches):
                     next(it)
                 elapsed = time.perf_counter() - start
-                print(
-                    json.dumps(
-                        {
-                            "kind": kind,
-                            "image_size": size,
-                            "workers": args.workers,
-                            "samples_per_s": round(batches * args.batch_size / elapsed, 1),
-                            "images_per_sample": {"pairs": 1, "interleaved": 3, "video": 8}[kind],
-                            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
-                        }
-                    )
+                rows.append(
+                    {
+                        "kind": kind,
+                        "image_size": size,
+                        "workers": args.workers,
+                        "samples_per_s": round(batches * args.batch_size / elapsed, 1),
+                        "images_per_sample": {"pairs": 1, "interleaved": 3, "video": 8}[kind],
+                        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    }
                 )
+                print(json.dumps(rows[-1]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "data_throughput.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,22 @@ def test_train_step_bench_runs_both_under_deepspeed_zero2_in_bf16(tmp_path):
         assert record["results"][impl]["samples_per_s"] > 0
 
 
+def test_the_report_tabulates_every_record(tmp_path):
+    from bench.report import report
+
+    record, _ = run_bench(tmp_path)
+    (tmp_path / "generation-tiny-cpu.json").write_text(
+        json.dumps(
+            dict(config="tiny", batch=8, beams=3, new_tokens=20, machine="m", speedup=30.0)
+            | {"seconds": {"ours": 0.3, "openflamingo": 9.0}, "identical_tokens": True}
+        )
+    )
+    page = report(tmp_path)
+    speed = record["ratios"]["samples_per_s"]
+    assert f"**{speed:.2f}x**" in page and "train_step-tiny-cpu.json" in page
+    assert "**30.0x**" in page and "## Data loader" not in page
+
+
 def test_bf16_without_deepspeed_is_refused_with_the_fix():
     cmd = [sys.executable, "-m", "bench.train_step", "--precision", "bf16"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
