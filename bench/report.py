@@ -23,46 +23,57 @@ def fmt(value, spec: str = ".3g", suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def train_step_table(records: list[dict]) -> list[str]:
-    lines = [
-        "| config | batch | images x tokens | engine | machine | ours samples/s | "
-        "OpenFlamingo samples/s | speed | peak memory | peak live tensors | "
-        "ours TFLOP/s (MFU) | flash attention (ours / OF) | file |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for r in records:
         ours, of, ratios = r["results"]["ours"], r["results"]["openflamingo"], r["ratios"]
-        engine = f"{r.get('engine', 'torch')}, {r.get('precision', 'fp32')}"
         mfu = f" ({ours['mfu']:.1%})" if ours.get("mfu") else ""
-        flash = " / ".join(
-            {True: "yes", False: "no", None: "-"}[x.get("flash_attention")] for x in (ours, of)
-        )
+        flash = {True: "yes", False: "no", None: "-"}
         memory = "RSS" if r["device"] == "cpu" else "max allocated"
-        lines.append(
-            f"| {r['config']} | {r['batch']} | {r['images_per_sequence']} x {r['seq_len']} "
-            f"| {engine} | {r['machine']} | {ours['samples_per_s']:.3g} "
-            f"| {of['samples_per_s']:.3g} | **{ratios['samples_per_s']:.2f}x** "
-            f"| {ratios['peak_memory']:.2f}x ({memory}) "
-            f"| {fmt(ratios.get('peak_live_memory'), '.2f', 'x')} "
-            f"| {fmt(ours.get('tflops_per_s'))}{mfu} | {flash} | `{r['file']}` |"
+        rows.append(
+            [
+                r["config"],
+                r["batch"],
+                f"{r['images_per_sequence']} x {r['seq_len']}",
+                f"{r.get('engine', 'torch')}, {r.get('precision', 'fp32')}",
+                r["machine"],
+                f"{ours['samples_per_s']:.3g}",
+                f"{of['samples_per_s']:.3g}",
+                f"**{ratios['samples_per_s']:.2f}x**",
+                f"{ratios['peak_memory']:.2f}x ({memory})",
+                fmt(ratios.get("peak_live_memory"), ".2f", "x"),
+                fmt(ours.get("tflops_per_s")) + mfu,
+                " / ".join(flash[x.get("flash_attention")] for x in (ours, of)),
+                f"`{r['file']}`",
+            ]
         )
-    return lines
+    header = ["config", "batch", "images x tokens", "engine", "machine", "ours samples/s"]
+    header += ["OpenFlamingo samples/s", "speed", "peak memory", "peak live tensors"]
+    header += ["ours TFLOP/s (MFU)", "flash attention (ours / OF)", "file"]
+    return table(header, rows)
 
 
 def generation_table(records: list[dict]) -> list[str]:
-    lines = [
-        "| config | batch, beams, new tokens | machine | ours s | OpenFlamingo s | speed-up "
-        "| identical tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    rows = [
+        [
+            r["config"],
+            f"{r['batch']}, {r['beams']}, {r['new_tokens']}",
+            r["machine"],
+            f"{r['seconds']['ours']:.2f}",
+            f"{r['seconds']['openflamingo']:.2f}",
+            f"**{r['speedup']:.1f}x**",
+            r["identical_tokens"],
+        ]
+        for r in records
     ]
-    for r in records:
-        s = r["seconds"]
-        lines.append(
-            f"| {r['config']} | {r['batch']}, {r['beams']}, {r['new_tokens']} | {r['machine']} "
-            f"| {s['ours']:.2f} | {s['openflamingo']:.2f} | **{r['speedup']:.1f}x** "
-            f"| {r['identical_tokens']} |"
-        )
-    return lines
+    header = ["config", "batch, beams, new tokens", "machine", "ours s", "OpenFlamingo s"]
+    return table(header + ["speed-up", "identical tokens"], rows)
 
 
 def loader_table(rows: list[dict], step: dict | None) -> list[str]:
@@ -70,38 +81,37 @@ def loader_table(rows: list[dict], step: dict | None) -> list[str]:
     on the same machine (samples of any kind: a conservative bound, since the step's 5-image
     sequences are the heaviest)."""
     consumption = step["results"]["ours"]["samples_per_s"] if step else None
-    lines = [
-        "| kind | image size | workers | samples/s | x the small step's consumption | machine |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    cells = []
     for row in rows:
-        times = (
-            f"{row['samples_per_s'] / consumption:.0f}x"
-            if consumption and row["image_size"] == 224
-            else "-"
+        times = "-"
+        if consumption and row["image_size"] == 224:
+            times = f"{row['samples_per_s'] / consumption:.0f}x"
+        cells.append(
+            [row["kind"], row["image_size"], row["workers"], row["samples_per_s"], times]
+            + [row["machine"]]
         )
-        lines.append(
-            f"| {row['kind']} | {row['image_size']} | {row['workers']} | {row['samples_per_s']} "
-            f"| {times} | {row['machine']} |"
-        )
-    return lines
+    header = ["kind", "image size", "workers", "samples/s", "x the small step's consumption"]
+    return table(header + ["machine"], cells)
 
 
 def scaling_table(records: list[dict]) -> list[str]:
-    lines = [
-        "| images | tokens | ours step s | OpenFlamingo step s | speed | ours peak MiB "
-        "| OpenFlamingo peak MiB | peak memory |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for r in records:
         ours, of = r["results"]["ours"], r["results"]["openflamingo"]
-        lines.append(
-            f"| {r['images_per_sequence']} | {r['seq_len']} | {ours['step_s']:.3f} "
-            f"| {of['step_s']:.3f} | {of['step_s'] / ours['step_s']:.2f}x "
-            f"| {ours['peak_mib']:.0f} | {of['peak_mib']:.0f} "
-            f"| {ours['peak_mib'] / of['peak_mib']:.2f}x |"
+        rows.append(
+            [
+                r["images_per_sequence"],
+                r["seq_len"],
+                f"{ours['step_s']:.3f}",
+                f"{of['step_s']:.3f}",
+                f"{of['step_s'] / ours['step_s']:.2f}x",
+                f"{ours['peak_mib']:.0f}",
+                f"{of['peak_mib']:.0f}",
+                f"{ours['peak_mib'] / of['peak_mib']:.2f}x",
+            ]
         )
-    return lines
+    header = ["images", "tokens", "ours step s", "OpenFlamingo step s", "speed"]
+    return table(header + ["ours peak MiB", "OpenFlamingo peak MiB", "peak memory"], rows)
 
 
 def report(results: Path) -> str:

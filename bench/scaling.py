@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.report import scaling_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,15 +69,7 @@ def main() -> None:
         )
     for seq_len in args.seq_lens:
         rows.append(point(args.config, 5, seq_len, args.batch, args.steps, args.repeats, args.out))
-    print(
-        "| images | tokens | ours step (s) | OpenFlamingo step (s) | ours peak (MiB) | OpenFlamingo peak (MiB) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        o, f = r["results"]["ours"], r["results"]["openflamingo"]
-        print(
-            f"| {r['images_per_sequence']} | {r['seq_len']} | {o['step_s']:.3f} | {f['step_s']:.3f} | {o['peak_mib']:.0f} | {f['peak_mib']:.0f} |"
-        )
+    print("\n".join(scaling_table(rows)))
     (args.out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 

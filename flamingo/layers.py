@@ -82,6 +82,17 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def linear_of_norm(
+    linear: nn.Linear, norm: nn.LayerNorm, x: torch.Tensor, recompute: bool
+) -> torch.Tensor:
+    """``linear(norm(x))``; with ``recompute`` the LayerNorm output is rebuilt in the backward
+    for the Linear's weight gradient instead of kept (kept under ZeRO-3)."""
+    normed = norm(x)
+    rebuild = recompute and stays_materialised(norm)
+    with recompute_in_backward(normed, lambda: layer_norm(norm, x), rebuild):
+        return linear(normed)
+
+
 class FeedForward(nn.Sequential):
     """Pre-norm MLP: LayerNorm -> Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim).
 
@@ -102,10 +113,7 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, up, act, down = self
-        normed = norm(x)
-        rebuild_norm = self.recompute_saved and stays_materialised(norm)
-        with recompute_in_backward(normed, lambda: layer_norm(norm, x), rebuild_norm):
-            hidden = up(normed)
+        hidden = linear_of_norm(up, norm, x, self.recompute_saved)
         activated = act(hidden)
         gelu = lambda: F.gelu(hidden, approximate=act.approximate)  # noqa: E731
         with recompute_in_backward(activated, gelu, self.recompute_saved):

@@ -183,8 +183,7 @@ class FlamingoLM(nn.Module):
                 partial(self._run_gated_block, block_idx), with_kwargs=True
             )
         self.tokenizer_size = tokenizer_size
-        self._media: tuple[MediaInput, torch.Tensor] | None = None
-        self._attn_biases: dict[tuple, torch.Tensor] = {}
+        self._media: tuple[MediaInput, torch.Tensor, torch.Tensor | None] | None = None
 
     # -- the scoped context through which media reach the hooks ---------------------------------
 
@@ -193,13 +192,26 @@ class FlamingoLM(nn.Module):
         """Make media visible to the gated blocks for the duration of one LM call."""
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
-        self._media = (media, media_index)
-        self._attn_biases = {}  # cross-attention masks, built once per call and shared
+        self._media = (media, media_index, self._cross_attention_bias(media, media_index))
         try:
             yield
         finally:
             self._media = None
-            self._attn_biases = {}
+
+    def _cross_attention_bias(
+        self, media: MediaInput, media_index: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The additive cross-attention mask of this call, built once: every gated block sees
+        the same media, so they share it (and the backward keeps one copy, not one per block)."""
+        if media is None or not len(self.gated_blocks):
+            return None
+        if isinstance(media, list):
+            num_media, num_latents = media[0].num_media, media[0].num_latents
+        else:
+            num_media, num_latents = media.shape[1:3]
+        block = self.gated_blocks[0]
+        dtype = block.attn.to_q.weight.dtype
+        return cross_attention_bias(media_index, num_media, num_latents, block.cfg.attend, dtype)
 
     def _run_gated_block(
         self, block_idx: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -209,7 +221,7 @@ class FlamingoLM(nn.Module):
                 "a decoder layer with a gated cross-attention block ran outside "
                 "FlamingoLM.forward; call the Flamingo model, not its inner HF LM"
             )
-        media, media_index = self._media
+        media, media_index, bias = self._media
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.gated_blocks[block_idx]
         dtype = block.attn.to_q.weight.dtype
@@ -217,17 +229,6 @@ class FlamingoLM(nn.Module):
             media = media[block_idx]
         elif media is not None:
             media = media.to(dtype)
-        bias = None
-        if media is not None:
-            shape = (
-                (media.num_media, media.num_latents)
-                if isinstance(media, MediaKV)
-                else tuple(media.shape[1:3])
-            )
-            key = (*shape, block.cfg.attend, dtype)
-            if key not in self._attn_biases:
-                self._attn_biases[key] = cross_attention_bias(media_index, *key)
-            bias = self._attn_biases[key]
         if self.gradient_checkpointing and self.training:
             out = checkpoint(block, hidden.to(dtype), media, media_index, bias, use_reentrant=False)
         else:

@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from flamingo.config import CrossAttentionConfig
-from flamingo.layers import FeedForward, layer_norm, recompute_in_backward, stays_materialised
+from flamingo.layers import FeedForward, linear_of_norm
 
 
 def media_index_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -117,10 +117,8 @@ class MaskedCrossAttention(nn.Module):
             attn_bias = cross_attention_bias(
                 media_index, kv.num_media, kv.num_latents, attend, x.dtype
             )
-        normed = self.norm(x)
-        rebuild_norm = self.recompute_saved and stays_materialised(self.norm)
-        with recompute_in_backward(normed, lambda: layer_norm(self.norm, x), rebuild_norm):
-            q = rearrange(self.to_q(normed), "b t (h d) -> b h t d", h=self.heads)
+        q = linear_of_norm(self.to_q, self.norm, x, self.recompute_saved)
+        q = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
         out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=attn_bias)
         has_media = (media_index >= 0).unsqueeze(-1).to(out.dtype)
         # zeroed after the bias-free projection, not before: the same values, and the

@@ -65,6 +65,15 @@ def test_the_report_tabulates_every_record(tmp_path):
     assert "**30.0x**" in page and "## Data loader" not in page
 
 
+def test_mfu_uses_the_datasheet_peak_of_the_named_device():
+    from bench.flops import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
+    assert peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert peak_tflops("x86_64 CPU, 2 threads", "fp32") is None
+
+
 def test_bf16_without_deepspeed_is_refused_with_the_fix():
     cmd = [sys.executable, "-m", "bench.train_step", "--precision", "bf16"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
