@@ -127,6 +127,13 @@ class PerceiverResampler(nn.Module):
             x = x + rearrange(self.time_embeddings[:num_frames], "f d -> f 1 d")
         media = rearrange(x, "b n f v d -> (b n) (f v) d")
         latents = repeat(self.latents, "r d -> bn r d", bn=b * n)
+        if num_frames == 1 and self.time_embeddings is not None and torch.is_grad_enabled():
+            # Still images take no time embedding, but the parameter takes part times zero (same
+            # values), so a micro-batch of images gives it a zero gradient rather than none.
+            # DeepSpeed ZeRO-3 needs that: it adds a parameter's first gradient of a step to the
+            # gradient buffer's old contents when the step's first micro-batch left it out, and
+            # re-applies the last gradient on steps that never use it (round-robin mixing).
+            latents = latents + 0.0 * self.time_embeddings[0]
         for layer in self.layers:
             latents = layer(media, latents)
         return rearrange(self.norm(latents), "(b n) r d -> b n r d", b=b)
