@@ -4,6 +4,7 @@ set items nearest to the test image by frozen vision features, most similar last
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 
@@ -44,29 +45,32 @@ class RICES:
         return [[self.pool[int(i)] for i in row.flip(0)] for row in top]
 
 
-def image_features(
-    encode,
-    items: list[Item],
-    load_image,
-    cache_dir: Path | None,
-    cache_key: str,
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """(N, D) features of ``items``' images, cached on disk under ``cache_key``."""
+def features_path(cache_dir: Path, cache_key: str, items: list[Item]) -> Path:
+    """Where the features of ``items`` under ``cache_key`` are cached (the ids are hashed in)."""
     ids = "\n".join(it.id for it in items)
     digest = hashlib.sha1(f"{cache_key}\n{ids}".encode()).hexdigest()[:16]
-    path = cache_dir / f"rices-{digest}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        return load_file(str(path))["features"]
+    return cache_dir / f"rices-{digest}.safetensors"
+
+
+def load_features(path: Path) -> torch.Tensor:
+    return load_file(str(path))["features"]
+
+
+def save_features(path: Path, features: torch.Tensor) -> None:
+    """Written under a temporary name, then renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({"features": features.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def encode_images(encode, items: list[Item], load_image, batch_size: int = 32) -> torch.Tensor:
+    """(N, D) features of ``items``' images, ``batch_size`` images per ``encode`` call."""
     chunks = []
     for start in tqdm(range(0, len(items), batch_size), desc="RICES features", leave=False):
         images = [load_image(it.image) for it in items[start : start + batch_size]]
         chunks.append(encode(images))
-    features = torch.cat(chunks)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous()}, str(path))
-    return features
+    return torch.cat(chunks)
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -25,7 +25,16 @@ from tqdm import tqdm
 
 from eval import prompts
 from eval.config import EvalConfig, TaskConfig
-from eval.fewshot import RICES, image_features, open_rgb, query_set, random_demos
+from eval.fewshot import (
+    RICES,
+    encode_images,
+    features_path,
+    load_features,
+    open_rgb,
+    query_set,
+    random_demos,
+    save_features,
+)
 from eval.tasks import Item, Task, get_task
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.config import to_dict
@@ -68,19 +77,47 @@ class Evaluator:
 
     # -- demonstrations ---------------------------------------------------------------------
 
-    def _features(self, items: list[Item], tag: str) -> torch.Tensor:
-        @torch.no_grad()
-        def encode(images):
-            pixels = self.processor.preprocess_images([[im] for im in images]).to(
-                self.device, self.dtype
-            )
-            return self.model.vision(pixels).mean(dim=(1, 2, 3)).float().cpu()  # (B, Dv)
+    def _features_key(self, tag: str) -> str:
+        vision = f"{Path(self.checkpoint).resolve()}|{self.model.cfg.vision}"
+        return f"{vision}|{tag}|blank={self.cfg.blank_images}"
 
-        key = f"{Path(self.checkpoint).resolve()}|{self.model.cfg.vision}|{tag}"
-        cache = Path(self.cfg.cache_dir) if self.rank == 0 else None
-        return image_features(
-            encode, items, self.open_image, cache, f"{key}|blank={self.cfg.blank_images}"
-        )
+    @torch.no_grad()
+    def _encode(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor.preprocess_images([[im] for im in images])
+        tokens = self.model.vision(pixels.to(self.device, self.dtype))
+        return tokens.mean(dim=(1, 2, 3)).float().cpu()  # (B, Dv)
+
+    def _features(self, items: list[Item], tag: str, shared: bool = False) -> torch.Tensor:
+        """(N, Dv) mean-pooled vision features of ``items``' images, cached in ``cache_dir``.
+
+        ``shared``: every process holds the same ``items`` (the demonstration pool); each
+        encodes its share and they exchange them, and the cache counts only where every
+        process sees it (a node-local ``cache_dir`` is recomputed, split, rather than read
+        by some processes while the others wait)."""
+        path = features_path(Path(self.cfg.cache_dir), self._features_key(tag), items)
+        split = shared and self.world > 1
+        cached = path.is_file()
+        if split:  # every process must take the same branch
+            flag = torch.tensor([int(cached)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            cached = bool(flag.item())
+        if cached:
+            return load_features(path)
+        if not split:
+            features = encode_images(self._encode, items, self.open_image)
+        else:
+            mine = items[self.rank :: self.world]
+            part = encode_images(self._encode, mine, self.open_image) if mine else None
+            parts: list[torch.Tensor | None] = [None] * self.world
+            dist.all_gather_object(parts, part)
+            width = next(p for p in parts if p is not None).shape[1]
+            features = torch.empty(len(items), width)
+            for rank, p in enumerate(parts):
+                if p is not None:
+                    features[rank :: self.world] = p
+        if not split or self.rank == 0:
+            save_features(path, features)
+        return features
 
     def demonstrations(
         self, task: Task, pool: list[Item], items: list[Item], shots: int, seed: int
@@ -88,7 +125,7 @@ class Evaluator:
         count = 2 if shots == 0 else shots  # 0-shot: two text-only demonstrations
         if self.cfg.demos == "random" or shots == 0:
             return [random_demos(pool, it, count, seed) for it in items]
-        rices = RICES(pool, self._features(pool, f"{task.name}/pool/{seed}"))
+        rices = RICES(pool, self._features(pool, f"{task.name}/pool/{seed}", shared=True))
         return rices.demos(self._features(items, f"{task.name}/items"), count)
 
     # -- one trial -------------------------------------------------------------------------
@@ -255,10 +292,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cfg = EvalConfig.from_yaml(args.config, args.overrides)
     if args.shots:
         cfg.shots = args.shots
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model = Flamingo.from_pretrained(
         args.checkpoint, dtype=getattr(torch, cfg.dtype), device=device
     )

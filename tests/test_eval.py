@@ -157,6 +157,7 @@ def test_two_processes_evaluate_each_item_once(setup):
     cfg = yaml.safe_load((setup / "eval.yaml").read_text())
     cfg["tasks"] = {"vqav2": cfg["tasks"]["vqav2"], "coco": cfg["tasks"]["coco"]}
     cfg["shots"], cfg["trials"], cfg["output_dir"] = [2], 1, str(setup / "out2")
+    cfg["demos"], cfg["cache_dir"] = "rices", str(setup / "cache2")
     (setup / "eval2.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
@@ -181,6 +182,26 @@ def test_two_processes_evaluate_each_item_once(setup):
     assert record["world_size"] == 2
     predictions = record["results"]["vqav2"]["2"]["predictions"][0]
     assert sorted(predictions) == ["60", "70", "80"]  # every val question once, no padding
+
+    # one cached pool per task, and each process's own items per task
+    assert len(list((setup / "cache2").glob("rices-*.safetensors"))) == 2 + 2 * 2
+    # the two processes encoded half the RICES pool each: the cached whole equals one process's
+    from eval.config import EvalConfig
+    from eval.fewshot import features_path, load_features, query_set
+    from eval.run import Evaluator
+    from eval.tasks import get_task
+    from flamingo import Flamingo, FlamingoProcessor
+
+    ecfg = EvalConfig.from_yaml(setup / "eval2.yaml", [f"cache_dir={setup / 'cache1'}"])
+    ckpt = setup / "ckpt"
+    model, processor = Flamingo.from_pretrained(ckpt), FlamingoProcessor.from_pretrained(ckpt)
+    evaluator = Evaluator(model, processor, ecfg, str(ckpt), shard=(0, 1))
+    for name in ("vqav2", "coco"):
+        task = get_task(name, ecfg.tasks[name].paths)
+        pool = query_set(task.load(ecfg.tasks[name].train_split), ecfg.query_set_size, ecfg.seed)
+        tag = f"{name}/pool/{ecfg.seed}"
+        split = load_features(features_path(setup / "cache2", evaluator._features_key(tag), pool))
+        torch.testing.assert_close(split, evaluator._features(pool, tag, shared=True))
 
 
 def test_blind_baseline_blanks_every_image(setup):
