@@ -59,6 +59,24 @@ def train_step_table(records: list[dict]) -> list[str]:
     return table(header, rows)
 
 
+def speed_ceilings(records: list[dict]) -> list[str]:
+    """Where the peak was measured (CPU): the fastest step that does all the model FLOPs."""
+    lines = []
+    for r in records:
+        if r.get("peak_source") != "measured fp32 matmul":
+            continue
+        ours, of = r["results"]["ours"], r["results"]["openflamingo"]
+        floor = ours["flops_per_step"]["total"] / (r["peak_tflops"] * 1e12)
+        lines.append(
+            f"- {r['config']}, {r['machine']}: a {r['peak_tflops'] * 1e3:.0f} GFLOP/s fp32 "
+            f"matrix product (measured) does the step's model FLOPs in {floor:.2f} s; "
+            f"OpenFlamingo's step takes {of['step_s']:.2f} s and ours {ours['step_s']:.2f} s "
+            f"({ours['mfu']:.0%} of that peak), so an implementation that does them all is at "
+            f"most {of['step_s'] / floor:.2f}x OpenFlamingo here."
+        )
+    return ["", *lines] if lines else []
+
+
 def generation_table(records: list[dict]) -> list[str]:
     rows = [
         [
@@ -123,11 +141,13 @@ def report(results: Path) -> str:
         "runs every benchmark, then this). Ratios are ours / OpenFlamingo: above 1 is faster for",
         "speed, below 1 is less memory. On CPU, peak memory is the process's peak RSS, and",
         "peak live tensors the most memory tensors held at once (what CUDA's max allocated",
-        "measures on a GPU); MFU uses the model FLOPs of `bench/flops.py`.",
+        "measures on a GPU); MFU uses the model FLOPs of `bench/flops.py` over the GPU's",
+        "datasheet peak, or on CPU over a measured fp32 matrix product.",
         "",
         "## Training step",
         "",
         *train_step_table(steps),
+        *speed_ceilings(steps),
     ]
     scaling = results / "scaling" / "scaling.json"
     if scaling.is_file():

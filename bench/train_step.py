@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.flops import StepShape, peak_tflops, train_step_flops
+from bench.flops import StepShape, matmul_peak_tflops, peak_tflops, train_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -429,7 +429,8 @@ def main() -> None:
         "--peak-tflops",
         type=float,
         default=None,
-        help="the device's dense peak, for MFU (default: known GPUs' datasheet figure)",
+        help="the device's dense peak, for MFU (default: known GPUs' datasheet figure; on "
+        "CPU, a measured fp32 matrix product)",
     )
     parser.add_argument(
         "--repeats",
@@ -458,8 +459,14 @@ def main() -> None:
         if args.device.startswith("cuda")
         else f"{platform.machine()} CPU, {args.threads} threads"
     )
+    peak_source = "given" if args.peak_tflops else None
     if args.peak_tflops is None and args.device.startswith("cuda"):
         args.peak_tflops = peak_tflops(machine, args.precision)
+        peak_source = "datasheet" if args.peak_tflops else None
+    elif args.peak_tflops is None and args.precision == "fp32":
+        torch.set_num_threads(args.threads)
+        args.peak_tflops = matmul_peak_tflops(args.device)
+        peak_source = "measured fp32 matmul"
     runs: dict[str, list[dict]] = {"ours": [], "openflamingo": []}
     for _, impl in itertools.product(range(args.repeats), runs):  # alternate: drift hits both
         cmd = [sys.executable, "-m", "bench.train_step", "--impl", impl]
@@ -497,6 +504,7 @@ def main() -> None:
         "device": args.device,
         "machine": machine,
         "peak_tflops": args.peak_tflops,
+        "peak_source": peak_source,
         "torch": torch.__version__,
         "results": results,
         "ratios": ratios,
