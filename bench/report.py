@@ -69,8 +69,8 @@ def speed_ceilings(records: list[dict]) -> list[str]:
         floor = ours["flops_per_step"]["total"] / (r["peak_tflops"] * 1e12)
         lines.append(
             f"- {r['config']}, {r['machine']}: a {r['peak_tflops'] * 1e3:.0f} GFLOP/s fp32 "
-            f"matrix product (measured) does the step's model FLOPs in {floor:.2f} s; "
-            f"OpenFlamingo's step takes {of['step_s']:.2f} s and ours {ours['step_s']:.2f} s "
+            f"matrix product (measured) does the step's model FLOPs in {floor:.3g} s; "
+            f"OpenFlamingo's step takes {of['step_s']:.3g} s and ours {ours['step_s']:.3g} s "
             f"({ours['mfu']:.0%} of that peak), so an implementation that does them all is at "
             f"most {of['step_s'] / floor:.2f}x OpenFlamingo here."
         )
