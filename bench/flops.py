@@ -55,8 +55,8 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 
 def matmul_peak_tflops(device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 rate of an ``n x n x n`` matrix product on ``device`` with the current
-    threads: the measured peak MFU is taken against where no datasheet figure applies (CPUs)."""
+    """The best fp32 rate (TFLOP/s) of an ``n x n x n`` matrix product on ``device`` with the
+    current threads: the peak MFU is taken against where no datasheet figure applies (CPUs)."""
     a, b = (torch.randn(n, n, device=device) for _ in range(2))
     best = math.inf
     for _ in range(repeats + 1):  # the first is a warm-up
