@@ -463,9 +463,9 @@ def main() -> None:
     if args.peak_tflops is None and args.device.startswith("cuda"):
         args.peak_tflops = peak_tflops(machine, args.precision)
         peak_source = "datasheet" if args.peak_tflops else None
-    elif args.peak_tflops is None and args.precision == "fp32":
+    elif args.peak_tflops is None and (args.device, args.precision) == ("cpu", "fp32"):
         torch.set_num_threads(args.threads)
-        args.peak_tflops = matmul_peak_tflops(args.device)
+        args.peak_tflops = matmul_peak_tflops()
         peak_source = "measured fp32 matmul"
     runs: dict[str, list[dict]] = {"ours": [], "openflamingo": []}
     for _, impl in itertools.product(range(args.repeats), runs):  # alternate: drift hits both

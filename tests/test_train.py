@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import train
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.distributed import adamw
+from flamingo.runs import CheckpointDir
 from tests.conftest import ROOT, noise_image
 from tests.tiny_shards import write_tiny_shards
 
@@ -310,9 +311,10 @@ def test_kill_during_checkpointing_leaves_a_loadable_checkpoint(shards, tmp_path
         signal.SIGKILL
     )  # saving is continuous: the kill lands during a save or between two
     proc.wait(timeout=60)
-    complete = sorted(p for p in checkpoints.iterdir() if (p / "COMPLETE").is_file())
+    # a kill between the marker and the rename leaves step-N.tmp/COMPLETE: not a checkpoint
+    complete = CheckpointDir(checkpoints).complete()
     assert complete
-    last = int(complete[-1].name.split("-")[1])
+    last = complete[-1][0]
     train.main(
         ["--config", str(CONFIG), *overrides(shards, out, steps=last + 1, checkpoint_every=1000)]
     )
