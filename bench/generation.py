@@ -43,7 +43,7 @@ class OpenFlamingoDecoder(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, media_latents=None, **_):
         out = self.of(vision_x=media_latents, lang_x=input_ids, attention_mask=attention_mask)
-        return SimpleNamespace(logits=out.logits.float(), past_key_values=None)
+        return SimpleNamespace(logits=out.logits.float(), cache=None)
 
 
 def build(config: str, root: Path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def build(out: Path, vocab_size: int = 1024) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
+    # transformers 5 names the class TokenizersBackend, which 4.x cannot resolve; both resolve
+    # PreTrainedTokenizerFast (5.x keeps it as an alias), so the asset loads across the range.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {out} (vocab {len(fast)})")
 
 

@@ -108,10 +108,10 @@ class _Decoder:
             media_latents=None if self.use_cache else self.media_latents,
             media_kv=self.media_kv if self.use_cache else None,
             media_index=media_index,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=self.use_cache,
         )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits[:, -1]
 
 
@@ -364,7 +364,7 @@ def score(
         if width > 1:
             rows = torch.zeros(n, dtype=torch.long, device=input_ids.device)
             shared = prompt.select(rows)
-            cache = first.past_key_values
+            cache = first.cache
             cache.batch_repeat_interleave(n)
             mask = torch.cat([shared.attention_mask, valid[:, :-1].long()], dim=1)
             media_index = shared.media_index[:, -1:].expand(n, width - 1)
@@ -373,7 +373,7 @@ def score(
                 mask,
                 media_kv=shared.media_kv,
                 media_index=media_index,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             logprobs = out.logits.log_softmax(-1).gather(-1, cand[:, 1:, None]).squeeze(-1)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -68,6 +69,14 @@ def decoder_layout(model_type: str) -> DecoderLayout:
             "flamingo.lm.DECODER_LAYOUTS (and a tiny-config test)."
         )
     return DECODER_LAYOUTS[model_type]
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which ``module.forward`` takes the KV cache in the installed transformers:
+    ``cache`` from 5.24 on (where ``past_key_values`` is deprecated, its removal announced for
+    5.40, and outputs carry a ``cache`` field instead), ``past_key_values`` before."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _disable_dropout(config: PretrainedConfig) -> None:
@@ -147,6 +156,7 @@ class FlamingoLM(nn.Module):
         config = hf_model.config
         self.layout = decoder_layout(config.model_type)
         self.hf = hf_model.requires_grad_(False)
+        self._cache_argument = cache_argument(hf_model.base_model)
         self.special_tokens = special_tokens
         self.gradient_checkpointing = False
 
@@ -289,14 +299,14 @@ class FlamingoLM(nn.Module):
         media: MediaInput,
         media_index: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Returns ``(logits (B, T, vocab_size), past_key_values)``; with ``labels``,
-        ``(summed NLL, past_key_values)`` instead, without computing the logits
-        (:meth:`summed_nll`)."""
-        kwargs: dict[str, Any] = {}
+        """Returns ``(logits (B, T, vocab_size), cache)``; with ``labels``, ``(summed NLL,
+        cache)`` instead, without computing the logits (:meth:`summed_nll`). ``cache`` is the
+        HF model's own (a ``transformers.Cache``), None unless ``use_cache``."""
+        kwargs: dict[str, Any] = {self._cache_argument: cache}
         if self.layout.position_ids:
             if position_ids is None and attention_mask is not None:
                 # Left padding: count positions from each sequence's first real token. The mask
@@ -308,11 +318,10 @@ class FlamingoLM(nn.Module):
             out = self.hf.base_model(
                 inputs_embeds=self.embed(input_ids),
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
             )
-        cache = out.past_key_values if use_cache else None
+        cache = getattr(out, self._cache_argument) if use_cache else None
         if labels is not None:
             return self.summed_nll(out.last_hidden_state, labels), cache
         return self.logits(out.last_hidden_state), cache
@@ -334,9 +343,26 @@ class FlamingoLM(nn.Module):
                 self.hf.gradient_checkpointing_disable,
             )
         if enabled:
-            enable({"use_reentrant": False})
+            enable({"use_reentrant": False, "context_fn": self._recompute_contexts})
         else:
             disable()
+
+    def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        """``torch.utils.checkpoint``'s ``context_fn`` for the HF decoder layers: called when a
+        layer is checkpointed in the forward, it returns the contexts of that forward and of its
+        recomputation. transformers before 5.23 checkpoints a layer's ``__call__``, so the
+        recomputation in the backward runs the layer's forward pre-hook, the gated block, again,
+        after the media context of the forward has closed; it reopens with the media the
+        forward saw (from 5.23 on the hooks stay outside the checkpoint and it goes unused)."""
+        return contextlib.nullcontext(), self._media_restored(self._media)
+
+    @contextlib.contextmanager
+    def _media_restored(self, media: tuple | None) -> Iterator[None]:
+        previous, self._media = self._media, media
+        try:
+            yield
+        finally:
+            self._media = previous
 
     def decoder_layer_class(self) -> type[nn.Module]:
         return type(self.hf.get_submodule(self.layout.layers)[0])

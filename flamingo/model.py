@@ -35,8 +35,8 @@ class FlamingoOutput(ModelOutput):
 
     logits: torch.Tensor | None = None
     """(B, T, vocab_size), float32."""
-    past_key_values: Any = None
-    """The LM's cache when ``use_cache=True``."""
+    cache: Any = None
+    """The LM's KV cache (a ``transformers.Cache``) when ``use_cache=True``."""
     media_latents: torch.Tensor | None = None
     """(B, N, R, Dv): the resampled media, reusable across calls (e.g. while decoding)."""
     nll_sum: torch.Tensor | None = None
@@ -119,7 +119,7 @@ class Flamingo(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         media_latents: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
         media_index: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
@@ -132,9 +132,9 @@ class Flamingo(nn.Module):
         ``media_latents (B, N, R, Dv)``, or as the gated blocks' precomputed keys/values
         (``media_kv``, see :meth:`FlamingoLM.media_kv`); none of them for text only.
         ``media_index (B, T)`` (phi) is derived from the ``<image>`` tokens of ``input_ids``
-        unless given; it must be given when continuing from ``past_key_values``, since the new
-        tokens alone cannot tell which image came last. ``attention_mask`` covers the cached
-        tokens too, as in Hugging Face.
+        unless given; it must be given when continuing from a ``cache`` (``out.cache`` of a call
+        with ``use_cache=True``), since the new tokens alone cannot tell which image came last.
+        ``attention_mask`` covers the cached tokens too, as in Hugging Face.
 
         With ``labels (B, T)`` (``flamingo.losses.make_labels``; -100 where no loss is taken)
         the output holds ``nll_sum``, the summed next-token NLL over the targets, instead of
@@ -159,9 +159,9 @@ class Flamingo(nn.Module):
         if pixel_values is not None:
             media_latents = self.encode_media(pixel_values)
         if media_index is None:
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(
-                    "media_index is required with a non-empty past_key_values: pass the media "
+                    "media_index is required with a non-empty cache: pass the media "
                     "index of the new tokens computed over the whole sequence"
                 )
             media_index = media_index_from_ids(input_ids, self.special_tokens.image_id)
@@ -171,21 +171,19 @@ class Flamingo(nn.Module):
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        result, cache = self.lm(
+        result, new_cache = self.lm(
             input_ids,
             attention_mask,
             media,
             media_index,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             labels=labels,
         )
         if labels is not None:
-            return FlamingoOutput(
-                past_key_values=cache, media_latents=media_latents, nll_sum=result
-            )
-        return FlamingoOutput(logits=result, past_key_values=cache, media_latents=media_latents)
+            return FlamingoOutput(cache=new_cache, media_latents=media_latents, nll_sum=result)
+        return FlamingoOutput(logits=result, cache=new_cache, media_latents=media_latents)
 
     @staticmethod
     def _check_media(input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor) -> None:

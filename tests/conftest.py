@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,33 @@ def noise_image(seed: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
     arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
     return Image.fromarray(arr.numpy())
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations():
+    """Fail a test whose code meets a deprecation transformers announces through its logger
+    (``warning_once``: ``output.past_key_values`` from 5.24 on). Those announced as
+    ``FutureWarning``/``DeprecationWarning`` are errors already (pyproject's filterwarnings)."""
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # once per test, not once per process
+    records = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(records)
+    yield
+    logger.removeHandler(records)
+    found = [m for m in records.messages if "deprecat" in m.lower()]
+    if found:
+        pytest.fail(f"transformers announced a deprecation: {found}")
 
 
 @pytest.fixture(scope="session")

@@ -251,7 +251,9 @@ def test_gradient_checkpointing_recomputes_layers_and_blocks(processor):
         lambda *_: calls.__setitem__("gated_block", calls["gated_block"] + 1)
     )
     model(**batch(processor)).logits.sum().backward()
-    assert calls == {"decoder_mlp": 2, "gated_block": 2}
+    # Each ran again in the backward. The gated block runs a third time before transformers
+    # 5.23, whose checkpointed decoder layer re-runs its pre-hook (the block) too.
+    assert calls["decoder_mlp"] == 2 and calls["gated_block"] in (2, 3)
 
 
 def test_cached_continuation_equals_the_full_forward(model, processor):
@@ -270,13 +272,13 @@ def test_cached_continuation_equals_the_full_forward(model, processor):
             ids[:, cut:],
             mask,
             media_latents=first.media_latents,
-            past_key_values=first.past_key_values,
+            cache=first.cache,
         )
     rest = model(
         ids[:, cut:],
         mask,
         media_latents=first.media_latents,
-        past_key_values=first.past_key_values,
+        cache=first.cache,
         media_index=media_index[:, cut:],
         use_cache=True,
     )
