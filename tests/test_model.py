@@ -282,6 +282,9 @@ def test_cached_continuation_equals_the_full_forward(model, processor):
         media_index=media_index[:, cut:],
         use_cache=True,
     )
+    # Real tokens only: what a left-padding position (attending to nothing) yields is up to the
+    # attention kernel (torch 2.4 gives different values in the two calls).
+    real = mask.bool()
     torch.testing.assert_close(
-        torch.cat([first.logits, rest.logits], 1), full.logits, atol=1e-5, rtol=1e-5
+        torch.cat([first.logits, rest.logits], 1)[real], full.logits[real], atol=1e-5, rtol=1e-5
     )
