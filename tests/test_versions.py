@@ -1,0 +1,48 @@
+"""The supported ranges and the lock agree: every requirement has a tested floor, and the lock
+pins each one inside its range (a pyproject.toml change without ``make lock`` fails here)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.conftest import ROOT
+from tools.floors import floor, floors
+
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+EXTRAS = sorted(PROJECT["optional-dependencies"])
+REQUIREMENTS = PROJECT["dependencies"] + [
+    r for extra in EXTRAS for r in PROJECT["optional-dependencies"][extra]
+]
+
+
+def locked() -> dict[str, str]:
+    text = (ROOT / "requirements" / "lock.txt").read_text()
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)", text, flags=re.M)
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def test_every_requirement_has_a_floor_for_make_test_oldest():
+    pins = floors(EXTRAS)
+    assert len(pins) == len(REQUIREMENTS)
+    assert "torch==2.4" in pins  # the floor of "torch>=2.4,<3"
+    assert floor("open_clip_torch>=2.27,<4") == "open_clip_torch==2.27"
+    with pytest.raises(ValueError, match="needs exactly one '>=' floor"):
+        floor("accelerate")
+    with pytest.raises(ValueError, match="needs exactly one '>=' floor"):
+        floor("torch<3")
+
+
+def test_the_lock_pins_every_requirement_inside_its_range():
+    pins = locked()
+    for text in REQUIREMENTS:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements/lock.txt: run make lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"the lock pins {name}=={pins[name]} outside {requirement}: run make lock"
+        )
