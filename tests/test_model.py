@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
 from flamingo import Flamingo
+from flamingo.xattn import media_index_from_ids
 from tests.conftest import build, noise_image, set_gates
 
 TEXT = "a red circle on the left. Question: what colour is the circle? Short answer: red"
@@ -254,6 +259,32 @@ def test_gradient_checkpointing_recomputes_layers_and_blocks(processor):
     # Each ran again in the backward. The gated block runs a third time before transformers
     # 5.23, whose checkpointed decoder layer re-runs its pre-hook (the block) too.
     assert calls["decoder_mlp"] == 2 and calls["gated_block"] in (2, 3)
+
+
+def test_a_checkpointed_layer_call_recomputes_its_gated_block_with_the_forward_media(processor):
+    """transformers before 5.23 checkpoints a decoder layer's ``__call__``, pre-hooks included:
+    the gated block runs again in the backward, after the media context has closed."""
+    model = build().train()
+    set_gates(model)
+    lm, enc = model.lm, batch(processor)
+    media = model.encode_media(enc["pixel_values"]).detach()
+    media_index = media_index_from_ids(enc["input_ids"], model.special_tokens.image_id)
+    layer = nn.Identity()  # a stand-in decoder layer: only its pre-hook, the gated block, works
+    layer.register_forward_pre_hook(partial(lm._run_gated_block, 0), with_kwargs=True)
+    hidden = torch.randn(*enc["input_ids"].shape, lm.hf.config.hidden_size, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        with lm.media_context(media, media_index):
+            if checkpointed:
+                out = checkpoint(
+                    layer, hidden, use_reentrant=False, context_fn=lm._recompute_contexts
+                )
+            else:
+                out = layer(hidden)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), hidden)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert lm._media is None
 
 
 def test_cached_continuation_equals_the_full_forward(model, processor):
