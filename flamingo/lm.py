@@ -202,11 +202,9 @@ class FlamingoLM(nn.Module):
         """Make media visible to the gated blocks for the duration of one LM call."""
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
-        self._media = (media, media_index, self._cross_attention_bias(media, media_index))
-        try:
+        bias = self._cross_attention_bias(media, media_index)
+        with self._media_restored((media, media_index, bias)):
             yield
-        finally:
-            self._media = None
 
     def _cross_attention_bias(
         self, media: MediaInput, media_index: torch.Tensor
@@ -358,6 +356,7 @@ class FlamingoLM(nn.Module):
 
     @contextlib.contextmanager
     def _media_restored(self, media: tuple | None) -> Iterator[None]:
+        """Set what the gated blocks see, and put back what was there on the way out."""
         previous, self._media = self._media, media
         try:
             yield

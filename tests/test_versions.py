@@ -4,20 +4,15 @@ pins each one inside its range (a pyproject.toml change without ``make lock`` fa
 from __future__ import annotations
 
 import re
-import tomllib
+import shutil
+import subprocess
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
-from tools.floors import floor, floors
-
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-EXTRAS = sorted(PROJECT["optional-dependencies"])
-REQUIREMENTS = PROJECT["dependencies"] + [
-    r for extra in EXTRAS for r in PROJECT["optional-dependencies"][extra]
-]
+from tools.floors import floor, floors, requirements
 
 
 def locked() -> dict[str, str]:
@@ -27,8 +22,8 @@ def locked() -> dict[str, str]:
 
 
 def test_every_requirement_has_a_floor_for_make_test_oldest():
-    pins = floors(EXTRAS)
-    assert len(pins) == len(REQUIREMENTS)
+    pins = floors()
+    assert len(pins) == len(requirements()) > 20
     assert "torch==2.4" in pins  # the floor of "torch>=2.4,<3"
     assert floor("open_clip_torch>=2.27,<4") == "open_clip_torch==2.27"
     with pytest.raises(ValueError, match="needs exactly one '>=' floor"):
@@ -39,10 +34,20 @@ def test_every_requirement_has_a_floor_for_make_test_oldest():
 
 def test_the_lock_pins_every_requirement_inside_its_range():
     pins = locked()
-    for text in REQUIREMENTS:
+    for text in requirements():
         requirement = Requirement(text)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not in requirements/lock.txt: run make lock"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"the lock pins {name}=={pins[name]} outside {requirement}: run make lock"
         )
+
+
+def test_make_install_stops_early_without_java_and_says_how_to_get_it(tmp_path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    cmd = [make, "-s", "-C", str(ROOT), "check-java"]
+    missing = subprocess.run(cmd, capture_output=True, text=True, env={"PATH": str(tmp_path)})
+    assert missing.returncode != 0 and "default-jre-headless" in missing.stderr
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0  # Java is here

@@ -33,14 +33,19 @@ def floor(requirement: str) -> str:
     return f"{name}=={lower[0]}"
 
 
-def floors(extras: list[str], pyproject: Path = PYPROJECT) -> list[str]:
+def requirements(extras: list[str] | None = None, pyproject: Path = PYPROJECT) -> list[str]:
+    """The project's requirements and those of ``extras`` (all of them when None)."""
     project = tomllib.loads(pyproject.read_text())["project"]
     optional = project.get("optional-dependencies", {})
+    extras = sorted(optional) if extras is None else extras
     unknown = sorted(set(extras) - set(optional))
     if unknown:
         raise ValueError(f"unknown extras {unknown}; pyproject.toml has {sorted(optional)}")
-    requirements = project["dependencies"] + [r for e in extras for r in optional[e]]
-    return [floor(r) for r in requirements]
+    return project["dependencies"] + [r for e in extras for r in optional[e]]
+
+
+def floors(extras: list[str] | None = None, pyproject: Path = PYPROJECT) -> list[str]:
+    return [floor(r) for r in requirements(extras, pyproject)]
 
 
 if __name__ == "__main__":
