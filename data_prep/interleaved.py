@@ -20,12 +20,14 @@ image or no text are skipped (counted).
 from __future__ import annotations
 
 import argparse
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from data_prep.common import (
     add_output_args,
+    check_row,
     checked_image,
     count_rows,
     finish,
@@ -64,70 +66,127 @@ def assign_images(similarity: list[list[float]], threshold: float) -> dict[int, 
     return assignment
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def bad_record(detail: str) -> SkipSample:
+    return SkipSample("bad_record", detail)
+
+
+def check_mmc4(doc: dict[str, Any]) -> tuple[list[str], list[str], list[list[float]]]:
+    """An MMC4 document's (sentences, image names, similarity images x sentences), checked:
+    anything malformed (a wrong type, a null, an index past ``text_list``, a matrix of the
+    wrong shape) raises ``SkipSample`` and costs this document only."""
+    sentences, infos = doc.get("text_list"), doc.get("image_info")
+    if sentences is None or infos is None:
+        raise SkipSample("missing_key", "needs text_list and image_info")
+    if not isinstance(sentences, list) or not all(isinstance(t, str) for t in sentences):
+        raise bad_record("text_list must be a list of strings")
+    if not isinstance(infos, list) or not all(isinstance(i, dict) for i in infos):
+        raise bad_record("image_info must be a list of objects")
+    names = []
+    for k, info in enumerate(infos):
+        name = info.get("image_name")
+        if not isinstance(name, str) or not name:
+            raise bad_record(f"image_info[{k}].image_name must be a file name")
+        names.append(name)
+    similarity = doc.get("similarity_matrix")
+    if similarity is None:  # fall back to each image's single best match
+        similarity = []
+        for k, info in enumerate(infos):
+            index, sim = info.get("matched_text_index"), info.get("matched_sim", 0.0)
+            if index is not None and (
+                not isinstance(index, int) or isinstance(index, bool) or index < 0
+            ):
+                raise bad_record(f"image_info[{k}].matched_text_index must be an integer")
+            if index is not None and index >= len(sentences):
+                raise bad_record(
+                    f"image_info[{k}].matched_text_index {index} is past text_list "
+                    f"({len(sentences)} sentences)"
+                )
+            if not _number(sim):
+                raise bad_record(f"image_info[{k}].matched_sim must be a number")
+            similarity.append([sim if s == index else -1.0 for s in range(len(sentences))])
+        return sentences, names, similarity
+    if (
+        not isinstance(similarity, list)
+        or len(similarity) != len(infos)
+        or not all(isinstance(r, list) and len(r) == len(sentences) for r in similarity)
+    ):
+        raise bad_record(
+            f"similarity_matrix must be {len(infos)} x {len(sentences)} (images x sentences)"
+        )
+    if not all(_number(v) for row in similarity for v in row):
+        raise bad_record("similarity_matrix holds a value that is not a finite number")
+    return sentences, names, similarity
+
+
 def mmc4_chunks(
     doc: dict[str, Any], images_dir: Path, threshold: float, events: Counter, max_pixels: int
 ) -> list:
-    sentences = doc.get("text_list")
-    infos = doc.get("image_info")
-    if not isinstance(sentences, list) or not isinstance(infos, list):
-        raise SkipSample("missing_key", "needs text_list and image_info lists")
-    similarity = doc.get("similarity_matrix")
-    if not isinstance(similarity, list) or len(similarity) != len(infos):
-        # fall back to each image's single best match
-        similarity = [
-            [
-                info.get("matched_sim", 0.0) if s == info.get("matched_text_index") else -1.0
-                for s in range(len(sentences))
-            ]
-            for info in infos
-        ]
+    sentences, names, similarity = check_mmc4(doc)
     assignment = assign_images(similarity, threshold)
-    events["image_below_threshold_or_unmatched"] += len(infos) - len(assignment)
+    events["image_below_threshold_or_unmatched"] += len(names) - len(assignment)
     before: dict[int, tuple[bytes, str]] = {}
     for i, s in assignment.items():
         try:
-            before[s] = checked_image(
-                read_file(images_dir / str(infos[i].get("image_name", ""))), max_pixels
-            )
+            before[s] = checked_image(read_file(images_dir / names[i]), max_pixels)
         except SkipSample as e:
             events[f"image_dropped/{e.reason}"] += 1
     chunks: list = []
     for s, sentence in enumerate(sentences):
         if s in before:
             chunks.append(before[s])
-        if isinstance(sentence, str) and sentence.strip():
+        if sentence.strip():
             chunks.append(sentence.strip())
     return chunks
+
+
+def _obelics_image(image: Any, images_dir: Path | None, k: int) -> bytes:
+    """One OBELICS image entry -> encoded bytes; SkipSample(missing_image) drops the image,
+    SkipSample(bad_record) the document."""
+    if isinstance(image, dict):
+        data, path = image.get("bytes"), image.get("path")
+        if data is not None:
+            image = data
+        elif isinstance(path, str) and path:
+            image = path
+        else:
+            raise bad_record(f"images[{k}] is an object without bytes or path")
+    if isinstance(image, str):
+        if images_dir is None or "://" in image:
+            raise SkipSample(
+                "missing_image", f"{image!r}: not a local file (download first, give --images)"
+            )
+        return read_file(images_dir / image)
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    raise bad_record(f"images[{k}] is a {type(image).__name__}, not a path or bytes")
 
 
 def obelics_chunks(
     row: dict[str, Any], images_dir: Path | None, events: Counter, max_pixels: int
 ) -> list:
     texts, images = row.get("texts"), row.get("images")
+    if texts is None or images is None:
+        raise SkipSample("missing_key", "needs texts and images lists")
     if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
-        raise SkipSample("missing_key", "needs parallel texts and images lists")
+        raise bad_record("texts and images must be lists of one length")
     chunks: list = []
-    for text, image in zip(texts, images, strict=True):
+    for k, (text, image) in enumerate(zip(texts, images, strict=True)):
+        if text is not None and not isinstance(text, str):
+            raise bad_record(f"texts[{k}] is a {type(text).__name__}, not a string")
+        if text is not None and image is not None:
+            raise bad_record(f"position {k} holds both a text and an image")
         if image is not None:
             try:
-                if isinstance(image, dict):
-                    image = image.get("bytes") or (
-                        images_dir / image["path"] if images_dir and image.get("path") else None
-                    )
-                if isinstance(image, str):
-                    if images_dir is None or "://" in image:
-                        raise SkipSample(
-                            "missing_image",
-                            f"{image!r}: not a local file (download first, give --images)",
-                        )
-                    image = images_dir / image
-                data = read_file(image) if isinstance(image, Path) else image
-                if not isinstance(data, bytes):
-                    raise SkipSample("missing_image", "no image bytes")
-                chunks.append(checked_image(data, max_pixels))
+                chunks.append(checked_image(_obelics_image(image, images_dir, k), max_pixels))
             except SkipSample as e:
+                if e.reason == "bad_record":
+                    raise
                 events[f"image_dropped/{e.reason}"] += 1
-        elif isinstance(text, str) and text.strip():
+        elif text is not None and text.strip():
             chunks.append(text.strip())
     return chunks
 
@@ -135,8 +194,7 @@ def obelics_chunks(
 def make_encoder(source: str, args: argparse.Namespace, events: Counter):
     def encode(item: tuple[int, dict]) -> dict:
         index, row = item
-        if "__error__" in row:
-            raise SkipSample("bad_json", row["__error__"])
+        check_row(row)
         if source == "mmc4":
             chunks = mmc4_chunks(row, args.images, args.threshold, events, args.max_image_pixels)
         else:

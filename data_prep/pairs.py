@@ -15,30 +15,34 @@ finished shards are kept.
 from __future__ import annotations
 
 import argparse
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_prep.common import (
     add_output_args,
+    check_row,
     checked_image,
     count_rows,
     finish,
+    json_scalar,
     read_file,
     read_table,
+    text_member,
 )
-from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_pair, sanitize_key
-from flamingo.data.shards import expand_shards, read_shard, write_shards
+from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_pair, sanitize_key, unique_keys
+from flamingo.data.shards import ShardError, expand_shards, read_shard, write_shards
+
+log = logging.getLogger("data_prep.pairs")
 
 
 def folder_items(folder: Path) -> Iterator[dict]:
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower().lstrip(".") in IMAGE_EXTS:
-            caption = path.with_suffix(".txt")
-            yield {
-                "key": str(path.relative_to(folder).with_suffix("")),
-                "path": path,
-                "caption_file": caption,
-            }
+    paths = [p for p in sorted(folder.rglob("*")) if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+    # cat.jpg + cat.png, or a.b.png + a_b.png, would share a key: unique_keys tells them apart
+    keys = unique_keys([str(p.relative_to(folder).with_suffix("")) for p in paths], paths)
+    for path, key in zip(paths, keys, strict=True):
+        yield {"key": key, "path": path, "caption_file": path.with_suffix(".txt")}
 
 
 def table_items(table: Path, root: Path, image_column: str, caption_column: str) -> Iterator[dict]:
@@ -51,42 +55,61 @@ def table_items(table: Path, root: Path, image_column: str, caption_column: str)
         }
 
 
-def img2dataset_items(spec: str) -> Iterator[dict]:
+def img2dataset_items(spec: str, events: Counter) -> Iterator[dict]:
+    """The samples of every input tar; a damaged tar gives its samples up to the damage (the
+    one cut off is counted as ``truncated_input``) and the next tar is read as usual."""
     for url in expand_shards(spec):
-        for raw in read_shard(url):
-            yield {"key": raw["__key__"], "raw": raw}
+        try:
+            for raw in read_shard(url):
+                yield {"key": raw["__key__"], "raw": raw}
+        except ShardError as e:
+            events["input_tar_damaged"] += 1
+            log.warning("input %s is damaged; its samples after the damage are lost", e)
+            if e.partial is not None:
+                yield {"key": e.partial, "cut": e.detail}
+        except OSError as e:
+            events["input_tar_unreadable"] += 1
+            log.warning("cannot read input %s: %s", url, e)
 
 
 def make_encoder(max_pixels: int):
     def encode(item: dict) -> dict:
         meta = {}
+        if "cut" in item:  # the sample a damaged input tar cut off
+            raise SkipSample("truncated_input", item["cut"])
         if "raw" in item:  # img2dataset shard sample
             raw = item["raw"]
+            if "__bad__" in raw:
+                raise SkipSample("duplicate_member", raw["__bad__"])
             image_key = next((k for k in raw if k in IMAGE_EXTS), None)
             if image_key is None or "txt" not in raw:
                 raise SkipSample("missing_key", "needs an image and a .txt caption")
-            data, caption = raw[image_key], raw["txt"].decode("utf-8", "replace")
+            data, caption = raw[image_key], text_member(raw["txt"])
             if "json" in raw:
                 meta["source"] = raw["json"].decode("utf-8", "replace")[:2000]
         elif "row" in item:
-            row = item["row"]
-            if "__error__" in row:
-                raise SkipSample("bad_json", row["__error__"])
+            row = check_row(item["row"])
             image_column, caption_column = item["columns"]
-            if not row.get(image_column) or caption_column not in row:
+            image, caption = row.get(image_column), row.get(caption_column)
+            if image is None or caption is None:
                 raise SkipSample("missing_key", f"row lacks {image_column!r} or {caption_column!r}")
-            data = read_file(item["root"] / str(row[image_column]))
-            caption = str(row[caption_column] or "")
+            if not isinstance(image, str) or not isinstance(caption, str):
+                raise SkipSample(
+                    "bad_record",
+                    f"{image_column!r} and {caption_column!r} must be strings, got "
+                    f"{type(image).__name__} and {type(caption).__name__}",
+                )
+            data = read_file(item["root"] / image)
             meta = {
                 k: v
                 for k, v in row.items()
-                if k not in (image_column, caption_column) and isinstance(v, (str, int, float))
+                if k not in (image_column, caption_column) and json_scalar(v)
             }
         else:
             data = read_file(item["path"])
             if not item["caption_file"].is_file():
                 raise SkipSample("missing_key", f"no caption file {item['caption_file'].name}")
-            caption = item["caption_file"].read_text(errors="replace")
+            caption = text_member(item["caption_file"].read_bytes())
         caption = " ".join(caption.split())
         if not caption:
             raise SkipSample("empty_text")
@@ -126,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     total = None
+    events: Counter = Counter()
     if args.folder:
         if not args.folder.is_dir():
             parser.error(f"--folder {args.folder} is not a directory")
@@ -136,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         items = table_items(args.table, args.image_root, args.image_column, args.caption_column)
         total = count_rows(args.table)
     else:
-        items = img2dataset_items(args.img2dataset)
+        items = img2dataset_items(args.img2dataset, events)
     summary = write_shards(
         items,
         make_encoder(args.max_image_pixels),
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         args.items_per_shard,
         total,
         "pairs",
+        events=events,
     )
     finish(summary, args.out)
 

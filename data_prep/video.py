@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import io
-from collections.abc import Iterator
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
-from data_prep.common import add_output_args, finish, read_table
+from data_prep.common import add_output_args, finish, read_file, read_table, text_member
 from flamingo.data.images import decode_image
-from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_video, sanitize_key
+from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_video, unique_keys
 from flamingo.data.shards import write_shards
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
@@ -54,7 +54,7 @@ def folder_frames(folder: Path, count: int, max_pixels: int) -> list[Image.Image
     if len(paths) < count:
         raise SkipSample("too_few_frames", f"{len(paths)} < {count}")
     return [
-        decode_image(paths[i].read_bytes(), max_pixels)[0] for i in even_indices(len(paths), count)
+        decode_image(read_file(paths[i]), max_pixels)[0] for i in even_indices(len(paths), count)
     ]
 
 
@@ -83,25 +83,33 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--num-frames must be >= 1")
 
     captions: dict[str, str] = {}
+    events: Counter = Counter()
     if args.captions:
-        captions = {
-            str(r.get("video")): str(r.get("caption") or "") for r in read_table(args.captions)
-        }
+        for row in read_table(args.captions):
+            video, caption = row.get("video"), row.get("caption")
+            if isinstance(video, str) and isinstance(caption, str):
+                captions[video] = caption
+            else:  # unreadable, or without a video name and caption string: counted
+                events["caption_rows_unusable"] += 1
     root = args.videos or args.frames
     if not root.is_dir():
         parser.error(f"{root} is not a directory")
 
-    def items() -> Iterator[Path]:
-        if args.videos:
-            yield from sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
-        else:
-            yield from sorted(p for p in root.iterdir() if p.is_dir())
+    if args.videos:
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+        names = [str(p.relative_to(root).with_suffix("")) for p in paths]
+    else:
+        paths = sorted(p for p in root.iterdir() if p.is_dir())
+        names = [p.name for p in paths]
+    # clip.mp4 + clip.webm, or a.b/ + a_b/, would share a key: unique_keys tells them apart
+    items = list(zip(paths, unique_keys(names, paths), strict=True))
 
-    def encode(path: Path) -> dict:
+    def encode(item: tuple[Path, str]) -> dict:
+        path, key = item
         rel = str(path.relative_to(root))
         sidecar = path / "caption.txt" if args.frames else path.with_suffix(".txt")
         caption = captions.get(rel) or (
-            sidecar.read_text(errors="replace") if sidecar.is_file() else ""
+            text_member(sidecar.read_bytes()) if sidecar.is_file() else ""
         )
         caption = " ".join(caption.split())
         if not caption:
@@ -110,11 +118,10 @@ def main(argv: list[str] | None = None) -> None:
             frames = decode_video_frames(path, args.num_frames)
         else:
             frames = folder_frames(path, args.num_frames, args.max_image_pixels)
-        key = sanitize_key(str(Path(rel).with_suffix("")) if args.videos else rel)
         return encode_video(key, [jpeg(f) for f in frames], "jpg", caption, {"source": rel})
 
     summary = write_shards(
-        items(), encode, args.out, args.prefix, args.items_per_shard, desc="video"
+        items, encode, args.out, args.prefix, args.items_per_shard, desc="video", events=events
     )
     finish(summary, args.out)
 

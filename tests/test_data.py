@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from flamingo.config import DatasetConfig
-from flamingo.data.pipeline import FlamingoLoader, Preprocessor
+from flamingo.data.pipeline import FlamingoLoader, Preprocessor, strip_markers
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
 from flamingo.data.shards import read_shard, write_shards
 
@@ -132,7 +132,8 @@ def test_render_ties_text_to_previous_or_next_image():
         Preprocessor._render(chunks, tie_next=True)
         == "<image>t0<|endofchunk|><image>t1<|endofchunk|> t2"
     )
-    assert Preprocessor.clean("a <image> b<|endofchunk|>") == "a  b"
+    assert strip_markers("a <image> b<|endofchunk|>") == "a  b"
+    assert strip_markers("<ima<image>ge> x <|endof<|endofchunk|>chunk|>") == " x "
 
 
 def test_window_keeps_at_most_max_images_and_only_their_pixels(tmp_path, processor):

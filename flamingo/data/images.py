@@ -1,6 +1,6 @@
 """Robust image decoding and Flamingo's training-time image preprocessing.
 
-Decoding turns any common encoding into 8-bit RGB: CMYK, 16-bit, palette, grayscale and
+Decoding turns any common encoding into upright (EXIF orientation applied) 8-bit RGB: CMYK, 16-bit, palette, grayscale and
 alpha images are converted (transparent pixels composited onto white) and counted by mode;
 truncated or corrupt files and decompression bombs raise ``SkipSample``.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
@@ -23,8 +24,15 @@ from flamingo.data.schema import SkipSample
 from flamingo.vision import mean_colour, resize_pad, to_tensor
 
 
-def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Encoded bytes -> (RGB image, original mode). Raises SkipSample on bad input."""
+EXIF_ORIENTATION = 0x0112
+
+
+def decode_image(
+    data: bytes, max_pixels: int, counters: Counter | None = None
+) -> tuple[Image.Image, str]:
+    """Encoded bytes -> (RGB image, original mode), turned upright by its EXIF orientation.
+    Raises SkipSample on bad input. ``counters`` (optional) counts ``image_mode/<mode>`` for
+    converted modes and ``image_exif_rotated`` / ``image_exif_unreadable``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -41,7 +49,26 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         raise SkipSample("image_decode_error", f"{type(e).__name__}: {e}") from e
     if width == 0 or height == 0:
         raise SkipSample("image_decode_error", "empty image")
-    return to_rgb(image), image.mode
+    counters = Counter() if counters is None else counters
+    mode = image.mode
+    if mode != "RGB":
+        counters[f"image_mode/{mode}"] += 1
+    return to_rgb(upright(image, counters)), mode
+
+
+def upright(image: Image.Image, counters: Counter) -> Image.Image:
+    """Apply the EXIF orientation (camera photos are often stored sideways with a tag saying
+    so); an unreadable EXIF block leaves the image as stored (counted)."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        if orientation not in (2, 3, 4, 5, 6, 7, 8):
+            return image
+        rotated = ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block: Pillow raises assorted types
+        counters["image_exif_unreadable"] += 1
+        return image
+    counters["image_exif_rotated"] += 1
+    return rotated
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -75,7 +102,13 @@ class ImagePreprocessor:
             image = resize_pad(image, self.size, mean_colour(self.cfg))
         else:
             scale = self.size / min(image.size)
-            image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))), Image.Resampling.BICUBIC)
+            image = image.resize(
+                (
+                    max(self.size, round(image.width * scale)),
+                    max(self.size, round(image.height * scale)),
+                ),
+                Image.Resampling.BICUBIC,
+            )
             left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
         if flip:

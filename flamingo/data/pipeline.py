@@ -42,7 +42,7 @@ from flamingo.data.schema import (
     SkipSample,
     VideoSample,
 )
-from flamingo.data.shards import expand_shards, read_shard
+from flamingo.data.shards import ShardError, expand_shards, read_shard
 from flamingo.tokens import END_OF_CHUNK, IMAGE, SpecialTokens
 
 log = logging.getLogger("flamingo.data")
@@ -73,6 +73,7 @@ class Preprocessor:
         self.special = special
         self.images = images
         self.eos = tokenizer.eos_token or ""
+        self.markers = special_strings(tokenizer)
 
     def __call__(
         self, raw: dict, rng: random.Random, counters: Counter
@@ -85,18 +86,19 @@ class Preprocessor:
         return self._interleaved(sample, rng, counters)
 
     def _decode(self, data: bytes, counters: Counter):
-        image, mode = decode_image(data, self.cfg.max_image_pixels)
-        if mode != "RGB":
-            counters[f"image_mode/{mode}"] += 1
-        return image
+        return decode_image(data, self.cfg.max_image_pixels, counters)[0]
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    @staticmethod
-    def clean(text: str) -> str:
-        """Web text may contain our marker strings literally: they must not become markers."""
-        return text.replace(IMAGE, "").replace(END_OF_CHUNK, "").strip()
+    def clean(self, text: str, counters: Counter) -> str:
+        """Data text may hold special-token strings literally (``<image>``, ``<PAD>``, the
+        LM's ``</s>`` or ``<|endoftext|>``): removed, so that only the markers we place
+        become special tokens."""
+        cleaned = strip_markers(text, self.markers)
+        if cleaned != text:
+            counters["text_markers_removed"] += 1
+        return cleaned.strip()
 
     def _pick_frames(self, frames: list[bytes]) -> list[bytes]:
         n, want = len(frames), self.cfg.num_frames
@@ -107,9 +109,10 @@ class Preprocessor:
     def _caption(self, caption: str, frames: list[bytes], rng: random.Random, counters: Counter):
         """Pairs and video: ``<image>[ ]caption<|endofchunk|><eos>``, one media item."""
         space = " " if rng.random() < self.cfg.p_leading_space else ""
-        ids = self._tokens(f"{IMAGE}{space}{self.clean(caption)}{END_OF_CHUNK}{self.eos}")[
-            : self.cfg.seq_len
-        ]
+        text = self.clean(caption, counters)
+        ids = self._tokens(f"{IMAGE}{space}{text}{END_OF_CHUNK}{self.eos}")
+        self._check_markers(ids, 1)
+        ids = ids[: self.cfg.seq_len]
         if self.special.image_id not in ids:  # a BOS-heavy tokenizer and a tiny seq_len
             raise SkipSample("no_images", "the <image> token fell outside seq_len")
         flip = rng.random() < self.cfg.p_flip  # one decision per clip: frames stay consistent
@@ -121,7 +124,7 @@ class Preprocessor:
         chunks: list[str | Any] = []
         for chunk in doc.chunks:
             if isinstance(chunk, str):
-                chunks.append(chunk)
+                chunks.append(self.clean(chunk, counters))
                 continue
             try:
                 chunks.append(self._decode(chunk, counters))
@@ -132,13 +135,22 @@ class Preprocessor:
             raise SkipSample("no_images", "every image of the document failed to decode")
         text = self._render(chunks, tie_next=rng.random() < self.cfg.p_next_image)
         ids = self._tokens(text + self.eos)
+        self._check_markers(ids, len(images))
         ids, kept = self._window(ids, rng)
         pixels = torch.stack([self.images(images[k], rng.random() < self.cfg.p_flip) for k in kept])
         return ids, pixels[:, None]  # (N, F=1, C, H, W)
 
+    def _check_markers(self, ids: list[int], images: int) -> None:
+        """One ``<image>`` token per image: the last line of defence behind :meth:`clean`
+        (a mismatch would fail the model's forward or index past the images)."""
+        found = ids.count(self.special.image_id)
+        if found != images:
+            raise SkipSample("marker_mismatch", f"{found} <image> tokens for {images} images")
+
     @staticmethod
     def _render(chunks: list, tie_next: bool) -> str:
-        """Chunks in document order -> text with ``<image>``/``<|endofchunk|>`` markers.
+        """Chunks in document order (text already cleaned) -> text with ``<image>`` and
+        ``<|endofchunk|>`` markers.
 
         Text between two images belongs to the earlier one (the image precedes its text), or,
         with ``tie_next``, to the later one (the text precedes its image).
@@ -146,7 +158,7 @@ class Preprocessor:
         segments: list[list] = [[None, []]]  # [image or None, texts]
         for chunk in chunks:
             if isinstance(chunk, str):
-                segments[-1][1].append(Preprocessor.clean(chunk))
+                segments[-1][1].append(chunk)
             elif tie_next:
                 segments[-1][0] = chunk
                 segments.append([None, []])
@@ -175,6 +187,28 @@ class Preprocessor:
             end = markers[inside[self.cfg.max_images]]
             inside = inside[: self.cfg.max_images]
         return ids[start:end], inside
+
+
+def special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a special token, longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []))
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token))
+    found |= {IMAGE, END_OF_CHUNK}
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def strip_markers(text: str, markers: tuple[str, ...] = (IMAGE, END_OF_CHUNK)) -> str:
+    """Remove every marker string, again and again until none is left: one pass would turn
+    ``<ima<image>ge>`` into ``<image>``."""
+    while True:
+        cleaned = text
+        for marker in markers:
+            cleaned = cleaned.replace(marker, "")
+        if cleaned == text:
+            return text
+        text = cleaned
 
 
 def collate(
@@ -248,8 +282,11 @@ class ShardStream:
                 sample = next(samples)
             except StopIteration:
                 return
-            except Exception as e:  # tarfile, OSError, duplicate member names, ...
+            except Exception as e:  # ShardError (damaged tar), OSError (cannot open), ...
                 self.counters["shard_error"] += 1
+                if isinstance(e, ShardError) and e.partial is not None:
+                    self.counters["seen"] += 1  # the sample the damage cut off
+                    self.counters["skip/truncated_sample"] += 1
                 self._shard_errors += 1
                 log.warning(
                     "dataset %s: skipping the rest of shard %s: %s: %s",

@@ -16,6 +16,7 @@ Readers raise :class:`SkipSample` with a reason; the pipeline counts reasons and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -40,6 +41,22 @@ def sanitize_key(key: str) -> str:
     if not key:
         raise ValueError("empty sample key")
     return key
+
+
+def unique_keys(names: list[str], sources: list[Any] | None = None) -> list[str]:
+    """:func:`sanitize_key` of each name, made unique: names whose keys would coincide
+    (``cat`` from cat.jpg and cat.png, ``a_b`` from a.b and a_b) each get a suffix hashed from
+    their source (default: the name), so a key never depends on which other inputs exist
+    beyond the ones it collides with."""
+    keys = [sanitize_key(n) for n in names]
+    sources = names if sources is None else sources
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        f"{key}-{hashlib.sha1(str(src).encode()).hexdigest()[:10]}" if counts[key] > 1 else key
+        for key, src in zip(keys, sources, strict=True)
+    ]
 
 
 def check_key(key: str) -> str:
@@ -136,7 +153,7 @@ def _text(raw: dict, name: str, max_chars: int) -> str:
     try:
         text = raw[name].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SkipSample("bad_text", str(e)) from e
+        raise SkipSample("bad_encoding", str(e)) from e
     if not text.strip():
         raise SkipSample("empty_text")
     if len(text) > max_chars:
@@ -151,14 +168,22 @@ def _json(raw: dict, required: bool) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SkipSample("bad_json", str(e)) from e
+    except UnicodeDecodeError as e:
+        raise SkipSample("bad_encoding", str(e)) from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
     if not isinstance(value, dict):
         raise SkipSample("bad_json", "top level is not an object")
     return value
 
 
+def _check_members(raw: dict) -> None:
+    if "__bad__" in raw:  # set by shards.read_shard
+        raise SkipSample("duplicate_member", raw["__bad__"])
+
+
 def decode_pair(raw: dict, max_chars: int) -> PairSample:
+    _check_members(raw)
     images = [k for k in raw if k in IMAGE_EXTS]
     if not images:
         raise SkipSample("missing_key", "no image member")
@@ -168,6 +193,7 @@ def decode_pair(raw: dict, max_chars: int) -> PairSample:
 
 
 def decode_interleaved(raw: dict, max_chars: int) -> InterleavedSample:
+    _check_members(raw)
     doc = _json(raw, True)
     chunks = doc.pop("chunks", None)
     if not isinstance(chunks, list):
@@ -195,6 +221,7 @@ def decode_interleaved(raw: dict, max_chars: int) -> InterleavedSample:
 
 
 def decode_video(raw: dict, max_chars: int) -> VideoSample:
+    _check_members(raw)
     names = sorted(k for k in raw if k.startswith("frame") and k.rsplit(".", 1)[-1] in IMAGE_EXTS)
     if not names:
         raise SkipSample("missing_key", "no frame members")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +21,6 @@ from typing import Any
 from tqdm import tqdm
 from webdataset import TarWriter, gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from flamingo.data.schema import SkipSample
 
@@ -88,7 +89,7 @@ def write_shards(
     writer: TarWriter | None = None
     tmp: Path | None = None
     current = -1
-    in_current = 0
+    keys: set[str] = set()  # of the shard being written: a key twice would merge two samples
 
     def finish() -> None:
         nonlocal writer, tmp
@@ -99,29 +100,41 @@ def write_shards(
             summary.shards_written.append(final.name)
             writer = tmp = None
 
-    for i, item in enumerate(tqdm(items, total=total, desc=desc, unit="item")):
-        index = i // items_per_shard
-        if index != current:
-            finish()
-            current, in_current = index, 0
-            final = shard_name(out_dir, prefix, index)
-            if final.exists():
-                summary.shards_reused.append(final.name)
-            else:
-                tmp = final.with_name(final.name + ".tmp")
-                writer = TarWriter(str(tmp), encoder=False)
-        if writer is None:  # this group's shard exists from an earlier run
-            summary.samples_reused += 1
-            continue
-        try:
-            samples = encode(item)
-        except SkipSample as e:
-            summary.skipped[e.reason] += 1
-            continue
-        for sample in samples if isinstance(samples, list) else [samples]:
-            writer.write(sample)
-            summary.samples_written += 1
-            in_current += 1
+    try:
+        for i, item in enumerate(tqdm(items, total=total, desc=desc, unit="item")):
+            index = i // items_per_shard
+            if index != current:
+                finish()
+                current = index
+                keys.clear()
+                final = shard_name(out_dir, prefix, index)
+                if final.exists():
+                    summary.shards_reused.append(final.name)
+                else:
+                    tmp = final.with_name(final.name + ".tmp")
+                    writer = TarWriter(str(tmp), encoder=False)
+            if writer is None:  # this group's shard exists from an earlier run
+                summary.samples_reused += 1
+                continue
+            try:
+                samples = encode(item)
+                samples = samples if isinstance(samples, list) else [samples]
+                new = [s["__key__"] for s in samples]
+                taken = [k for k in new if k in keys or new.count(k) > 1]
+                if taken:
+                    raise SkipSample("duplicate_key", f"{taken[0]!r} is already in this shard")
+            except SkipSample as e:
+                summary.skipped[e.reason] += 1
+                continue
+            for sample in samples:
+                writer.write(sample)
+                keys.add(sample["__key__"])
+                summary.samples_written += 1
+    except BaseException:
+        if writer is not None:  # never leave a half-written shard behind, even as .tmp
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        raise
     finish()
     summary.events.update(events or {})
     (out_dir / f"{prefix}-summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -136,11 +149,78 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
+class ShardError(Exception):
+    """A shard that could not be read to its end; every complete sample before the damage
+    was yielded first. ``partial`` is the key of a sample cut off by it (or None)."""
+
+    def __init__(self, url: str, detail: str, partial: str | None) -> None:
+        lost = f"; sample {partial!r} was cut off and is not used" if partial else ""
+        super().__init__(f"{url}: {detail}{lost}")
+        self.url, self.detail, self.partial = url, detail, partial
+
+
+class _Counted:
+    """A read-only stream that counts the bytes it delivered."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.bytes = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes += len(data)
+        return data
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """``"dir/KEY.img0.jpg"`` -> ``("dir/KEY", "img0.jpg")`` (webdataset's rule: the key ends
+    at the first dot of the file name; suffixes are lower-cased); None without a suffix."""
+    head, _, base = name.rpartition("/")
+    key, dot, suffix = base.partition(".")
+    if not dot or not key or not suffix:
+        return None
+    return (f"{head}/{key}" if head else key), suffix.lower()
+
+
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples (member suffix -> bytes, plus ``__key__``/``__url__``) of one tar shard.
 
-    Errors opening or reading the tar propagate; the pipeline counts them per shard.
+    Members sharing a key form a sample; a sample is yielded once the next sample's header (or
+    the end of the archive) shows that it is complete. A tar cut short (even between members,
+    which ``tarfile`` alone takes for a normal end) or otherwise unreadable raises
+    :class:`ShardError` after every complete sample before the damage. A sample holding one
+    member name twice comes out with ``__bad__`` saying so (its first copy of each member is
+    kept), for the reader to skip. Opening errors (a missing file) propagate as they are.
     """
-    with gopen(url, "rb") as stream:
-        files = tar_file_iterator(stream)
-        yield from group_by_keys({**f, "__url__": url} for f in files)
+    with gopen(url, "rb") as raw:
+        stream = _Counted(raw)
+        sample: dict[str, Any] | None = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    tar.members = []  # stream mode: do not keep every header in memory
+                    parts = split_member(member.name) if member.isreg() else None
+                    if parts is None or parts[0].rpartition("/")[2].startswith("__"):
+                        continue  # directories, links, suffix-less names, webdataset __meta__
+                    key, suffix = parts
+                    if sample is not None and key != sample["__key__"]:
+                        yield sample
+                        sample = None
+                    if sample is None:
+                        sample = {"__key__": key, "__url__": url}
+                    data = tar.extractfile(member).read()
+                    if suffix in sample:
+                        sample["__bad__"] = f"member {member.name!r} appears twice"
+                    else:
+                        sample[suffix] = data
+                if getattr(tar.fileobj, "comptype", "tar") == "tar":
+                    while stream.read(1 << 20):  # the padding after the end-of-archive marker
+                        pass
+                    if stream.bytes < tar.offset + tarfile.BLOCKSIZE:
+                        raise tarfile.ReadError(
+                            f"truncated: ends inside the member header at byte {tar.offset}"
+                        )
+        except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
+            partial = sample["__key__"] if sample is not None else None
+            raise ShardError(url, f"{type(e).__name__}: {e}", partial) from e
+        if sample is not None:
+            yield sample
