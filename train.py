@@ -36,7 +36,7 @@ from flamingo.config import TrainConfig, to_dict
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.distributed import build_engine
 from flamingo.losses import count_targets, make_labels, weighted_loss
-from flamingo.runs import CheckpointDir, RunLogger
+from flamingo.runs import CheckpointDir, RunLogger, read_json
 
 log = logging.getLogger("flamingo.train")
 
@@ -89,6 +89,48 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
+class DatasetExhausted(Exception):
+    """An epoch-mode dataset with ``at_epoch_end: stop`` ran out of batches."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class Batches:
+    """Endless batches from every dataset's loader. An epoch-mode loader that runs out starts
+    its next epoch (logged), or raises :class:`DatasetExhausted` (``at_epoch_end: stop``)."""
+
+    def __init__(self, loaders: dict[str, FlamingoLoader]) -> None:
+        self.loaders = loaders
+        self.iterators = {name: iter(loader) for name, loader in loaders.items()}
+
+    def next(self, name: str, step: int) -> dict:
+        try:
+            return next(self.iterators[name])
+        except StopIteration:
+            pass
+        loader = self.loaders[name]
+        if loader.cfg.at_epoch_end == "stop":
+            raise DatasetExhausted(name)
+        log.info("dataset %s: starting epoch %d at step %d", name, loader.epoch, step)
+        self.iterators[name] = iter(loader)
+        try:
+            return next(self.iterators[name])
+        except StopIteration:
+            raise RuntimeError(
+                f"dataset {name}: a whole epoch gave no batch; check its shards "
+                f"({loader.cfg.shards}) and what was skipped: {dict(loader.stats())}"
+            ) from None
+
+    def state_dict(self) -> dict[str, dict]:
+        return {name: loader.state_dict() for name, loader in self.loaders.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for name, loader in self.loaders.items():
+            loader.load_state_dict(state[name])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
@@ -121,12 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     special = processor.special_tokens
     checkpoints = CheckpointDir(out / "checkpoints")
-    runlog = RunLogger(out, enabled=engine.is_main, tensorboard=cfg.tensorboard)
-    step, skipped_steps = 0, 0
+    step, skipped_steps, history = 0, 0, []
 
-    resume_from = checkpoints.resolve(args.resume)
+    def everywhere(ok: bool) -> bool:
+        failed = torch.tensor([0.0 if ok else 1.0], device=engine.device)
+        return float(engine.all_reduce_sum(failed)) == 0.0
+
+    resume_from = checkpoints.resolve(
+        args.resume, part=(engine.rank, engine.world_size), everywhere=everywhere
+    )
     if resume_from is not None:
-        saved = json.loads((resume_from / "train_config.json").read_text())
+        saved = read_json(resume_from / "train_config.json")
         if FlamingoConfig.from_dict(saved["model"]) != model_cfg:
             raise ValueError(
                 f"{resume_from} was trained with another model config; start a new output_dir"
@@ -138,14 +185,20 @@ def main(argv: list[str] | None = None) -> None:
                 f"{resume_from} was written by {saved_ranks} process(es); resume it with the same "
                 f"number (this run has {engine.world_size}), or start a new output_dir"
             )
-        engine.load(resume_from)
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file)
+        try:
+            engine.load(resume_from)
+        except Exception as e:  # a checkpoint from before manifests can still be damaged
+            raise RuntimeError(f"cannot load the checkpoint {resume_from}: {e}") from e
         step, skipped_steps = state["step"], state["skipped_steps"]
         for name, loader in loaders.items():
             loader.load_state_dict(state["loaders"][name])
-        runlog.history = state.get("history", [])
+        history = state.get("history", [])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", resume_from, step)
+    runlog = RunLogger(
+        out, enabled=engine.is_main, tensorboard=cfg.tensorboard, history=history, step=step
+    )
 
     def save_checkpoint() -> None:
         if engine.is_main:
@@ -174,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     # -- the loop ---------------------------------------------------------------------------------
     model = engine.module
     model.train()
-    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    batches = Batches(loaders)
+    # a dataset that can stop the run: each step's fetch may have to be undone
+    can_stop = any(not d.resampled and d.at_epoch_end == "stop" for d in cfg.datasets)
+    stopped_by: list[str] = []
     gate_names = [n for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
     bar = tqdm(
         total=cfg.steps,
@@ -188,19 +244,30 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         lr = cfg.optim.lr_at(step, cfg.steps)
         names = per_step if cfg.mixing == "all" else [cfg.datasets[step % len(cfg.datasets)].name]
-        micro = [(name, next(iterators[name])) for name in names for _ in range(cfg.accumulation)]
+        before = batches.state_dict() if can_stop else None
+        try:
+            micro = [(n, batches.next(n, step)) for n in names for _ in range(cfg.accumulation)]
+            ran_out = None
+        except DatasetExhausted as e:
+            micro, ran_out = [], e.name
         for _, batch in micro:
             batch["labels"] = make_labels(batch["input_ids"], batch["attention_mask"], special)
-        # each dataset's NLL is normalised by its target tokens over the step, on every rank
+        # each dataset's NLL is normalised by its target tokens over the step, on every rank;
+        # the same collective tells every rank which datasets ran out anywhere
         counts = torch.tensor(
             [
                 sum(int(count_targets(b["labels"])) for n, b in micro if n == name)
                 for name in datasets
-            ],
+            ]
+            + [float(name == ran_out) for name in datasets],
             dtype=torch.float64,
         )
-        counts = engine.all_reduce_sum(counts.to(engine.device)).cpu()
-        step_targets = dict(zip(datasets, counts.tolist(), strict=True))
+        counts = engine.all_reduce_sum(counts.to(engine.device)).cpu().tolist()
+        stopped_by = [n for n, f in zip(datasets, counts[len(datasets) :], strict=True) if f]
+        if stopped_by:
+            batches.load_state_dict(before)  # the checkpoint resumes at this step's start
+            break
+        step_targets = dict(zip(datasets, counts[: len(datasets)], strict=True))
         nll_sums = defaultdict(float)
         samples = 0
         engine.begin_step(lr)
@@ -282,6 +349,17 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
     bar.close()
+    if stopped_by:
+        if step == 0:
+            raise RuntimeError(f"dataset(s) {stopped_by} gave no batch: check their shards")
+        log.warning(
+            "stopping at step %d of %d: dataset(s) %s ran out (at_epoch_end: stop)",
+            step,
+            cfg.steps,
+            ", ".join(stopped_by),
+        )
+        if step % cfg.checkpoint_every:  # else this step's checkpoint is written already
+            save_checkpoint()
 
     # -- export -----------------------------------------------------------------------------------
     names = exported_names(model)

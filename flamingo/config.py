@@ -455,6 +455,10 @@ class DatasetConfig:
     0.03)."""
     resampled: bool = True
     """Draw shards with replacement forever (training); false: one pass per epoch."""
+    at_epoch_end: Literal["next_epoch", "stop"] = "next_epoch"
+    """Epoch mode (``resampled: false``): once every shard is read, start the next epoch
+    (logged), or stop the run (a checkpoint at the last full step, then the export), naming
+    this dataset."""
     shuffle_buffer: int = 256
     """Samples shuffled together within a shard (0: stored order)."""
     p_next_image: float = 0.5

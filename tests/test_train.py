@@ -190,6 +190,15 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(shards, tmp_path
         # uninterrupted run but not after the resume (3e-4 apart)
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
     assert any(float(b.attn_gate.detach().abs()) > 0 for b in model.lm.gated_blocks)
+    # the manifest covers DeepSpeed's files too: damage one rank's optimiser state and resume
+    # takes the checkpoint before
+    checkpoints = CheckpointDir(resumed / "checkpoints")
+    listed = json.loads((checkpoints.final_path(4) / "COMPLETE").read_text())["files"]
+    optim = sorted(n for n in listed if n.endswith("optim_states.pt"))
+    assert len(optim) == 2 and any(n.endswith("model_states.pt") for n in listed), listed
+    damaged = checkpoints.final_path(4) / optim[1]
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    assert checkpoints.resolve("auto") == checkpoints.final_path(2)
 
 
 @pytest.mark.multiprocess
@@ -368,3 +377,83 @@ def test_evaluation_during_training(shards, tmp_path):
     assert {"eval/coco/0shot/CIDEr", "eval/coco/2shot/CIDEr", "eval/vqav2/2shot/accuracy"} <= set(
         evals[0]
     )
+
+
+# -- damaged checkpoints, logs after a resume, datasets that run out ---------------------------
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_rewrites_the_log(shards, tmp_path, caplog):
+    straight, out = tmp_path / "straight", tmp_path / "damaged"
+    train.main(["--config", str(CONFIG), *overrides(shards, straight, steps=4, checkpoint_every=2)])
+    train.main(["--config", str(CONFIG), *overrides(shards, out, steps=3, checkpoint_every=2)])
+    engine_pt = out / "checkpoints" / "step-00000003" / "engine.pt"
+    engine_pt.write_bytes(engine_pt.read_bytes()[:-100])  # a disk that filled up, say
+    with caplog.at_level("WARNING", logger="flamingo.runs"):
+        train.main(["--config", str(CONFIG), *overrides(shards, out, steps=4, checkpoint_every=2)])
+    assert any("step-00000003" in m and "engine.pt" in m for m in caplog.messages)
+    # resumed at step 2: the log holds steps 1..4 once each, the same as an uninterrupted run
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    for x, y in zip(metrics(straight), metrics(out), strict=True):
+        assert x["loss/total"] == pytest.approx(y["loss/total"], rel=1e-5, abs=1e-6), x["step"]
+
+
+@pytest.mark.parametrize("damaged", ["trainer_rank00000.json", "train_config.json", "COMPLETE"])
+def test_every_file_of_a_checkpoint_is_verified(tmp_path, damaged):
+    from flamingo.runs import CheckpointError
+
+    checkpoints = CheckpointDir(tmp_path)
+    for step in (1, 2):
+        tmp = checkpoints.prepare(step)
+        (tmp / "engine.pt").write_bytes(b"weights %d" % step)
+        (tmp / "trainer_rank00000.json").write_text(json.dumps({"step": step}))
+        (tmp / "train_config.json").write_text("{}")
+        (tmp / "deepspeed" / "zero").mkdir(parents=True)
+        (tmp / "deepspeed" / "zero" / "optim_states.pt").write_bytes(b"state")
+        checkpoints.commit(step)
+    assert checkpoints.resolve("auto") == checkpoints.final_path(2)
+    path = checkpoints.final_path(2) / damaged
+    path.write_bytes(path.read_bytes()[:-1] + b"#")  # same size, other contents
+    assert checkpoints.resolve("auto") == checkpoints.final_path(1)
+    with pytest.raises(CheckpointError, match=f"step-00000002.*{damaged}"):
+        checkpoints.resolve(str(checkpoints.final_path(2)))
+    nested = checkpoints.final_path(1) / "deepspeed" / "zero" / "optim_states.pt"
+    nested.unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint .* verifies"):
+        checkpoints.resolve("auto")
+
+
+def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
+    checkpoints = CheckpointDir(tmp_path)
+    tmp = checkpoints.prepare(5)
+    (tmp / "engine.pt").write_bytes(b"weights")
+    tmp.rename(checkpoints.final_path(5))
+    (checkpoints.final_path(5) / "COMPLETE").write_text("5\n")
+    assert checkpoints.resolve("auto") == checkpoints.final_path(5)
+
+
+def test_an_epoch_mode_dataset_starts_its_next_epoch(shards, tmp_path, caplog):
+    out = tmp_path / "epochs"
+    epoch_mode = {"datasets.1.resampled": "false"}  # pairs: 48 samples, 6 batches of 8
+    with caplog.at_level("INFO", logger="flamingo.train"):
+        train.main(
+            [
+                "--config",
+                str(CONFIG),
+                *overrides(shards, out, steps=8, checkpoint_every=8, **epoch_mode),
+            ]
+        )
+    assert [m["step"] for m in metrics(out)] == list(range(1, 9))
+    assert any("dataset pairs: starting epoch 1 at step 6" in m for m in caplog.messages)
+
+
+def test_an_epoch_mode_dataset_can_stop_the_run_after_a_checkpoint(shards, tmp_path, caplog):
+    out = tmp_path / "stop"
+    stop = {"datasets.1.resampled": "false", "datasets.1.at_epoch_end": "stop"}
+    with caplog.at_level("WARNING", logger="flamingo.train"):
+        train.main(
+            ["--config", str(CONFIG), *overrides(shards, out, steps=20, checkpoint_every=4, **stop)]
+        )
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+    assert any("stopping at step 6 of 20" in m and "pairs" in m for m in caplog.messages)
+    assert CheckpointDir(out / "checkpoints").latest().name == "step-00000006"
+    assert (out / "model" / "model.safetensors").is_file()

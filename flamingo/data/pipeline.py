@@ -471,6 +471,11 @@ class FlamingoLoader:
             if batch is not None:
                 yield batch
 
+    @property
+    def epoch(self) -> int:
+        """The epoch this rank's streams are in (the earliest of them)."""
+        return min((s.epoch for s in self._states.values()), default=0)
+
     def stats(self) -> Counter:
         """Counters summed over this rank's streams: seen, ok, skip/<reason>, image_mode/..."""
         total: Counter = Counter()
