@@ -89,7 +89,7 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:  # ValueError: JSON, or a huge integer
                 yield bad_row("bad_json", f"line {number}: {type(e).__name__}: {e}")
                 continue
             if not isinstance(row, dict):

@@ -494,6 +494,11 @@ class DatasetConfig:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.resampled and self.at_epoch_end == "stop":
+            raise ValueError(
+                f"dataset {self.name}: at_epoch_end: stop needs resampled: false (a resampled "
+                "dataset draws shards forever and never runs out)"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def decode_image(
     converted modes and ``image_exif_rotated`` / ``image_exif_unreadable``."""
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's notes on damaged metadata
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
@@ -60,10 +61,12 @@ def upright(image: Image.Image, counters: Counter) -> Image.Image:
     """Apply the EXIF orientation (camera photos are often stored sideways with a tag saying
     so); an unreadable EXIF block leaves the image as stored (counted)."""
     try:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        if orientation not in (2, 3, 4, 5, 6, 7, 8):
-            return image
-        rotated = ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation not in (2, 3, 4, 5, 6, 7, 8):
+                return image
+            rotated = ImageOps.exif_transpose(image)
     except Exception:  # a damaged EXIF block: Pillow raises assorted types
         counters["image_exif_unreadable"] += 1
         return image

@@ -170,7 +170,7 @@ def _json(raw: dict, required: bool) -> dict[str, Any]:
         value = json.loads(raw["json"])
     except UnicodeDecodeError as e:
         raise SkipSample("bad_encoding", str(e)) from e
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or a huge integer
         raise SkipSample("bad_json", f"{type(e).__name__}: {e}") from e
     if not isinstance(value, dict):
         raise SkipSample("bad_json", "top level is not an object")
