@@ -105,6 +105,18 @@ def test_bad_keys_and_values_name_the_key(override: str, key: str):
         FlamingoConfig.from_yaml(TINY, overrides=[override])
 
 
+def test_a_dataset_that_cannot_run_out_cannot_stop_the_run():
+    tiny = ROOT / "configs/train/tiny.yaml"
+    with pytest.raises(ValueError, match="pairs: at_epoch_end: stop needs resampled: false"):
+        TrainConfig.from_yaml(tiny, ["datasets.1.at_epoch_end=stop"])
+    with pytest.raises(ValueError, match=r"at_epoch_end"):
+        TrainConfig.from_yaml(tiny, ["datasets.1.at_epoch_end=never", "datasets.1.resampled=false"])
+    cfg = TrainConfig.from_yaml(
+        tiny, ["datasets.1.at_epoch_end=stop", "datasets.1.resampled=false"]
+    )
+    assert cfg.datasets[1].at_epoch_end == "stop"
+
+
 def test_missing_file_and_bad_override_syntax(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         FlamingoConfig.from_yaml(tmp_path / "nope.yaml")
