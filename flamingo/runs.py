@@ -56,12 +56,15 @@ def verify(directory: Path, part: tuple[int, int] = (0, 1)) -> list[str]:
         text = marker.read_text()
     except (OSError, UnicodeDecodeError) as e:
         return [f"{marker}: unreadable ({e})"]
+    if re.fullmatch(r"\d+\n?", text):  # written before checkpoints had manifests
+        log.warning("%s has no manifest (an older checkpoint): not verified", directory)
+        return []
     try:
         recorded = json.loads(text)["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        if re.fullmatch(r"\d+\n?", text):  # written before checkpoints had manifests
-            log.warning("%s has no manifest (an older checkpoint): not verified", directory)
-            return []
+        entries = recorded.values()
+        if not all(isinstance(e["bytes"], int) and isinstance(e["sha256"], str) for e in entries):
+            raise TypeError("a file entry without bytes and sha256")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return [f"{marker}: not a checkpoint manifest (damaged?)"]
     problems = []
     rank, world = part
