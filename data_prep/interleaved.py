@@ -152,8 +152,8 @@ def _obelics_image(image: Any, images_dir: Path | None, k: int) -> bytes:
             image = data
         elif isinstance(path, str) and path:
             image = path
-        else:
-            raise bad_record(f"images[{k}] is an object without bytes or path")
+        else:  # how some exports write "no image": dropped, counted
+            raise SkipSample("missing_image", f"images[{k}] has neither bytes nor a path")
     if isinstance(image, str):
         if images_dir is None or "://" in image:
             raise SkipSample(
