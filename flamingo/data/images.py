@@ -23,7 +23,6 @@ from flamingo.config import VisionConfig
 from flamingo.data.schema import SkipSample
 from flamingo.vision import mean_colour, resize_pad, to_tensor
 
-
 EXIF_ORIENTATION = 0x0112
 
 
