@@ -31,7 +31,6 @@ from tqdm import tqdm
 from eval.config import EvalConfig
 from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
-from flamingo.checkpoint import exported_names, save_pretrained
 from flamingo.config import TrainConfig, to_dict
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.distributed import build_engine
@@ -362,10 +361,10 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint()
 
     # -- export -----------------------------------------------------------------------------------
-    names = exported_names(model)
+    names = model.exported_names()
     tensors = engine.full_tensors(names)
     if engine.is_main:
-        save_pretrained(model, out / "model", processor, tensors=tensors)
+        model.save_pretrained(out / "model", processor, tensors=tensors)
         runlog.plot()
         log.info("exported %s (%d skipped steps)", out / "model", skipped_steps)
     runlog.close()

@@ -47,7 +47,7 @@ class OpenFlamingoDecoder(torch.nn.Module):
 
 
 def build(config: str, root: Path):
-    from flamingo.checkpoint import from_openflamingo
+    from flamingo.convert import from_openflamingo
     from flamingo.tokens import TINY_TOKENIZER_DIR, load_tokenizer
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Checkpoints: ``save_pretrained`` / ``from_pretrained`` (and foreign formats in ``convert``).
+"""The checkpoint directory format: file names, ``config.json``, and tensor files.
 
 A checkpoint directory holds
 
@@ -10,57 +10,86 @@ A checkpoint directory holds
   checkpoint's training changed (``lm.save_input_embeddings``, set by the OpenFlamingo import);
 * the tokenizer files and ``processor_config.json``.
 
-Loading rebuilds the frozen parts from their sources and loads strictly: a missing, unexpected
-or mis-shaped tensor is an error naming it. Nothing is unpickled.
+This module knows files, not models: :class:`~flamingo.model.Flamingo` says which tensors go
+into which file (``trainable_state_dict``, ``frozen_state_dict``) and calls it, so the import
+graph stays a tree (config <- checkpoint <- processing, model). Loading checks strictly: a
+missing, unexpected or mis-shaped tensor is an error naming it. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import warnings
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from flamingo.config import read_checkpoint_config, write_checkpoint_config
-from flamingo.model import Flamingo
-from flamingo.processing import FlamingoProcessor
+from flamingo.config import FlamingoConfig, library_version
 
 TRAINABLE_NAME = "model.safetensors"
 FROZEN_NAME = "frozen.safetensors"
+CHECKPOINT_CONFIG = "config.json"
+CHECKPOINT_FORMAT = "flamingo"
+CHECKPOINT_FORMAT_VERSION = 1
 
 
-# -- which tensors go where -------------------------------------------------------------------
+def write_checkpoint_config(directory: Path, cfg: FlamingoConfig, extra: dict[str, Any]) -> None:
+    """Write ``config.json`` atomically: the model config plus format metadata."""
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "library_version": library_version(),
+        **extra,
+        "config": cfg.to_dict(),
+    }
+    tmp = directory / (CHECKPOINT_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(directory / CHECKPOINT_CONFIG)
 
 
-def trainable_state_dict(model: Flamingo) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+def read_checkpoint_config(directory: str | Path) -> tuple[FlamingoConfig, dict[str, Any]]:
+    """Read and validate a checkpoint directory's ``config.json``: ``(config, metadata)``."""
+    directory = Path(directory)
+    path = directory / CHECKPOINT_CONFIG
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a flamingo checkpoint: it has no {CHECKPOINT_CONFIG}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f'{path} is not a flamingo checkpoint config (no "format": "{CHECKPOINT_FORMAT}"); '
+            "for an OpenFlamingo checkpoint use `python -m flamingo.convert openflamingo`"
+        )
+    version = meta.get("format_version")
+    written_by = meta.get("library_version")
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format {version!r} (written by flamingo {written_by}); "
+            f"flamingo {library_version()} reads format <= {CHECKPOINT_FORMAT_VERSION}: upgrade"
+        )
+    try:
+        cfg = FlamingoConfig.from_dict(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"{path}: incompatible model config (written by flamingo {written_by}, this is "
+            f"{library_version()}): {e}"
+        ) from e
+    return cfg, meta
 
 
-def frozen_state_dict(model: Flamingo) -> dict[str, torch.Tensor]:
-    """Frozen tensors a checkpoint must carry because no source can rebuild them."""
-    cfg = model.cfg
-    prefixes = []
-    if cfg.vision.pretrained is None:
-        prefixes.append("vision.")
-    if cfg.lm.architecture is not None:
-        prefixes.append("lm.hf.")
-    names = []
-    if cfg.lm.save_input_embeddings and cfg.lm.architecture is None:
-        embed = model.lm.hf.get_input_embeddings().weight
-        names = [f"lm.hf.{n}" for n, p in model.lm.hf.named_parameters() if p is embed]
-    params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not p.requires_grad}
-    return {n: p.detach() for n, p in params.items() if n.startswith(tuple(prefixes)) or n in names}
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(tmp))
     tmp.replace(path)
 
 
-def _load_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint directory is incomplete")
     try:
@@ -81,267 +110,3 @@ def _load_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                 f"{tuple(expected[name].shape)}"
             )
     return tensors
-
-
-# -- save / load --------------------------------------------------------------------------------
-
-
-def exported_names(model: Flamingo) -> list[str]:
-    """Every tensor name ``save_pretrained`` writes (trainable, then frozen-without-source)."""
-    return list(trainable_state_dict(model)) + list(frozen_state_dict(model))
-
-
-def save_pretrained(
-    model: Flamingo,
-    directory: str | Path,
-    processor: FlamingoProcessor | None = None,
-    tensors: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write ``model`` (and its tokenizer / processor files) to ``directory``.
-
-    ``tensors`` replaces the module's values by name: a sharded engine (ZeRO-3) gathers the
-    full weights of :func:`exported_names` and passes them here.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    trainable, frozen = trainable_state_dict(model), frozen_state_dict(model)
-    if tensors is not None:
-        missing = sorted((set(trainable) | set(frozen)) - set(tensors))
-        if missing:
-            raise ValueError(f"tensors lacks {missing[:10]}")
-        trainable = {n: tensors[n] for n in trainable}
-        frozen = {n: tensors[n] for n in frozen}
-    _save_tensors(trainable, directory / TRAINABLE_NAME)
-    if frozen:
-        _save_tensors(frozen, directory / FROZEN_NAME)
-    elif (directory / FROZEN_NAME).exists():
-        (directory / FROZEN_NAME).unlink()
-    (processor or FlamingoProcessor.from_config(model.cfg)).save_pretrained(directory)
-    # config.json last: its presence marks a complete checkpoint.
-    special = {"new_ids": list(model.special_tokens.new_ids)}
-    write_checkpoint_config(directory, model.cfg, {"special_tokens": special})
-    return directory
-
-
-def from_pretrained(
-    directory: str | Path,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
-) -> Flamingo:
-    """Rebuild a model from a checkpoint directory; ``dtype``/``device`` cast and move it all."""
-    directory = Path(directory)
-    cfg, meta = read_checkpoint_config(directory)
-    cfg.lm.tokenizer = str(directory)  # the tokenizer saved with the weights
-    model = Flamingo.from_config(cfg)
-    saved = meta.get("special_tokens", {})
-    if saved and list(saved.get("new_ids", [])) != list(model.special_tokens.new_ids):
-        raise ValueError(
-            f"{directory}: the tokenizer gives new-token ids {list(model.special_tokens.new_ids)} "
-            f"but the weights were saved for {saved.get('new_ids')}"
-        )
-    tensors = _load_tensors(directory / TRAINABLE_NAME, trainable_state_dict(model))
-    frozen_expected = frozen_state_dict(model)
-    if frozen_expected:
-        tensors.update(_load_tensors(directory / FROZEN_NAME, frozen_expected))
-    _, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected, unexpected  # keys were checked above
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-# -- OpenFlamingo import ----------------------------------------------------------------------------
-
-OPENFLAMINGO_LAYOUT = """OpenFlamingo's key layout:
-  perceiver.latents, perceiver.norm.*, perceiver.layers.<i>.0.* (attention), .1.* (feed-forward)
-  lang_encoder.<decoder layers>.<i>.gated_cross_attn_layer.*  (or gated_cross_attn_layers.<i>.*)
-  lang_encoder.<decoder layers>.<i>.decoder_layer.*, lang_encoder.old_decoder_blocks.* (frozen)
-  lang_encoder.<input embedding>.weight: every row trained, new tokens appended
-  vision_encoder.* (frozen open_clip visual tower)"""
-
-
-def _check_openflamingo_config(cfg) -> None:
-    """Settings our model needs to compute exactly what OpenFlamingo computes."""
-    x, r = cfg.xattn, cfg.resampler
-    expected = {
-        "xattn.first_layer": (x.first_layer, x.every_n_layers - 1),
-        "xattn.heads": (x.heads, 8),
-        "xattn.dim_head": (x.dim_head, 64),
-        "xattn.ff_mult": (x.ff_mult, 4),
-        "xattn.attend": (x.attend, "last"),
-        "xattn.gate": (x.gate, "scalar"),
-        "xattn.gating": (x.gating, "tanh"),
-        "xattn.ff_on_imageless_tokens": (x.ff_on_imageless_tokens, True),
-        "resampler.depth": (r.depth, 6),
-        "resampler.heads": (r.heads, 8),
-        "resampler.dim_head": (r.dim_head, 64),
-        "resampler.num_latents": (r.num_latents, 64),
-        "resampler.ff_mult": (r.ff_mult, 4),
-        "resampler.max_num_frames": (r.max_num_frames, 0),
-    }
-    wrong = {k: v for k, (v, want) in expected.items() if v != want}
-    if wrong:
-        fixes = ", ".join(f"{k}={expected[k][1]!r}" for k in wrong)
-        raise ValueError(
-            f"this config cannot reproduce OpenFlamingo: it has {wrong}; set {fixes} "
-            "(see configs/model/openflamingo-*.yaml)"
-        )
-
-
-def _load_openflamingo_state(state_dict_or_path) -> dict[str, torch.Tensor]:
-    if isinstance(state_dict_or_path, (str, Path)):
-        path = Path(state_dict_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"OpenFlamingo checkpoint not found: {path}")
-        try:  # a pickle: load tensors only, never arbitrary objects
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} is not a loadable OpenFlamingo checkpoint.pt: {e}") from e
-    else:
-        state = state_dict_or_path
-    if isinstance(state, dict) and "model_state_dict" in state:
-        state = state["model_state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("expected an OpenFlamingo state dict (a mapping of names to tensors)")
-    # checkpoints saved from DDP/FSDP-wrapped models carry a "module." prefix
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def from_openflamingo(state_dict_or_path, cfg) -> Flamingo:
-    """Build our model from ``cfg`` and load an OpenFlamingo checkpoint into it.
-
-    ``state_dict_or_path`` is OpenFlamingo's ``checkpoint.pt`` (loaded with
-    ``torch.load(weights_only=True)``) or its state dict. Frozen weights found in it (vision
-    tower, decoder layers) must equal the ones ``cfg`` loads from its sources: a mismatch means
-    the config names the wrong backbone and is an error. OpenFlamingo trains the whole input
-    embedding, so its rows replace ours and the converted checkpoint carries them.
-    """
-    _check_openflamingo_config(cfg)
-    state = _load_openflamingo_state(state_dict_or_path)
-    cfg.lm.save_input_embeddings = True
-    model = Flamingo.from_config(cfg)
-    lm = model.lm
-    layers_path = lm.layout.layers
-    embed = lm.hf.get_input_embeddings().weight
-    head = lm.hf.get_output_embeddings().weight
-    all_names = list(lm.hf.named_parameters(remove_duplicate=False))
-    embed_keys = [f"lang_encoder.{n}" for n, p in all_names if p is embed]
-    head_keys = [f"lang_encoder.{n}" for n, p in all_names if p is head]  # == embed_keys if tied
-    embed_key = next((k for k in embed_keys if k in state), embed_keys[0])
-    head_key = next((k for k in head_keys if k in state), head_keys[0])
-
-    ours: dict[str, torch.Tensor] = {}
-    frozen_checks: dict[str, torch.Tensor] = {}  # their frozen tensor -> our key
-    unknown = []
-    block_of_layer = {layer: i for i, layer in enumerate(lm.layer_indices)}
-    found_layers: set[int] = set()
-    for key, tensor in state.items():
-        parts = key.split(".")
-        if key.startswith("perceiver."):
-            rest = parts[1:]
-            if rest[0] == "layers":
-                sub = {"0": "attn", "1": "ff"}[rest[2]]
-                ours[".".join(["resampler.layers", rest[1], sub, *rest[3:]])] = tensor
-            elif rest[0] in ("latents", "norm"):
-                ours["resampler." + ".".join(rest)] = tensor
-            else:  # frame_embs / media_time_embs: not in any released model
-                unknown.append(key)
-        elif key.startswith("vision_encoder."):
-            frozen_checks["vision.visual." + key.removeprefix("vision_encoder.")] = tensor
-        elif key.startswith("lang_encoder."):
-            name = key.removeprefix("lang_encoder.")
-            if name.startswith("old_decoder_blocks."):
-                continue  # the same tensors as <layers>.<i>.decoder_layer
-            layer, inner = None, ""
-            if name.startswith(f"{layers_path}."):
-                index, _, inner = name.removeprefix(f"{layers_path}.").partition(".")
-                layer = int(index)
-            elif name.startswith("gated_cross_attn_layers."):
-                index, _, inner = name.removeprefix("gated_cross_attn_layers.").partition(".")
-                layer, inner = int(index), "gated_cross_attn_layer." + inner
-            if layer is not None and inner.startswith("gated_cross_attn_layer."):
-                found_layers.add(layer)
-                if layer not in block_of_layer:
-                    unknown.append(key)
-                    continue
-                sub = inner.removeprefix("gated_cross_attn_layer.")
-                ours[f"lm.gated_blocks.{block_of_layer[layer]}.{sub}"] = tensor
-            elif layer is not None and inner.startswith("decoder_layer."):
-                our_name = f"lm.hf.{layers_path}.{layer}." + inner.removeprefix("decoder_layer.")
-                frozen_checks[our_name] = tensor
-            elif key in embed_keys or key in head_keys:
-                pass  # handled below
-            else:
-                frozen_checks["lm.hf." + name] = tensor
-        else:
-            unknown.append(key)
-    if found_layers != set(lm.layer_indices):
-        raise ValueError(
-            f"the checkpoint has gated blocks before decoder layers {sorted(found_layers)}, the "
-            f"config places them before {lm.layer_indices}: fix xattn.every_n_layers/first_layer"
-        )
-    if unknown:
-        raise ValueError(
-            f"keys outside OpenFlamingo's layout: {unknown[:10]}\n{OPENFLAMINGO_LAYOUT}"
-        )
-    if embed_key not in state:
-        raise ValueError(
-            f"the checkpoint has no input embedding ({embed_key})\n{OPENFLAMINGO_LAYOUT}"
-        )
-
-    new_ids = list(lm.new_tokens.token_ids.tolist())
-    their_embed = state[embed_key]
-    if their_embed.shape[0] <= max(new_ids):
-        raise ValueError(
-            f"{embed_key} has {their_embed.shape[0]} rows but the tokenizer's new tokens have "
-            f"ids {new_ids}: the tokenizer does not match the checkpoint"
-        )
-    ours["lm.new_tokens.input_rows"] = their_embed[new_ids]
-    if lm.new_tokens.output_rows is not None:
-        if head_key in state:
-            ours["lm.new_tokens.output_rows"] = state[head_key][new_ids]
-        else:
-            # OpenFlamingo resizes an untied LM head with random rows it neither trains nor
-            # saves: they cannot be recovered, so ours keep their initialisation (the mean row).
-            warnings.warn(
-                f"the checkpoint has no {head_key}: the output rows of {new_ids} keep their "
-                "initial values, so logits of the new tokens differ from OpenFlamingo's "
-                "(whose rows were random and untrained)",
-                stacklevel=2,
-            )
-            ours["lm.new_tokens.output_rows"] = lm.new_tokens.output_rows.detach().clone()
-    elif head_key in state and head is not embed:
-        frozen_checks["lm.hf." + head_key.removeprefix("lang_encoder.")] = state[head_key]
-
-    expected = trainable_state_dict(model)
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        raise ValueError(f"the checkpoint lacks {missing[:10]}\n{OPENFLAMINGO_LAYOUT}")
-    for name, tensor in ours.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{name}: OpenFlamingo tensor of shape {tuple(tensor.shape)}, the config builds "
-                f"{tuple(expected[name].shape)}: the config does not match the checkpoint"
-            )
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers(remove_duplicate=False)))
-    mismatched = [
-        n
-        for n, t in frozen_checks.items()
-        if n not in params
-        or params[n].shape != t.shape
-        or not torch.allclose(params[n].float(), t.float(), atol=1e-6)
-    ]
-    if mismatched:
-        raise ValueError(
-            "frozen weights in the checkpoint differ from those the config loads from its sources "
-            f"(wrong vision or LM model?): {mismatched[:10]}"
-        )
-    with torch.no_grad():
-        rows = min(embed.shape[0], their_embed.shape[0])
-        keep = torch.ones(rows, dtype=torch.bool)
-        keep[[i for i in new_ids if i < rows]] = False
-        embed[:rows][keep] = their_embed[:rows][keep].to(embed.dtype)
-    model.load_state_dict(ours, strict=False)
-    return model

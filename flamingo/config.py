@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import math
 import types
 import typing
@@ -363,68 +362,11 @@ class FlamingoConfig:
         return to_dict(self)
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoint config files (the weights themselves are flamingo.checkpoint's)
-# --------------------------------------------------------------------------------------------
-
-CHECKPOINT_CONFIG = "config.json"
-CHECKPOINT_FORMAT = "flamingo"
-CHECKPOINT_FORMAT_VERSION = 1
-
-
 def library_version() -> str:
     try:
         return importlib.metadata.version("flamingo")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def write_checkpoint_config(directory: Path, cfg: FlamingoConfig, extra: dict[str, Any]) -> None:
-    """Write ``config.json`` atomically: the model config plus format metadata."""
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "library_version": library_version(),
-        **extra,
-        "config": cfg.to_dict(),
-    }
-    tmp = directory / (CHECKPOINT_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(directory / CHECKPOINT_CONFIG)
-
-
-def read_checkpoint_config(directory: str | Path) -> tuple[FlamingoConfig, dict[str, Any]]:
-    """Read and validate a checkpoint directory's ``config.json``: ``(config, metadata)``."""
-    directory = Path(directory)
-    path = directory / CHECKPOINT_CONFIG
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    if not path.is_file():
-        raise ValueError(f"{directory} is not a flamingo checkpoint: it has no {CHECKPOINT_CONFIG}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f'{path} is not a flamingo checkpoint config (no "format": "{CHECKPOINT_FORMAT}"); '
-            "for an OpenFlamingo checkpoint use `python -m flamingo.convert openflamingo`"
-        )
-    version = meta.get("format_version")
-    written_by = meta.get("library_version")
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has checkpoint format {version!r} (written by flamingo {written_by}); "
-            f"flamingo {library_version()} reads format <= {CHECKPOINT_FORMAT_VERSION}: upgrade"
-        )
-    try:
-        cfg = FlamingoConfig.from_dict(meta["config"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(
-            f"{path}: incompatible model config (written by flamingo {written_by}, this is "
-            f"{library_version()}): {e}"
-        ) from e
-    return cfg, meta
 
 
 # --------------------------------------------------------------------------------------------

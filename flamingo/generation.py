@@ -16,12 +16,14 @@ prompt once and reusing its caches for every candidate (classification, HatefulM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flamingo.model import Flamingo
 from flamingo.xattn import MediaKV, media_index_from_ids
+
+if TYPE_CHECKING:  # the model calls into this module: no import at run time
+    from flamingo.model import Flamingo
 
 
 @dataclass

@@ -18,8 +18,18 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from flamingo.checkpoint import (
+    FROZEN_NAME,
+    TRAINABLE_NAME,
+    load_tensors,
+    read_checkpoint_config,
+    save_tensors,
+    write_checkpoint_config,
+)
 from flamingo.config import FlamingoConfig
+from flamingo.generation import generate, score
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
+from flamingo.processing import FlamingoProcessor
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
 from flamingo.tokens import SpecialTokens, load_tokenizer
 from flamingo.vision import VisionEncoder
@@ -75,30 +85,101 @@ class Flamingo(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
     ) -> Flamingo:
-        """Load a checkpoint written by :meth:`save_pretrained` (see ``flamingo.checkpoint``)."""
-        # checkpoint.py and generation.py build on this module: imported when first needed.
-        from flamingo.checkpoint import from_pretrained
+        """Rebuild a model from a checkpoint directory written by :meth:`save_pretrained`:
+        frozen parts from their sources, the rest from the directory, loaded strictly.
+        ``dtype``/``device`` cast and move it all."""
+        directory = Path(directory)
+        cfg, meta = read_checkpoint_config(directory)
+        cfg.lm.tokenizer = str(directory)  # the tokenizer saved with the weights
+        model = cls.from_config(cfg)
+        saved = meta.get("special_tokens", {})
+        if saved and list(saved.get("new_ids", [])) != list(model.special_tokens.new_ids):
+            raise ValueError(
+                f"{directory}: the tokenizer gives new-token ids "
+                f"{list(model.special_tokens.new_ids)} but the weights were saved for "
+                f"{saved.get('new_ids')}"
+            )
+        tensors = load_tensors(directory / TRAINABLE_NAME, model.trainable_state_dict())
+        frozen_expected = model.frozen_state_dict()
+        if frozen_expected:
+            tensors.update(load_tensors(directory / FROZEN_NAME, frozen_expected))
+        _, unexpected = model.load_state_dict(tensors, strict=False)
+        assert not unexpected, unexpected  # keys were checked above
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return model.to(device=device, dtype=dtype).eval()
 
-        return from_pretrained(directory, dtype=dtype, device=device)
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        processor: FlamingoProcessor | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write config, weights (:meth:`exported_names`) and tokenizer to ``directory``.
 
-    def save_pretrained(self, directory: str | Path, processor: Any = None) -> Path:
-        """Write config, trainable weights and tokenizer to ``directory``."""
-        from flamingo.checkpoint import save_pretrained
+        ``tensors`` replaces the module's values by name: a sharded engine (ZeRO-3) gathers the
+        full weights of :meth:`exported_names` and passes them here.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        trainable, frozen = self.trainable_state_dict(), self.frozen_state_dict()
+        if tensors is not None:
+            missing = sorted((set(trainable) | set(frozen)) - set(tensors))
+            if missing:
+                raise ValueError(f"tensors lacks {missing[:10]}")
+            trainable = {n: tensors[n] for n in trainable}
+            frozen = {n: tensors[n] for n in frozen}
+        save_tensors(trainable, directory / TRAINABLE_NAME)
+        if frozen:
+            save_tensors(frozen, directory / FROZEN_NAME)
+        elif (directory / FROZEN_NAME).exists():
+            (directory / FROZEN_NAME).unlink()
+        (processor or FlamingoProcessor.from_config(self.cfg)).save_pretrained(directory)
+        # config.json last: its presence marks a complete checkpoint.
+        special = {"new_ids": list(self.special_tokens.new_ids)}
+        write_checkpoint_config(directory, self.cfg, {"special_tokens": special})
+        return directory
 
-        return save_pretrained(self, directory, processor)
+    # -- what a checkpoint carries ----------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors: resampler, gated blocks, new token rows."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def frozen_state_dict(self) -> dict[str, torch.Tensor]:
+        """Frozen tensors a checkpoint must carry because no source can rebuild them: a
+        randomly initialised tower or LM, or an input embedding the training changed."""
+        cfg = self.cfg
+        prefixes = []
+        if cfg.vision.pretrained is None:
+            prefixes.append("vision.")
+        if cfg.lm.architecture is not None:
+            prefixes.append("lm.hf.")
+        names = []
+        if cfg.lm.save_input_embeddings and cfg.lm.architecture is None:
+            embed = self.lm.hf.get_input_embeddings().weight
+            names = [f"lm.hf.{n}" for n, p in self.lm.hf.named_parameters() if p is embed]
+        params = {
+            n: p for n, p in self.named_parameters(remove_duplicate=True) if not p.requires_grad
+        }
+        return {
+            n: p.detach() for n, p in params.items() if n.startswith(tuple(prefixes)) or n in names
+        }
+
+    def exported_names(self) -> list[str]:
+        """Every tensor name :meth:`save_pretrained` writes (trainable, then frozen)."""
+        return list(self.trainable_state_dict()) + list(self.frozen_state_dict())
+
+    # -- generation -------------------------------------------------------------------------------
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Continue prompts; see :func:`flamingo.generation.generate` for the arguments."""
-        from flamingo.generation import generate
-
         return generate(self, input_ids, **kwargs)
 
     def score(
         self, input_ids: torch.Tensor, candidates: list[torch.Tensor], **kwargs: Any
     ) -> torch.Tensor:
         """Log-likelihoods of continuations; see :func:`flamingo.generation.score`."""
-        from flamingo.generation import score
-
         return score(self, input_ids, candidates, **kwargs)
 
     @property

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from flamingo.config import FlamingoConfig, VisionConfig, read_checkpoint_config
+from flamingo.checkpoint import read_checkpoint_config
+from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.tokens import IMAGE, SpecialTokens, load_tokenizer
 from flamingo.vision import image_transform
 

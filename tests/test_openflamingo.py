@@ -15,8 +15,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig
 
 from flamingo import Flamingo, FlamingoProcessor
-from flamingo.checkpoint import from_openflamingo
-from flamingo.convert import main as convert_main
+from flamingo.convert import from_openflamingo
+from flamingo.convert.__main__ import main as convert_main
 from flamingo.tokens import TINY_TOKENIZER_DIR
 from tests.conftest import noise_image, tiny_config
 

@@ -1,4 +1,4 @@
-"""Convert foreign checkpoints into flamingo checkpoint directories.
+"""Convert foreign checkpoints into flamingo checkpoint directories (the command line).
 
     python -m flamingo.convert openflamingo checkpoint.pt out_dir --config configs/model/openflamingo-3b.yaml
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flamingo.checkpoint import from_openflamingo
 from flamingo.config import FlamingoConfig
+from flamingo.convert.openflamingo import from_openflamingo
 
 
 def main(argv: list[str] | None = None) -> None:
