@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "model" / "tiny.yaml"
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now, for a launcher's rendezvous (fixed ports collide
+    when two suites run on one machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def tiny_config(*overrides: str) -> FlamingoConfig:

@@ -15,7 +15,7 @@ from eval.fewshot import RICES
 from eval.metrics import okvqa_accuracy, process_punctuation, roc_auc, vqa_accuracy
 from eval.run import main as eval_main
 from eval.tasks import TASKS, Item
-from tests.conftest import ROOT, build, set_gates
+from tests.conftest import ROOT, build, free_port, set_gates
 from tests.eval_fixtures import write_all
 
 BENCHMARKS = {
@@ -153,6 +153,7 @@ def test_every_task_runs_end_to_end(setup, demos, capsys):
         assert any((setup / "cache").glob("rices-*.safetensors"))
 
 
+@pytest.mark.multiprocess
 def test_two_processes_evaluate_each_item_once(setup):
     cfg = yaml.safe_load((setup / "eval.yaml").read_text())
     cfg["tasks"] = {"vqav2": cfg["tasks"]["vqav2"], "coco": cfg["tasks"]["coco"]}
@@ -167,7 +168,7 @@ def test_two_processes_evaluate_each_item_once(setup):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29660",
+        free_port(),
         "-m",
         "eval.run",
         "--config",

@@ -21,7 +21,7 @@ import train
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.distributed import adamw
 from flamingo.runs import CheckpointDir
-from tests.conftest import ROOT, noise_image
+from tests.conftest import ROOT, free_port, noise_image
 from tests.tiny_shards import write_tiny_shards
 
 CONFIG = ROOT / "configs" / "train" / "tiny.yaml"
@@ -168,7 +168,7 @@ def check(result: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_two_processes_train_checkpoint_resume_export(shards, tmp_path, stage):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    port = "29610" if stage == "zero2" else "29620"
+    port = free_port()
     for out, steps in ((straight, 4), (resumed, 2), (resumed, 4)):  # run, stop at 2, resume
         args = train_args(shards, out, stage, steps=steps, checkpoint_every=2)
         check(deepspeed(["--num_gpus", "2", "--master_port", port, *args]))
@@ -210,7 +210,7 @@ def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(shards, tmp_pa
     for stage in ("zero2", "zero3"):
         out = tmp_path / stage
         args = train_args(shards, out, stage, steps=5, checkpoint_every=5, mixing="round_robin")
-        check(deepspeed(["--num_gpus", "2", "--master_port", "29670", *args]))
+        check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
         weights[stage] = load_file(str(out / "model" / "model.safetensors"))
     for name, want in weights["zero2"].items():
         got = weights["zero3"][name]
@@ -231,7 +231,7 @@ def test_two_nodes_on_one_machine(shards, tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        "29630",
+        free_port(),
     ]
     args = train_args(shards, out, "zero2", steps=2, checkpoint_every=2)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -269,7 +269,7 @@ def test_a_dying_rank_ends_the_job(shards, tmp_path):
             "--num_gpus",
             "2",
             "--master_port",
-            "29640",
+            free_port(),
             *args,
         ],
         cwd=ROOT,
@@ -334,7 +334,7 @@ def test_kill_during_checkpointing_leaves_a_loadable_checkpoint(shards, tmp_path
 def test_deepspeed_offload_in_bf16(shards, tmp_path):
     out = tmp_path / "offload"
     args = train_args(shards, out, "zero2-offload", steps=2, checkpoint_every=2, precision="bf16")
-    check(deepspeed(["--num_gpus", "2", "--master_port", "29650", *args], timeout=600))
+    check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args], timeout=600))
     assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics(out))
     model = Flamingo.from_pretrained(out / "model")
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
