@@ -15,7 +15,6 @@ model is exported with ``save_pretrained`` to ``OUTPUT/model``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -31,11 +30,12 @@ from tqdm import tqdm
 from eval.config import EvalConfig
 from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
-from flamingo.config import TrainConfig, to_dict
-from flamingo.data.pipeline import FlamingoLoader
-from flamingo.distributed import build_engine
-from flamingo.losses import count_targets, make_labels, weighted_loss
-from flamingo.runs import CheckpointDir, RunLogger, read_json
+from flamingo.config import TrainConfig
+from flamingo.losses import weighted_loss
+from flamingo.training.batches import Batches, StepBatches
+from flamingo.training.checkpoints import Checkpointer
+from flamingo.training.engine import Engine, build_engine
+from flamingo.training.runlog import RunLogger
 
 log = logging.getLogger("flamingo.train")
 
@@ -69,65 +69,74 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every generator's state as JSON-friendly values (no pickle in checkpoints)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
+def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -> tuple:
+    """One optimiser step over the step's micro-batches: (NLL sums per dataset, samples,
+    StepInfo). Each dataset's NLL is normalised by its target tokens over the step and all
+    ranks, and weighted by its ``loss_weight``."""
+    weights = {d.name: d.loss_weight for d in cfg.datasets}
+    nll_sums: dict[str, float] = defaultdict(float)
+    samples = 0
+    engine.begin_step(lr)
+    for name, batch in step.micro:
+        # the head is fused with the loss: no (B, T, vocab) logits are built
+        nll = engine.forward(
+            batch["input_ids"].to(engine.device),
+            batch["attention_mask"].to(engine.device),
+            pixel_values=batch["pixel_values"].to(engine.device),
+            labels=batch["labels"].to(engine.device),
+        ).nll_sum
+        nll_sums[name] += float(nll.detach())
+        samples += batch["input_ids"].shape[0]
+        engine.micro_step(weighted_loss(nll, weights[name], step.targets[name]))
+    return nll_sums, samples, engine.finish_step()
+
+
+def step_metrics(engine, cfg, step, nll_sums, samples, info, lr, seconds, skipped) -> dict:
+    """The logged figures of a step (collective: the NLL sums and gates are gathered)."""
+    names = [d.name for d in cfg.datasets]
+    sums = torch.tensor([nll_sums[n] for n in names], dtype=torch.float64, device=engine.device)
+    sums = engine.all_reduce_sum(sums).cpu().tolist()
+    metrics = {
+        f"loss/{n}": s / step.targets[n]
+        for n, s in zip(names, sums, strict=True)
+        if step.targets[n] > 0
+    }
+    metrics["loss/total"] = sum(
+        d.loss_weight * metrics.get(f"loss/{d.name}", 0.0) for d in cfg.datasets
+    )
+    metrics.update(lr=lr, grad_norm=info.grad_norm, skipped_steps=skipped, step_seconds=seconds)
+    metrics["tokens_per_s"] = sum(step.targets.values()) / seconds
+    metrics["samples_per_s"] = samples * engine.world_size / seconds
+    for name, gate in engine.full_tensors(engine.module.gate_names()).items():
+        layer = name.split(".")[2]
+        metrics[f"gate/{layer}.{name.rsplit('.', 1)[1]}"] = float(gate.tanh().abs().mean())
+    return metrics
+
+
+def evaluate_during_training(model, processor, eval_cfg: EvalConfig, out: Path) -> dict:
+    """(rank 0) The eval config's benchmarks on the model as it is: ``eval/...`` scores."""
+    model.eval()
+    # the run's name keys the RICES feature cache: the frozen tower's features never change
+    results = evaluate(model, processor, eval_cfg, str(out), shard=(0, 1))
+    model.train()
     return {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state().tolist(),
+        f"eval/{task}/{shots}shot/{metric}": s["mean"]
+        for task, by_shots in results.items()
+        for shots, entry in by_shots.items()
+        for metric, s in entry["scores"].items()
     }
 
 
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-class DatasetExhausted(Exception):
-    """An epoch-mode dataset with ``at_epoch_end: stop`` ran out of batches."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-class Batches:
-    """Endless batches from every dataset's loader. An epoch-mode loader that runs out starts
-    its next epoch (logged), or raises :class:`DatasetExhausted` (``at_epoch_end: stop``)."""
-
-    def __init__(self, loaders: dict[str, FlamingoLoader]) -> None:
-        self.loaders = loaders
-        self.iterators = {name: iter(loader) for name, loader in loaders.items()}
-
-    def next(self, name: str, step: int) -> dict:
-        try:
-            return next(self.iterators[name])
-        except StopIteration:
-            pass
-        loader = self.loaders[name]
-        if loader.cfg.at_epoch_end == "stop":
-            raise DatasetExhausted(name)
-        log.info("dataset %s: starting epoch %d at step %d", name, loader.epoch, step)
-        self.iterators[name] = iter(loader)
-        try:
-            return next(self.iterators[name])
-        except StopIteration:
-            raise RuntimeError(
-                f"dataset {name}: a whole epoch gave no batch; check its shards "
-                f"({loader.cfg.shards}) and what was skipped: {dict(loader.stats())}"
-            ) from None
-
-    def state_dict(self) -> dict[str, dict]:
-        return {name: loader.state_dict() for name, loader in self.loaders.items()}
-
-    def load_state_dict(self, state: dict[str, dict]) -> None:
-        for name, loader in self.loaders.items():
-            loader.load_state_dict(state[name])
+def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
+    """The benchmarks run every ``eval_every`` steps, if any."""
+    if not cfg.eval_every:
+        return None
+    if engine.zero_stage == 3:
+        raise ValueError(
+            "eval during training runs on rank 0 and cannot use ZeRO-3 sharded weights; "
+            "evaluate the exported model"
+        )
+    return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,238 +144,90 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
     out = Path(cfg.output_dir)
 
-    # -- setup: model, data, engine, state -----------------------------------------------------
+    # -- setup: model, engine, data, run state -------------------------------------------------
     model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides)
     if cfg.precision == "bf16" and not cfg.deepspeed:
         model_cfg.frozen_dtype = "bfloat16"
     seed_everything(cfg.seed)  # same model initialisation on every rank
     model = Flamingo.from_config(model_cfg)
     processor = FlamingoProcessor.from_config(model_cfg)
-    datasets = {d.name: d for d in cfg.datasets}
-    per_step = [d.name for d in cfg.datasets] if cfg.mixing == "all" else [cfg.datasets[0].name]
-    engine = build_engine(model, cfg, micro_batches_per_step=len(per_step) * cfg.accumulation)
-    eval_cfg = EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides) if cfg.eval_every else None
-    if eval_cfg is not None and getattr(engine, "zero_stage", 0) == 3:
-        raise ValueError(
-            "eval during training runs on rank 0 and cannot use ZeRO-3 sharded weights; evaluate the exported model"
-        )
+    per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
+    engine = build_engine(model, cfg, micro_batches_per_step=per_step * cfg.accumulation)
+    eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(
         level=logging.INFO if engine.is_main else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    loaders = {
-        name: FlamingoLoader.from_processor(
-            d, processor, seed=cfg.seed, num_workers=cfg.num_workers
-        )
-        for name, d in datasets.items()
-    }
-    special = processor.special_tokens
-    checkpoints = CheckpointDir(out / "checkpoints")
-    step, skipped_steps, history = 0, 0, []
-
-    def everywhere(ok: bool) -> bool:
-        failed = torch.tensor([0.0 if ok else 1.0], device=engine.device)
-        return float(engine.all_reduce_sum(failed)) == 0.0
-
-    resume_from = checkpoints.resolve(
-        args.resume, part=(engine.rank, engine.world_size), everywhere=everywhere
-    )
-    if resume_from is not None:
-        saved = read_json(resume_from / "train_config.json")
-        if FlamingoConfig.from_dict(saved["model"]) != model_cfg:
-            raise ValueError(
-                f"{resume_from} was trained with another model config; start a new output_dir"
-            )
-        state_file = resume_from / f"trainer_rank{engine.rank:05d}.json"
-        saved_ranks = len(list(resume_from.glob("trainer_rank*.json")))
-        if not state_file.is_file() or saved_ranks != engine.world_size:
-            raise ValueError(
-                f"{resume_from} was written by {saved_ranks} process(es); resume it with the same "
-                f"number (this run has {engine.world_size}), or start a new output_dir"
-            )
-        state = read_json(state_file)
-        try:
-            engine.load(resume_from)
-        except Exception as e:  # a checkpoint from before manifests can still be damaged
-            raise RuntimeError(f"cannot load the checkpoint {resume_from}: {e}") from e
-        step, skipped_steps = state["step"], state["skipped_steps"]
-        for name, loader in loaders.items():
-            loader.load_state_dict(state["loaders"][name])
-        history = state.get("history", [])
-        set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", resume_from, step)
-    runlog = RunLogger(
-        out, enabled=engine.is_main, tensorboard=cfg.tensorboard, history=history, step=step
-    )
-
-    def save_checkpoint() -> None:
-        if engine.is_main:
-            checkpoints.prepare(step)
-        engine.barrier()
-        tmp = checkpoints.tmp_path(step)
-        engine.save(tmp)
-        state = {
-            "step": step,
-            "skipped_steps": skipped_steps,
-            "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
-            "history": runlog.history,
-            "rng": rng_state(),
-        }
-        (tmp / f"trainer_rank{engine.rank:05d}.json").write_text(json.dumps(state))
-        engine.barrier()
-        if engine.is_main:
-            (tmp / "train_config.json").write_text(
-                json.dumps({"train": cfg.to_dict(), "model": to_dict(model_cfg)})
-            )
-            checkpoints.commit(step)
-            checkpoints.prune(cfg.keep_checkpoints)
-            runlog.plot()
-        engine.barrier()
+    batches = Batches.build(cfg, processor, engine.rank, engine.world_size)
+    runlog = RunLogger(out, enabled=engine.is_main, tensorboard=cfg.tensorboard)
+    run = Checkpointer(out / "checkpoints", engine, batches, runlog, cfg, model_cfg)
+    run.resume(args.resume)
 
     # -- the loop ---------------------------------------------------------------------------------
     model = engine.module
     model.train()
-    batches = Batches(loaders)
-    # a dataset that can stop the run: each step's fetch may have to be undone
-    can_stop = any(not d.resampled and d.at_epoch_end == "stop" for d in cfg.datasets)
-    stopped_by: list[str] = []
-    gate_names = [n for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
     bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        disable=not engine.is_main,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
+        total=cfg.steps, initial=run.step, disable=not engine.is_main, desc="train", unit="step"
     )
-    while step < cfg.steps:
+    stopped_by: list[str] = []
+    while run.step < cfg.steps:
         start = time.perf_counter()
-        lr = cfg.optim.lr_at(step, cfg.steps)
-        names = per_step if cfg.mixing == "all" else [cfg.datasets[step % len(cfg.datasets)].name]
-        before = batches.state_dict() if can_stop else None
-        try:
-            micro = [(n, batches.next(n, step)) for n in names for _ in range(cfg.accumulation)]
-            ran_out = None
-        except DatasetExhausted as e:
-            micro, ran_out = [], e.name
-        for _, batch in micro:
-            batch["labels"] = make_labels(batch["input_ids"], batch["attention_mask"], special)
-        # each dataset's NLL is normalised by its target tokens over the step, on every rank;
-        # the same collective tells every rank which datasets ran out anywhere
-        counts = torch.tensor(
-            [
-                sum(int(count_targets(b["labels"])) for n, b in micro if n == name)
-                for name in datasets
-            ]
-            + [float(name == ran_out) for name in datasets],
-            dtype=torch.float64,
-        )
-        counts = engine.all_reduce_sum(counts.to(engine.device)).cpu().tolist()
-        stopped_by = [n for n, f in zip(datasets, counts[len(datasets) :], strict=True) if f]
-        if stopped_by:
-            batches.load_state_dict(before)  # the checkpoint resumes at this step's start
+        lr = cfg.optim.lr_at(run.step, cfg.steps)
+        step = batches.for_step(run.step, engine.all_reduce_sum, engine.device)
+        if step.stopped_by:
+            stopped_by = step.stopped_by
             break
-        step_targets = dict(zip(datasets, counts[: len(datasets)], strict=True))
-        nll_sums = defaultdict(float)
-        samples = 0
-        engine.begin_step(lr)
-        for name, batch in micro:
-            # the head is fused with the loss: no (B, T, vocab) logits are built
-            nll = engine.forward(
-                batch["input_ids"].to(engine.device),
-                batch["attention_mask"].to(engine.device),
-                pixel_values=batch["pixel_values"].to(engine.device),
-                labels=batch["labels"].to(engine.device),
-            ).nll_sum
-            nll_sums[name] += float(nll.detach())
-            loss = weighted_loss(nll, datasets[name].loss_weight, step_targets[name])
-            samples += batch["input_ids"].shape[0]
-            engine.micro_step(loss)
-        info = engine.finish_step()
-        skipped_steps += not info.applied
-        step += 1
+        nll_sums, samples, info = train_step(engine, step, cfg, lr)
+        run.skipped_steps += not info.applied
+        run.step += 1
         bar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            sums = engine.all_reduce_sum(
-                torch.tensor(
-                    [nll_sums[n] for n in datasets], dtype=torch.float64, device=engine.device
-                )
-            ).cpu()
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             seconds = time.perf_counter() - start
-            metrics = {
-                f"loss/{n}": s / max(step_targets[n], 1)
-                for n, s in zip(datasets, sums.tolist(), strict=True)
-                if step_targets[n] > 0
-            }
-            metrics["loss/total"] = sum(
-                datasets[n].loss_weight * metrics.get(f"loss/{n}", 0.0) for n in datasets
+            metrics = step_metrics(
+                engine, cfg, step, nll_sums, samples, info, lr, seconds, run.skipped_steps
             )
-            metrics.update(
-                lr=lr, grad_norm=info.grad_norm, skipped_steps=skipped_steps, step_seconds=seconds
-            )
-            metrics["tokens_per_s"] = sum(step_targets.values()) / seconds
-            metrics["samples_per_s"] = samples * engine.world_size / seconds
-            gates = engine.full_tensors(gate_names)
-            for n, g in gates.items():
-                layer = n.split(".")[2]
-                metrics[f"gate/{layer}.{n.rsplit('.', 1)[1]}"] = float(g.tanh().abs().mean())
-            for name, loader in loaders.items():
-                for reason, count in loader.stats().items():
-                    if reason.startswith(("skip/", "shard_error", "image_dropped/")):
-                        metrics[f"data/{name}/{reason}"] = count
-            runlog.log(step, metrics)
+            runlog.log(run.step, {**metrics, **batches.stats()})
             bar.set_postfix(
                 loss=f"{metrics['loss/total']:.3f}", lr=f"{lr:.2e}", gnorm=f"{info.grad_norm:.2f}"
             )
             if not math.isfinite(info.grad_norm):
                 log.warning(
                     "step %d skipped: non-finite loss or gradient (%d skipped so far)",
-                    step,
-                    skipped_steps,
+                    run.step,
+                    run.skipped_steps,
                 )
-
-        if eval_cfg is not None and step % cfg.eval_every == 0:
+        if eval_cfg is not None and run.step % cfg.eval_every == 0:
             if engine.is_main:
-                model.eval()
-                # the run's name keys the RICES feature cache: the vision tower is frozen, so
-                # the features of every eval are the same
-                results = evaluate(model, processor, eval_cfg, str(out), shard=(0, 1))
-                model.train()
-                scores = {
-                    f"eval/{task}/{shots}shot/{metric}": s["mean"]
-                    for task, by_shots in results.items()
-                    for shots, entry in by_shots.items()
-                    for metric, s in entry["scores"].items()
-                }
-                runlog.log(step, scores)
+                scores = evaluate_during_training(model, processor, eval_cfg, out)
+                runlog.log(run.step, scores)
                 log.info(
-                    "step %d eval: %s", step, ", ".join(f"{k}={v:.2f}" for k, v in scores.items())
+                    "step %d eval: %s",
+                    run.step,
+                    ", ".join(f"{k}={v:.2f}" for k, v in scores.items()),
                 )
             engine.barrier()
-
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint()
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+            run.save()
+            runlog.plot()
     bar.close()
     if stopped_by:
-        if step == 0:
+        if run.step == 0:
             raise RuntimeError(f"dataset(s) {stopped_by} gave no batch: check their shards")
         log.warning(
             "stopping at step %d of %d: dataset(s) %s ran out (at_epoch_end: stop)",
-            step,
+            run.step,
             cfg.steps,
             ", ".join(stopped_by),
         )
-        if step % cfg.checkpoint_every:  # else this step's checkpoint is written already
-            save_checkpoint()
+        if run.step % cfg.checkpoint_every:  # else this step's checkpoint is written already
+            run.save()
 
     # -- export -----------------------------------------------------------------------------------
-    names = model.exported_names()
-    tensors = engine.full_tensors(names)
+    tensors = engine.full_tensors(model.exported_names())
     if engine.is_main:
         model.save_pretrained(out / "model", processor, tensors=tensors)
         runlog.plot()
-        log.info("exported %s (%d skipped steps)", out / "model", skipped_steps)
+        log.info("exported %s (%d skipped steps)", out / "model", run.skipped_steps)
     runlog.close()
     engine.close()
 

@@ -186,10 +186,10 @@ def prepare_ours(name: str, args: argparse.Namespace):
     """Our model, its optimiser's parameter groups and AdamW, and its loss on the batch:
     ``(model, groups, make_optimizer, compute_loss, target tokens)``."""
     from flamingo import Flamingo
-    from flamingo.distributed import adamw, param_groups
     from flamingo.lm import FlamingoLM
     from flamingo.losses import count_targets, make_labels
     from flamingo.tokens import load_tokenizer
+    from flamingo.training.engine import adamw, param_groups
     from flamingo.vision import VisionEncoder
 
     clip, lm, image_size = build_backbones(name)

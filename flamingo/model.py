@@ -166,6 +166,15 @@ class Flamingo(nn.Module):
             n: p.detach() for n, p in params.items() if n.startswith(tuple(prefixes)) or n in names
         }
 
+    def gate_names(self) -> list[str]:
+        """The gated blocks' gate parameters, block by block (their |tanh| is logged)."""
+        return [
+            f"lm.gated_blocks.{i}.{gate}"
+            for i, block in enumerate(self.lm.gated_blocks)
+            for gate in ("attn_gate", "ff_gate")
+            if hasattr(block, gate)  # none with xattn.gating: none
+        ]
+
     def exported_names(self) -> list[str]:
         """Every tensor name :meth:`save_pretrained` writes (trainable, then frozen)."""
         return list(self.trainable_state_dict()) + list(self.frozen_state_dict())

@@ -43,7 +43,7 @@ def all_yaml() -> list[Path]:
     "path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name
 )
 def test_deepspeed_jsons_hold_only_zero_settings(path: Path):
-    from flamingo.distributed import OWNED_KEYS
+    from flamingo.training.engine import OWNED_KEYS
 
     data = json.loads(path.read_text())
     assert "zero_optimization" in data and not set(data) & set(OWNED_KEYS)

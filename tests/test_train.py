@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 import train
 from flamingo import Flamingo, FlamingoProcessor
-from flamingo.distributed import adamw
-from flamingo.runs import CheckpointDir
+from flamingo.training.checkpoints import CheckpointDir
+from flamingo.training.engine import adamw
 from tests.conftest import ROOT, free_port, noise_image
 from tests.tiny_shards import write_tiny_shards
 
@@ -388,7 +388,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_rewrites_the_log(shards
     train.main(["--config", str(CONFIG), *overrides(shards, out, steps=3, checkpoint_every=2)])
     engine_pt = out / "checkpoints" / "step-00000003" / "engine.pt"
     engine_pt.write_bytes(engine_pt.read_bytes()[:-100])  # a disk that filled up, say
-    with caplog.at_level("WARNING", logger="flamingo.runs"):
+    with caplog.at_level("WARNING", logger="flamingo.checkpoints"):
         train.main(["--config", str(CONFIG), *overrides(shards, out, steps=4, checkpoint_every=2)])
     assert any("step-00000003" in m and "engine.pt" in m for m in caplog.messages)
     # resumed at step 2: the log holds steps 1..4 once each, the same as an uninterrupted run
@@ -399,7 +399,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_rewrites_the_log(shards
 
 @pytest.mark.parametrize("damaged", ["trainer_rank00000.json", "train_config.json", "COMPLETE"])
 def test_every_file_of_a_checkpoint_is_verified(tmp_path, damaged):
-    from flamingo.runs import CheckpointError
+    from flamingo.training.checkpoints import CheckpointError
 
     checkpoints = CheckpointDir(tmp_path)
     for step in (1, 2):

@@ -417,15 +417,14 @@ class FlamingoLoader:
         images: ImagePreprocessor,
         seed: int = 0,
         num_workers: int = 2,
-        rank: int | None = None,
-        world_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards)
         self.tokenizer, self.special, self.images = tokenizer, special, images
         self.seed, self.num_workers = seed, num_workers
-        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.rank, self.world_size = rank, world_size  # the engine's, passed by the trainer
         num_streams = self.world_size * (num_workers or 1)
         if not cfg.resampled and len(self.urls) < num_streams:
             raise ValueError(

@@ -82,6 +82,8 @@ class Engine:
 
     module: nn.Module
     rank: int = 0
+    zero_stage: int = 0
+    """The ZeRO stage that shards this engine's state (0: none)."""
     world_size: int = 1
     device: torch.device
 

@@ -1,16 +1,17 @@
-"""Run directories: checkpoint bookkeeping and metric logging for ``train.py``.
+"""Checkpoints of a training run: the run state's one owner, and the directory protocol.
 
-Checkpoints live in ``OUTPUT/checkpoints/step-00000100/``. A checkpoint is written into
-``step-00000100.tmp/``; once every rank has written its part, rank 0 adds a ``COMPLETE``
-manifest (every file's size and SHA-256) and renames the folder, so a kill at any moment
-leaves the previous complete checkpoint untouched and ``--resume auto`` never picks a partial
-one. Resume verifies the manifest: a damaged checkpoint (a truncated or changed file, one
-missing) is named with its file and the newest one that verifies is taken instead.
+:class:`Checkpointer` decides what a checkpoint holds and how every rank writes and reads it:
+the engine's part (trainable weights and optimiser state, DeepSpeed's files under ZeRO), and
+per rank a ``trainer_rankNNNNN.json`` with the step, the skipped steps, every loader's
+position, the metric history and every RNG; rank 0 adds ``train_config.json``.
 
-Metrics go to the console (a tqdm bar on rank 0), ``metrics.jsonl``, TensorBoard, and a PNG
-of the loss curves and gate values beside the checkpoints. Only rank 0 writes. A resumed run
-rewrites ``metrics.jsonl`` to the history saved with its checkpoint (and TensorBoard purges the
-later events), so the steps that ran after that checkpoint before a kill are not repeated.
+:class:`CheckpointDir` is the folder protocol. Checkpoints live in
+``OUTPUT/checkpoints/step-00000100/``, written into ``step-00000100.tmp/``; once every rank has
+written its part, rank 0 adds a ``COMPLETE`` manifest (every file's size and SHA-256) and
+renames the folder, so a kill at any moment leaves the previous complete checkpoint untouched
+and ``--resume auto`` never picks a partial one. Resume verifies the manifest: a damaged
+checkpoint (a truncated or changed file, one missing) is named with its file and the newest
+one that verifies is taken instead.
 """
 
 from __future__ import annotations
@@ -18,15 +19,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from flamingo.config import FlamingoConfig, TrainConfig
+from flamingo.training.batches import Batches
+from flamingo.training.engine import Engine
+from flamingo.training.runlog import RunLogger
+
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-log = logging.getLogger("flamingo.runs")
+log = logging.getLogger("flamingo.checkpoints")
 
 
 class CheckpointError(RuntimeError):
@@ -188,77 +198,102 @@ class CheckpointDir:
         return None
 
 
-class RunLogger:
-    """Rank-0 metric sink: JSONL, TensorBoard, PNG plots."""
+def rng_state() -> dict:
+    """Every generator's state as JSON-friendly values (no pickle in checkpoints)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+class Checkpointer:
+    """Saves and restores a run: the engine, the step counters, the loaders, the metric log
+    and the RNGs, on every rank (a collective: every rank calls :meth:`save` and
+    :meth:`resume`)."""
 
     def __init__(
         self,
-        output_dir: Path,
-        enabled: bool,
-        tensorboard: bool,
-        history: list[dict[str, Any]] | None = None,
-        step: int = 0,
+        root: Path,
+        engine: Engine,
+        batches: Batches,
+        runlog: RunLogger,
+        cfg: TrainConfig,
+        model_cfg: FlamingoConfig,
     ) -> None:
-        """``history`` and ``step``: where a resumed run stands; the JSONL log is rewritten to
-        that history (empty for a new run) and TensorBoard drops events after ``step``."""
-        self.output_dir = output_dir
-        self.enabled = enabled
-        self.history: list[dict[str, Any]] = list(history or [])
-        self.writer = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            path = output_dir / "metrics.jsonl"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            tmp.replace(path)
-            self.jsonl = path.open("a")
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+        self.dir = CheckpointDir(root)
+        self.engine, self.batches, self.runlog = engine, batches, runlog
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.step = 0
+        self.skipped_steps = 0
 
-                self.writer = SummaryWriter(
-                    str(output_dir / "tensorboard"), purge_step=step + 1 if step else None
+    def _everywhere(self, ok: bool) -> bool:
+        failed = torch.tensor([0.0 if ok else 1.0], device=self.engine.device)
+        return float(self.engine.all_reduce_sum(failed)) == 0.0
+
+    def resume(self, spec: str) -> Path | None:
+        """Restore from ``--resume`` (``auto``, ``none`` or a folder); start the metric log
+        either way. Returns the checkpoint resumed from, or None."""
+        engine = self.engine
+        path = self.dir.resolve(spec, (engine.rank, engine.world_size), self._everywhere)
+        history: list[dict[str, Any]] = []
+        if path is not None:
+            saved = read_json(path / "train_config.json")
+            if FlamingoConfig.from_dict(saved["model"]) != self.model_cfg:
+                raise ValueError(
+                    f"{path} was trained with another model config; start a new output_dir"
                 )
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **metrics}
-        self.history.append(record)
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
-
-    def plot(self) -> Path | None:
-        """Loss per dataset and |tanh(gate)| per layer over steps -> ``curves.png``."""
-        if not self.enabled or not self.history:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [r["step"] for r in self.history]
-        fig, (ax_loss, ax_gate) = plt.subplots(1, 2, figsize=(11, 4))
-        for key in sorted({k for r in self.history for k in r if k.startswith("loss/")}):
-            ax_loss.plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
-        ax_loss.set(xlabel="step", ylabel="NLL per target token", title="loss")
-        ax_loss.legend()
-        for key in sorted({k for r in self.history for k in r if k.startswith("gate/")}):
-            ax_gate.plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
-        ax_gate.set(xlabel="step", ylabel="|tanh(gate)|", title="gates")
-        ax_gate.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        path = self.output_dir / "curves.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+            state_file = path / f"trainer_rank{engine.rank:05d}.json"
+            saved_ranks = len(list(path.glob("trainer_rank*.json")))
+            if not state_file.is_file() or saved_ranks != engine.world_size:
+                raise ValueError(
+                    f"{path} was written by {saved_ranks} process(es); resume it with the same "
+                    f"number (this run has {engine.world_size}), or start a new output_dir"
+                )
+            state = read_json(state_file)
+            try:
+                engine.load(path)
+            except Exception as e:  # a checkpoint from before manifests can still be damaged
+                raise RuntimeError(f"cannot load the checkpoint {path}: {e}") from e
+            self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+            self.batches.load_state_dict(state["loaders"])
+            history = state.get("history", [])
+            set_rng_state(state["rng"])
+            log.info("resumed from %s at step %d", path, self.step)
+        self.runlog.start(history, self.step)
         return path
 
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            if self.writer is not None:
-                self.writer.close()
+    def save(self) -> Path:
+        """Write the checkpoint of the current step (every rank its part), then prune."""
+        engine, step = self.engine, self.step
+        if engine.is_main:
+            self.dir.prepare(step)
+        engine.barrier()
+        tmp = self.dir.tmp_path(step)
+        engine.save(tmp)
+        state = {
+            "step": step,
+            "skipped_steps": self.skipped_steps,
+            "loaders": self.batches.state_dict(),
+            "history": self.runlog.history,
+            "rng": rng_state(),
+        }
+        (tmp / f"trainer_rank{engine.rank:05d}.json").write_text(json.dumps(state))
+        engine.barrier()
+        if engine.is_main:
+            configs = {"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict()}
+            (tmp / "train_config.json").write_text(json.dumps(configs))
+            self.dir.commit(step)
+            self.dir.prune(self.cfg.keep_checkpoints)
+        engine.barrier()
+        return self.dir.final_path(step)
