@@ -9,7 +9,7 @@ flattened, so the latents can tell frames apart; single images (F == 1) get none
 With ``spatial_embeddings`` (off in the paper), a learned embedding per token position is added
 too, so the latents can tell where in the image a token came from.
 
-Shapes (DESIGN.md glossary): ``vision_tokens (B, N, F, V, Dv) -> media_latents (B, N, R, Dv)``.
+Shapes (ARCHITECTURE.md glossary): ``vision_tokens (B, N, F, V, Dv) -> media_latents (B, N, R, Dv)``.
 """
 
 from __future__ import annotations
