@@ -107,6 +107,12 @@ def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
     # row only; a row holding one is reported instead of yielded.
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as e:
+            raise ValueError(f"{path}: the CSV header cannot be read: {e}") from e
+        if any(_has_undecodable(k) for k in header):
+            raise ValueError(f"{path}: the CSV header is not UTF-8")
         while True:
             try:
                 row = next(reader)
@@ -115,8 +121,6 @@ def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
             except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the reader
                 yield bad_row("bad_csv", f"line {reader.line_num}: {e}")  # moves on
                 continue
-            if reader.fieldnames and any(_has_undecodable(k) for k in reader.fieldnames):
-                raise ValueError(f"{path}: the CSV header is not UTF-8")
             if any(_has_undecodable(v) for v in row.values()):
                 yield bad_row("bad_encoding", f"line {reader.line_num}: not UTF-8")
             elif None in row:  # more fields than the header names

@@ -457,3 +457,13 @@ def test_an_epoch_mode_dataset_can_stop_the_run_after_a_checkpoint(shards, tmp_p
     assert any("stopping at step 6 of 20" in m and "pairs" in m for m in caplog.messages)
     assert CheckpointDir(out / "checkpoints").latest().name == "step-00000006"
     assert (out / "model" / "model.safetensors").is_file()
+    # the step that found pairs empty had taken an interleaved batch already: the checkpoint
+    # holds the loaders as they were at the step's start, as a run that ended at step 6 does
+    ended = tmp_path / "ended"
+    train.main(["--config", str(CONFIG), *overrides(shards, ended, steps=6, checkpoint_every=6)])
+
+    def loaders(run):
+        state = json.loads((run / "checkpoints/step-00000006/trainer_rank00000.json").read_text())
+        return {k: v["streams"] for k, v in state["loaders"].items() if k != "pairs"}
+
+    assert loaders(out) == loaders(ended)
