@@ -1,7 +1,7 @@
 """Pretrain a Flamingo model: frozen vision tower and LM, weighted NLL over several datasets.
 
 One process:      python train.py --config configs/train/tiny.yaml [key=value ...]
-Several (ZeRO):   deepspeed --num_gpus 8 train.py --config configs/train/x.yaml deepspeed=configs/deepspeed/zero2.json
+Several (ZeRO):   deepspeed --num_gpus 8 train.py --config configs/train/x.yaml engine.deepspeed=configs/deepspeed/zero2.json
 Several nodes:    deepspeed --hostfile hosts train.py --config ...   (or --num_nodes 2 --no_ssh
                   --node_rank R --master_addr A on each node)
 
@@ -30,10 +30,10 @@ from tqdm import tqdm
 from eval.config import EvalConfig
 from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
-from flamingo.config import TrainConfig
 from flamingo.losses import weighted_loss
 from flamingo.training.batches import Batches, StepBatches
 from flamingo.training.checkpoints import Checkpointer
+from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine, build_engine
 from flamingo.training.runlog import RunLogger
 
@@ -146,13 +146,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- setup: model, engine, data, run state -------------------------------------------------
     model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides)
-    if cfg.precision == "bf16" and not cfg.deepspeed:
-        model_cfg.frozen_dtype = "bfloat16"
+    model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
     seed_everything(cfg.seed)  # same model initialisation on every rank
-    model = Flamingo.from_config(model_cfg)
     processor = FlamingoProcessor.from_config(model_cfg)
+    model = Flamingo.from_config(model_cfg, processor)
     per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
-    engine = build_engine(model, cfg, micro_batches_per_step=per_step * cfg.accumulation)
+    engine = build_engine(model, cfg.engine, cfg.optim, per_step * cfg.accumulation)
     eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(
         level=logging.INFO if engine.is_main else logging.WARNING,

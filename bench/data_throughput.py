@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from flamingo import FlamingoConfig, FlamingoProcessor
-from flamingo.config import DatasetConfig
+from flamingo.data.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
 from flamingo.data.shards import write_shards
@@ -84,8 +84,7 @@ def main() -> None:
             for kind in ("pairs", "interleaved", "video")
         }
         for size in args.image_size:
-            cfg.vision.image_size = size
-            processor = FlamingoProcessor.from_config(cfg)
+            processor = FlamingoProcessor.from_config(cfg.replace({"vision.image_size": size}))
             for kind, spec in specs.items():
                 seq_len = 256 if kind == "interleaved" else 32
                 data_cfg = DatasetConfig(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.train_step import CONFIGS, build_backbones, openflamingo_model, openflamingo_model_config
+from bench.train_step import CONFIGS, bench_config, build_backbones, openflamingo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,43 +47,26 @@ class OpenFlamingoDecoder(torch.nn.Module):
 
 
 def build(config: str, root: Path):
+    """OpenFlamingo's model around the benchmark config's random backbones, and ours converted
+    from its weights (``from_openflamingo``), the backbones saved to ``root`` as their sources."""
     from flamingo.convert import from_openflamingo
-    from flamingo.tokens import TINY_TOKENIZER_DIR, load_tokenizer
+    from flamingo.tokens import load_tokenizer
 
     torch.manual_seed(0)
-    clip, lm, image_size = build_backbones(config)
+    cfg = bench_config(config)
+    clip, lm, image_size = build_backbones(cfg)
     torch.save({"state_dict": clip.state_dict()}, root / "clip.pt")
     lm.save_pretrained(root / "lm")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(root / "lm")
+    load_tokenizer(cfg.lm.tokenizer_source())[0].save_pretrained(root / "lm")
     tokenizer, special = load_tokenizer(str(root / "lm"))
-    of = openflamingo_model(clip, lm, special).eval()
+    of = openflamingo_model(clip, lm, special, cfg.xattn.every_n_layers).eval()
     with torch.no_grad():
         for block in lm.gated_cross_attn_layers:
             block.attn_gate.fill_(0.5)
             block.ff_gate.fill_(0.5)
-
-    cfg = openflamingo_model_config(image_size)
-    if CONFIGS[config]["vision"] == "tiny":
-        cfg.vision.pretrained = str(root / "clip.pt")
-    else:
-        cfg.vision.architecture, cfg.vision.model_name, cfg.vision.pretrained = (
-            None,
-            CONFIGS[config]["vision"],
-            str(root / "clip.pt"),
-        )
-    cfg.vision.image_size, cfg.vision.ln_post_on_tokens, cfg.vision.resize = (
-        image_size,
-        True,
-        "crop",
-    )
-    cfg.lm.architecture, cfg.lm.name_or_path, cfg.lm.tokenizer = (
-        None,
-        str(root / "lm"),
-        str(root / "lm"),
-    )
-    ours = from_openflamingo(of.state_dict(), cfg).eval()
+    sources = {"vision.pretrained": str(root / "clip.pt"), "lm.architecture": None}
+    sources |= {"lm.name_or_path": str(root / "lm"), "lm.tokenizer": str(root / "lm")}
+    ours = from_openflamingo(of.state_dict(), cfg.replace(sources)).eval()
     return ours, OpenFlamingoDecoder(of, special, len(tokenizer)), image_size
 
 
@@ -108,7 +91,11 @@ def prompt_batch(ours, image_size: int, batch: int, shots: int = 4):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument(
+        "--config",
+        default="tiny",
+        help=f"a benchmark model of configs/bench/ ({', '.join(CONFIGS)}) or a model config YAML",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--new", type=int, default=20)
@@ -158,7 +145,7 @@ def main() -> None:
         "openflamingo_side": "our beam search over OpenFlamingo's forward (no caches, images re-encoded per beam); its generate fails with transformers 5",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"generation-{args.config}-{args.device.split(':')[0]}.json"
+    path = args.out / f"generation-{Path(args.config).stem}-{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(
         f"| generation ({args.config}, batch {args.batch}, beam {args.beams}, {args.new} tokens) | ours | OpenFlamingo | speed-up |"

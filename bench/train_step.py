@@ -35,66 +35,36 @@ import torch
 from bench.flops import StepShape, matmul_peak_tflops, peak_tflops, train_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    # vision: open_clip architecture (tiny inline or a registry name), LM: OPT config fields
-    "tiny": {
-        "vision": "tiny",
-        "lm": dict(
-            vocab_size=896,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-        ),
-        "seq_len": 64,
-    },
-    "small": {
-        "vision": "ViT-B-16",  # 86M-parameter ViT-B/16 at 224 px
-        "lm": dict(
-            vocab_size=50272,
-            hidden_size=768,
-            ffn_dim=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            word_embed_proj_dim=768,
-        ),  # OPT-125m
-        "seq_len": 256,
-    },
-    "1b": {  # for a GPU: ~1.7B parameters (ViT-L/14 304M, OPT-1.3B, 0.14B trainable)
-        "vision": "ViT-L-14",
-        "lm": dict(
-            vocab_size=50272,
-            hidden_size=2048,
-            ffn_dim=8192,
-            num_hidden_layers=24,
-            num_attention_heads=32,
-            word_embed_proj_dim=2048,
-        ),  # OPT-1.3b
-        "seq_len": 512,
-        "xattn_every": 4,  # as OpenFlamingo's larger models
-    },
-}
+CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "bench").glob("*.yaml"))
+"""The benchmark models, ``configs/bench/<name>.yaml``: model configs with OpenFlamingo's
+numerics around random backbones (any model config YAML may be given by path instead)."""
+SEQ_LEN = {"tiny": 64, "small": 256, "1b": 512}
+"""Tokens per sequence of each benchmark model's runs (``--seq-len`` overrides it)."""
 NUM_IMAGES = 5
 
 
-def build_backbones(name: str):
-    import open_clip
-    from transformers import AutoModelForCausalLM, OPTConfig
-
+def bench_config(config: str):
+    """The model config of a benchmark: a name in ``configs/bench/`` or a YAML path. It must
+    have OpenFlamingo's numerics (``flamingo.convert.openflamingo.check_config``), since both
+    implementations are built from it."""
     from flamingo.config import FlamingoConfig
+    from flamingo.convert.openflamingo import check_config
 
-    spec = CONFIGS[name]
-    tiny = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
-    if spec["vision"] == "tiny":
-        clip, image_size = open_clip.CLIP(**tiny.vision.architecture), tiny.vision.image_size
-    else:
-        clip = open_clip.create_model(spec["vision"], pretrained=None)
-        image_size = clip.visual.image_size[0]
-    lm = AutoModelForCausalLM.from_config(
-        OPTConfig(**spec["lm"], dropout=0.0, attention_dropout=0.0)
+    path = (
+        Path(config) if config.endswith(".yaml") else ROOT / "configs" / "bench" / f"{config}.yaml"
     )
-    return clip, lm, image_size
+    cfg = FlamingoConfig.from_yaml(path)
+    check_config(cfg)
+    return cfg
+
+
+def build_backbones(cfg):
+    """The open_clip model and the HF causal LM of ``cfg``, by the library's builders."""
+    from flamingo.lm import build_causal_lm
+    from flamingo.vision import build_clip
+
+    clip = build_clip(cfg.vision)
+    return clip, build_causal_lm(cfg.lm), cfg.vision.image_size
 
 
 def make_batch(batch: int, seq_len: int, image_size: int, special, num_images: int = NUM_IMAGES):
@@ -109,36 +79,22 @@ def make_batch(batch: int, seq_len: int, image_size: int, special, num_images: i
     return ids, mask, pixels
 
 
-def openflamingo_model_config(image_size: int, every: int = 1):
-    """The tiny model config with OpenFlamingo's numerics (6-layer resampler with 64 latents,
-    8x64 heads, FFW x4, no time embeddings; gated blocks before every ``every``-th layer,
-    the last of each group, as OpenFlamingo places them)."""
-    from flamingo.config import FlamingoConfig
-
-    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
-    cfg.vision.image_size = image_size
-    cfg.resampler.depth, cfg.resampler.heads, cfg.resampler.dim_head = 6, 8, 64
-    cfg.resampler.num_latents, cfg.resampler.ff_mult, cfg.resampler.max_num_frames = 64, 4, 0
-    cfg.xattn.heads, cfg.xattn.dim_head, cfg.xattn.ff_mult = 8, 64, 4
-    cfg.xattn.every_n_layers, cfg.xattn.first_layer = every, every - 1
-    return cfg
-
-
-def step_shape(name: str, batch: int, seq_len: int, images: int) -> StepShape:
-    """The dimensions the FLOP count of a step needs, from the benchmark config."""
+def step_shape(cfg, batch: int, seq_len: int, images: int) -> StepShape:
+    """The dimensions the FLOP count of a step needs, from the model config."""
     import open_clip
+    from transformers import AutoConfig
 
-    from flamingo.config import FlamingoConfig
-
-    spec = CONFIGS[name]
-    if spec["vision"] == "tiny":
-        vision = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml").vision
-        vision_cfg = vision.architecture["vision_cfg"]
+    if cfg.vision.architecture is not None:
+        vision_cfg = cfg.vision.architecture["vision_cfg"]
     else:
-        vision_cfg = open_clip.get_model_config(spec["vision"])["vision_cfg"]
+        vision_cfg = open_clip.get_model_config(cfg.vision.model_name)["vision_cfg"]
     width, size, patch = vision_cfg["width"], vision_cfg["image_size"], vision_cfg["patch_size"]
-    cfg = openflamingo_model_config(size, spec.get("xattn_every", 1))
-    lm = spec["lm"]
+    if cfg.lm.architecture is not None:
+        arch = dict(cfg.lm.architecture)
+        lm = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    else:
+        lm = AutoConfig.from_pretrained(cfg.lm.name_or_path, revision=cfg.lm.revision)
+    ffn = getattr(lm, "ffn_dim", None) or lm.intermediate_size
     return StepShape(
         batch=batch,
         seq_len=seq_len,
@@ -152,25 +108,27 @@ def step_shape(name: str, batch: int, seq_len: int, images: int) -> StepShape:
         resampler_inner=cfg.resampler.heads * cfg.resampler.dim_head,
         latents=cfg.resampler.num_latents,
         resampler_ff_mult=cfg.resampler.ff_mult,
-        gated_blocks=len(cfg.xattn.layer_indices(lm["num_hidden_layers"])),
+        gated_blocks=len(cfg.xattn.layer_indices(lm.num_hidden_layers)),
         xattn_inner=cfg.xattn.heads * cfg.xattn.dim_head,
         xattn_ff_mult=cfg.xattn.ff_mult,
-        lm_width=lm["hidden_size"],
-        lm_layers=lm["num_hidden_layers"],
-        lm_ffn=lm["ffn_dim"],
-        vocab=lm["vocab_size"],
+        lm_width=lm.hidden_size,
+        lm_layers=lm.num_hidden_layers,
+        lm_ffn=ffn,
+        vocab=lm.vocab_size,
     )
 
 
 def openflamingo_model(clip, lm, special, every: int = 1):
-    """OpenFlamingo's own Flamingo (its package) around an open_clip model and an OPT LM."""
+    """OpenFlamingo's own Flamingo (its package) around an open_clip model and an HF LM."""
     from open_flamingo.src.flamingo import Flamingo as OFFlamingo
     from open_flamingo.src.flamingo_lm import FlamingoLMMixin
     from open_flamingo.src.utils import extend_instance
 
+    from flamingo.lm import decoder_layout
+
     clip.visual.output_tokens = True
     extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name("model.decoder.layers")
+    lm.set_decoder_layers_attr_name(decoder_layout(lm.config.model_type).layers)
     vis_dim = clip.visual.transformer.width
     return OFFlamingo(
         clip,
@@ -185,19 +143,15 @@ def openflamingo_model(clip, lm, special, every: int = 1):
 def prepare_ours(name: str, args: argparse.Namespace):
     """Our model, its optimiser's parameter groups and AdamW, and its loss on the batch:
     ``(model, groups, make_optimizer, compute_loss, target tokens)``."""
-    from flamingo import Flamingo
-    from flamingo.lm import FlamingoLM
+    from flamingo import Flamingo, FlamingoProcessor
     from flamingo.losses import count_targets, make_labels
-    from flamingo.tokens import load_tokenizer
     from flamingo.training.engine import adamw, param_groups
-    from flamingo.vision import VisionEncoder
 
-    clip, lm, image_size = build_backbones(name)
-    cfg = openflamingo_model_config(image_size, CONFIGS[name].get("xattn_every", 1))
-    tokenizer, special = load_tokenizer("tiny")
-    vision = VisionEncoder(cfg.vision, clip.visual)
-    model = Flamingo(cfg, vision, FlamingoLM(lm, cfg.xattn, vision.width, special, len(tokenizer)))
-    ids, mask, pixels = batch_on_device(args, image_size, special)
+    cfg = bench_config(name)
+    processor = FlamingoProcessor.from_config(cfg)
+    model = Flamingo.from_config(cfg, processor)  # the library's builder, as train.py
+    special = processor.special_tokens
+    ids, mask, pixels = batch_on_device(args, cfg.vision.image_size, special)
     labels = make_labels(ids, mask, special)
     targets = count_targets(labels)
 
@@ -215,9 +169,10 @@ def prepare_openflamingo(name: str, args: argparse.Namespace):
     from flamingo.losses import count_targets, make_labels
     from flamingo.tokens import load_tokenizer
 
-    clip, lm, image_size = build_backbones(name)
-    tokenizer, special = load_tokenizer("tiny")  # same special-token order as OpenFlamingo's
-    model = openflamingo_model(clip, lm, special, CONFIGS[name].get("xattn_every", 1))
+    cfg = bench_config(name)
+    clip, lm, image_size = build_backbones(cfg)
+    _, special = load_tokenizer(cfg.lm.tokenizer_source())  # special tokens in OpenFlamingo's order
+    model = openflamingo_model(clip, lm, special, cfg.xattn.every_n_layers)
     # OpenFlamingo's own freeze policy (open_flamingo/src/factory.py)
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
@@ -243,11 +198,15 @@ def batch_on_device(args: argparse.Namespace, image_size: int, special):
 
 
 def deepspeed_engine(model, groups, precision: str):
-    """A one-process DeepSpeed ZeRO-2 engine (bf16 or fp32), the optimiser as train.py's."""
+    """A one-process DeepSpeed engine with ``configs/deepspeed/zero2.json`` (bf16 or fp32),
+    configured as train.py configures it (``DeepSpeedEngine.build_config``)."""
     import os
     import socket
 
     import deepspeed
+
+    from flamingo.training.config import EngineConfig, OptimConfig
+    from flamingo.training.engine import DeepSpeedEngine
 
     with socket.socket() as s:  # a free port for the one-process group
         s.bind(("127.0.0.1", 0))
@@ -257,16 +216,12 @@ def deepspeed_engine(model, groups, precision: str):
     ).items():
         os.environ.setdefault(key, value)
     deepspeed.init_distributed()
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": 1,
-        "gradient_clipping": 1.0,
-        "bf16": {"enabled": precision == "bf16"},
-        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "fused": True}},
-        "zero_allow_untested_optimizer": True,
-    }
+    engine_cfg = EngineConfig(
+        precision=precision, deepspeed=str(ROOT / "configs/deepspeed/zero2.json")
+    )
+    config = DeepSpeedEngine.build_config(
+        engine_cfg, OptimConfig(lr=1e-4), micro_batches_per_step=1
+    )
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     return engine
 
@@ -393,7 +348,8 @@ def child(args: argparse.Namespace) -> None:
     prepared = prepare(args.config, args)
     step, model = make_step(prepared, args)
     result = timed(step, args.steps, args.batch, prepared[-1], model, args.device)
-    flops = train_step_flops(step_shape(args.config, args.batch, args.seq_len, args.images))
+    shape = step_shape(bench_config(args.config), args.batch, args.seq_len, args.images)
+    flops = train_step_flops(shape)
     result["flops_per_step"] = flops
     result["tflops_per_s"] = flops["total"] / result["step_s"] / 1e12
     result["mfu"] = result["tflops_per_s"] / args.peak_tflops if args.peak_tflops else None
@@ -406,7 +362,11 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument(
+        "--config",
+        default="tiny",
+        help=f"a benchmark model of configs/bench/ ({', '.join(CONFIGS)}) or a model config YAML",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -453,7 +413,7 @@ def main() -> None:
     if args.impl:
         return child(args)
     default_seq_len = args.seq_len is None
-    args.seq_len = args.seq_len or CONFIGS[args.config]["seq_len"]
+    args.seq_len = args.seq_len or SEQ_LEN.get(Path(args.config).stem, 256)
     machine = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
@@ -510,7 +470,7 @@ def main() -> None:
         "ratios": ratios,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"train_step-{args.config}"
+    name = f"train_step-{Path(args.config).stem}"
     if (args.images, default_seq_len) != (NUM_IMAGES, True):
         name += f"-{args.images}img-{args.seq_len}tok"
     if (args.engine, args.precision) != ("torch", "fp32"):

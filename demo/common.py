@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flamingo.config import load_config
+from flamingo.typed_config import load_config
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, lr: float) -> float:

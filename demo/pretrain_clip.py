@@ -26,11 +26,12 @@ from tqdm import tqdm
 from demo.common import cli, summary, warmup_cosine
 from flamingo.config import VisionConfig
 from flamingo.data.shards import expand_shards, read_shard
+from flamingo.typed_config import YamlConfig
 from flamingo.vision import image_transform
 
 
-@dataclass
-class ClipPretrainConfig:
+@dataclass(frozen=True)
+class ClipPretrainConfig(YamlConfig):
     shards: str
     """Pairs shards (brace expansion)."""
     output: str

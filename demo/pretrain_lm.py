@@ -21,10 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from demo.common import cli, summary, warmup_cosine
 from flamingo.tokens import TINY_TOKENIZER, TINY_TOKENIZER_DIR
+from flamingo.typed_config import YamlConfig
 
 
-@dataclass
-class LMPretrainConfig:
+@dataclass(frozen=True)
+class LMPretrainConfig(YamlConfig):
     corpus: str
     """Text file, one document per line."""
     output_dir: str

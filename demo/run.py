@@ -81,7 +81,7 @@ class Demo:
 
     def run_clip(self) -> None:
         from demo.pretrain_clip import ClipPretrainConfig, pretrain
-        from flamingo.config import load_config
+        from flamingo.typed_config import load_config
 
         path = stage_config("clip", self.out, shards=self.world["shards"]["pairs-train"])
         cfg = load_config(ClipPretrainConfig, path, self.sets["clip"])
@@ -90,7 +90,7 @@ class Demo:
 
     def run_lm(self) -> None:
         from demo.pretrain_lm import LMPretrainConfig, pretrain
-        from flamingo.config import load_config
+        from flamingo.typed_config import load_config
 
         cfg = load_config(LMPretrainConfig, stage_config("lm", self.out), self.sets["lm"])
         if "lm" in self.force or not (Path(cfg.output_dir) / "config.json").is_file():
@@ -126,7 +126,7 @@ class Demo:
         """Round robin over the datasets, one per step, with as many samples in all (the same
         compute as the main run, spread over len(datasets) times the steps); and the gated
         blocks without their tanh gates."""
-        from flamingo.config import TrainConfig
+        from flamingo.training.config import TrainConfig
 
         cfg = TrainConfig.from_yaml(CONFIGS / "train.yaml", self.sets["flamingo"])
         n = len(cfg.datasets)

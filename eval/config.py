@@ -1,16 +1,16 @@
-"""Typed evaluation config (``configs/eval/*.yaml``), loaded with flamingo's config loader."""
+"""Typed evaluation config (``configs/eval/*.yaml``), on flamingo's config base (frozen, loaded
+from YAML with overrides, changed with ``replace``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from flamingo.config import load_config, to_dict
+from flamingo.typed_config import YamlConfig
 
 
-@dataclass
-class TaskConfig:
+@dataclass(frozen=True)
+class TaskConfig(YamlConfig):
     """Where a benchmark's files are and how to decode for it."""
 
     paths: dict[str, Any]
@@ -23,8 +23,8 @@ class TaskConfig:
     """Generation budget (captioning ~20, VQA ~5)."""
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class EvalConfig(YamlConfig):
     """A few-shot evaluation run."""
 
     tasks: dict[str, TaskConfig]
@@ -65,10 +65,3 @@ class EvalConfig:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
         if self.trials < 1 or self.batch_size < 1 or self.num_beams < 1 or self.query_set_size < 2:
             raise ValueError("trials, batch_size, num_beams must be >= 1 and query_set_size >= 2")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
-        return load_config(cls, path, overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)

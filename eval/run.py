@@ -37,7 +37,7 @@ from eval.fewshot import (
 )
 from eval.tasks import Item, Task, get_task
 from flamingo import Flamingo, FlamingoProcessor
-from flamingo.config import to_dict
+from flamingo.typed_config import to_dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     cfg = EvalConfig.from_yaml(args.config, args.overrides)
     if args.shots:
-        cfg.shots = args.shots
+        cfg = cfg.replace(shots=args.shots)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device

@@ -33,6 +33,14 @@ FROZEN_NAME = "frozen.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_FORMAT = "flamingo"
 CHECKPOINT_FORMAT_VERSION = 1
+RETIRED_MODEL_KEYS = ("gradient_checkpointing",)
+"""Model-config keys that earlier versions wrote and that are now set elsewhere (activation
+checkpointing is the training engine's: ``engine.activation_checkpointing``); dropped on read."""
+
+
+def model_config_from_dict(data: dict[str, Any]) -> FlamingoConfig:
+    """The model config a checkpoint saved, written by this or an earlier version."""
+    return FlamingoConfig.from_dict({k: v for k, v in data.items() if k not in RETIRED_MODEL_KEYS})
 
 
 def write_checkpoint_config(directory: Path, cfg: FlamingoConfig, extra: dict[str, Any]) -> None:
@@ -74,7 +82,7 @@ def read_checkpoint_config(directory: str | Path) -> tuple[FlamingoConfig, dict[
             f"flamingo {library_version()} reads format <= {CHECKPOINT_FORMAT_VERSION}: upgrade"
         )
     try:
-        cfg = FlamingoConfig.from_dict(meta["config"])
+        cfg = model_config_from_dict(meta["config"])
     except (KeyError, ValueError) as e:
         raise ValueError(
             f"{path}: incompatible model config (written by flamingo {written_by}, this is "

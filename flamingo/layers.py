@@ -8,14 +8,20 @@ gradient. Where that input is a cheap function of tensors autograd keeps anyway 
 output: its input is kept for the LayerNorm's own backward; a GELU's output: its input is
 kept), the modules here let autograd drop it and rebuild it in the backward
 (:func:`recompute_in_backward`): the same values and gradients bit for bit, for one elementwise
-op per tensor. Inside activation checkpointing, which manages saved tensors itself, it is
-switched off (``recompute_saved``).
+op per tensor.
+
+**The engine decides, the modules obey.** What is recomputed, and whether parameters can be
+read during the backward, depends on the engine (activation checkpointing manages saved tensors
+itself; ZeRO-3 releases parameters after each use). An engine states it once, as an
+:class:`ExecutionPolicy` passed to ``Flamingo.set_execution_policy``; the modules here read
+their ``policy`` attribute and never inspect the engine's own attributes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -66,15 +72,37 @@ def recompute_in_backward(
         yield
 
 
-def stays_materialised(module: nn.Module) -> bool:
-    """Whether ``module``'s parameters can be read during any part of the backward.
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """How the trainable modules run, as the engine that trains them needs: set once through
+    ``Flamingo.set_execution_policy`` (every module carrying a ``policy`` gets it)."""
 
-    Not under ZeRO-3 (its parameters carry ``ds_status``): it releases a module's parameters
-    after each use, so a recomputation that reads them during another module's backward would
-    find them empty. Even those below the persistence threshold are released during the first,
-    trace-recording step.
-    """
-    return not any(hasattr(p, "ds_status") for p in module.parameters())
+    checkpoint_layers: bool = False
+    """Activation checkpointing: decoder layers and gated blocks are recomputed whole in the
+    backward (the checkpointed modules then rebuild nothing themselves)."""
+    rebuild_activations: bool = True
+    """Rebuild cheap activations (LayerNorm and GELU outputs) in the backward instead of keeping
+    them (module docstring)."""
+    parameters_readable_in_backward: bool = True
+    """A module's parameters can be read during any part of the backward. Not under ZeRO-3: it
+    releases a module's parameters after each use (even those below the persistence threshold,
+    during the first, trace-recording step), so a rebuild that reads them (a LayerNorm's
+    output) in another module's backward would find them empty; those outputs are kept."""
+    every_parameter_takes_part: bool = True
+    """Every forward touches every trainable parameter, unused ones times zero (the same values),
+    so each gets a gradient, zero where unused, rather than none. DeepSpeed ZeRO-3 needs it: it
+    copies (not adds) a parameter's first gradient of a step into its buffer only on the step's
+    first micro-batch, so a parameter the first micro-batch left out adds to the buffer's old
+    contents, and one a step never uses re-applies its last gradient
+    (https://github.com/deepspeedai/DeepSpeed/issues/1266). On for every engine, so that they
+    all take the same steps."""
+
+    def rebuilds_reading_parameters(self) -> bool:
+        """Whether a rebuild may read parameters (a LayerNorm output from its input)."""
+        return self.rebuild_activations and self.parameters_readable_in_backward
+
+
+DEFAULT_POLICY = ExecutionPolicy()
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -83,12 +111,12 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_of_norm(
-    linear: nn.Linear, norm: nn.LayerNorm, x: torch.Tensor, recompute: bool
+    linear: nn.Linear, norm: nn.LayerNorm, x: torch.Tensor, policy: ExecutionPolicy
 ) -> torch.Tensor:
-    """``linear(norm(x))``; with ``recompute`` the LayerNorm output is rebuilt in the backward
-    for the Linear's weight gradient instead of kept (kept under ZeRO-3)."""
+    """``linear(norm(x))``; the LayerNorm output is rebuilt in the backward for the Linear's
+    weight gradient instead of kept, where the policy allows it."""
     normed = norm(x)
-    rebuild = recompute and stays_materialised(norm)
+    rebuild = policy.rebuilds_reading_parameters()
     with recompute_in_backward(normed, lambda: layer_norm(norm, x), rebuild):
         return linear(normed)
 
@@ -96,9 +124,14 @@ def linear_of_norm(
 class FeedForward(nn.Sequential):
     """Pre-norm MLP: LayerNorm -> Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim).
 
-    With ``recompute_saved`` (the default) neither the LayerNorm output nor the GELU output,
-    which the Linears would keep for their weight gradients, is stored: the backward rebuilds
-    them from the LayerNorm's and the GELU's inputs (module docstring).
+    Under the default policy neither the LayerNorm output nor the GELU output, which the Linears
+    would keep for their weight gradients, is stored: the backward rebuilds them from the
+    LayerNorm's and the GELU's inputs (module docstring).
+
+    Load-bearing layout: a ``Sequential`` whose children are named ``0``-``3`` gives the
+    state-dict keys OpenFlamingo's checkpoints use (``ff.0.weight`` ... ``ff.3.weight``), which
+    the OpenFlamingo import maps one to one (``flamingo/convert/openflamingo.py``); renaming or
+    reordering the children breaks it.
     """
 
     def __init__(self, dim: int, mult: int = 4) -> None:
@@ -109,12 +142,20 @@ class FeedForward(nn.Sequential):
             nn.GELU(),
             nn.Linear(inner, dim, bias=False),
         )
-        self.recompute_saved = True
+        self.policy = DEFAULT_POLICY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, up, act, down = self
-        hidden = linear_of_norm(up, norm, x, self.recompute_saved)
+        hidden = linear_of_norm(up, norm, x, self.policy)
         activated = act(hidden)
         gelu = lambda: F.gelu(hidden, approximate=act.approximate)  # noqa: E731
-        with recompute_in_backward(activated, gelu, self.recompute_saved):
+        # the GELU's input stays alive and the rebuild reads no parameter: allowed under ZeRO-3
+        with recompute_in_backward(activated, gelu, self.policy.rebuild_activations):
             return down(activated)
+
+
+def set_policy(module: nn.Module, policy: ExecutionPolicy) -> None:
+    """Give ``policy`` to every submodule of ``module`` that carries one."""
+    for sub in module.modules():
+        if isinstance(getattr(sub, "policy", None), ExecutionPolicy):
+            sub.policy = policy

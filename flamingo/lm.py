@@ -6,7 +6,7 @@
 * **Interleaving.** A GATED XATTN-DENSE block runs *before* every n-th decoder layer (paper
   Fig. 4). It is attached as a forward pre-hook on that layer, so the HF model's code, classes
   and module tree stay untouched. The media latents and media index reach the hooks through one
-  scoped context that :meth:`FlamingoLM.forward` sets and always clears.
+  scoped :class:`MediaContext` that :meth:`FlamingoLM.forward` sets and always clears.
 * **Decoupled new tokens.** ``<image>``, ``<|endofchunk|>`` (and ``<PAD>``) get their own small
   trainable input and output rows beside the frozen embedding and output matrices: no
   ``resize_token_embeddings`` of frozen weights, the optimiser holds state for a few rows only,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -30,12 +30,24 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.tokens import SpecialTokens
 from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, cross_attention_bias
 
 MediaInput = torch.Tensor | list[MediaKV] | None
 """What the gated blocks attend to: media latents (B, N, R, Dv), one precomputed MediaKV per
 gated block (decoding), or None (text only)."""
+
+
+@dataclass(frozen=True)
+class MediaContext:
+    """What the gated blocks of one LM call attend to (set for the call, then cleared)."""
+
+    media: MediaInput
+    media_index: torch.Tensor
+    """(B, T): phi, the media item each token sees (-1: none)."""
+    bias: torch.Tensor | None
+    """The additive cross-attention mask all blocks share (None without media)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,7 @@ class FlamingoLM(nn.Module):
         self.hf = hf_model.requires_grad_(False)
         self._cache_argument = cache_argument(hf_model.base_model)
         self.special_tokens = special_tokens
-        self.gradient_checkpointing = False
+        self.policy = DEFAULT_POLICY
 
         embed = hf_model.get_input_embeddings()
         head = hf_model.get_output_embeddings()
@@ -193,7 +205,7 @@ class FlamingoLM(nn.Module):
                 partial(self._run_gated_block, block_idx), with_kwargs=True
             )
         self.tokenizer_size = tokenizer_size
-        self._media: tuple[MediaInput, torch.Tensor, torch.Tensor | None] | None = None
+        self._media: MediaContext | None = None
 
     # -- the scoped context through which media reach the hooks ---------------------------------
 
@@ -203,7 +215,7 @@ class FlamingoLM(nn.Module):
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
         bias = self._cross_attention_bias(media, media_index)
-        with self._media_restored((media, media_index, bias)):
+        with self._media_restored(MediaContext(media, media_index, bias)):
             yield
 
     def _cross_attention_bias(
@@ -229,7 +241,7 @@ class FlamingoLM(nn.Module):
                 "a decoder layer with a gated cross-attention block ran outside "
                 "FlamingoLM.forward; call the Flamingo model, not its inner HF LM"
             )
-        media, media_index, bias = self._media
+        media, media_index, bias = self._media.media, self._media.media_index, self._media.bias
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.gated_blocks[block_idx]
         dtype = block.attn.to_q.weight.dtype
@@ -237,7 +249,7 @@ class FlamingoLM(nn.Module):
             media = media[block_idx]
         elif media is not None:
             media = media.to(dtype)
-        if self.gradient_checkpointing and self.training:
+        if self.policy.checkpoint_layers and self.training:
             out = checkpoint(block, hidden.to(dtype), media, media_index, bias, use_reentrant=False)
         else:
             out = block(hidden.to(dtype), media, media_index, bias)
@@ -324,11 +336,14 @@ class FlamingoLM(nn.Module):
             return self.summed_nll(out.last_hidden_state, labels), cache
         return self.logits(out.last_hidden_state), cache
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute decoder layers (HF's mechanism) and gated blocks in the backward pass."""
-        self.gradient_checkpointing = enabled
-        for block in self.gated_blocks:  # checkpointing manages the saved tensors itself
-            block.ff.recompute_saved = block.attn.recompute_saved = not enabled
+    def set_execution_policy(self, policy: ExecutionPolicy) -> None:
+        """Take the engine's policy: with ``checkpoint_layers``, decoder layers (HF's mechanism)
+        and gated blocks are recomputed in the backward, and the blocks rebuild nothing
+        themselves (checkpointing manages their saved tensors)."""
+        set_policy(self, policy)
+        if policy.checkpoint_layers:
+            set_policy(self.gated_blocks, replace(policy, rebuild_activations=False))
+        enabled = policy.checkpoint_layers
         # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has the old names.
         if hasattr(self.hf, "activation_checkpointing_enable"):
             enable, disable = (
@@ -355,7 +370,7 @@ class FlamingoLM(nn.Module):
         return contextlib.nullcontext(), self._media_restored(self._media)
 
     @contextlib.contextmanager
-    def _media_restored(self, media: tuple | None) -> Iterator[None]:
+    def _media_restored(self, media: MediaContext | None) -> Iterator[None]:
         """Set what the gated blocks see, and put back what was there on the way out."""
         previous, self._media = self._media, media
         try:

@@ -28,10 +28,11 @@ from flamingo.checkpoint import (
 )
 from flamingo.config import FlamingoConfig
 from flamingo.generation import generate, score
+from flamingo.layers import ExecutionPolicy, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.processing import FlamingoProcessor
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
-from flamingo.tokens import SpecialTokens, load_tokenizer
+from flamingo.tokens import SpecialTokens
 from flamingo.vision import VisionEncoder
 from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, media_index_from_ids
 
@@ -63,20 +64,21 @@ class Flamingo(nn.Module):
         self.vision = vision
         self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
         self.lm = lm
-        if cfg.gradient_checkpointing:
-            self.lm.set_gradient_checkpointing(True)
 
     @classmethod
-    def from_config(cls, cfg: FlamingoConfig) -> Flamingo:
-        """Build the model: frozen parts from their sources, trainable parts freshly initialised."""
+    def from_config(
+        cls, cfg: FlamingoConfig, processor: FlamingoProcessor | None = None
+    ) -> Flamingo:
+        """Build the model: frozen parts from their sources, trainable parts freshly initialised.
+        The new token rows follow the processor's special tokens (by default the processor of
+        ``cfg``; pass the one you already have to load the tokenizer once)."""
+        if processor is None:
+            processor = FlamingoProcessor.from_config(cfg)
         dtype = DTYPES[cfg.frozen_dtype]
-        tokenizer, special = load_tokenizer(
-            cfg.lm.tokenizer_source(), cfg.lm.revision, cfg.lm.trust_remote_code
-        )
         vision = VisionEncoder(cfg.vision).to(dtype)
         hf_model = build_causal_lm(cfg.lm, dtype)
-        lm = FlamingoLM(hf_model, cfg.xattn, vision.width, special, len(tokenizer))
-        return cls(cfg, vision, lm)
+        special, size = processor.special_tokens, len(processor.tokenizer)
+        return cls(cfg, vision, FlamingoLM(hf_model, cfg.xattn, vision.width, special, size))
 
     @classmethod
     def from_pretrained(
@@ -90,8 +92,8 @@ class Flamingo(nn.Module):
         ``dtype``/``device`` cast and move it all."""
         directory = Path(directory)
         cfg, meta = read_checkpoint_config(directory)
-        cfg.lm.tokenizer = str(directory)  # the tokenizer saved with the weights
-        model = cls.from_config(cfg)
+        cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
+        model = cls.from_config(cfg, FlamingoProcessor.from_pretrained(directory))
         saved = meta.get("special_tokens", {})
         if saved and list(saved.get("new_ids", [])) != list(model.special_tokens.new_ids):
             raise ValueError(
@@ -298,6 +300,12 @@ class Flamingo(nn.Module):
             )
 
     # -- training support -------------------------------------------------------------------------
+
+    def set_execution_policy(self, policy: ExecutionPolicy) -> None:
+        """How the trainable modules run, as the training engine needs
+        (:class:`flamingo.layers.ExecutionPolicy`); the engine calls this once."""
+        set_policy(self.resampler, policy)
+        self.lm.set_execution_policy(policy)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The parts that train (paper Sec. 2): everything else is frozen."""

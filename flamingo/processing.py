@@ -63,7 +63,7 @@ class FlamingoProcessor:
         """The processor saved in a checkpoint directory (its tokenizer and settings)."""
         directory = Path(directory)
         cfg, _ = read_checkpoint_config(directory)
-        cfg.lm.tokenizer = str(directory)
+        cfg = cfg.replace({"lm.tokenizer": str(directory)})
         settings_path = directory / PROCESSOR_CONFIG
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
         return cls.from_config(cfg, padding_side=settings.get("padding_side", "left"))

@@ -20,14 +20,16 @@ from einops import rearrange, repeat
 from torch import nn
 
 from flamingo.config import ResamplerConfig
-from flamingo.layers import FeedForward, layer_norm, recompute_in_backward, stays_materialised
+from flamingo.layers import DEFAULT_POLICY, FeedForward, layer_norm, recompute_in_backward
 
 
 class PerceiverAttention(nn.Module):
     """Latents attend to the media tokens and to themselves.
 
-    With ``recompute_saved`` (the default) the normed inputs, which the query and key/value
-    projections would keep, are rebuilt in the backward (:mod:`flamingo.layers`).
+    Under the default policy the normed inputs, which the query and key/value projections
+    would keep, are rebuilt in the backward (:mod:`flamingo.layers`). The attribute names
+    (``norm_media``, ``norm_latents``, ``to_q``, ``to_kv``, ``to_out``) are OpenFlamingo's: its
+    checkpoints load by name (``flamingo/convert/openflamingo.py``).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int) -> None:
@@ -39,11 +41,11 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.recompute_saved = True
+        self.policy = DEFAULT_POLICY
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media (b, n, d), latents (b, r, d) -> (b, r, d)."""
-        rebuild = self.recompute_saved and stays_materialised(self)
+        rebuild = self.policy.rebuilds_reading_parameters()
 
         def normed_latents() -> torch.Tensor:
             return layer_norm(self.norm_latents, latents)
@@ -97,6 +99,7 @@ class PerceiverResampler(nn.Module):
             PerceiverLayer(dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(dim)
+        self.policy = DEFAULT_POLICY
 
     def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         if vision_tokens.ndim != 5:
@@ -127,12 +130,14 @@ class PerceiverResampler(nn.Module):
             x = x + rearrange(self.time_embeddings[:num_frames], "f d -> f 1 d")
         media = rearrange(x, "b n f v d -> (b n) (f v) d")
         latents = repeat(self.latents, "r d -> bn r d", bn=b * n)
-        if num_frames == 1 and self.time_embeddings is not None and torch.is_grad_enabled():
-            # Still images take no time embedding, but the parameter takes part times zero (same
-            # values), so a micro-batch of images gives it a zero gradient rather than none.
-            # DeepSpeed ZeRO-3 needs that: it adds a parameter's first gradient of a step to the
-            # gradient buffer's old contents when the step's first micro-batch left it out, and
-            # re-applies the last gradient on steps that never use it (round-robin mixing).
+        if (
+            num_frames == 1
+            and self.time_embeddings is not None
+            and self.policy.every_parameter_takes_part
+            and torch.is_grad_enabled()
+        ):
+            # Still images take no time embedding; it takes part times zero (same values), so
+            # a micro-batch of images gives it a zero gradient, not none (the policy's reason).
             latents = latents + 0.0 * self.time_embeddings[0]
         for layer in self.layers:
             latents = layer(media, latents)

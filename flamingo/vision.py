@@ -26,7 +26,8 @@ from flamingo.config import VisionConfig
 
 
 def build_clip(cfg: VisionConfig) -> nn.Module:
-    """Build the open_clip model named by ``cfg`` (with its pretrained weights, if any)."""
+    """Build the open_clip model named by ``cfg`` (with its pretrained weights, if any), on
+    torch's default device (``with torch.device("meta"):`` builds shapes only)."""
     if cfg.architecture is not None:
         clip = open_clip.CLIP(**cfg.architecture)
         if cfg.pretrained:
@@ -37,7 +38,12 @@ def build_clip(cfg: VisionConfig) -> nn.Module:
             f"vision.model_name {cfg.model_name!r} is not an open_clip architecture; "
             f"choose one of open_clip.list_models() or give vision.architecture inline"
         )
-    return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, weights_only=True)
+    return open_clip.create_model(
+        cfg.model_name,
+        pretrained=cfg.pretrained,
+        weights_only=True,
+        device=torch.get_default_device(),
+    )
 
 
 def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
@@ -48,6 +54,30 @@ def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Ima
     canvas = Image.new("RGB", (size, size), fill)
     canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
     return canvas
+
+
+def resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (aspect kept), center crop ``size`` x ``size``:
+    open_clip's inference preprocessing (torchvision's ``Resize(size)`` + ``CenterCrop(size)``
+    on a PIL image, which OpenFlamingo used), to the pixel: the longer side is truncated, not
+    rounded, and the crop offset rounds half to even."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new = (size, new_long) if width <= height else (new_long, size)
+    if new != image.size:
+        image = image.resize(new, Image.Resampling.BICUBIC)
+    top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def square(image: Image.Image, cfg: VisionConfig) -> Image.Image:
+    """An RGB image made ``image_size`` square as ``vision.resize`` says: in training and at
+    inference alike (the one resize of the project)."""
+    image = image.convert("RGB")
+    if cfg.resize == "crop":
+        return resize_crop(image, cfg.image_size)
+    return resize_pad(image, cfg.image_size, mean_colour(cfg))
 
 
 def mean_colour(cfg: VisionConfig) -> tuple[int, int, int]:
@@ -65,13 +95,7 @@ def to_tensor(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
 
 def image_transform(cfg: VisionConfig):
     """Inference transform (PIL image -> normalised (C, H, W)), the same resize as training."""
-    if cfg.resize == "crop":
-        return open_clip.image_transform(
-            cfg.image_size, is_train=False, mean=cfg.image_mean, std=cfg.image_std
-        )
-    return lambda image: to_tensor(
-        resize_pad(image.convert("RGB"), cfg.image_size, mean_colour(cfg)), cfg
-    )
+    return lambda image: to_tensor(square(image, cfg), cfg)
 
 
 class VisionEncoder(nn.Module):

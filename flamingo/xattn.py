@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from flamingo.config import CrossAttentionConfig
-from flamingo.layers import FeedForward, linear_of_norm
+from flamingo.layers import DEFAULT_POLICY, FeedForward, linear_of_norm
 
 
 def media_index_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -81,8 +81,10 @@ class MediaKV:
 class MaskedCrossAttention(nn.Module):
     """Text queries (pre-norm) attend to the latents of the media each token may see.
 
-    With ``recompute_saved`` (the default) the LayerNorm output, which the query projection
-    would keep, is rebuilt in the backward (:mod:`flamingo.layers`).
+    Under the default policy the LayerNorm output, which the query projection would keep, is
+    rebuilt in the backward (:mod:`flamingo.layers`). The attribute names (``norm``, ``to_q``,
+    ``to_kv``, ``to_out``) are OpenFlamingo's: its checkpoints load by name
+    (``flamingo/convert/openflamingo.py``).
     """
 
     def __init__(self, dim: int, dim_media: int, heads: int, dim_head: int) -> None:
@@ -93,7 +95,7 @@ class MaskedCrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_media, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.recompute_saved = True
+        self.policy = DEFAULT_POLICY
 
     def media_kv(self, media_latents: torch.Tensor) -> MediaKV:
         """media_latents (B, N, R, Dv) -> keys and values (B, heads, N*R, dim_head)."""
@@ -117,7 +119,7 @@ class MaskedCrossAttention(nn.Module):
             attn_bias = cross_attention_bias(
                 media_index, kv.num_media, kv.num_latents, attend, x.dtype
             )
-        q = linear_of_norm(self.to_q, self.norm, x, self.recompute_saved)
+        q = linear_of_norm(self.to_q, self.norm, x, self.policy)
         q = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
         out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=attn_bias)
         has_media = (media_index >= 0).unsqueeze(-1).to(out.dtype)
@@ -127,7 +129,10 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """GATED XATTN-DENSE: residual tanh-gated cross-attention then tanh-gated feed-forward."""
+    """GATED XATTN-DENSE: residual tanh-gated cross-attention then tanh-gated feed-forward.
+
+    ``attn``, ``ff``, ``attn_gate`` and ``ff_gate`` are OpenFlamingo's names (its
+    ``GatedCrossAttentionBlock``), which the OpenFlamingo import relies on."""
 
     def __init__(self, cfg: CrossAttentionConfig, dim: int, dim_media: int) -> None:
         super().__init__()

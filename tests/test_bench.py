@@ -146,16 +146,16 @@ def counted_vision_attention():
 
 def test_the_flop_formula_counts_what_the_model_computes(counted_vision_attention):
     from bench.flops import forward_flops, train_step_flops
-    from bench.train_step import CONFIGS, batch_on_device, prepare_ours, step_shape
+    from bench.train_step import SEQ_LEN, batch_on_device, bench_config, prepare_ours, step_shape
     from flamingo.losses import make_labels, summed_nll
 
     torch.manual_seed(0)
-    seq_len = CONFIGS["tiny"]["seq_len"]
+    seq_len = SEQ_LEN["tiny"]
     args = argparse.Namespace(batch=2, seq_len=seq_len, images=3, device="cpu", precision="fp32")
     model = prepare_ours("tiny", args)[0].train()
     special = model.lm.special_tokens
     ids, mask, pixels = batch_on_device(args, model.vision.cfg.image_size, special)
-    shape = step_shape("tiny", 2, seq_len, 3)
+    shape = step_shape(bench_config("tiny"), 2, seq_len, 3)
     with MatmulFlops() as forward:
         model(ids, mask, pixel_values=pixels)
     assert "convolution" in forward.ops and any("attention" in op for op in forward.ops)

@@ -56,7 +56,7 @@ def test_frozen_parts_with_a_source_are_not_saved(tmp_path, processor):
     model.save_pretrained(tmp_path / "lm")
     lm_dir = tmp_path / "hf_lm"
     model.lm.hf.save_pretrained(lm_dir)
-    model.cfg.lm.architecture, model.cfg.lm.name_or_path = None, str(lm_dir)
+    model.cfg = model.cfg.replace({"lm.architecture": None, "lm.name_or_path": str(lm_dir)})
     model.save_pretrained(tmp_path / "ckpt")
     frozen = set(load_file(str(tmp_path / "ckpt" / "frozen.safetensors")))
     assert frozen and all(k.startswith("vision.") for k in frozen)
@@ -119,6 +119,17 @@ def test_not_a_checkpoint_and_incompatible_versions(saved, tmp_path):
     (path / "config.json").write_text(json.dumps({"model_type": "opt"}))
     with pytest.raises(ValueError, match="not a flamingo checkpoint config"):
         Flamingo.from_pretrained(path)
+
+
+def test_a_checkpoint_from_before_the_engine_owned_checkpointing_loads(saved, processor):
+    model, path = saved
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["gradient_checkpointing"] = True  # written by versions before 2026-12
+    (path / "config.json").write_text(json.dumps(meta))
+    loaded = Flamingo.from_pretrained(path)
+    assert loaded.cfg == model.cfg.replace({"lm.tokenizer": str(path)})
+    enc = processor([PROMPT], images=[[noise_image(1), noise_image(2)]])
+    assert torch.equal(loaded(**enc).logits, model(**enc).logits)
 
 
 def test_nothing_is_unpickled(saved, monkeypatch):

@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 
 from eval.config import EvalConfig
-from flamingo.config import FlamingoConfig, TrainConfig, from_dict, to_dict
+from flamingo.config import FlamingoConfig
+from flamingo.training.config import TrainConfig
+from flamingo.typed_config import from_dict, to_dict
 from tests.conftest import ROOT, TINY
 
 
 def demo_loader(path: Path):
     from demo.pretrain_clip import ClipPretrainConfig
     from demo.pretrain_lm import LMPretrainConfig
-    from flamingo.config import load_config
+    from flamingo.typed_config import load_config
 
     by_stem = {
         "clip": ClipPretrainConfig,
@@ -29,6 +31,7 @@ def demo_loader(path: Path):
 
 LOADERS = {
     "model": FlamingoConfig.from_yaml,
+    "bench": FlamingoConfig.from_yaml,  # the benchmarks' models
     "train": TrainConfig.from_yaml,
     "eval": EvalConfig.from_yaml,
     "demo": demo_loader,
@@ -53,7 +56,7 @@ def test_train_configs_name_existing_model_configs():
     for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
         cfg = TrainConfig.from_yaml(path)
         FlamingoConfig.from_yaml(ROOT / cfg.model)
-        assert cfg.deepspeed is None or (ROOT / cfg.deepspeed).is_file()
+        assert cfg.engine.deepspeed is None or (ROOT / cfg.engine.deepspeed).is_file()
 
 
 def test_configs_directory_is_covered():
@@ -128,3 +131,34 @@ def test_dict_round_trip():
     cfg = FlamingoConfig.from_yaml(TINY)
     again = FlamingoConfig.from_dict(cfg.to_dict())
     assert again == cfg
+
+
+def test_configs_are_frozen_and_replace_gives_a_validated_copy():
+    import dataclasses
+
+    cfg = FlamingoConfig.from_yaml(TINY)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.frozen_dtype = "bfloat16"
+    changed = cfg.replace({"lm.tokenizer": "x", "xattn.heads": 4}, frozen_dtype="bfloat16")
+    assert (changed.lm.tokenizer, changed.xattn.heads, changed.frozen_dtype) == ("x", 4, "bfloat16")
+    assert (cfg.lm.tokenizer, cfg.xattn.heads, cfg.frozen_dtype) == ("tiny", 2, "float32")
+    assert changed.resampler == cfg.resampler
+    with pytest.raises(ValueError, match="xattn.heads: expected an integer"):
+        cfg.replace({"xattn.heads": "four"})
+    with pytest.raises(ValueError, match="first_layer must be in"):
+        cfg.replace({"xattn.first_layer": 5})
+    with pytest.raises(ValueError, match="unknown config key 'xattn.bogus'"):
+        cfg.replace({"xattn.bogus": 1})
+    with pytest.raises(ValueError, match="'frozen_dtype' is not a section"):
+        cfg.replace({"frozen_dtype.x": 1})
+
+
+def test_the_engine_owns_precision():
+    from flamingo.training.config import EngineConfig
+
+    cfg = FlamingoConfig.from_yaml(TINY)
+    assert cfg.replace(EngineConfig(precision="bf16").model_changes()).frozen_dtype == "bfloat16"
+    stored = cfg.replace(frozen_dtype="bfloat16")  # fp32 leaves a bf16-stored model as it is
+    assert stored.replace(EngineConfig(precision="fp32").model_changes()) == stored
+    with pytest.raises(ValueError, match=r"precision.*; precision is now engine.precision"):
+        TrainConfig.from_yaml(ROOT / "configs/train/tiny.yaml", ["precision=bf16"])

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flamingo.config import DatasetConfig
-from flamingo.data.pipeline import FlamingoLoader, Preprocessor, strip_markers
+from flamingo.data.config import DatasetConfig
+from flamingo.data.pipeline import FlamingoLoader
+from flamingo.data.preprocess import Preprocessor, strip_markers
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
 from flamingo.data.shards import read_shard, write_shards
 
@@ -406,16 +407,28 @@ def test_atomic_and_resumable_writing(tmp_path):
 
 @pytest.mark.parametrize("resize", ["pad", "crop"])
 def test_training_and_inference_resize_images_alike(processor, resize):
-    from dataclasses import replace
-
     from flamingo.data.images import ImagePreprocessor
     from flamingo.vision import image_transform
 
-    cfg = replace(processor.vision_cfg, resize=resize)
+    cfg = processor.vision_cfg.replace(resize=resize)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).resize((100, 60))
     train = ImagePreprocessor(cfg)(image)
-    infer = image_transform(cfg)(image)
-    assert train.shape == infer.shape == (3, 32, 32)
-    tolerance = 1e-6 if resize == "pad" else 0.15  # torchvision's resize vs PIL's, same geometry
-    assert (train - infer).abs().mean() < tolerance
+    assert train.shape == (3, 32, 32)
+    assert torch.equal(train, image_transform(cfg)(image))  # one resize, not two
+
+
+@pytest.mark.parametrize("size", [(100, 60), (61, 97), (33, 32), (32, 32), (45, 45), (7, 300)])
+def test_the_crop_is_open_clips_inference_preprocessing_to_the_pixel(processor, size):
+    # OpenFlamingo evaluated with open_clip's transform: imported checkpoints see the same input
+    import open_clip
+
+    from flamingo.vision import image_transform
+
+    cfg = processor.vision_cfg.replace(resize="crop")
+    theirs = open_clip.image_transform(
+        cfg.image_size, is_train=False, mean=cfg.image_mean, std=cfg.image_std
+    )
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    assert torch.equal(image_transform(cfg)(image), theirs(image))

@@ -11,7 +11,7 @@ import torch
 from data_prep.toy_world import write_world
 from demo import pretrain_clip, pretrain_lm
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
-from flamingo.config import load_config
+from flamingo.typed_config import load_config
 from tests.conftest import ROOT, noise_image
 
 

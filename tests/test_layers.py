@@ -9,7 +9,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from bench.memory import allocated_bytes
-from flamingo.layers import FeedForward, recompute_in_backward
+from flamingo.layers import ExecutionPolicy, FeedForward, recompute_in_backward, set_policy
 from flamingo.resampler import PerceiverAttention
 from flamingo.xattn import MaskedCrossAttention
 
@@ -46,12 +46,11 @@ def run(make, recompute: bool, zero3: bool = False):
         for norm in (m for m in module.modules() if isinstance(m, nn.LayerNorm)):
             norm.weight.normal_()
             norm.bias.normal_()
-            for p in norm.parameters():
-                if zero3:  # as ZeRO-3 marks the parameters it partitions and releases
-                    p.ds_status = "NOT_AVAILABLE"
-    for m in module.modules():
-        if hasattr(m, "recompute_saved"):
-            m.recompute_saved = recompute
+    # the policy a ZeRO-3 engine sets: parameters are released between their uses
+    policy = ExecutionPolicy(
+        rebuild_activations=recompute, parameters_readable_in_backward=not zero3
+    )
+    set_policy(module, policy)
     sizes = []
     for sub, _ in watched:
         sub.register_forward_pre_hook(
@@ -107,3 +106,19 @@ def test_a_rebuilt_tensor_can_be_saved_as_a_view_at_an_offset():
         grads.append((x.grad.clone(), w.grad.clone()))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_engine_policy_reaches_every_module_and_checkpointed_blocks_rebuild_nothing():
+    from tests.conftest import build
+
+    model = build()
+    policies = lambda part: {m.policy for m in part.modules() if hasattr(m, "policy")}  # noqa: E731
+    assert policies(model) == {ExecutionPolicy()}
+    zero3 = ExecutionPolicy(parameters_readable_in_backward=False)
+    model.set_execution_policy(zero3)
+    assert policies(model) == {zero3}
+    model.set_execution_policy(ExecutionPolicy(checkpoint_layers=True))
+    assert policies(model.resampler) == {ExecutionPolicy(checkpoint_layers=True)}
+    blocks = ExecutionPolicy(checkpoint_layers=True, rebuild_activations=False)
+    assert policies(model.lm.gated_blocks) == {blocks}
+    assert model.lm.policy.checkpoint_layers

@@ -94,6 +94,23 @@ def test_only_the_engine_imports_deepspeed():
         assert not bad, f"{path.relative_to(ROOT)} imports deepspeed: that is the engine's"
 
 
+def test_no_module_reads_deepspeed_attributes_outside_the_engine():
+    # ZeRO marks its parameters with ds_* attributes (ds_status, ds_id, ds_numel, ...); what the
+    # model must do under an engine comes from the engine's ExecutionPolicy instead
+    for path in (ROOT / "flamingo").rglob("*.py"):
+        if path.relative_to(ROOT).as_posix() == "flamingo/training/engine.py":
+            continue
+        tree = ast.parse(path.read_text())
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+        bad = sorted(n for n in names if n.startswith("ds_") or n == "zero_optimization_stage")
+        assert not bad, f"{path.relative_to(ROOT)} reads {bad}: ask the engine's policy instead"
+
+
 def test_lint_sees_every_tracked_python_file():
     tracked = subprocess.run(
         ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True

@@ -72,9 +72,9 @@ def test_every_family_in_the_table_has_a_tiny_config():
 
 def family_config(model_type: str):
     cfg = tiny_config("xattn.every_n_layers=2", "xattn.first_layer=1")
-    cfg.lm.architecture = {"model_type": model_type, **TINY_LMS[model_type]}
+    cfg = cfg.replace({"lm.architecture": {"model_type": model_type, **TINY_LMS[model_type]}})
     if model_type == "mpt":  # transformers' MPT has no SDPA path
-        cfg.lm.attn_implementation = "eager"
+        cfg = cfg.replace({"lm.attn_implementation": "eager"})
     return cfg
 
 
@@ -100,8 +100,7 @@ def test_family_builds_and_runs_with_images(model_type: str, processor):
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(ValueError, match=r"'bert'.*supported types: \['gpt2'"):
         decoder_layout("bert")
-    cfg = tiny_config()
-    cfg.lm.architecture = {"model_type": "t5"}
+    cfg = tiny_config().replace({"lm.architecture": {"model_type": "t5"}})
     with pytest.raises(ValueError, match="not supported"):
         build_causal_lm(cfg.lm)
 

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
 from flamingo import Flamingo
+from flamingo.layers import ExecutionPolicy
 from flamingo.xattn import media_index_from_ids
 from tests.conftest import build, noise_image, set_gates
 
@@ -187,8 +188,9 @@ def test_bfloat16_frozen_parts_keep_trainable_parts_float32(processor):
 def test_gradient_checkpointing_gives_the_same_gradients(processor):
     enc = batch(processor)
     grads = []
-    for flag in ("false", "true"):
-        model = build(f"gradient_checkpointing={flag}").train()
+    for flag in (False, True):
+        model = build().train()
+        model.set_execution_policy(ExecutionPolicy(checkpoint_layers=flag))
         set_gates(model)
         model(**enc).logits.pow(2).mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
@@ -244,7 +246,8 @@ def test_wrap_units_are_declared(model):
 
 
 def test_gradient_checkpointing_recomputes_layers_and_blocks(processor):
-    model = build("gradient_checkpointing=true").train()
+    model = build().train()
+    model.set_execution_policy(ExecutionPolicy(checkpoint_layers=True))
     set_gates(model)
     calls = {"decoder_mlp": 0, "gated_block": 0}
     decoder_layer = model.lm.hf.get_submodule(model.lm.layout.layers)[0]

@@ -10,7 +10,7 @@ import numpy as np
 
 from data_prep.toy_world import HELD_OUT, SHAPES, Shape, draw, write_world
 from eval.tasks import get_task
-from flamingo.config import DatasetConfig
+from flamingo.data.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.data.shards import expand_shards, read_shard
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 import train
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.training.checkpoints import CheckpointDir
-from flamingo.training.engine import adamw
-from tests.conftest import ROOT, free_port, noise_image
+from flamingo.training.engine import adamw, param_groups
+from tests.conftest import ROOT, build, free_port, noise_image
 from tests.tiny_shards import write_tiny_shards
 
 CONFIG = ROOT / "configs" / "train" / "tiny.yaml"
@@ -103,6 +103,35 @@ def test_fused_adamw_matches_the_for_loop_version():
         torch.testing.assert_close(got, want)
 
 
+def test_weight_decay_falls_on_the_gated_blocks_matrices_alone():
+    model = build()
+    decay, no_decay = param_groups(model, 0.1)
+    name = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    kept = {name[id(p)] for p in no_decay["params"]}
+    assert decayed and not decayed & kept
+    assert decayed | kept == {n for n, p in model.named_parameters() if p.requires_grad}
+    for n in decayed:  # matrices of the gated blocks: no gate, norm, resampler or token row
+        assert n.startswith("lm.gated_blocks.") and model.get_parameter(n).ndim == 2
+    assert any(n.startswith("lm.gated_blocks.") for n in kept)  # their gates and norms
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_a_run_loads_its_tokenizer_once(shards, tmp_path, monkeypatch):
+    import flamingo.tokens
+
+    calls = []
+    real = flamingo.tokens.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        flamingo.tokens.AutoTokenizer,
+        "from_pretrained",
+        lambda *a, **kw: calls.append(a) or real(*a, **kw),
+    )
+    out = tmp_path / "once"
+    train.main(["--config", str(CONFIG), *overrides(shards, out, steps=1, checkpoint_every=1)])
+    assert len(calls) == 1 and (out / "model" / "config.json").is_file()
+
+
 def test_non_finite_loss_skips_the_whole_step(shards, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = Flamingo.forward
@@ -156,7 +185,7 @@ def train_args(shards, out, ds: str, **kw) -> list[str]:
         "train.py",
         "--config",
         str(CONFIG),
-        *overrides(shards, out, deepspeed=f"configs/deepspeed/{ds}.json", **kw),
+        *overrides(shards, out, **{"engine.deepspeed": f"configs/deepspeed/{ds}.json"}, **kw),
     ]
 
 
@@ -333,7 +362,9 @@ def test_kill_during_checkpointing_leaves_a_loadable_checkpoint(shards, tmp_path
 @pytest.mark.multiprocess
 def test_deepspeed_offload_in_bf16(shards, tmp_path):
     out = tmp_path / "offload"
-    args = train_args(shards, out, "zero2-offload", steps=2, checkpoint_every=2, precision="bf16")
+    args = train_args(
+        shards, out, "zero2-offload", steps=2, checkpoint_every=2, **{"engine.precision": "bf16"}
+    )
     check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args], timeout=600))
     assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics(out))
     model = Flamingo.from_pretrained(out / "model")

@@ -84,8 +84,7 @@ def from_openflamingo(state_dict_or_path, cfg: FlamingoConfig) -> Flamingo:
     """
     check_config(cfg)
     state = load_state(state_dict_or_path)
-    cfg.lm.save_input_embeddings = True
-    model = Flamingo.from_config(cfg)
+    model = Flamingo.from_config(cfg.replace({"lm.save_input_embeddings": True}))
     lm = model.lm
     layers_path = lm.layout.layers
     embed = lm.hf.get_input_embeddings().weight

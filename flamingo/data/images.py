@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from flamingo.config import VisionConfig
 from flamingo.data.schema import SkipSample
-from flamingo.vision import mean_colour, resize_pad, to_tensor
+from flamingo.vision import square, to_tensor
 
 EXIF_ORIENTATION = 0x0112
 
@@ -100,19 +100,7 @@ class ImagePreprocessor:
         self.size = cfg.image_size
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
-        if self.cfg.resize == "pad":
-            image = resize_pad(image, self.size, mean_colour(self.cfg))
-        else:
-            scale = self.size / min(image.size)
-            image = image.resize(
-                (
-                    max(self.size, round(image.width * scale)),
-                    max(self.size, round(image.height * scale)),
-                ),
-                Image.Resampling.BICUBIC,
-            )
-            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-            image = image.crop((left, top, left + self.size, top + self.size))
+        image = square(image, self.cfg)
         if flip:
             image = ImageOps.mirror(image)
         return to_tensor(image, self.cfg)

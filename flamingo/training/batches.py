@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from flamingo.config import TrainConfig
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.losses import count_targets, make_labels
 from flamingo.tokens import SpecialTokens
+from flamingo.training.config import TrainConfig
 
 log = logging.getLogger("flamingo.train")
 

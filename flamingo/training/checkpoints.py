@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flamingo.config import FlamingoConfig, TrainConfig
+from flamingo.checkpoint import model_config_from_dict
+from flamingo.config import FlamingoConfig
 from flamingo.training.batches import Batches
+from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine
 from flamingo.training.runlog import RunLogger
 
@@ -249,7 +251,7 @@ class Checkpointer:
         history: list[dict[str, Any]] = []
         if path is not None:
             saved = read_json(path / "train_config.json")
-            if FlamingoConfig.from_dict(saved["model"]) != self.model_cfg:
+            if model_config_from_dict(saved["model"]) != self.model_cfg:
                 raise ValueError(
                     f"{path} was trained with another model config; start a new output_dir"
                 )

@@ -5,9 +5,12 @@ This is the only module that imports deepspeed. ``train.py`` sees one interface,
 ``finish_step()`` once per optimiser step, checkpoint save/load, and gathering of full weights for export and logging.
 
 DeepSpeed's JSON (``configs/deepspeed/*.json``) holds only ZeRO/offload settings; batch size,
-accumulation, precision, clipping and the optimiser come from the train config, and a JSON
-that sets any of them is an error. Only trainable parameters reach the optimiser, so frozen
-weights never get fp32 master copies or optimiser state.
+accumulation, precision, clipping and the optimiser come from the train config (precision and
+recomputation from its ``engine:`` section), and a JSON that sets any of them is an error.
+Each engine states how the model must run under it once, as an ``ExecutionPolicy``
+(``Flamingo.set_execution_policy``): the model files never look at DeepSpeed's attributes.
+Only trainable parameters reach the optimiser, so frozen weights never get fp32 master copies
+or optimiser state.
 
 Normalisation across ranks: the loss given to ``micro_step`` is this rank's share of the
 step's global objective (token counts were summed over ranks). DeepSpeed averages gradients
@@ -27,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flamingo.config import TrainConfig
+from flamingo.layers import ExecutionPolicy
+from flamingo.training.config import EngineConfig, OptimConfig
 
 OWNED_KEYS = (
     "train_batch_size",
@@ -51,12 +55,14 @@ class StepInfo:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters only; weight decay on the gated blocks' matrices alone (paper:
-    none on the resampler), never on gates, norms, biases or token rows."""
+    none on the resampler), never on gates, norms, biases or token rows. The parts come from
+    the model (``trainable_modules``), not from parameter names."""
+    blocks = {id(p) for p in model.trainable_modules()["gated_blocks"].parameters()}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.ndim >= 2 and name.startswith("lm.gated_blocks.")
+        is_matrix = p.ndim >= 2 and id(p) in blocks
         (decay if is_matrix else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
@@ -136,11 +142,12 @@ class Engine:
 class LocalEngine(Engine):
     """One process, PyTorch's fused AdamW; skips a step whose loss or gradient is non-finite."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.set_execution_policy(ExecutionPolicy(checkpoint_layers=cfg.activation_checkpointing))
         self.module = model.to(self.device)
-        self.cfg = cfg
-        o = cfg.optim
+        self.grad_clip = optim.grad_clip
+        o = optim
         self.optimizer = adamw(
             param_groups(self.module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
         )
@@ -154,7 +161,7 @@ class LocalEngine(Engine):
         loss.backward()
 
     def finish_step(self) -> StepInfo:
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         applied = self._finite and math.isfinite(norm)
         if applied:
@@ -193,15 +200,26 @@ class LocalEngine(Engine):
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage and offload from the JSON), launched by the ``deepspeed`` CLI."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, micro_batches_per_step: int) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, micro_batches_per_step: int
+    ) -> None:
         import deepspeed
 
         self._ds = deepspeed
-        ds_config = self.build_config(cfg, micro_batches_per_step)
+        ds_config = self.build_config(cfg, optim, micro_batches_per_step)
         deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        groups = param_groups(model, cfg.optim.weight_decay)
-        if ds_config["zero_optimization"].get("stage", 0) == 3:
+        groups = param_groups(model, optim.weight_decay)
+        zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        # ZeRO-3 releases a module's parameters after each use, so backward rebuilds must not
+        # read them; every parameter takes part in every micro-batch (the policy's reasons).
+        policy = ExecutionPolicy(
+            checkpoint_layers=cfg.activation_checkpointing,
+            parameters_readable_in_backward=not zero3,
+            every_parameter_takes_part=True,
+        )
+        model.set_execution_policy(policy)
+        if zero3:
             # Parameters used outside their own module's forward must be announced to ZeRO-3.
             for module, params in model.external_parameters():
                 for p in params:
@@ -215,7 +233,11 @@ class DeepSpeedEngine(Engine):
         self.named = dict(self.module.named_parameters())
 
     @staticmethod
-    def build_config(cfg: TrainConfig, micro_batches_per_step: int) -> dict[str, Any]:
+    def build_config(
+        cfg: EngineConfig, optim: OptimConfig, micro_batches_per_step: int
+    ) -> dict[str, Any]:
+        """DeepSpeed's config: the JSON's ZeRO/offload settings plus what the train config
+        owns (batching, precision, clipping, the optimiser)."""
         path = Path(cfg.deepspeed)
         if not path.is_file():
             raise FileNotFoundError(f"deepspeed config not found: {path}")
@@ -228,10 +250,10 @@ class DeepSpeedEngine(Engine):
             raise ValueError(
                 f"{path} sets {conflicts}: batch size, accumulation, precision, clipping and the "
                 "optimiser come from the train config (optim.*, datasets.*.batch_size, "
-                "accumulation, precision); remove them from the DeepSpeed JSON"
+                "accumulation, engine.precision); remove them from the DeepSpeed JSON"
             )
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        o = cfg.optim
+        o = optim
         offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get(
             "device", "none"
         ) not in ("none", None)
@@ -301,13 +323,15 @@ class DeepSpeedEngine(Engine):
         return out
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, micro_batches_per_step: int) -> Engine:
+def build_engine(
+    model: nn.Module, cfg: EngineConfig, optim: OptimConfig, micro_batches_per_step: int
+) -> Engine:
     """DeepSpeed when the config names a DeepSpeed JSON, plain PyTorch otherwise."""
     if cfg.deepspeed:
-        return DeepSpeedEngine(model, cfg, micro_batches_per_step)
+        return DeepSpeedEngine(model, cfg, optim, micro_batches_per_step)
     if launched_distributed():
         raise ValueError(
-            "launched on several processes but the train config has no `deepspeed:` JSON; "
-            "set deepspeed=configs/deepspeed/zero2.json (or run one process)"
+            "launched on several processes but the train config has no `engine.deepspeed:` "
+            "JSON; set engine.deepspeed=configs/deepspeed/zero2.json (or run one process)"
         )
-    return LocalEngine(model, cfg)
+    return LocalEngine(model, cfg, optim)

@@ -1,0 +1,196 @@
+"""What one shard sample becomes: Flamingo's preprocessing (paper, App. A.1), and batching.
+
+``<image>`` goes before each image's text and ``<|endofchunk|>`` after it; interleaved
+documents tie text to the next image with ``p_next_image``, then take a random
+``seq_len``-token window holding at most ``max_images`` images (images outside it are dropped
+and never decoded past validation); captions get a leading space with ``p_leading_space``;
+images are resized as at inference (``vision.resize``) and flipped per sample. Special-token
+strings found in the data's text are removed, so only the markers placed here become special
+tokens. Bad samples raise ``SkipSample``; an image that fails inside an interleaved document is
+dropped together with its ``<image>``. Where samples come from is :mod:`flamingo.data.pipeline`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import torch
+
+from flamingo.data.config import DatasetConfig
+from flamingo.data.images import ImagePreprocessor, decode_image
+from flamingo.data.schema import DECODERS, InterleavedSample, PairSample, SkipSample, VideoSample
+from flamingo.tokens import END_OF_CHUNK, IMAGE, SpecialTokens
+
+
+class Preprocessor:
+    """Raw shard sample -> (input_ids, pixel_values (N, F, C, H, W)) for one dataset."""
+
+    def __init__(
+        self, cfg: DatasetConfig, tokenizer: Any, special: SpecialTokens, images: ImagePreprocessor
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.special = special
+        self.images = images
+        self.eos = tokenizer.eos_token or ""
+        self.markers = special_strings(tokenizer)
+
+    def __call__(
+        self, raw: dict, rng: random.Random, counters: Counter
+    ) -> tuple[list[int], torch.Tensor]:
+        sample = DECODERS[self.cfg.kind](raw, self.cfg.max_text_chars)
+        if isinstance(sample, PairSample):
+            return self._caption(sample.caption, [sample.image], rng, counters)
+        if isinstance(sample, VideoSample):
+            return self._caption(sample.caption, self._pick_frames(sample.frames), rng, counters)
+        return self._interleaved(sample, rng, counters)
+
+    def _decode(self, data: bytes, counters: Counter):
+        return decode_image(data, self.cfg.max_image_pixels, counters)[0]
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def clean(self, text: str, counters: Counter) -> str:
+        """Data text may hold special-token strings literally (``<image>``, ``<PAD>``, the
+        LM's ``</s>`` or ``<|endoftext|>``): removed, so that only the markers we place
+        become special tokens."""
+        cleaned = strip_markers(text, self.markers)
+        if cleaned != text:
+            counters["text_markers_removed"] += 1
+        return cleaned.strip()
+
+    def _pick_frames(self, frames: list[bytes]) -> list[bytes]:
+        n, want = len(frames), self.cfg.num_frames
+        if n < want:
+            raise SkipSample("too_few_frames", f"{n} < num_frames={want}")
+        return [frames[round(i * (n - 1) / max(want - 1, 1))] for i in range(want)]
+
+    def _caption(self, caption: str, frames: list[bytes], rng: random.Random, counters: Counter):
+        """Pairs and video: ``<image>[ ]caption<|endofchunk|><eos>``, one media item."""
+        space = " " if rng.random() < self.cfg.p_leading_space else ""
+        text = self.clean(caption, counters)
+        ids = self._tokens(f"{IMAGE}{space}{text}{END_OF_CHUNK}{self.eos}")
+        self._check_markers(ids, 1)
+        ids = ids[: self.cfg.seq_len]
+        if self.special.image_id not in ids:  # a BOS-heavy tokenizer and a tiny seq_len
+            raise SkipSample("no_images", "the <image> token fell outside seq_len")
+        flip = rng.random() < self.cfg.p_flip  # one decision per clip: frames stay consistent
+        pixels = torch.stack([self.images(self._decode(f, counters), flip) for f in frames])
+        return ids, pixels[None]  # (N=1, F, C, H, W)
+
+    def _interleaved(self, doc: InterleavedSample, rng: random.Random, counters: Counter):
+        # Validate every image first: a bad one is dropped with its <image> (meaning kept).
+        chunks: list[str | Any] = []
+        for chunk in doc.chunks:
+            if isinstance(chunk, str):
+                chunks.append(self.clean(chunk, counters))
+                continue
+            try:
+                chunks.append(self._decode(chunk, counters))
+            except SkipSample as e:
+                counters[f"image_dropped/{e.reason}"] += 1
+        images = [c for c in chunks if not isinstance(c, str)]
+        if not images:
+            raise SkipSample("no_images", "every image of the document failed to decode")
+        text = self._render(chunks, tie_next=rng.random() < self.cfg.p_next_image)
+        ids = self._tokens(text + self.eos)
+        self._check_markers(ids, len(images))
+        ids, kept = self._window(ids, rng)
+        pixels = torch.stack([self.images(images[k], rng.random() < self.cfg.p_flip) for k in kept])
+        return ids, pixels[:, None]  # (N, F=1, C, H, W)
+
+    def _check_markers(self, ids: list[int], images: int) -> None:
+        """One ``<image>`` token per image: the last line of defence behind :meth:`clean`
+        (a mismatch would fail the model's forward or index past the images)."""
+        found = ids.count(self.special.image_id)
+        if found != images:
+            raise SkipSample("marker_mismatch", f"{found} <image> tokens for {images} images")
+
+    @staticmethod
+    def _render(chunks: list, tie_next: bool) -> str:
+        """Chunks in document order (text already cleaned) -> text with ``<image>`` and
+        ``<|endofchunk|>`` markers.
+
+        Text between two images belongs to the earlier one (the image precedes its text), or,
+        with ``tie_next``, to the later one (the text precedes its image).
+        """
+        segments: list[list] = [[None, []]]  # [image or None, texts]
+        for chunk in chunks:
+            if isinstance(chunk, str):
+                segments[-1][1].append(chunk)
+            elif tie_next:
+                segments[-1][0] = chunk
+                segments.append([None, []])
+            else:
+                segments.append([chunk, []])
+        parts = []
+        for image, texts in segments:
+            text = " ".join(t for t in texts if t)
+            if image is None:
+                parts.append(text)
+            else:
+                parts.append(f"{IMAGE}{text}{END_OF_CHUNK}")
+        return " ".join(p for p in parts if p).replace(f" {IMAGE}", IMAGE)
+
+    def _window(self, ids: list[int], rng: random.Random) -> tuple[list[int], list[int]]:
+        """A random seq_len window with 1..max_images images; returns (ids, kept image indices)."""
+        image_id, length = self.special.image_id, self.cfg.seq_len
+        markers = [i for i, t in enumerate(ids) if t == image_id]
+        start = rng.randint(0, max(0, len(ids) - length))
+        if not any(start <= m < start + length for m in markers):
+            after = [m for m in markers if m >= start]
+            start = min(after[0] if after else markers[-1], max(0, len(ids) - length))
+        end = min(start + length, len(ids))
+        inside = [k for k, m in enumerate(markers) if start <= m < end]
+        if len(inside) > self.cfg.max_images:
+            end = markers[inside[self.cfg.max_images]]
+            inside = inside[: self.cfg.max_images]
+        return ids[start:end], inside
+
+
+def special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a special token, longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []))
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token))
+    found |= {IMAGE, END_OF_CHUNK}
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def strip_markers(text: str, markers: tuple[str, ...] = (IMAGE, END_OF_CHUNK)) -> str:
+    """Remove every marker string, again and again until none is left: one pass would turn
+    ``<ima<image>ge>`` into ``<image>``."""
+    while True:
+        cleaned = text
+        for marker in markers:
+            cleaned = cleaned.replace(marker, "")
+        if cleaned == text:
+            return text
+        text = cleaned
+
+
+def collate(
+    samples: list[tuple[str, list[int], torch.Tensor]], pad_id: int, name: str
+) -> dict[str, Any]:
+    """Right-padded ids and mask (B, T); zero-filled pixel_values (B, N, F, C, H, W)."""
+    width = max(len(ids) for _, ids, _ in samples)
+    num_media = max(p.shape[0] for _, _, p in samples)
+    frames, c, h, w = samples[0][2].shape[1:]
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    pixels = torch.zeros((len(samples), num_media, frames, c, h, w))
+    for b, (_, ids, pix) in enumerate(samples):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+        pixels[b, : pix.shape[0]] = pix
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+        "keys": [k for k, _, _ in samples],
+        "dataset": name,
+    }

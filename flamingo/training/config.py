@@ -1,0 +1,138 @@
+"""The training configuration: a run (:class:`TrainConfig`) with its datasets, optimiser and
+engine sub-configs. ``train.py`` loads it from ``configs/train/*.yaml``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from flamingo.data.config import DatasetConfig
+from flamingo.typed_config import YamlConfig, positive
+
+
+@dataclass(frozen=True)
+class OptimConfig(YamlConfig):
+    """AdamW and the learning-rate schedule (paper App. B.1.2)."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Applied to the gated blocks' weight matrices only (none on the resampler, gates, norms,
+    biases or token rows)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping, once per optimiser step (0 disables it)."""
+    warmup_steps: int = 5000
+    """Linear warm-up, in optimiser steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant (paper) or cosine decay to ``min_lr_ratio * lr``."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+
+    def __post_init__(self) -> None:
+        positive("lr", self.lr)
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay, grad_clip and warmup_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+@dataclass(frozen=True)
+class EngineConfig(YamlConfig):
+    """How the engine runs the model: precision, recomputation, distribution. The engine owns
+    them: the model config it trains is changed to match (:meth:`model_changes`) whichever
+    engine runs, and the engine sets the model's recompute policy."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: frozen weights and activations in bf16, trainable weights and optimiser state
+    fp32 (plain PyTorch keeps the trainable weights fp32; DeepSpeed keeps bf16 working copies
+    beside fp32 masters)."""
+    activation_checkpointing: bool = False
+    """Recompute the decoder layers and gated blocks in the backward pass to save memory."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON with ZeRO/offload settings only (configs/deepspeed/); None trains in one
+    process with plain PyTorch."""
+
+    def model_changes(self) -> dict[str, Any]:
+        """What this engine sets in the model config it trains (``FlamingoConfig.replace``):
+        bf16 stores the frozen weights in bf16; fp32 leaves the model config's ``frozen_dtype``
+        as it is (a model stored in bf16 stays so)."""
+        return {"frozen_dtype": "bfloat16"} if self.precision == "bf16" else {}
+
+
+@dataclass(frozen=True)
+class TrainConfig(YamlConfig):
+    """A pretraining run: model, datasets, optimisation, engine, checkpoints, logging."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "precision": "engine.precision",
+        "deepspeed": "engine.deepspeed",
+    }
+    """Keys of earlier versions and where they went (named in the unknown-key error)."""
+
+    model: str
+    """Path of the model config YAML (e.g. configs/model/tiny.yaml)."""
+    datasets: list[DatasetConfig]
+    """Datasets trained on together; each step accumulates gradients over all of them."""
+    model_overrides: list[str] = field(default_factory=list)
+    """Dotted overrides applied to the model config."""
+    output_dir: str = "runs/train"
+    """Checkpoints, logs, plots and the exported model go here."""
+    steps: int = 1000
+    """Optimiser steps."""
+    accumulation: int = 1
+    """Micro-batches of each dataset per optimiser step."""
+    mixing: Literal["all", "round_robin"] = "all"
+    """``all``: every step accumulates over every dataset (paper); ``round_robin``: one
+    dataset per step (the paper's ablation)."""
+    seed: int = 0
+    """Seeds model initialisation, data order and augmentation."""
+    num_workers: int = 2
+    """Data-loader worker processes per dataset and rank."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Precision, activation recomputation and the distributed engine."""
+    checkpoint_every: int = 1000
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept (older ones are deleted)."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    eval_config: str | None = None
+    """An eval config (configs/eval/) run every ``eval_every`` steps on rank 0, e.g. with
+    ``eval_overrides: [max_items=64, trials=1, "shots=[0,4]"]``."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: never)."""
+    eval_overrides: list[str] = field(default_factory=list)
+    """Dotted overrides for the eval config (a small task subset, few items)."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
+            positive(key, getattr(self, key))
+        if not self.datasets:
+            raise ValueError("datasets: give at least one")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets: names must be unique, got {names}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.eval_every < 0 or (self.eval_every and not self.eval_config):
+            raise ValueError("eval_every needs an eval_config (and must be >= 0)")

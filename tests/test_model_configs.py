@@ -1,0 +1,132 @@
+"""Every shipped model config (``configs/model/*.yaml``, and the benchmarks' ``configs/bench/``)
+builds, on the meta device (shapes only: no weights, no download), or is listed with the reason
+it cannot and the reason is checked. (``configs/demo/model.yaml`` names the demo's own
+pretrained stages; the demo builds it.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo.lm import decoder_layout
+from tests.conftest import ROOT
+
+HUB_ARCHITECTURES = {
+    # The architecture fields of each named Hub LM's config.json, what AutoConfig would read
+    # there, and its size in billions of parameters (the name's figure, as published).
+    "facebook/opt-1.3b": (
+        dict(
+            model_type="opt",
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            ffn_dim=8192,
+            vocab_size=50272,
+            word_embed_proj_dim=2048,
+            max_position_embeddings=2048,
+        ),
+        1.3,
+    ),
+    "meta-llama/Llama-2-7b-hf": (
+        dict(
+            model_type="llama",
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+        6.7,
+    ),
+    "togethercomputer/RedPajama-INCITE-Base-3B-v1": (
+        dict(
+            model_type="gpt_neox",
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=50432,
+        ),
+        2.8,
+    ),
+    "mosaicml/mpt-7b": (
+        dict(
+            model_type="mpt",
+            d_model=4096,
+            n_heads=32,
+            n_layers=32,
+            expansion_ratio=4,
+            vocab_size=50432,
+            max_seq_len=2048,
+        ),
+        6.7,
+    ),
+}
+CANNOT_BUILD = {
+    # config -> (the model_type its LM declares, why it cannot be built)
+    "openflamingo-3b.yaml": (
+        "mosaic_gpt",
+        "its LM (anas-awadalla/mpt-1b-redpajama-200b) ships as Hub remote code with "
+        "model_type mosaic_gpt, which the decoder-layer table does not cover",
+    ),
+}
+CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
+BENCH = sorted((ROOT / "configs" / "bench").glob("*.yaml"))
+
+
+def test_every_hub_lm_of_a_buildable_config_has_its_architecture_here():
+    assert set(CANNOT_BUILD) <= {p.name for p in CONFIGS}
+    named = {
+        cfg.lm.name_or_path
+        for cfg in (FlamingoConfig.from_yaml(p) for p in CONFIGS if p.name not in CANNOT_BUILD)
+        if cfg.lm.architecture is None
+    }
+    assert named == set(HUB_ARCHITECTURES)
+
+
+def offline(cfg: FlamingoConfig) -> tuple[FlamingoConfig, float | None]:
+    """The config with its downloads replaced by stand-ins: the tower without pretrained
+    weights, the LM from its published architecture, the packaged tokenizer."""
+    changes: dict = {"vision.pretrained": None}
+    size = None
+    if cfg.lm.architecture is None:
+        architecture, size = HUB_ARCHITECTURES[cfg.lm.name_or_path]
+        changes |= {
+            "lm.architecture": architecture,
+            "lm.name_or_path": None,
+            "lm.tokenizer": "tiny",
+        }
+    return cfg.replace(changes), size
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in CONFIGS if p.name not in CANNOT_BUILD] + BENCH,
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_config_builds_on_the_meta_device(path: Path):
+    cfg, size = offline(FlamingoConfig.from_yaml(path))
+    processor = FlamingoProcessor.from_config(cfg)
+    with torch.device("meta"):
+        model = Flamingo.from_config(cfg, processor)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    layers = model.lm.hf.get_submodule(model.lm.layout.layers)
+    assert model.lm.layer_indices == cfg.xattn.layer_indices(len(layers))
+    assert len(model.lm.gated_blocks) == len(model.lm.layer_indices) > 0
+    assert model.resampler.latents.shape == (cfg.resampler.num_latents, model.vision.width)
+    if size is not None:  # the architecture table matches the model's published size
+        lm_params = sum(p.numel() for p in model.lm.hf.parameters())
+        assert abs(lm_params / 1e9 - size) / size < 0.06, lm_params
+        assert model.vision.width == 1024 and model.vision.num_tokens == 256  # ViT-L/14, 224 px
+
+
+@pytest.mark.parametrize("name", sorted(CANNOT_BUILD))
+def test_configs_that_cannot_be_built_say_why(name: str):
+    model_type, _ = CANNOT_BUILD[name]
+    with pytest.raises(ValueError, match=f"{model_type!r} is not supported; supported types"):
+        decoder_layout(model_type)
+    assert "remote code" in (ROOT / "configs/model" / name).read_text()
