@@ -20,7 +20,6 @@ import math
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +73,7 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
     StepInfo). Each dataset's NLL is normalised by its target tokens over the step and all
     ranks, and weighted by its ``loss_weight``."""
     weights = {d.name: d.loss_weight for d in cfg.datasets}
-    nll_sums: dict[str, float] = defaultdict(float)
+    nll_sums: dict[str, torch.Tensor] = {}  # on the device: read only when logging
     samples = 0
     engine.begin_step(lr)
     for name, batch in step.micro:
@@ -85,7 +84,7 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
             pixel_values=batch["pixel_values"].to(engine.device),
             labels=batch["labels"].to(engine.device),
         ).nll_sum
-        nll_sums[name] += float(nll.detach())
+        nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach()
         samples += batch["input_ids"].shape[0]
         engine.micro_step(weighted_loss(nll, weights[name], step.targets[name]))
     return nll_sums, samples, engine.finish_step()
@@ -94,7 +93,8 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
 def step_metrics(engine, cfg, step, nll_sums, samples, info, lr, seconds, skipped) -> dict:
     """The logged figures of a step (collective: the NLL sums and gates are gathered)."""
     names = [d.name for d in cfg.datasets]
-    sums = torch.tensor([nll_sums[n] for n in names], dtype=torch.float64, device=engine.device)
+    zero = torch.zeros((), device=engine.device)
+    sums = torch.stack([nll_sums.get(n, zero) for n in names]).double()
     sums = engine.all_reduce_sum(sums).cpu().tolist()
     metrics = {
         f"loss/{n}": s / step.targets[n]
@@ -104,7 +104,9 @@ def step_metrics(engine, cfg, step, nll_sums, samples, info, lr, seconds, skippe
     metrics["loss/total"] = sum(
         d.loss_weight * metrics.get(f"loss/{d.name}", 0.0) for d in cfg.datasets
     )
-    metrics.update(lr=lr, grad_norm=info.grad_norm, skipped_steps=skipped, step_seconds=seconds)
+    metrics.update(
+        lr=lr, grad_norm=float(info.grad_norm), skipped_steps=int(skipped), step_seconds=seconds
+    )
     metrics["tokens_per_s"] = sum(step.targets.values()) / seconds
     metrics["samples_per_s"] = samples * engine.world_size / seconds
     for name, gate in engine.full_tensors(engine.module.gate_names()).items():
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             stopped_by = step.stopped_by
             break
         nll_sums, samples, info = train_step(engine, step, cfg, lr)
-        run.skipped_steps += not info.applied
+        run.skipped_steps = run.skipped_steps + (~info.applied).long()  # a device count
         run.step += 1
         bar.update(1)
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
@@ -186,14 +188,15 @@ def main(argv: list[str] | None = None) -> None:
                 engine, cfg, step, nll_sums, samples, info, lr, seconds, run.skipped_steps
             )
             runlog.log(run.step, {**metrics, **batches.stats()})
+            gnorm = metrics["grad_norm"]
             bar.set_postfix(
-                loss=f"{metrics['loss/total']:.3f}", lr=f"{lr:.2e}", gnorm=f"{info.grad_norm:.2f}"
+                loss=f"{metrics['loss/total']:.3f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.2f}"
             )
-            if not math.isfinite(info.grad_norm):
+            if not math.isfinite(gnorm):
                 log.warning(
                     "step %d skipped: non-finite loss or gradient (%d skipped so far)",
                     run.step,
-                    run.skipped_steps,
+                    metrics["skipped_steps"],
                 )
         if eval_cfg is not None and run.step % cfg.eval_every == 0:
             if engine.is_main:
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     if engine.is_main:
         model.save_pretrained(out / "model", processor, tensors=tensors)
         runlog.plot()
-        log.info("exported %s (%d skipped steps)", out / "model", run.skipped_steps)
+        log.info("exported %s (%d skipped steps)", out / "model", int(run.skipped_steps))
     runlog.close()
     engine.close()
 

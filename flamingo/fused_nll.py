@@ -9,7 +9,10 @@ scales what was stored by the incoming gradient. The loss needs O(chunk * V) mem
 O(B * T * V), with no extra FLOPs: the base head is frozen, so the gradient matmul that the
 plain backward would do is the one done here.
 
-Only rows with a target are computed at all, so padding and masked text cost no head FLOPs.
+By default only rows with a target are computed at all, so padding and masked text cost no head
+FLOPs; gathering them needs their count on the host. With ``compact=False`` (sync-free
+execution, for accelerators) every row goes through the head in fixed-shape chunks and rows
+without a target are masked out: the same loss and gradients, no host-device synchronisation.
 
 The logits this computes are exactly those of :meth:`flamingo.lm.FlamingoLM.logits`: the base
 head's columns (in the head's dtype, then float32), zero columns up to ``vocab_size``, and the
@@ -37,6 +40,7 @@ def fused_summed_nll(
     vocab_size: int,
     ignore_index: int = -100,
     chunk_rows: int | None = None,
+    compact: bool = True,
 ) -> torch.Tensor:
     """Sum of the next-token NLL over the targets, straight from the final hidden states.
 
@@ -44,21 +48,26 @@ def fused_summed_nll(
     ``ignore_index`` where no loss is taken (position t predicts ``labels[:, t + 1]``);
     ``base_weight (Vb, D)``: the frozen output matrix; ``new_weight (k, D)``: the new tokens'
     output rows, placed at columns ``new_ids (k,)``; ``vocab_size``: the columns of the
-    assembled logits. Returns a float32 scalar, differentiable with respect to ``hidden`` and
-    ``new_weight`` (not ``base_weight``, which must be frozen).
+    assembled logits; ``compact``: gather the rows with a target first (the host reads their
+    count) or mask the others (module docstring). Returns a float32 scalar, differentiable with
+    respect to ``hidden`` and ``new_weight`` (not ``base_weight``, which must be frozen).
     """
     if base_weight.requires_grad:
         raise ValueError("fused_summed_nll: the base output matrix must be frozen")
     targets = labels[:, 1:]
     valid = targets != ignore_index
-    rows = hidden[:, :-1][valid]  # (N, D): only positions with a target
-    targets = targets[valid]
+    if compact:
+        rows, targets, weights = hidden[:, :-1][valid], targets[valid], None  # (N, D)
+    else:
+        rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B (T-1), D)
+        weights = valid.reshape(-1)
+        targets = targets.reshape(-1).masked_fill(~weights, 0)  # any valid id: masked below
     if chunk_rows is None:
         num_chunks = -(-rows.shape[0] * vocab_size // CHUNK_ELEMENTS)  # ceil
         chunk_rows = max(1, -(-rows.shape[0] // max(1, num_chunks)))
     need_grad = torch.is_grad_enabled() and (rows.requires_grad or new_weight.requires_grad)
     return _FusedHeadNLL.apply(
-        rows, new_weight, targets, base_weight, new_ids, vocab_size, chunk_rows, need_grad
+        rows, new_weight, targets, weights, base_weight, new_ids, vocab_size, chunk_rows, need_grad
     )
 
 
@@ -69,16 +78,21 @@ class _FusedHeadNLL(torch.autograd.Function):
         rows: torch.Tensor,
         new_weight: torch.Tensor,
         targets: torch.Tensor,
+        weights: torch.Tensor | None,
         base_weight: torch.Tensor,
         new_ids: torch.Tensor,
         vocab_size: int,
         chunk_rows: int,
         need_grad: bool,
     ) -> torch.Tensor:
+        # Every step is a fixed-shape tensor op: no value goes back to the host.
         base_vocab = base_weight.shape[0]
         inside = new_ids < base_vocab  # new columns that override base columns
+        overridden = torch.zeros(base_vocab, dtype=torch.long, device=rows.device)
+        overridden = overridden.index_add_(0, new_ids.clamp(max=base_vocab - 1), inside.long()) > 0
         # zero columns of the assembled logits: beyond the base, not taken by a new token
-        num_zero_columns = vocab_size - base_vocab - int((~inside).sum())
+        num_zero_columns = vocab_size - base_vocab - (~inside).sum()
+        has_zero_columns = num_zero_columns > 0
         new_position = torch.full((vocab_size,), -1, dtype=torch.long, device=rows.device)
         new_position[new_ids] = torch.arange(len(new_ids), device=rows.device)
 
@@ -90,7 +104,7 @@ class _FusedHeadNLL(torch.autograd.Function):
             t = targets[start : start + chunk_rows]
             base = F.linear(h.to(base_weight.dtype), base_weight).float()  # (n, Vb)
             new = F.linear(h.to(new_weight.dtype), new_weight).float()  # (n, k)
-            base[:, new_ids[inside]] = float("-inf")  # overridden by the new columns
+            base.masked_fill_(overridden, float("-inf"))  # overridden by the new columns
             t_new = new_position[t]  # index among the new rows, -1 for other tokens
             is_new = t_new >= 0
             on_base = ~is_new & (t < base_vocab)
@@ -101,20 +115,24 @@ class _FusedHeadNLL(torch.autograd.Function):
                 torch.where(on_base, base.gather(1, t_base[:, None]).squeeze(1), 0.0),
             )
             peak = torch.maximum(base.amax(-1), new.amax(-1))[:, None]
-            if num_zero_columns > 0:
-                peak = peak.clamp(min=0.0)
+            peak = torch.where(has_zero_columns, peak.clamp(min=0.0), peak)
             base, new = base.sub_(peak).exp_(), new.sub_(peak).exp_()  # overridden: exactly 0
             sum_exp = base.sum(-1, keepdim=True) + new.sum(-1, keepdim=True)
-            if num_zero_columns > 0:
-                sum_exp += num_zero_columns * (-peak).exp()
-            total += (peak + sum_exp.log()).sum() - target_logit.sum()
+            sum_exp += torch.where(has_zero_columns, num_zero_columns * (-peak).exp(), 0.0)
+            nll = (peak + sum_exp.log()).squeeze(1) - target_logit
+            if weights is not None:
+                w = weights[start : start + chunk_rows]
+                nll = torch.where(w, nll, 0.0)
+            total += nll.sum()
             if not need_grad:
                 continue
             # d(sum NLL)/d logits = softmax - one_hot(target), for each part of the vocabulary
             base, new = base.div_(sum_exp), new.div_(sum_exp)
-            n = torch.arange(h.shape[0], device=h.device)
-            base[n[on_base], t_base[on_base]] -= 1.0
-            new[n[is_new], t_new[is_new]] -= 1.0
+            base.scatter_add_(1, t_base[:, None], -on_base.to(base.dtype)[:, None])
+            new.scatter_add_(1, t_new.clamp(min=0)[:, None], -is_new.to(new.dtype)[:, None])
+            if weights is not None:  # rows without a target: no gradient
+                base.mul_(w[:, None])
+                new.mul_(w[:, None])
             grad_h = (base.to(base_weight.dtype) @ base_weight).to(rows.dtype)
             grad_h += (new.to(new_weight.dtype) @ new_weight).to(rows.dtype)
             grad_rows[start : start + chunk_rows] = grad_h
@@ -127,4 +145,4 @@ class _FusedHeadNLL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         grad_rows, grad_new = ctx.saved_tensors
-        return grad_rows * grad_out.to(grad_rows.dtype), grad_new * grad_out, *(None,) * 6
+        return grad_rows * grad_out.to(grad_rows.dtype), grad_new * grad_out, *(None,) * 7

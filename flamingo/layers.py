@@ -97,6 +97,13 @@ class ExecutionPolicy:
     (https://github.com/deepspeedai/DeepSpeed/issues/1266). On for every engine, so that they
     all take the same steps."""
 
+    sync_free: bool = False
+    """Never make the host wait for the device in a training step: checks that read tensor
+    values become device-side asserts, and the fused loss runs every row through the head in
+    fixed-shape chunks (targetless rows masked) instead of first gathering the rows with a
+    target, whose count the host would have to read. Engines set it on accelerators; on the
+    CPU a value read costs nothing, and the checks keep their full error messages."""
+
     def rebuilds_reading_parameters(self) -> bool:
         """Whether a rebuild may read parameters (a LayerNorm output from its input)."""
         return self.rebuild_activations and self.parameters_readable_in_backward

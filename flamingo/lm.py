@@ -298,6 +298,7 @@ class FlamingoLM(nn.Module):
             self.new_tokens.output_weight(),
             self.new_tokens.token_ids,
             self.vocab_size,
+            compact=not self.policy.sync_free,
         )
 
     # -- forward ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from flamingo.checkpoint import (
 )
 from flamingo.config import FlamingoConfig
 from flamingo.generation import generate, score
-from flamingo.layers import ExecutionPolicy, set_policy
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.processing import FlamingoProcessor
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
@@ -64,6 +64,7 @@ class Flamingo(nn.Module):
         self.vision = vision
         self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
         self.lm = lm
+        self.policy = DEFAULT_POLICY
 
     @classmethod
     def from_config(
@@ -258,7 +259,7 @@ class Flamingo(nn.Module):
                 )
             media_index = media_index_from_ids(input_ids, self.special_tokens.image_id)
         media = media_kv if media_kv is not None else media_latents
-        self._check_media(input_ids, media, media_index)
+        self._check_media(input_ids, media, media_index, self.policy.sync_free)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
@@ -278,7 +279,9 @@ class Flamingo(nn.Module):
         return FlamingoOutput(logits=result, cache=new_cache, media_latents=media_latents)
 
     @staticmethod
-    def _check_media(input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor) -> None:
+    def _check_media(
+        input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor, sync_free: bool
+    ) -> None:
         if media_index.shape != input_ids.shape:
             raise ValueError(
                 f"media_index shape {tuple(media_index.shape)} != input_ids shape "
@@ -292,6 +295,10 @@ class Flamingo(nn.Module):
             batch, available = None, 0
         if batch is not None and batch != input_ids.shape[0]:
             raise ValueError(f"media batch size {batch} != text batch size {input_ids.shape[0]}")
+        if sync_free:  # the device checks it when it gets there; the host does not wait
+            if media_index.numel():
+                torch._assert_async(media_index.max() < available)
+            return
         needed = int(media_index.max()) + 1 if media_index.numel() else 0
         if needed > available:
             raise ValueError(
@@ -304,7 +311,7 @@ class Flamingo(nn.Module):
     def set_execution_policy(self, policy: ExecutionPolicy) -> None:
         """How the trainable modules run, as the training engine needs
         (:class:`flamingo.layers.ExecutionPolicy`); the engine calls this once."""
-        set_policy(self.resampler, policy)
+        set_policy(self, policy)
         self.lm.set_execution_policy(policy)
 
     def trainable_modules(self) -> dict[str, nn.Module]:

@@ -30,9 +30,10 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("chunk_rows", [1, 4, None, "default split"])
-def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, monkeypatch):
+def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, compact, monkeypatch):
     if chunk_rows == "default split":  # the default chunking, with chunks of 3 or 4 rows
         monkeypatch.setattr(fused_nll, "CHUNK_ELEMENTS", 64)
         chunk_rows = None
@@ -52,7 +53,14 @@ def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, monkeypatch
     plain = summed_nll(assembled_logits(hidden, base_weight, new_weight, new_ids, vocab), labels)
     plain_grads = torch.autograd.grad(plain, (hidden, new_weight))
     fused = fused_summed_nll(
-        hidden, labels, base_weight, new_weight, new_ids, vocab, chunk_rows=chunk_rows
+        hidden,
+        labels,
+        base_weight,
+        new_weight,
+        new_ids,
+        vocab,
+        chunk_rows=chunk_rows,
+        compact=compact,
     )
     fused_grads = torch.autograd.grad(fused, (hidden, new_weight))
     torch.testing.assert_close(fused, plain)
@@ -60,7 +68,14 @@ def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, monkeypatch
         torch.testing.assert_close(got, want)
     with torch.no_grad():  # the loss alone, no gradients kept
         value = fused_summed_nll(
-            hidden, labels, base_weight, new_weight, new_ids, vocab, chunk_rows=chunk_rows
+            hidden,
+            labels,
+            base_weight,
+            new_weight,
+            new_ids,
+            vocab,
+            chunk_rows=chunk_rows,
+            compact=compact,
         )
     assert not value.requires_grad
     torch.testing.assert_close(value, plain.detach())
@@ -78,11 +93,13 @@ def test_backward_scales_with_the_incoming_gradient():
     torch.testing.assert_close(torch.autograd.grad(scaled, hidden)[0], once * -0.25)
 
 
-def test_all_masked_rows_give_zero_and_zero_gradients():
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
+def test_all_masked_rows_give_zero_and_zero_gradients(compact):
     hidden = torch.randn(2, 4, 8, requires_grad=True)
     new = torch.randn(2, 8, requires_grad=True)
     labels = torch.full((2, 4), IGNORE)
-    loss = fused_summed_nll(hidden, labels, torch.randn(10, 8), new, torch.tensor([10, 11]), 12)
+    ids = torch.tensor([10, 11])
+    loss = fused_summed_nll(hidden, labels, torch.randn(10, 8), new, ids, 12, compact=compact)
     assert loss.item() == 0.0
     loss.backward()
     assert hidden.grad.abs().sum() == 0 and new.grad.abs().sum() == 0

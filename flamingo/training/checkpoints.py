@@ -237,7 +237,8 @@ class Checkpointer:
         self.engine, self.batches, self.runlog = engine, batches, runlog
         self.cfg, self.model_cfg = cfg, model_cfg
         self.step = 0
-        self.skipped_steps = 0
+        self.skipped_steps: int | torch.Tensor = 0
+        """Steps skipped so far; the loop counts them on the device (read when saved)."""
 
     def _everywhere(self, ok: bool) -> bool:
         failed = torch.tensor([0.0 if ok else 1.0], device=self.engine.device)
@@ -285,7 +286,7 @@ class Checkpointer:
         engine.save(tmp)
         state = {
             "step": step,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": int(self.skipped_steps),
             "loaders": self.batches.state_dict(),
             "history": self.runlog.history,
             "rng": rng_state(),

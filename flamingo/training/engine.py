@@ -47,10 +47,13 @@ OWNED_KEYS = (
 
 @dataclass
 class StepInfo:
-    applied: bool
-    """False when the step was skipped (non-finite loss or gradient)."""
-    grad_norm: float
-    """Global gradient norm before clipping (inf/nan when skipped)."""
+    """How an optimiser step went, as 0-d tensors on the engine's device: reading them makes
+    the host wait for the step, so the loop reads them only when it logs."""
+
+    applied: torch.Tensor
+    """bool; False when the step was skipped (non-finite loss or gradient)."""
+    grad_norm: torch.Tensor
+    """float; the global gradient norm before clipping (nan when skipped)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -87,6 +90,8 @@ class Engine:
     """What the training loop needs from an engine."""
 
     module: nn.Module
+    policy: ExecutionPolicy
+    """How the model runs under this engine (set on it at construction)."""
     rank: int = 0
     zero_stage: int = 0
     """The ZeRO stage that shards this engine's state (0: none)."""
@@ -140,11 +145,19 @@ class Engine:
 
 
 class LocalEngine(Engine):
-    """One process, PyTorch's fused AdamW; skips a step whose loss or gradient is non-finite."""
+    """One process, PyTorch's fused AdamW; skips a step whose loss or gradient is non-finite.
+
+    The step never waits for the device (``ExecutionPolicy.sync_free`` on accelerators): the
+    finiteness of the losses and of the gradient norm stays a device tensor, and the fused
+    AdamW skips the update itself when told through ``found_inf`` (the flag PyTorch's
+    GradScaler uses: no update, step counts unchanged)."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.set_execution_policy(ExecutionPolicy(checkpoint_layers=cfg.activation_checkpointing))
+        self.policy = ExecutionPolicy(
+            checkpoint_layers=cfg.activation_checkpointing, sync_free=self.device.type != "cpu"
+        )
+        model.set_execution_policy(self.policy)
         self.module = model.to(self.device)
         self.grad_clip = optim.grad_clip
         o = optim
@@ -152,23 +165,26 @@ class LocalEngine(Engine):
             param_groups(self.module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._finite = True
+        self._fused = bool(self.optimizer.defaults.get("fused"))
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def micro_step(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            self._finite = False  # skip the backward; the whole step is dropped below
-            return
+        # a non-finite loss still goes backward (its gradients are dropped with the step)
+        self._finite = self._finite & torch.isfinite(loss.detach())
         loss.backward()
 
     def finish_step(self) -> StepInfo:
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        applied = self._finite and math.isfinite(norm)
-        if applied:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        applied = self._finite & torch.isfinite(norm)
+        if self._fused:
+            self.optimizer.found_inf = (~applied).float()
+            self.optimizer.step()
+        elif applied:  # an optimiser without found_inf: the host must know (one sync)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._finite = True
-        return StepInfo(applied, norm if applied else math.nan)
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        return StepInfo(applied, torch.where(applied, norm.detach(), math.nan))
 
     def save(self, directory: Path) -> None:
         trainable = {
@@ -213,12 +229,13 @@ class DeepSpeedEngine(Engine):
         zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         # ZeRO-3 releases a module's parameters after each use, so backward rebuilds must not
         # read them; every parameter takes part in every micro-batch (the policy's reasons).
-        policy = ExecutionPolicy(
+        self.policy = ExecutionPolicy(
             checkpoint_layers=cfg.activation_checkpointing,
             parameters_readable_in_backward=not zero3,
             every_parameter_takes_part=True,
+            sync_free=deepspeed.get_accelerator().device_name() != "cpu",
         )
-        model.set_execution_policy(policy)
+        model.set_execution_policy(self.policy)
         if zero3:
             # Parameters used outside their own module's forward must be announced to ZeRO-3.
             for module, params in model.external_parameters():
@@ -285,10 +302,13 @@ class DeepSpeedEngine(Engine):
         self.engine.step()  # applies the update only at the accumulation boundary
 
     def finish_step(self) -> StepInfo:
+        # DeepSpeed decides on the host (its overflow check reads the gradients' finiteness)
         applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        return StepInfo(applied, norm if applied else math.nan)
+        norm = float(norm) if norm is not None and applied else math.nan
+        return StepInfo(
+            torch.tensor(applied, device=self.device), torch.tensor(norm, device=self.device)
+        )
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(
