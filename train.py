@@ -84,7 +84,7 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
             pixel_values=batch["pixel_values"].to(engine.device),
             labels=batch["labels"].to(engine.device),
         ).nll_sum
-        nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach()
+        nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach().double()
         samples += batch["input_ids"].shape[0]
         engine.micro_step(weighted_loss(nll, weights[name], step.targets[name]))
     return nll_sums, samples, engine.finish_step()
@@ -93,8 +93,8 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
 def step_metrics(engine, cfg, step, nll_sums, samples, info, lr, seconds, skipped) -> dict:
     """The logged figures of a step (collective: the NLL sums and gates are gathered)."""
     names = [d.name for d in cfg.datasets]
-    zero = torch.zeros((), device=engine.device)
-    sums = torch.stack([nll_sums.get(n, zero) for n in names]).double()
+    zero = torch.zeros((), dtype=torch.float64, device=engine.device)
+    sums = torch.stack([nll_sums.get(n, zero) for n in names])
     sums = engine.all_reduce_sum(sums).cpu().tolist()
     metrics = {
         f"loss/{n}": s / step.targets[n]

@@ -59,9 +59,13 @@ class EngineConfig(YamlConfig):
     engine runs, and the engine sets the model's recompute policy."""
 
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: frozen weights and activations in bf16, trainable weights and optimiser state
-    fp32 (plain PyTorch keeps the trainable weights fp32; DeepSpeed keeps bf16 working copies
-    beside fp32 masters)."""
+    """bf16: frozen weights stored in bf16, every matrix product in bf16, trainable weights
+    and optimiser state fp32 (plain PyTorch: fp32 weights under ``torch.autocast``; DeepSpeed:
+    bf16 working copies beside fp32 masters)."""
+    tf32: bool = True
+    """On CUDA, let the float32 matrix products that remain use TF32 tensor cores (PyTorch's
+    ``allow_tf32`` switches; fp32 range, 10-bit mantissa, several times the fp32 rate on
+    Ampere and later); false keeps them in full fp32."""
     activation_checkpointing: bool = False
     """Recompute the decoder layers and gated blocks in the backward pass to save memory."""
     deepspeed: str | None = None

@@ -82,6 +82,13 @@ def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
+def allow_tf32(cfg: EngineConfig) -> None:
+    """PyTorch's process-wide TF32 switches for CUDA matrix products and convolutions."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
 def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -150,10 +157,14 @@ class LocalEngine(Engine):
     The step never waits for the device (``ExecutionPolicy.sync_free`` on accelerators): the
     finiteness of the losses and of the gradient norm stays a device tensor, and the fused
     AdamW skips the update itself when told through ``found_inf`` (the flag PyTorch's
-    GradScaler uses: no update, step counts unchanged)."""
+    GradScaler uses: no update, step counts unchanged). ``precision: bf16`` runs the forward
+    under ``torch.autocast`` (bf16 matrix products; fp32 weights, gradients and optimiser
+    state; no loss scaling, bf16 having fp32's range)."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast = cfg.precision == "bf16"
+        allow_tf32(cfg)
         self.policy = ExecutionPolicy(
             checkpoint_layers=cfg.activation_checkpointing, sync_free=self.device.type != "cpu"
         )
@@ -167,6 +178,10 @@ class LocalEngine(Engine):
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.module(*args, **kwargs)
 
     def micro_step(self, loss: torch.Tensor) -> None:
         # a non-finite loss still goes backward (its gradients are dropped with the step)
@@ -222,6 +237,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self._ds = deepspeed
+        allow_tf32(cfg)
         ds_config = self.build_config(cfg, optim, micro_batches_per_step)
         deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
