@@ -78,12 +78,11 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
     engine.begin_step(lr)
     for name, batch in step.micro:
         # the head is fused with the loss: no (B, T, vocab) logits are built
-        nll = engine.forward(
-            batch["input_ids"].to(engine.device),
-            batch["attention_mask"].to(engine.device),
-            pixel_values=batch["pixel_values"].to(engine.device),
-            labels=batch["labels"].to(engine.device),
-        ).nll_sum
+        ids, mask, pixels, labels = (
+            batch[k].to(engine.device, non_blocking=True)
+            for k in ("input_ids", "attention_mask", "pixel_values", "labels")
+        )
+        nll = engine.forward(ids, mask, pixel_values=pixels, labels=labels).nll_sum
         nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach().double()
         samples += batch["input_ids"].shape[0]
         engine.micro_step(weighted_loss(nll, weights[name], step.targets[name]))
@@ -159,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO if engine.is_main else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    batches = Batches.build(cfg, processor, engine.rank, engine.world_size)
+    pinned = engine.device.type == "cuda"  # page-locked batches: the copies below do not block
+    batches = Batches.build(cfg, processor, engine.rank, engine.world_size, pin_memory=pinned)
     runlog = RunLogger(out, enabled=engine.is_main, tensorboard=cfg.tensorboard)
     run = Checkpointer(out / "checkpoints", engine, batches, runlog, cfg, model_cfg)
     run.resume(args.resume)

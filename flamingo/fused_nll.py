@@ -25,10 +25,22 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 24
-"""At most this many logits per chunk (64 MiB of float32; OPT's vocabulary: 333 rows), the rows
-split evenly. Fewer, larger chunks keep the head matmul efficient: on 2 CPU cores, forward and
-backward for 510 rows x 50272 columns took 0.79 s in chunks of 166 rows, 0.66 s in chunks of
-256 and 0.59 s in one (the unfused path: 0.92 s)."""
+"""On the CPU, at most this many logits per chunk (64 MiB of float32; OPT's vocabulary: 333
+rows), the rows split evenly. Fewer, larger chunks keep the head matmul efficient: on 2 CPU
+cores, forward and backward for 510 rows x 50272 columns took 0.79 s in chunks of 166 rows,
+0.66 s in chunks of 256 and 0.59 s in one (the unfused path: 0.92 s)."""
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 29
+"""On an accelerator, at most this many logits per chunk (2 GiB of float32): at least 4096 rows
+for vocabularies up to 131072 (Llama 3's 128256: 4186 rows; OPT's 50272: 10680), so that the
+head's matrix products are large enough to fill a GPU and the chunk loop runs a few times per
+micro-batch, not hundreds."""
+
+
+def chunk_rows_for(num_rows: int, vocab_size: int, device_type: str) -> int:
+    """Rows per chunk: as many as the device's logit budget allows, the rows split evenly."""
+    budget = CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    num_chunks = -(-num_rows * vocab_size // budget)  # ceil
+    return max(1, -(-num_rows // max(1, num_chunks)))
 
 
 def fused_summed_nll(
@@ -63,8 +75,7 @@ def fused_summed_nll(
         weights = valid.reshape(-1)
         targets = targets.reshape(-1).masked_fill(~weights, 0)  # any valid id: masked below
     if chunk_rows is None:
-        num_chunks = -(-rows.shape[0] * vocab_size // CHUNK_ELEMENTS)  # ceil
-        chunk_rows = max(1, -(-rows.shape[0] // max(1, num_chunks)))
+        chunk_rows = chunk_rows_for(rows.shape[0], vocab_size, rows.device.type)
     need_grad = torch.is_grad_enabled() and (rows.requires_grad or new_weight.requires_grad)
     return _FusedHeadNLL.apply(
         rows, new_weight, targets, weights, base_weight, new_ids, vocab_size, chunk_rows, need_grad

@@ -15,6 +15,7 @@ prompt once and reusing its caches for every candidate (classification, HatefulM
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,20 @@ class _Decoder:
             return self._run(tokens[:, None], self.media_index[:, -1:])
         return self._run(self.ids, self.media_index)
 
+    def expand(self, k: int) -> None:
+        """Each row becomes ``k`` copies (beam search: the prompt runs once, then its state,
+        caches included, is repeated for the beams)."""
+        self.ids, self.mask, self.media_index = (
+            t.repeat_interleave(k, dim=0) for t in (self.ids, self.mask, self.media_index)
+        )
+        if self.media_kv is not None:
+            rows = torch.arange(self.ids.shape[0] // k, device=self.ids.device)
+            self.media_kv = [kv.index_select(rows.repeat_interleave(k)) for kv in self.media_kv]
+        if self.media_latents is not None:
+            self.media_latents = self.media_latents.repeat_interleave(k, dim=0)
+        if self.cache is not None:
+            self.cache.batch_repeat_interleave(k)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (beam search). Media are shared within a prompt's beams."""
         self.ids, self.mask, self.media_index = (
@@ -112,6 +127,7 @@ class _Decoder:
             media_index=media_index,
             cache=self.cache,
             use_cache=self.use_cache,
+            logits_to_keep=1,  # the next token's: no (B, T, V) logits for the prompt
         )
         self.cache = out.cache
         return out.logits[:, -1]
@@ -255,10 +271,11 @@ def _beam_search(
     batch, prompt_len = prompt.input_ids.shape
     device = prompt.input_ids.device
     k = num_beams
-    decoder = _Decoder(
-        model, prompt.select(torch.arange(batch, device=device).repeat_interleave(k)), use_cache
-    )
-    logits = decoder.first_logits()
+    pad = model.special_tokens.pad_id
+    decoder = _Decoder(model, prompt, use_cache)
+    logits = decoder.first_logits()  # the prompts run once, then are repeated for the beams
+    decoder.expand(k)
+    logits = logits.repeat_interleave(k, dim=0)
     banned = _banned_tokens(model, logits)
     vocab = logits.shape[-1]
     # Only the first beam of each prompt is live at the start: the others are copies.
@@ -271,18 +288,17 @@ def _beam_search(
         logprobs = logits.masked_fill(banned, float("-inf")).log_softmax(-1).view(batch, k, vocab)
         scores = (beam_scores[..., None] + logprobs).view(batch, k * vocab)
         top_scores, top_index = scores.topk(2 * k, dim=-1)
-        next_scores = torch.full((batch, k), float("-inf"), device=device)
-        next_beams = torch.zeros((batch, k), dtype=torch.long, device=device)
-        next_tokens = torch.full(
-            (batch, k), model.special_tokens.pad_id, dtype=torch.long, device=device
-        )
+        # the choices are made on the host, from one copy of the 2k best per prompt
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        next_scores = [[float("-inf")] * k for _ in range(batch)]
+        next_beams = [[0] * k for _ in range(batch)]
+        next_tokens = [[pad] * k for _ in range(batch)]
         for b in range(batch):
             if done[b]:
                 continue
             kept = 0
             for rank in range(2 * k):
-                score, flat = top_scores[b, rank].item(), top_index[b, rank].item()
-                beam, token = divmod(flat, vocab)
+                score, (beam, token) = top_scores[b][rank], divmod(top_index[b][rank], vocab)
                 if score == float("-inf"):
                     break
                 if token == eos:
@@ -290,30 +306,30 @@ def _beam_search(
                         seq = decoder.ids[b * k + beam, prompt_len:]
                         hyps[b].add(torch.cat([seq, seq.new_tensor([eos])]), score)
                     continue
-                next_scores[b, kept], next_beams[b, kept], next_tokens[b, kept] = score, beam, token
+                next_scores[b][kept], next_beams[b][kept], next_tokens[b][kept] = score, beam, token
                 kept += 1
                 if kept == k:
                     break
-            done[b] = hyps[b].done(next_scores[b].max().item(), generated)
+            done[b] = hyps[b].done(max(next_scores[b]), generated)
         if step == max_new_tokens - 1 or all(done):
             break
-        beam_scores = next_scores
-        rows = (torch.arange(batch, device=device)[:, None] * k + next_beams).view(-1)
+        beam_scores = torch.tensor(next_scores, device=device)
+        beams = torch.tensor(next_beams, device=device)
+        rows = (torch.arange(batch, device=device)[:, None] * k + beams).view(-1)
         decoder.reorder(rows)
-        logits = decoder.step(next_tokens.view(-1))
+        logits = decoder.step(torch.tensor(next_tokens, device=device).view(-1))
     # prompts still running at the end: their live beams are candidates too
     for b in range(batch):
         if not done[b]:
             for j in range(k):
-                if next_scores[b, j] > float("-inf"):
-                    row = b * k + next_beams[b, j]
-                    seq = torch.cat([decoder.ids[row, prompt_len:], next_tokens[b, j : j + 1]])
-                    hyps[b].add(seq, next_scores[b, j].item())
+                if next_scores[b][j] > float("-inf"):
+                    seq = decoder.ids[b * k + next_beams[b][j], prompt_len:]
+                    hyps[b].add(
+                        torch.cat([seq, seq.new_tensor([next_tokens[b][j]])]), next_scores[b][j]
+                    )
     best = [hyps[b].items[0][1] for b in range(batch)]
     width = max(len(t) for t in best)
-    out = torch.full(
-        (batch, prompt_len + width), model.special_tokens.pad_id, dtype=torch.long, device=device
-    )
+    out = torch.full((batch, prompt_len + width), pad, dtype=torch.long, device=device)
     out[:, :prompt_len] = prompt.input_ids
     for b, tokens in enumerate(best):
         out[b, prompt_len : prompt_len + len(tokens)] = tokens
@@ -328,13 +344,15 @@ def score(
     attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     media_latents: torch.Tensor | None = None,
+    candidates_per_call: int = 64,
 ) -> torch.Tensor:
     """Log-likelihood of each candidate continuation of one prompt.
 
     ``input_ids (1, T)`` is the prompt (with its media); ``candidates`` lists 1-D token-id
     tensors. The prompt runs once; its LM cache and media keys/values are shared by every
-    candidate. Returns (num_candidates,) summed log-probabilities (divide by the lengths for a
-    per-token average).
+    candidate, ``candidates_per_call`` at a time (each call holds that many copies of the
+    prompt's cache and their logits: ImageNet's 1000 classes in 16 calls). Returns
+    (num_candidates,) summed log-probabilities (divide by the lengths for a per-token average).
     """
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -342,6 +360,8 @@ def score(
         )
     if not candidates or any(c.ndim != 1 or c.numel() == 0 for c in candidates):
         raise ValueError("candidates must be a non-empty list of non-empty 1-D token-id tensors")
+    if candidates_per_call < 1:
+        raise ValueError(f"candidates_per_call must be >= 1, got {candidates_per_call}")
     was_training = model.training
     model.eval()
     try:
@@ -352,34 +372,51 @@ def score(
             media_kv=prompt.media_kv,
             media_index=prompt.media_index,
             use_cache=True,
+            logits_to_keep=1,
         )
         first_logprobs = first.logits[0, -1].log_softmax(-1)
-        n = len(candidates)
-        lengths = torch.tensor([len(c) for c in candidates], device=input_ids.device)
-        width = int(lengths.max())
-        pad = model.special_tokens.pad_id
-        cand = torch.full((n, width), pad, dtype=torch.long, device=input_ids.device)
-        for i, c in enumerate(candidates):
-            cand[i, : len(c)] = c
-        valid = torch.arange(width, device=input_ids.device)[None] < lengths[:, None]
-        total = first_logprobs[cand[:, 0]]
-        if width > 1:
-            rows = torch.zeros(n, dtype=torch.long, device=input_ids.device)
-            shared = prompt.select(rows)
-            cache = first.cache
-            cache.batch_repeat_interleave(n)
-            mask = torch.cat([shared.attention_mask, valid[:, :-1].long()], dim=1)
-            media_index = shared.media_index[:, -1:].expand(n, width - 1)
-            out = model(
-                cand[:, :-1],
-                mask,
-                media_kv=shared.media_kv,
-                media_index=media_index,
-                cache=cache,
-                use_cache=True,
-            )
-            logprobs = out.logits.log_softmax(-1).gather(-1, cand[:, 1:, None]).squeeze(-1)
-            total = total + (logprobs * valid[:, 1:]).sum(-1)
-        return total
+        chunks = [
+            candidates[i : i + candidates_per_call]
+            for i in range(0, len(candidates), candidates_per_call)
+        ]
+        last = len(chunks) - 1
+        return torch.cat(
+            [
+                # the last chunk may extend the prompt's own cache; the others extend copies
+                _score_chunk(model, prompt, first, first_logprobs, chunk, i == last)
+                for i, chunk in enumerate(chunks)
+            ]
+        )
     finally:
         model.train(was_training)
+
+
+def _score_chunk(model, prompt, first, first_logprobs, candidates, last: bool) -> torch.Tensor:
+    """Summed log-probabilities of ``candidates`` after the prompt whose first forward (with
+    its cache) is ``first``; the ``last`` chunk may extend that cache itself."""
+    device = prompt.input_ids.device
+    n = len(candidates)
+    lengths = torch.tensor([len(c) for c in candidates], device=device)
+    width = max(len(c) for c in candidates)
+    cand = torch.full((n, width), model.special_tokens.pad_id, dtype=torch.long, device=device)
+    for i, c in enumerate(candidates):
+        cand[i, : len(c)] = c
+    valid = torch.arange(width, device=device)[None] < lengths[:, None]
+    total = first_logprobs[cand[:, 0]]
+    if width == 1:
+        return total
+    shared = prompt.select(torch.zeros(n, dtype=torch.long, device=device))
+    cache = first.cache if last else copy.deepcopy(first.cache)
+    cache.batch_repeat_interleave(n)
+    mask = torch.cat([shared.attention_mask, valid[:, :-1].long()], dim=1)
+    media_index = shared.media_index[:, -1:].expand(n, width - 1)
+    out = model(
+        cand[:, :-1],
+        mask,
+        media_kv=shared.media_kv,
+        media_index=media_index,
+        cache=cache,
+        use_cache=True,
+    )
+    logprobs = out.logits.log_softmax(-1).gather(-1, cand[:, 1:, None]).squeeze(-1)
+    return total + (logprobs * valid[:, 1:]).sum(-1)

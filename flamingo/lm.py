@@ -313,6 +313,7 @@ class FlamingoLM(nn.Module):
         cache: Any = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, Any]:
         """Returns ``(logits (B, T, vocab_size), cache)``; with ``labels``, ``(summed NLL,
         cache)`` instead, without computing the logits (:meth:`summed_nll`). ``cache`` is the
@@ -335,7 +336,8 @@ class FlamingoLM(nn.Module):
         cache = getattr(out, self._cache_argument) if use_cache else None
         if labels is not None:
             return self.summed_nll(out.last_hidden_state, labels), cache
-        return self.logits(out.last_hidden_state), cache
+        hidden = out.last_hidden_state
+        return self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache
 
     def set_execution_policy(self, policy: ExecutionPolicy) -> None:
         """Take the engine's policy: with ``checkpoint_layers``, decoder layers (HF's mechanism)

@@ -218,6 +218,7 @@ class Flamingo(nn.Module):
         position_ids: torch.Tensor | None = None,
         media_kv: list[MediaKV] | None = None,
         labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> FlamingoOutput:
         """Logits for ``input_ids`` (B, T) conditioned on the media.
 
@@ -234,7 +235,8 @@ class Flamingo(nn.Module):
         logits: the LM head is fused with the loss a few hundred rows at a time, so the
         ``(B, T, vocab)`` logits are never built (same value and gradients as
         ``flamingo.losses.summed_nll(logits, labels)``). Weighting and normalisation stay the
-        caller's (``flamingo.losses.weighted_loss``).
+        caller's (``flamingo.losses.weighted_loss``). ``logits_to_keep=n`` computes the logits
+        of the last n positions only (decoding needs the last one); 0 keeps all.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -273,6 +275,7 @@ class Flamingo(nn.Module):
             cache=cache,
             use_cache=use_cache,
             labels=labels,
+            logits_to_keep=logits_to_keep,
         )
         if labels is not None:
             return FlamingoOutput(cache=new_cache, media_latents=media_latents, nll_sum=result)

@@ -432,3 +432,26 @@ def test_the_crop_is_open_clips_inference_preprocessing_to_the_pixel(processor, 
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     assert torch.equal(image_transform(cfg)(image), theirs(image))
+
+
+def test_a_pinned_loader_asks_the_data_loader_for_page_locked_batches(
+    tmp_path, processor, monkeypatch
+):
+    # (pinning itself needs CUDA; here the request is checked, and that nothing else changes)
+    import flamingo.data.pipeline as pipeline
+
+    samples = [encode_pair(f"s{i}", solid(COLOURS[i]), "png", f"shape {i}", {}) for i in range(4)]
+    shards = write(tmp_path, samples, "pairs", per_shard=4)
+    asked = []
+    real = pipeline.DataLoader
+
+    def data_loader(*args, pin_memory, **kwargs):
+        asked.append(pin_memory)
+        return real(*args, **kwargs)  # unpinned: no CUDA here
+
+    monkeypatch.setattr(pipeline, "DataLoader", data_loader)
+    cfg = DatasetConfig(name="pairs", kind="pairs", shards=shards, resampled=False, p_flip=0.0)
+    plain = list(FlamingoLoader.from_processor(cfg, processor, num_workers=0))
+    pinned = list(FlamingoLoader.from_processor(cfg, processor, num_workers=0, pin_memory=True))
+    assert asked == [False, True]
+    assert [b["keys"] for b in plain] == [b["keys"] for b in pinned]

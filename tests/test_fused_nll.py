@@ -156,3 +156,13 @@ def test_model_labels_must_match_the_ids(model, processor):
     enc = processor([INTERLEAVED], images=[[noise_image(1), noise_image(2)]])
     with pytest.raises(ValueError, match="labels shape"):
         model(**enc, labels=enc["input_ids"][:, 1:])
+
+
+def test_chunks_are_sized_for_the_device():
+    from flamingo.fused_nll import chunk_rows_for
+
+    assert chunk_rows_for(510, 50272, "cpu") == 255  # 64 MiB of logits: two chunks
+    for vocab in (32000, 50272, 128256, 131072):  # on an accelerator: >= 4096 rows a chunk
+        assert chunk_rows_for(16384, vocab, "cuda") >= 4096
+    assert chunk_rows_for(2048, 50272, "cuda") == 2048  # a micro-batch's rows in one chunk
+    assert chunk_rows_for(1, 10**9, "cpu") == 1

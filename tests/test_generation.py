@@ -182,6 +182,38 @@ def test_score_equals_log_likelihood_from_full_forwards(setup, processor):
         assert got == pytest.approx(expected, abs=1e-4)
 
 
+def lm_calls(model) -> list[tuple[int, int]]:
+    """(rows, positions with logits) of every LM call."""
+    calls = []
+    model.lm.register_forward_hook(lambda m, args, out: calls.append(tuple(out[0].shape[:2])))
+    return calls
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_the_prompt_runs_once_and_only_its_last_position_gets_logits(setup, num_beams):
+    model, enc = setup
+    calls = lm_calls(model)
+    model.generate(**enc, max_new_tokens=4, num_beams=num_beams)
+    assert calls[0] == (2, 1)  # the prefill: each prompt once, one position of logits
+    assert all(call == (2 * num_beams, 1) for call in calls[1:])  # the decoding steps
+
+
+def test_score_takes_its_candidates_a_chunk_at_a_time(setup):
+    model, enc = setup
+    ids, mask, pixels = enc["input_ids"][1:], enc["attention_mask"][1:], enc["pixel_values"][1:]
+    g = torch.Generator().manual_seed(0)
+    candidates = [torch.randint(3, 800, (1 + i % 4,), generator=g) for i in range(23)]
+    together = model.score(ids, candidates, attention_mask=mask, pixel_values=pixels)
+    calls = lm_calls(model)
+    chunked = model.score(
+        ids, candidates, attention_mask=mask, pixel_values=pixels, candidates_per_call=7
+    )
+    assert [rows for rows, _ in calls] == [1, 7, 7, 7, 2]  # the prompt, then 23 = 7+7+7+2
+    torch.testing.assert_close(chunked, together, rtol=0, atol=1e-5)  # batch-size rounding
+    again = model.score(ids, candidates, attention_mask=mask, pixel_values=pixels)
+    assert torch.equal(again, together)  # the prompt's cache was not consumed by the chunks
+
+
 def test_bad_arguments(setup):
     model, enc = setup
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -234,9 +234,13 @@ class FlamingoLoader:
         num_workers: int = 2,
         rank: int = 0,
         world_size: int = 1,
+        pin_memory: bool = False,
     ) -> None:
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards)
+        self.pin_memory = pin_memory
+        """Batches arrive in page-locked memory, so that copies to a CUDA device can be
+        asynchronous (``non_blocking``); the trainer sets it when its engine is on CUDA."""
         self.tokenizer, self.special, self.images = tokenizer, special, images
         self.seed, self.num_workers = seed, num_workers
         self.rank, self.world_size = rank, world_size  # the engine's, passed by the trainer
@@ -275,7 +279,9 @@ class FlamingoLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = _StreamsDataset(self, dict(self._states), dict(self._counters), self._next_local)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
         workers = self.num_workers or 1
         for batch, local, state, counters in loader:
             stream_id = self.rank * workers + local

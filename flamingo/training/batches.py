@@ -51,8 +51,16 @@ class Batches:
         self.can_stop = any(not d.resampled and d.at_epoch_end == "stop" for d in cfg.datasets)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, processor: Any, rank: int, world_size: int) -> Batches:
-        """A loader per dataset of ``cfg``, this rank's share of each."""
+    def build(
+        cls,
+        cfg: TrainConfig,
+        processor: Any,
+        rank: int,
+        world_size: int,
+        pin_memory: bool = False,
+    ) -> Batches:
+        """A loader per dataset of ``cfg``, this rank's share of each (in page-locked memory
+        with ``pin_memory``, for asynchronous copies to a CUDA device)."""
         loaders = {
             d.name: FlamingoLoader.from_processor(
                 d,
@@ -61,6 +69,7 @@ class Batches:
                 num_workers=cfg.num_workers,
                 rank=rank,
                 world_size=world_size,
+                pin_memory=pin_memory,
             )
             for d in cfg.datasets
         }
@@ -99,7 +108,9 @@ class Batches:
         except DatasetExhausted as e:
             out.micro, ran_out = [], e.name
         for _, batch in out.micro:
-            batch["labels"] = make_labels(batch["input_ids"], batch["attention_mask"], self.special)
+            labels = make_labels(batch["input_ids"], batch["attention_mask"], self.special)
+            pinned = batch["input_ids"].is_pinned()  # as the loader delivered the rest
+            batch["labels"] = labels.pin_memory() if pinned else labels
         counts = [
             sum(int(count_targets(b["labels"])) for n, b in out.micro if n == m) for m in names
         ]
