@@ -3,17 +3,22 @@
 Counted: matrix multiplications, 2 FLOPs per multiply-add; LayerNorms, activations, softmax,
 the loss and the optimiser are left out (a few percent). With F a part's forward FLOPs:
 
-* frozen vision tower, run without gradients: **F**. Per image, the patch embedding
+* frozen vision tower, run without gradients: **F**. Per frame (an image is one frame; a
+  video item has F of them), the patch embedding
   ``2 P (3 p^2) W`` and per layer ``2 S (4 W^2 + 2 W M) + 4 S^2 W`` (QKV and output
   projections, MLP, attention scores and their weighted sum over ``S = P + 1`` tokens);
 * trainable resampler and gated cross-attention blocks: **3F** (input and weight gradients).
-  Resampler, per media item and layer: keys and values over the ``V + R`` media tokens and
-  latents ``2 (V+R) W 2I``, queries ``2 R W I``, attention ``4 R (V+R) I``, output ``2 R I W``,
+  Resampler, per media item and layer: keys and values over the ``V + R`` media tokens (the
+  item's frames' patches together: ``V = F P``) and latents ``2 (V+R) W 2I``, queries
+  ``2 R W I``, attention ``4 R (V+R) I``, output ``2 R I W``,
   feed-forward ``4 R W (m W)``. Gated block, per sequence: queries ``2 T D I``, media keys and
   values ``2 (N R) Dv 2I``, attention over every media latent ``4 T (N R) I`` (the mask
   removes none of the work), output ``2 T I D``, feed-forward ``4 T D (m D)``;
 * frozen LM, gradients flowing through to the gated blocks and the embeddings: its
-  projections and MLP, per layer ``2 T (4 D^2 + 2 D F_ff)``, **2F** (input gradients only);
+  projections and MLP, per layer ``2 T (2 D^2 + 2 D D_kv + k D F_ff)``, **2F** (input gradients
+  only), with ``D_kv`` the keys' and values' width (``D`` without grouped-query attention) and
+  ``k`` the MLP's matrices (2; 3 for a gated, SwiGLU MLP: Llama, Mistral, Qwen); the backward
+  runs through every layer, the new tokens' input rows being trainable;
   its attention, per layer ``4 T^2 D``, **3F** (queries, keys and values all need gradients):
   the full ``T x T`` score matrix, as the Megatron/PaLM convention counts it (causal kernels
   skip about half);
@@ -22,7 +27,10 @@ the loss and the optimiser are left out (a few percent). With F a part's forward
 
 MFU is these model FLOPs per second over the device's dense peak (:data:`PEAK_TFLOPS`); on a
 CPU, over the fp32 rate of a large matrix product measured on the same threads
-(:func:`matmul_peak_tflops`). Since some model FLOPs are skipped (the head's non-target rows, the
+(:func:`matmul_peak_tflops`). The benchmarks also report the conventional figure,
+``6 N tokens`` (:func:`conventional_flops`: every parameter trained, every token through the
+whole model), which overstates this step's work: its frozen tower and LM need no weight
+gradients. Since some model FLOPs are skipped (the head's non-target rows, the
 causal half of the LM's attention), an implementation can exceed 100% of that measured peak.
 """
 
@@ -34,24 +42,32 @@ from dataclasses import dataclass
 
 import torch
 
-PEAK_TFLOPS = {  # dense tensor-core peaks by device name and precision (vendor datasheets)
+PEAK_TFLOPS = {  # dense peaks by device name and precision (vendor datasheets; dense = half
+    # the with-sparsity tensor-core figure). SXM parts carry the bare name.
     ("H100 PCIe", "bf16"): 756.0,
+    ("H100 NVL", "bf16"): 835.0,
     ("H100", "bf16"): 989.0,
+    ("H200 NVL", "bf16"): 835.0,
     ("H200", "bf16"): 989.0,
     ("A100", "bf16"): 312.0,
     ("H100 PCIe", "fp32"): 51.0,
+    ("H100 NVL", "fp32"): 60.0,
     ("H100", "fp32"): 67.0,
+    ("H200 NVL", "fp32"): 60.0,
     ("H200", "fp32"): 67.0,
     ("A100", "fp32"): 19.5,
 }
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    """The device's dense peak for ``precision`` (first name that matches), None if unknown."""
-    for (name, prec), tflops in PEAK_TFLOPS.items():
-        if name in device_name and prec == precision:
-            return tflops
-    return None
+    """The device's dense peak for ``precision``, by the longest table name found in
+    ``device_name`` ("NVIDIA H100 NVL" is an NVL, not an SXM part); None if unknown."""
+    matches = [
+        (len(name), tflops)
+        for (name, prec), tflops in PEAK_TFLOPS.items()
+        if name in device_name and prec == precision
+    ]
+    return max(matches)[1] if matches else None
 
 
 def matmul_peak_tflops(n: int = 2048, repeats: int = 5) -> float:
@@ -89,11 +105,14 @@ class StepShape:
     lm_layers: int
     lm_ffn: int  # F_ff
     vocab: int  # V of the head
+    frames: int = 1  # F per media item (video)
+    lm_kv_width: int = 0  # D_kv, the keys' and values' width (0: D, no grouped-query attention)
+    lm_mlp_matrices: int = 2  # k: 3 for a gated (SwiGLU) MLP
 
 
 def forward_flops(s: StepShape) -> dict[str, float]:
     """Forward FLOPs of each part for the whole batch."""
-    w, tokens, v, r = s.vision_width, s.patches + 1, s.patches, s.latents
+    w, tokens, v, r = s.vision_width, s.patches + 1, s.frames * s.patches, s.latents
     vision = 2 * s.patches * 3 * s.patch**2 * w + s.vision_layers * (
         2 * tokens * (4 * w * w + 2 * w * s.vision_mlp) + 4 * tokens * tokens * w
     )
@@ -113,12 +132,13 @@ def forward_flops(s: StepShape) -> dict[str, float]:
         + 2 * t * i * d
         + 4 * t * d * s.xattn_ff_mult * d
     )
-    lm = s.lm_layers * 2 * t * (4 * d * d + 2 * d * s.lm_ffn)
+    kv = s.lm_kv_width or d
+    lm = s.lm_layers * 2 * t * (2 * d * d + 2 * d * kv + s.lm_mlp_matrices * d * s.lm_ffn)
     lm_attention = s.lm_layers * 4 * t * t * d
     head = 2 * t * d * s.vocab
     items = s.batch * s.images
     return {
-        "vision": float(vision * items),
+        "vision": float(vision * items * s.frames),
         "resampler": float(resampler * items),
         "gated_blocks": float(gated * s.batch),
         "lm": float(lm * s.batch),
@@ -136,6 +156,12 @@ BACKWARD_FACTOR = {
     "head": 2,
 }
 """Forward + backward FLOPs over forward FLOPs of each part (module docstring)."""
+
+
+def conventional_flops(num_parameters: int, tokens: int) -> float:
+    """The usual training-FLOP estimate, ``6 N tokens``: forward and backward with weight
+    gradients for every parameter (the figure most MFU reports use)."""
+    return 6.0 * num_parameters * tokens
 
 
 def train_step_flops(s: StepShape) -> dict[str, float]:

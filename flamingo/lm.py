@@ -59,17 +59,20 @@ class DecoderLayout:
     position_ids: bool = True
     """Whether the base model takes ``position_ids`` (left padding needs them); ALiBi models
     (MPT) have none and are padding-invariant by construction."""
+    gated_mlp: bool = False
+    """The MLP has gate, up and down projections (SwiGLU), three matrices instead of two (FLOP
+    counts need it)."""
 
 
 DECODER_LAYOUTS: dict[str, DecoderLayout] = {
     "gpt2": DecoderLayout("transformer.h"),
     "gpt_neox": DecoderLayout("gpt_neox.layers"),
-    "llama": DecoderLayout("model.layers"),
-    "mistral": DecoderLayout("model.layers"),
+    "llama": DecoderLayout("model.layers", gated_mlp=True),
+    "mistral": DecoderLayout("model.layers", gated_mlp=True),
     "mpt": DecoderLayout("transformer.blocks", position_ids=False),
     "opt": DecoderLayout("model.decoder.layers"),
-    "qwen2": DecoderLayout("model.layers"),
-    "qwen3": DecoderLayout("model.layers"),
+    "qwen2": DecoderLayout("model.layers", gated_mlp=True),
+    "qwen3": DecoderLayout("model.layers", gated_mlp=True),
 }
 
 

@@ -79,6 +79,8 @@ def test_mfu_uses_the_datasheet_peak_of_the_named_device():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
     assert peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0  # not the SXM figure either
+    assert peak_tflops("NVIDIA H200 NVL", "fp32") == 60.0
     assert peak_tflops("x86_64 CPU, 2 threads", "fp32") is None
 
 
@@ -164,6 +166,30 @@ def test_the_flop_formula_counts_what_the_model_computes(counted_vision_attentio
         summed_nll(model(ids, mask, pixel_values=pixels).logits, labels).backward()
     assert sum(forward_flops(shape).values()) == pytest.approx(forward.total, 1e-3)
     assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-3)
+
+
+def test_the_flop_formula_counts_swiglu_grouped_query_attention_and_video_frames(
+    counted_vision_attention,
+):
+    # configs/model/tiny.yaml: a Llama LM (gated MLP, 2 key/value heads for 4 query heads),
+    # time embeddings for video
+    from bench.flops import forward_flops
+    from bench.train_step import step_shape
+    from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+
+    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml")
+    torch.manual_seed(0)
+    model = Flamingo.from_config(cfg).eval()
+    special = FlamingoProcessor.from_config(cfg).special_tokens
+    batch, seq_len, images, frames = 2, 24, 2, 3
+    ids = torch.randint(3, 800, (batch, seq_len))
+    ids[:, 0], ids[:, 12] = special.image_id, special.image_id
+    pixels = torch.randn(batch, images, frames, 3, 32, 32)
+    shape = step_shape(cfg, batch, seq_len, images, frames=frames)
+    assert (shape.lm_mlp_matrices, shape.lm_kv_width) == (3, 32)  # 2 heads x 16
+    with torch.no_grad(), MatmulFlops() as forward:
+        model(ids, torch.ones_like(ids), pixel_values=pixels)
+    assert sum(forward_flops(shape).values()) == pytest.approx(forward.total, 1e-3)
 
 
 def test_the_hand_count_counts_attention_whichever_kernel_runs():
