@@ -339,3 +339,31 @@ class Flamingo(nn.Module):
     def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes a distributed engine may shard or checkpoint as units."""
         return (self.lm.decoder_layer_class(), GatedCrossAttentionBlock, PerceiverLayer)
+
+    def compile_blocks(self, **options: Any) -> int:
+        """Compile every repeated block on its own with ``torch.compile(**options)``
+        (regional compilation: the decoder layers, gated blocks, perceiver layers and the
+        tower's transformer blocks; each class traces once and its instances share the graph,
+        torch inlining nn modules, as it does by default from 2.5).
+        A block's ``forward`` is compiled, not its call, so the hooks that run the gated blocks
+        before their decoder layers stay outside the graphs. Needs the execution policy's
+        ``rebuild_activations`` off (its saved-tensor hooks read storage addresses, which
+        compilation cannot trace; the compiler fuses those elementwise ops anyway). Returns
+        the number of blocks compiled."""
+        policies = [getattr(m, "policy", None) for m in self.modules()]
+        policies = [p for p in policies if isinstance(p, ExecutionPolicy)]
+        if any(policy.rebuild_activations for policy in policies):
+            raise ValueError(
+                "compile_blocks needs ExecutionPolicy(rebuild_activations=False): set it with "
+                "set_execution_policy first (the engine does, with engine.compile: true)"
+            )
+        if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+            raise RuntimeError(
+                "compile_blocks needs torch >= 2.5 (nn modules inlined, so that the instances of "
+                f"a block share one graph); this is torch {torch.__version__}"
+            )
+        classes = (*self.wrap_unit_classes(), self.vision.block_class())
+        blocks = [m for m in self.modules() if isinstance(m, classes)]
+        for block in blocks:
+            block.forward = torch.compile(block.forward, **options)
+        return len(blocks)

@@ -119,6 +119,10 @@ class VisionEncoder(nn.Module):
         self.width = visual.transformer.width
         self.num_tokens = visual.grid_size[0] * visual.grid_size[1]
 
+    def block_class(self) -> type[nn.Module]:
+        """The class of the tower's transformer blocks (compiled one by one)."""
+        return type(self.visual.transformer.resblocks[0])
+
     def train(self, mode: bool = True) -> VisionEncoder:
         # Frozen: keep eval mode (no dropout, no patch dropout) whatever the parent asks.
         return super().train(False)

@@ -68,6 +68,10 @@ class EngineConfig(YamlConfig):
     Ampere and later); false keeps them in full fp32."""
     activation_checkpointing: bool = False
     """Recompute the decoder layers and gated blocks in the backward pass to save memory."""
+    compile: bool = False
+    """Compile the repeated blocks (decoder layers, gated blocks, perceiver layers, the tower's
+    blocks) with ``torch.compile``, each on its own (``Flamingo.compile_blocks``); activation
+    rebuilding is then left to the compiler. Not with ZeRO-3."""
     deepspeed: str | None = None
     """DeepSpeed JSON with ZeRO/offload settings only (configs/deepspeed/); None trains in one
     process with plain PyTorch."""

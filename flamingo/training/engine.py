@@ -166,9 +166,13 @@ class LocalEngine(Engine):
         self.autocast = cfg.precision == "bf16"
         allow_tf32(cfg)
         self.policy = ExecutionPolicy(
-            checkpoint_layers=cfg.activation_checkpointing, sync_free=self.device.type != "cpu"
+            checkpoint_layers=cfg.activation_checkpointing,
+            rebuild_activations=not cfg.compile,
+            sync_free=self.device.type != "cpu",
         )
         model.set_execution_policy(self.policy)
+        if cfg.compile:
+            model.compile_blocks()
         self.module = model.to(self.device)
         self.grad_clip = optim.grad_clip
         o = optim
@@ -245,13 +249,21 @@ class DeepSpeedEngine(Engine):
         zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         # ZeRO-3 releases a module's parameters after each use, so backward rebuilds must not
         # read them; every parameter takes part in every micro-batch (the policy's reasons).
+        if zero3 and cfg.compile:
+            raise ValueError(
+                "engine.compile is not supported with ZeRO-3 (its parameter hooks run inside "
+                "the compiled blocks); use ZeRO-1/2, or compile: false"
+            )
         self.policy = ExecutionPolicy(
             checkpoint_layers=cfg.activation_checkpointing,
+            rebuild_activations=not cfg.compile,
             parameters_readable_in_backward=not zero3,
             every_parameter_takes_part=True,
             sync_free=deepspeed.get_accelerator().device_name() != "cpu",
         )
         model.set_execution_policy(self.policy)
+        if cfg.compile:
+            model.compile_blocks()
         if zero3:
             # Parameters used outside their own module's forward must be announced to ZeRO-3.
             for module, params in model.external_parameters():
