@@ -28,8 +28,16 @@ def run_bench(tmp_path, *extra: str) -> tuple[dict, str]:
     return json.loads(path.read_text()), done.stdout
 
 
-def test_train_step_bench_writes_ratios_and_a_profile(tmp_path):
-    record, stdout = run_bench(tmp_path, "--profile", "3")
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory) -> tuple[dict, str, object]:
+    """One profiled run of the bench, shared: (record, stdout, its output folder)."""
+    out = tmp_path_factory.mktemp("bench")
+    record, stdout = run_bench(out, "--profile", "3")
+    return record, stdout, out
+
+
+def test_train_step_bench_writes_ratios_and_a_profile(profiled_run):
+    record, stdout, _ = profiled_run
     for impl in ("ours", "openflamingo"):
         result = record["results"][impl]
         assert result["samples_per_s"] > 0 and result["peak_mib"] > 0
@@ -53,10 +61,14 @@ def test_train_step_bench_runs_both_under_deepspeed_zero2_in_bf16(tmp_path):
         assert record["results"][impl]["samples_per_s"] > 0
 
 
-def test_the_report_tabulates_every_record(tmp_path):
+def test_the_report_tabulates_every_record(profiled_run, tmp_path):
+    import shutil
+
     from bench.report import report
 
-    record, _ = run_bench(tmp_path)
+    record, _, out = profiled_run
+    for path in out.glob("*.json"):
+        shutil.copy(path, tmp_path)
     (tmp_path / "generation-tiny-cpu.json").write_text(
         json.dumps(
             dict(config="tiny", batch=8, beams=3, new_tokens=20, machine="m", speedup=30.0)

@@ -18,6 +18,10 @@ from flamingo.xattn import GatedCrossAttentionBlock, cross_attention_bias
 from tests.conftest import build, noise_image, set_gates
 
 NO_REBUILD = ExecutionPolicy(rebuild_activations=False)
+needs_inlined_modules = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5),
+    reason="compile_blocks needs torch >= 2.5 (nn modules inlined)",
+)
 
 
 def eager_and_compiled(module: torch.nn.Module, *inputs: torch.Tensor, **extra):
@@ -81,6 +85,7 @@ def model_run(compiled: bool, processor):
     return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+@needs_inlined_modules
 def test_the_compiled_model_computes_what_the_eager_one_does_one_graph_per_block_class(
     processor,
 ):
@@ -94,6 +99,7 @@ def test_the_compiled_model_computes_what_the_eager_one_does_one_graph_per_block
         torch.testing.assert_close(grads[name], grad, msg=name)
 
 
+@needs_inlined_modules
 def test_compiling_needs_the_rebuilds_off_and_the_engine_sets_them(monkeypatch):
     from flamingo.training.config import EngineConfig, OptimConfig
     from flamingo.training.engine import LocalEngine
