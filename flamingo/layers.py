@@ -112,6 +112,22 @@ class ExecutionPolicy:
 DEFAULT_POLICY = ExecutionPolicy()
 
 
+def rebuilt_in_backward(
+    op: Callable[[torch.Tensor], torch.Tensor],
+    tensor: torch.Tensor,
+    recompute: Callable[[], torch.Tensor],
+    enabled: bool,
+) -> torch.Tensor:
+    """``op(tensor)``, with ``tensor`` rebuilt in the backward instead of kept when ``enabled``
+    (:func:`recompute_in_backward`); disabled, no hook is installed at all, so the call
+    compiles (``torch.compile`` before 2.5 cannot trace the context manager even when it does
+    nothing)."""
+    if not enabled:
+        return op(tensor)
+    with recompute_in_backward(tensor, recompute):
+        return op(tensor)
+
+
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` without a module call (no hooks: safe to run inside a backward)."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -124,8 +140,7 @@ def linear_of_norm(
     weight gradient instead of kept, where the policy allows it."""
     normed = norm(x)
     rebuild = policy.rebuilds_reading_parameters()
-    with recompute_in_backward(normed, lambda: layer_norm(norm, x), rebuild):
-        return linear(normed)
+    return rebuilt_in_backward(linear, normed, lambda: layer_norm(norm, x), rebuild)
 
 
 class FeedForward(nn.Sequential):
@@ -157,8 +172,7 @@ class FeedForward(nn.Sequential):
         activated = act(hidden)
         gelu = lambda: F.gelu(hidden, approximate=act.approximate)  # noqa: E731
         # the GELU's input stays alive and the rebuild reads no parameter: allowed under ZeRO-3
-        with recompute_in_backward(activated, gelu, self.policy.rebuild_activations):
-            return down(activated)
+        return rebuilt_in_backward(down, activated, gelu, self.policy.rebuild_activations)
 
 
 def set_policy(module: nn.Module, policy: ExecutionPolicy) -> None:

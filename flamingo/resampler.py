@@ -20,7 +20,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from flamingo.config import ResamplerConfig
-from flamingo.layers import DEFAULT_POLICY, FeedForward, layer_norm, recompute_in_backward
+from flamingo.layers import DEFAULT_POLICY, FeedForward, layer_norm, rebuilt_in_backward
 
 
 class PerceiverAttention(nn.Module):
@@ -54,11 +54,9 @@ class PerceiverAttention(nn.Module):
             return torch.cat([layer_norm(self.norm_media, media), normed_latents()], dim=1)
 
         normed = self.norm_latents(latents)
-        with recompute_in_backward(normed, normed_latents, rebuild):
-            q = self.to_q(normed)
+        q = rebuilt_in_backward(self.to_q, normed, normed_latents, rebuild)
         both = torch.cat([self.norm_media(media), normed], dim=1)
-        with recompute_in_backward(both, kv_input, rebuild):
-            k, v = self.to_kv(both).chunk(2, dim=-1)
+        k, v = rebuilt_in_backward(self.to_kv, both, kv_input, rebuild).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h r d -> b r (h d)"))

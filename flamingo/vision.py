@@ -38,12 +38,10 @@ def build_clip(cfg: VisionConfig) -> nn.Module:
             f"vision.model_name {cfg.model_name!r} is not an open_clip architecture; "
             f"choose one of open_clip.list_models() or give vision.architecture inline"
         )
-    return open_clip.create_model(
-        cfg.model_name,
-        pretrained=cfg.pretrained,
-        weights_only=True,
-        device=torch.get_default_device(),
-    )
+    # pretrained weights load with torch.load(weights_only=True): open_clip's default from
+    # 2.27 on (its create_model takes the argument only from 3.x)
+    device = torch.empty(()).device  # torch's default (a `with torch.device(...)` included)
+    return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
 
 
 def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
