@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO if engine.is_main else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    pinned = engine.device.type == "cuda"  # page-locked batches: the copies below do not block
+    pinned = engine.device.type == "cuda"  # page-locked: train_step's copies do not block
     batches = Batches.build(cfg, processor, engine.rank, engine.world_size, pin_memory=pinned)
     runlog = RunLogger(out, enabled=engine.is_main, tensorboard=cfg.tensorboard)
     run = Checkpointer(out / "checkpoints", engine, batches, runlog, cfg, model_cfg)
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     stopped_by: list[str] = []
     while run.step < cfg.steps:
+        log_now = (run.step + 1) % cfg.log_every == 0 or run.step + 1 == cfg.steps
+        if log_now:  # a logged step is timed alone: the device first finishes the earlier ones
+            engine.synchronize()
         start = time.perf_counter()
         lr = cfg.optim.lr_at(run.step, cfg.steps)
         step = batches.for_step(run.step, engine.all_reduce_sum, engine.device)
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         run.skipped_steps = run.skipped_steps + (~info.applied).long()  # a device count
         run.step += 1
         bar.update(1)
-        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+        if log_now:
+            engine.synchronize()
             seconds = time.perf_counter() - start
             metrics = step_metrics(
                 engine, cfg, step, nll_sums, samples, info, lr, seconds, run.skipped_steps

@@ -139,6 +139,11 @@ class Engine:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def synchronize(self) -> None:
+        """Wait until the device has run everything queued (steps are timed against it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
