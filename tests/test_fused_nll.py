@@ -52,31 +52,18 @@ def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, compact, mo
 
     plain = summed_nll(assembled_logits(hidden, base_weight, new_weight, new_ids, vocab), labels)
     plain_grads = torch.autograd.grad(plain, (hidden, new_weight))
-    fused = fused_summed_nll(
-        hidden,
-        labels,
-        base_weight,
-        new_weight,
-        new_ids,
-        vocab,
-        chunk_rows=chunk_rows,
-        compact=compact,
-    )
+
+    def fused_loss():
+        args = (hidden, labels, base_weight, new_weight, new_ids, vocab)
+        return fused_summed_nll(*args, chunk_rows=chunk_rows, compact=compact)
+
+    fused = fused_loss()
     fused_grads = torch.autograd.grad(fused, (hidden, new_weight))
     torch.testing.assert_close(fused, plain)
     for got, want in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want)
     with torch.no_grad():  # the loss alone, no gradients kept
-        value = fused_summed_nll(
-            hidden,
-            labels,
-            base_weight,
-            new_weight,
-            new_ids,
-            vocab,
-            chunk_rows=chunk_rows,
-            compact=compact,
-        )
+        value = fused_loss()
     assert not value.requires_grad
     torch.testing.assert_close(value, plain.detach())
 
