@@ -39,15 +39,16 @@ class _Rebuild(NamedTuple):
 
 @contextlib.contextmanager
 def recompute_in_backward(
-    tensor: torch.Tensor, recompute: Callable[[], torch.Tensor], enabled: bool = True
+    tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
 ) -> Iterator[None]:
     """Autograd does not keep ``tensor`` (or views of it) for the ops run inside the block.
 
     Their backward calls ``recompute()`` (under no_grad) to rebuild it; it must return the same
     values, contiguous, from tensors that stay alive anyway. Without grad mode, or when
-    ``enabled`` is false or ``tensor`` is not contiguous, the block runs unchanged.
+    ``tensor`` is not contiguous, the block runs unchanged. The modules switch it through
+    :func:`rebuilt_in_backward`.
     """
-    if not (enabled and torch.is_grad_enabled() and tensor.is_contiguous()):
+    if not (torch.is_grad_enabled() and tensor.is_contiguous()):
         yield
         return
     storage, dtype, base = (

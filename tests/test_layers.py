@@ -9,7 +9,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from bench.memory import allocated_bytes
-from flamingo.layers import ExecutionPolicy, FeedForward, recompute_in_backward, set_policy
+from flamingo.layers import ExecutionPolicy, FeedForward, rebuilt_in_backward, set_policy
 from flamingo.resampler import PerceiverAttention
 from flamingo.xattn import MaskedCrossAttention
 
@@ -100,8 +100,10 @@ def test_a_rebuilt_tensor_can_be_saved_as_a_view_at_an_offset():
     for enabled in (False, True):
         x.grad = w.grad = None
         t = x.tanh()
-        with recompute_in_backward(t, lambda: x.detach().tanh(), enabled):
-            y = t[2:].t() @ t[2:] @ w  # mm saves transposed views at a storage offset
+        # mm saves transposed views at a storage offset
+        y = rebuilt_in_backward(
+            lambda t: t[2:].t() @ t[2:] @ w, t, lambda: x.detach().tanh(), enabled
+        )
         y.sum().backward()
         grads.append((x.grad.clone(), w.grad.clone()))
     for a, b in zip(*grads, strict=True):

@@ -97,7 +97,6 @@ class ImagePreprocessor:
 
     def __init__(self, cfg: VisionConfig) -> None:
         self.cfg = cfg
-        self.size = cfg.image_size
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
         image = square(image, self.cfg)

@@ -180,9 +180,11 @@ class LocalEngine(Engine):
             model.compile_blocks()
         self.module = model.to(self.device)
         self.grad_clip = optim.grad_clip
-        o = optim
         self.optimizer = adamw(
-            param_groups(self.module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+            param_groups(self.module, optim.weight_decay),
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._fused = bool(self.optimizer.defaults.get("fused"))
@@ -303,11 +305,15 @@ class DeepSpeedEngine(Engine):
                 "accumulation, engine.precision); remove them from the DeepSpeed JSON"
             )
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        o = optim
         offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get(
             "device", "none"
         ) not in ("none", None)
-        adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        adam = {
+            "lr": optim.lr,
+            "betas": list(optim.betas),
+            "eps": optim.eps,
+            "weight_decay": optim.weight_decay,
+        }
         if not offload:
             # torch.optim.AdamW (no FusedAdam build), fused into one kernel per partition;
             # offload needs DeepSpeed's CPUAdam
@@ -317,7 +323,7 @@ class DeepSpeedEngine(Engine):
             "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: we feed our own batches
             "gradient_accumulation_steps": micro_batches_per_step,
             "train_batch_size": micro_batches_per_step * world,
-            "gradient_clipping": o.grad_clip,
+            "gradient_clipping": optim.grad_clip,
             "bf16": {"enabled": cfg.precision == "bf16"},
             "optimizer": {"type": "AdamW", "params": adam},
             "zero_allow_untested_optimizer": True,
