@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,17 @@ class ExecutionPolicy:
     fixed-shape chunks (targetless rows masked) instead of first gathering the rows with a
     target, whose count the host would have to read. Engines set it on accelerators; on the
     CPU a value read costs nothing, and the checks keep their full error messages."""
+
+    cross_attention: Literal["sdpa", "flex"] = "sdpa"
+    """The gated blocks' attention kernel (:mod:`flamingo.xattn`): ``sdpa`` with a float mask
+    over all N*R keys, or ``flex`` (flex_attention with a block mask: skips the key blocks a
+    token may not see; torch >= 2.5, trains on GPUs only)."""
+
+    def __post_init__(self) -> None:
+        if self.cross_attention not in ("sdpa", "flex"):
+            raise ValueError(
+                f"cross_attention must be 'sdpa' or 'flex', got {self.cross_attention!r}"
+            )
 
     def rebuilds_reading_parameters(self) -> bool:
         """Whether a rebuild may read parameters (a LayerNorm output from its input)."""

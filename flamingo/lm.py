@@ -32,7 +32,13 @@ from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.tokens import SpecialTokens
-from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, cross_attention_bias
+from flamingo.xattn import (
+    CrossAttentionMask,
+    GatedCrossAttentionBlock,
+    MediaKV,
+    cross_attention_bias,
+    cross_attention_block_mask,
+)
 
 MediaInput = torch.Tensor | list[MediaKV] | None
 """What the gated blocks attend to: media latents (B, N, R, Dv), one precomputed MediaKV per
@@ -46,8 +52,9 @@ class MediaContext:
     media: MediaInput
     media_index: torch.Tensor
     """(B, T): phi, the media item each token sees (-1: none)."""
-    bias: torch.Tensor | None
-    """The additive cross-attention mask all blocks share (None without media)."""
+    mask: CrossAttentionMask | None
+    """The cross-attention mask all blocks share (None without media): a float bias or a
+    flex_attention BlockMask, as the execution policy says."""
 
 
 @dataclass(frozen=True)
@@ -217,15 +224,16 @@ class FlamingoLM(nn.Module):
         """Make media visible to the gated blocks for the duration of one LM call."""
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
-        bias = self._cross_attention_bias(media, media_index)
-        with self._media_restored(MediaContext(media, media_index, bias)):
+        mask = self._cross_attention_mask(media, media_index)
+        with self._media_restored(MediaContext(media, media_index, mask)):
             yield
 
-    def _cross_attention_bias(
+    def _cross_attention_mask(
         self, media: MediaInput, media_index: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The additive cross-attention mask of this call, built once: every gated block sees
-        the same media, so they share it (and the backward keeps one copy, not one per block)."""
+    ) -> CrossAttentionMask | None:
+        """The cross-attention mask of this call, built once: every gated block sees the same
+        media, so they share it (and the backward keeps one copy, not one per block). A float
+        bias for SDPA, or a BlockMask for flex_attention (``policy.cross_attention``)."""
         if media is None or not len(self.gated_blocks):
             return None
         if isinstance(media, list):
@@ -233,8 +241,11 @@ class FlamingoLM(nn.Module):
         else:
             num_media, num_latents = media.shape[1:3]
         block = self.gated_blocks[0]
+        attend = block.cfg.attend
+        if self.policy.cross_attention == "flex":
+            return cross_attention_block_mask(media_index, num_media, num_latents, attend)
         dtype = block.attn.to_q.weight.dtype
-        return cross_attention_bias(media_index, num_media, num_latents, block.cfg.attend, dtype)
+        return cross_attention_bias(media_index, num_media, num_latents, attend, dtype)
 
     def _run_gated_block(
         self, block_idx: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -244,7 +255,7 @@ class FlamingoLM(nn.Module):
                 "a decoder layer with a gated cross-attention block ran outside "
                 "FlamingoLM.forward; call the Flamingo model, not its inner HF LM"
             )
-        media, media_index, bias = self._media.media, self._media.media_index, self._media.bias
+        media, media_index, mask = self._media.media, self._media.media_index, self._media.mask
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.gated_blocks[block_idx]
         dtype = block.attn.to_q.weight.dtype
@@ -253,9 +264,9 @@ class FlamingoLM(nn.Module):
         elif media is not None:
             media = media.to(dtype)
         if self.policy.checkpoint_layers and self.training:
-            out = checkpoint(block, hidden.to(dtype), media, media_index, bias, use_reentrant=False)
+            out = checkpoint(block, hidden.to(dtype), media, media_index, mask, use_reentrant=False)
         else:
-            out = block(hidden.to(dtype), media, media_index, bias)
+            out = block(hidden.to(dtype), media, media_index, mask)
         out = out.to(hidden.dtype)
         if args:
             return (out, *args[1:]), kwargs

@@ -12,12 +12,23 @@ Which media a token sees is given by the media index phi (``media_index (B, T)``
 the last ``<image>`` at or before the token, -1 when there is none. A token attends to the R
 latents of that media item only (paper), or optionally of every item up to it. Tokens with no
 media before them get exactly zero cross-attention output.
+
+**Two kernels, one mask.** Which keys a token may see is built once per LM call and shared by
+the gated blocks, in one of two forms (``ExecutionPolicy.cross_attention``): an additive float
+mask for ``scaled_dot_product_attention`` (``sdpa``: every token scores all N*R keys, and the
+float mask keeps SDPA off its flash kernel), or a ``BlockMask`` for PyTorch's
+``flex_attention`` (``flex``: blocks of keys no token of a query block may see are skipped,
+so a token computes about the R keys of its own media item). Both give the same outputs
+(tested on CPU to 1e-5 in fp32). ``flex`` needs torch >= 2.5 and, to train, a GPU: PyTorch's
+flex_attention has no CPU backward, and uncompiled it materialises the scores.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +37,16 @@ from torch import nn
 
 from flamingo.config import CrossAttentionConfig
 from flamingo.layers import DEFAULT_POLICY, FeedForward, linear_of_norm
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - torch 2.4, the floor; flex is then refused
+    BlockMask = create_block_mask = flex_attention = None
+
+CrossAttentionMask = Any
+"""What a gated block's attention is masked with: the float bias of
+:func:`cross_attention_bias` (SDPA) or the ``BlockMask`` of :func:`cross_attention_block_mask`
+(flex_attention)."""
 
 
 def media_index_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -60,6 +81,48 @@ def cross_attention_bias(
     allowed = cross_attention_mask(media_index, num_media, num_latents, attend)
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, float("-inf"))
+
+
+def cross_attention_block_mask(
+    media_index: torch.Tensor, num_media: int, num_latents: int, attend: str
+) -> BlockMask:
+    """:func:`cross_attention_mask` as a flex_attention ``BlockMask`` (B, 1, T, N*R). Rows of
+    tokens with no media allow nothing (flex_attention gives them zeros, as the caller's
+    zeroing would); blocks of keys that no query of a block may see are never computed."""
+    if create_block_mask is None:
+        raise RuntimeError(
+            f"cross_attention: flex needs torch >= 2.5 (flex_attention), this is {torch.__version__}"
+        )
+    batch, seq_len = media_index.shape
+
+    def may_attend(b, h, q, kv):
+        media = media_index[b, q]
+        key_media = kv // num_latents
+        return (key_media == media) if attend == "last" else (key_media <= media)
+
+    return create_block_mask(
+        may_attend, batch, None, seq_len, num_media * num_latents, device=media_index.device
+    )
+
+
+@cache
+def _compiled_flex_attention():
+    """flex_attention is fast only compiled (eager, it materialises the scores); compiled
+    once per process, its graphs cached by shape."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """flex_attention of ``q (B, H, T, d)`` on ``k, v (B, H, N*R, d)`` under ``block_mask``;
+    compiled on accelerators (on the CPU it runs eager: forward only, for inference and the
+    equivalence tests)."""
+    if q.device.type != "cpu":
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():  # eager on purpose: it says it materialises the scores
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
 
 
 @dataclass
@@ -110,18 +173,22 @@ class MaskedCrossAttention(nn.Module):
         media: torch.Tensor | MediaKV,
         media_index: torch.Tensor,
         attend: Literal["last", "all_previous"] = "last",
-        attn_bias: torch.Tensor | None = None,
+        attn_mask: CrossAttentionMask | None = None,
     ) -> torch.Tensor:
         """x (B, T, D), media: latents (B, N, R, Dv) or their MediaKV, media_index (B, T);
-        ``attn_bias``: :func:`cross_attention_bias` for these arguments, when already built."""
+        ``attn_mask``: the mask of these arguments when already built, a float bias
+        (:func:`cross_attention_bias`, SDPA) or a ``BlockMask`` (flex_attention)."""
         kv = media if isinstance(media, MediaKV) else self.media_kv(media)
-        if attn_bias is None:
-            attn_bias = cross_attention_bias(
+        if attn_mask is None:
+            attn_mask = cross_attention_bias(
                 media_index, kv.num_media, kv.num_latents, attend, x.dtype
             )
         q = linear_of_norm(self.to_q, self.norm, x, self.policy)
         q = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
-        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=attn_bias)
+        if isinstance(attn_mask, torch.Tensor):
+            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=attn_mask)
+        else:
+            out = flex_cross_attention(q, kv.k, kv.v, attn_mask)
         has_media = (media_index >= 0).unsqueeze(-1).to(out.dtype)
         # zeroed after the bias-free projection, not before: the same values, and the
         # projection keeps the attention's own output (its heads merge as a view) not a copy
@@ -152,12 +219,12 @@ class GatedCrossAttentionBlock(nn.Module):
         x: torch.Tensor,
         media: torch.Tensor | MediaKV | None,
         media_index: torch.Tensor,
-        attn_bias: torch.Tensor | None = None,
+        attn_mask: CrossAttentionMask | None = None,
     ) -> torch.Tensor:
         """x (B, T, D); media: latents (B, N, R, Dv), their MediaKV, or None for text only;
-        media_index (B, T); ``attn_bias``: the shared cross-attention mask, if built."""
+        media_index (B, T); ``attn_mask``: the shared cross-attention mask, if built."""
         if media is not None:
-            attn = self.attn(x, media, media_index, self.cfg.attend, attn_bias)
+            attn = self.attn(x, media, media_index, self.cfg.attend, attn_mask)
             x = x + self._gated(attn, "attn_gate")
         ff = self.ff(x)
         if not self.cfg.ff_on_imageless_tokens:

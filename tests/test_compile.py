@@ -57,7 +57,7 @@ def test_a_gated_block_compiles_whole_and_computes_the_same():
     bias = cross_attention_bias(media_index, 2, 3, "last", torch.float32)
     x, media = torch.randn(2, 6, 16), torch.randn(2, 2, 3, 12)
     torch._dynamo.reset()
-    results = eager_and_compiled(block, x, media, media_index=media_index, attn_bias=bias)
+    results = eager_and_compiled(block, x, media, media_index=media_index, attn_mask=bias)
     assert_same(results)
 
 

@@ -153,5 +153,5 @@ def test_a_given_bias_equals_the_mask_built_inside():
     attn = block().attn
     x, latents, media_index = inputs()
     bias = cross_attention_bias(media_index, N, R, "last", x.dtype)
-    assert torch.equal(attn(x, latents, media_index, attn_bias=bias), attn(x, latents, media_index))
+    assert torch.equal(attn(x, latents, media_index, attn_mask=bias), attn(x, latents, media_index))
     assert torch.equal(bias == 0, cross_attention_mask(media_index, N, R, "last"))

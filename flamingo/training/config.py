@@ -72,6 +72,11 @@ class EngineConfig(YamlConfig):
     """Compile the repeated blocks (decoder layers, gated blocks, perceiver layers, the tower's
     blocks) with ``torch.compile``, each on its own (``Flamingo.compile_blocks``); activation
     rebuilding is then left to the compiler. Not with ZeRO-3."""
+    cross_attention: Literal["sdpa", "flex"] = "sdpa"
+    """The gated blocks' attention kernel: ``sdpa`` (a float mask over every media key) or
+    ``flex`` (PyTorch's flex_attention with a block mask, compiled: skips the keys a token may
+    not see; torch >= 2.5 and a GPU, since flex_attention has no CPU backward). Both compute
+    the same attention (``flamingo/xattn.py``)."""
     deepspeed: str | None = None
     """DeepSpeed JSON with ZeRO/offload settings only (configs/deepspeed/); None trains in one
     process with plain PyTorch."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from flamingo.layers import ExecutionPolicy
 from flamingo.training.config import EngineConfig, OptimConfig
+from flamingo.xattn import flex_attention
 
 OWNED_KEYS = (
     "train_batch_size",
@@ -87,6 +88,22 @@ def allow_tf32(cfg: EngineConfig) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def cross_attention_kernel(cfg: EngineConfig, device_type: str) -> str:
+    """``engine.cross_attention``, checked against what this process can train with."""
+    if cfg.cross_attention == "flex":
+        if flex_attention is None:
+            raise ValueError(
+                f"engine.cross_attention: flex needs torch >= 2.5 (flex_attention); this is "
+                f"torch {torch.__version__}: use cross_attention: sdpa"
+            )
+        if device_type == "cpu":
+            raise ValueError(
+                "engine.cross_attention: flex trains on GPUs only (PyTorch's flex_attention has "
+                "no CPU backward): use cross_attention: sdpa on the CPU"
+            )
+    return cfg.cross_attention
 
 
 def launched_distributed() -> bool:
@@ -174,6 +191,7 @@ class LocalEngine(Engine):
             checkpoint_layers=cfg.activation_checkpointing,
             rebuild_activations=not cfg.compile,
             sync_free=self.device.type != "cpu",
+            cross_attention=cross_attention_kernel(cfg, self.device.type),
         )
         model.set_execution_policy(self.policy)
         if cfg.compile:
@@ -267,6 +285,7 @@ class DeepSpeedEngine(Engine):
             parameters_readable_in_backward=not zero3,
             every_parameter_takes_part=True,
             sync_free=deepspeed.get_accelerator().device_name() != "cpu",
+            cross_attention=cross_attention_kernel(cfg, deepspeed.get_accelerator().device_name()),
         )
         model.set_execution_policy(self.policy)
         if cfg.compile:
