@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
+from flamingo.mpt import use_sdpa_attention
 from flamingo.tokens import SpecialTokens
 from flamingo.xattn import (
     CrossAttentionMask,
@@ -108,6 +109,11 @@ def _disable_dropout(config: PretrainedConfig) -> None:
             setattr(config, key, 0.0)
 
 
+SDPA_PATCHES = {"mpt": use_sdpa_attention}
+"""LM families whose transformers code has no SDPA attention, and the function that gives them
+one on the loaded model (``attn_implementation: sdpa`` then means ours; eager stays theirs)."""
+
+
 def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load (or, with an inline architecture, randomly initialise) the HF causal LM."""
     if cfg.architecture is not None:
@@ -120,7 +126,8 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
     decoder_layout(config.model_type)  # fail before loading weights
     if cfg.disable_dropout:
         _disable_dropout(config)
-    config._attn_implementation = cfg.attn_implementation
+    patch = SDPA_PATCHES.get(config.model_type) if cfg.attn_implementation == "sdpa" else None
+    config._attn_implementation = "eager" if patch else cfg.attn_implementation
     if cfg.architecture is not None:
         model = AutoModelForCausalLM.from_config(config)
     else:
@@ -131,6 +138,8 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
         )
+    if patch:
+        patch(model)
     return model.to(dtype)
 
 

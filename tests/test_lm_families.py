@@ -72,10 +72,7 @@ def test_every_family_in_the_table_has_a_tiny_config():
 
 def family_config(model_type: str):
     cfg = tiny_config("xattn.every_n_layers=2", "xattn.first_layer=1")
-    cfg = cfg.replace({"lm.architecture": {"model_type": model_type, **TINY_LMS[model_type]}})
-    if model_type == "mpt":  # transformers' MPT has no SDPA path
-        cfg = cfg.replace({"lm.attn_implementation": "eager"})
-    return cfg
+    return cfg.replace({"lm.architecture": {"model_type": model_type, **TINY_LMS[model_type]}})
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_LMS))
@@ -136,3 +133,34 @@ def test_family_identity_at_init(model_type: str, processor):
     keep = torch.ones(ref.shape[-1], dtype=torch.bool)
     keep[[i for i in model.special_tokens.new_ids if i < ref.shape[-1]]] = False
     torch.testing.assert_close(ours[..., : ref.shape[-1]][..., keep], ref[..., keep])
+
+
+def test_mpt_attention_through_sdpa_equals_the_eager_one(processor):
+    """MPT has no SDPA path in transformers; ours (flamingo/mpt.py) gives eager's logits,
+    gradients and cached generation, with left padding, to 1e-5 in fp32."""
+    from flamingo.mpt import SdpaMptAttention
+
+    models = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        cfg = family_config("mpt").replace({"lm.attn_implementation": impl})
+        models[impl] = Flamingo.from_config(cfg).eval()
+        set_gates(models[impl])
+    attentions = {type(m.attn) for m in models["sdpa"].lm.hf.transformer.blocks}
+    assert attentions == {SdpaMptAttention}
+    enc = processor(
+        ["a much longer text that forces padding <image>hello", "<image>a red"],
+        images=[[noise_image(1)], [noise_image(2)]],
+    )
+    logits, grads = {}, {}
+    for impl, model in models.items():
+        out = model(**enc).logits
+        # the loss of real tokens only, as in training: a padding row is fully masked, and
+        # eager's masked_fill stops its gradient where an additive mask lets it through
+        (out.square().mean(-1) * enc["attention_mask"]).sum().backward()
+        logits[impl] = out.detach()
+        grads[impl] = model.lm.gated_blocks[0].attn.to_q.weight.grad
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(grads["sdpa"], grads["eager"], rtol=1e-4, atol=1e-6)
+    tokens = {impl: m.generate(**enc, max_new_tokens=5) for impl, m in models.items()}
+    assert torch.equal(tokens["sdpa"], tokens["eager"])
