@@ -33,7 +33,7 @@ from flamingo.losses import weighted_loss
 from flamingo.training.batches import Batches, StepBatches
 from flamingo.training.checkpoints import Checkpointer
 from flamingo.training.config import TrainConfig
-from flamingo.training.engine import Engine, build_engine
+from flamingo.training.engine import Engine, build_engine, construction_device
 from flamingo.training.runlog import RunLogger
 
 log = logging.getLogger("flamingo.train")
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
     seed_everything(cfg.seed)  # same model initialisation on every rank
     processor = FlamingoProcessor.from_config(model_cfg)
-    model = Flamingo.from_config(model_cfg, processor)
+    with torch.device(construction_device(cfg.engine)):
+        model = Flamingo.from_config(model_cfg, processor)
     per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
     engine = build_engine(model, cfg.engine, cfg.optim, per_step * cfg.accumulation)
     eval_cfg = eval_config(cfg, engine)

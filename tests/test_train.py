@@ -264,15 +264,56 @@ def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(shards, tmp_pa
     # Round-robin mixing: the time embeddings take part in video steps only. ZeRO-3 keeps
     # gradient buffers across steps, so a parameter left out of a step must still get a
     # (zero) gradient, or the last video step's gradient is applied again (1.4e-4 apart here).
+    # ZeRO-3 twice: its frozen weights replicated outside ZeRO (the default), and partitioned.
     weights = {}
-    for stage in ("zero2", "zero3"):
-        out = tmp_path / stage
-        args = train_args(shards, out, stage, steps=5, checkpoint_every=5, mixing="round_robin")
+    runs = {"zero2": {}, "zero3": {}, "zero3-partitioned": {"engine.frozen_weights": "partitioned"}}
+    for run, options in runs.items():
+        out = tmp_path / run
+        stage = run.split("-")[0]
+        args = train_args(
+            shards, out, stage, steps=5, checkpoint_every=5, mixing="round_robin", **options
+        )
         check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
-        weights[stage] = load_file(str(out / "model" / "model.safetensors"))
+        weights[run] = load_file(str(out / "model" / "model.safetensors"))
     for name, want in weights["zero2"].items():
-        got = weights["zero3"][name]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        for run in ("zero3", "zero3-partitioned"):
+            got = weights[run][name]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{run}: {name}")
+
+
+def probe(config: str, precision: str, *options: str) -> dict:
+    """One watched step of ``tests/deepspeed_probe.py`` in a one-rank group."""
+    cmd = [sys.executable, "-m", "tests.deepspeed_probe", f"configs/deepspeed/{config}.json"]
+    done = subprocess.run(
+        [*cmd, precision, *options],
+        cwd=ROOT,
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    check(done)
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_zero1_in_bf16_accumulates_in_fp32_and_reduces_once_per_step():
+    """configs/deepspeed/zero1.json: the step's three micro-batches accumulate their gradients
+    in fp32 and nothing is communicated until the last, which all-reduces them once, in fp32
+    (ZeRO-2 reduces after every micro-batch)."""
+    report = probe("zero1", "bf16")
+    assert report["optimizer"] == "BF16_Optimizer"  # DeepSpeed's fp32-accumulating optimiser
+    assert report["collectives"] == {"micro2 all_reduce float32": 1}
+    assert report["applied"]
+
+
+def test_zero3_partitions_the_frozen_weights_only_when_asked():
+    replicated = probe("zero3", "fp32")  # engine.frozen_weights: replicated, the default
+    partitioned = probe("zero3", "fp32", "frozen_weights=partitioned")
+    assert replicated["partitioned"]["frozen"] == 0
+    assert partitioned["partitioned"]["frozen"] == partitioned["frozen_parameters"] > 0
+    for report in (replicated, partitioned):
+        assert report["partitioned"]["trainable"] > 0
+    assert replicated["grad_norm"] == pytest.approx(partitioned["grad_norm"], rel=1e-6)
 
 
 @pytest.mark.multiprocess
@@ -527,3 +568,17 @@ def test_an_epoch_mode_dataset_can_stop_the_run_after_a_checkpoint(shards, tmp_p
         return {k: v["streams"] for k, v in state["loaders"].items() if k != "pairs"}
 
     assert loaders(out) == loaders(ended)
+
+
+def test_the_model_is_built_where_it_will_run(monkeypatch):
+    from flamingo.training.config import EngineConfig
+    from flamingo.training.engine import construction_device
+
+    assert construction_device(EngineConfig()) == torch.device("cpu")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    zero3 = str(ROOT / "configs/deepspeed/zero3.json")
+    assert construction_device(EngineConfig(deepspeed=zero3)) == torch.device("cuda", 3)
+    # a frozen LM too big to replicate is built on the CPU, and DeepSpeed partitions it
+    partitioned = EngineConfig(deepspeed=zero3, frozen_weights="partitioned")
+    assert construction_device(partitioned) == torch.device("cpu")

@@ -77,6 +77,11 @@ class EngineConfig(YamlConfig):
     ``flex`` (PyTorch's flex_attention with a block mask, compiled: skips the keys a token may
     not see; torch >= 2.5 and a GPU, since flex_attention has no CPU backward). Both compute
     the same attention (``flamingo/xattn.py``)."""
+    frozen_weights: Literal["replicated", "partitioned"] = "replicated"
+    """Under ZeRO-3: ``replicated`` keeps the frozen tower and LM whole on every rank, outside
+    ZeRO's partitioning (only the trainable modules are partitioned, so the frozen weights are
+    never gathered again in every forward and backward); ``partitioned`` partitions them too,
+    for a frozen LM too big for one device. Other stages partition no weights."""
     deepspeed: str | None = None
     """DeepSpeed JSON with ZeRO/offload settings only (configs/deepspeed/); None trains in one
     process with plain PyTorch."""

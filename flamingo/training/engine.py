@@ -106,8 +106,57 @@ def cross_attention_kernel(cfg: EngineConfig, device_type: str) -> str:
     return cfg.cross_attention
 
 
+def zero_stage_of(cfg: EngineConfig) -> int:
+    """The ZeRO stage ``engine.deepspeed`` names (0 without DeepSpeed)."""
+    if not cfg.deepspeed or not Path(cfg.deepspeed).is_file():
+        return 0
+    return json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+
+
+def construction_device(cfg: EngineConfig) -> torch.device:
+    """Where ``train.py`` builds the model: on this process's GPU when there is one (random
+    weights made there, pretrained ones loaded there; no whole copy in CPU memory per rank),
+    except when ZeRO-3 partitions the frozen weights too: then on the CPU, since the model is
+    too big for one device whole and DeepSpeed partitions it as it starts."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if zero_stage_of(cfg) == 3 and cfg.frozen_weights == "partitioned":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class TrainableParts(nn.Module):
+    """The trainable modules of a model, under their own dotted paths, for an engine that must
+    not see the frozen weights (ZeRO-3 with ``frozen_weights: replicated``): its parameters and
+    their names are exactly the model's trainable ones, and its forward runs the whole model,
+    which it holds without registering it, so the frozen weights stay ordinary tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        paths = {id(m): name for name, m in model.named_modules()}
+        for module in model.trainable_modules().values():
+            *parents, leaf = paths[id(module)].split(".")
+            owner: nn.Module = self
+            for part in parents:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.add_module(leaf, module)
+        object.__setattr__(self, "model", model)  # not a submodule: its frozen weights stay out
+        ours = {id(p) for p in self.parameters()}
+        left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
+        if left or any(not p.requires_grad for p in self.parameters()):
+            raise ValueError(
+                f"Flamingo.trainable_modules() must hold exactly the trainable parameters; "
+                f"outside them: {left[:5]}"
+            )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
 
 
 class Engine:
@@ -290,15 +339,24 @@ class DeepSpeedEngine(Engine):
         model.set_execution_policy(self.policy)
         if cfg.compile:
             model.compile_blocks()
+        wrapped = model
+        if zero3 and cfg.frozen_weights == "replicated":
+            # ZeRO-3 partitions every parameter of the module it is given: give it the
+            # trainable modules only; the frozen weights go to the device whole, once
+            wrapped = TrainableParts(model.to(deepspeed.get_accelerator().current_device_name()))
         if zero3:
-            # Parameters used outside their own module's forward must be announced to ZeRO-3.
+            # Parameters used outside their own module's forward must be announced to ZeRO-3,
+            # on a module whose forward encloses their use (with only the trainable parts
+            # wrapped, the wrapper's own forward encloses everything)
             for module, params in model.external_parameters():
+                owner = module if wrapped is model else wrapped
                 for p in params:
-                    deepspeed.zero.register_external_parameter(module, p)
+                    if p.requires_grad or wrapped is model:
+                        deepspeed.zero.register_external_parameter(owner, p)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=ds_config
+            model=wrapped, model_parameters=groups, config=ds_config
         )
-        self.module = self.engine.module
+        self.module = model
         self.device = self.engine.device
         self.zero_stage = self.engine.zero_optimization_stage()
         self.named = dict(self.module.named_parameters())
@@ -392,7 +450,7 @@ class DeepSpeedEngine(Engine):
             p = self.named[name]
             if p.requires_grad:
                 full = safe_get_full_fp32_param(p)
-            elif self.zero_stage == 3:
+            elif hasattr(p, "ds_id"):  # partitioned by ZeRO-3
                 with self._ds.zero.GatheredParameters([p]):
                     full = p.detach().clone()
             else:
