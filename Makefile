@@ -13,7 +13,7 @@ PIP_TOOLS_VERSION := 7.6.2
 # LOCK_ARGS=` keeps the current pins and only adds what pyproject.toml now asks for.
 LOCK_ARGS ?= --upgrade
 
-.PHONY: install test lint format demo bench lock test-latest test-oldest test-pins check-java clean
+.PHONY: install test lint format demo bench bench-gpu bench-gpu-wheels lock test-latest test-oldest test-pins check-java clean
 
 install: $(STAMP)
 
@@ -56,6 +56,15 @@ demo: install
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m bench
+
+# The GPU bench (bench/gpu.py, <= 8 minutes on one H200). On the GPU machine, which has no venv
+# and no network: `make bench-gpu` (or bash tools/bench_gpu.sh) with the .whl/ folder that
+# `make bench-gpu-wheels` fills here carried along (deepspeed, open_clip, webdataset, ...).
+bench-gpu:
+	bash tools/bench_gpu.sh
+
+bench-gpu-wheels: install
+	bash tools/bench_gpu_wheels.sh
 
 # Regenerate the lock from pyproject.toml's ranges (pip-tools, in its own throwaway env), held
 # back only where requirements/hold.txt says why. Then run the suite on it: make test.

@@ -102,7 +102,11 @@ def step_shape(cfg, batch: int, seq_len: int, images: int, frames: int = 1) -> S
         lm = AutoConfig.for_model(arch.pop("model_type"), **arch)
     else:
         lm = AutoConfig.from_pretrained(cfg.lm.name_or_path, revision=cfg.lm.revision)
-    ffn = getattr(lm, "ffn_dim", None) or lm.intermediate_size
+    ffn = (
+        getattr(lm, "ffn_dim", None)
+        or getattr(lm, "intermediate_size", None)
+        or lm.expansion_ratio * lm.hidden_size  # MPT
+    )
     heads = lm.num_attention_heads
     head_dim = getattr(lm, "head_dim", None) or lm.hidden_size // heads
     kv_heads = getattr(lm, "num_key_value_heads", None) or heads

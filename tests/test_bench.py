@@ -212,3 +212,47 @@ def test_the_hand_count_counts_attention_whichever_kernel_runs():
         with sdpa_kernel(backend), MatmulFlops() as count:
             torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
         assert count.total == expected, (backend, count.ops)
+
+
+# -- the GPU bench (bench/gpu.py): its smoke mode, every section tiny on the CPU -----------------
+
+
+def test_the_gpu_bench_runs_every_section_in_smoke_mode(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "bench.gpu", "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert list(sections) == [
+        *("env", "kernels", "step_1b", "step_9b", "generation", "vs_openflamingo"),
+    ]
+    for section, results in sections.items():
+        for name, result in results.items():
+            assert not {"error", "skipped"} & set(result), (section, name, result)
+    assert set(sections["step_1b"]) == {
+        *("zero1_bf16", "zero2_bf16", "zero2_bf16_checkpointing", "torch_bf16"),
+    }
+    for step in (*sections["step_1b"].values(), *sections["step_9b"].values()):
+        for key in ("step_s_median", "step_s_min", "peak_mib", "syncs_per_step"):
+            assert key in step
+        assert step["mfu_measured"] > 0 and step["mfu_6nt_measured"] > 0
+        kernels = step["attention_kernels"]
+        assert any(site.startswith("flamingo/xattn.py") for site in kernels), kernels
+    kernels = sections["kernels"]
+    assert kernels["cross_attention"]["max_abs_diff_out"] < 1e-5  # flex == SDPA
+    assert kernels["mpt_attention"]["max_abs_diff"] < 1e-5  # ours == eager
+    assert {"fused_chunk_16", "fused_chunk_default", "unfused"} <= set(kernels["fused_loss"])
+    assert sections["generation"]["1b"]["beams_3"]["new_tokens_per_s"] > 0
+
+
+def test_the_gpu_bench_records_failures_and_what_the_budget_left_out(tmp_path):
+    from bench.gpu import Bench
+
+    bench = Bench(tmp_path / "gpu.json", budget_s=30, smoke=False, device="cpu")
+    bench.measure("kernels", "works", lambda: {"ms": 1.0})
+    bench.measure("kernels", "fails", lambda: 1 / 0)
+    bench.measure("step_9b", "too_long", lambda: {"ms": 2.0})  # needs ~75 s of the 30
+    saved = json.loads((tmp_path / "gpu.json").read_text())["sections"]  # rewritten each time
+    assert saved["kernels"]["works"]["ms"] == 1.0
+    assert "ZeroDivisionError" in saved["kernels"]["fails"]["error"]
+    assert saved["step_9b"]["too_long"]["skipped"].startswith("budget")

@@ -9,22 +9,20 @@ boolean mask). On an accelerator each of these stalls the host until the device 
 
 from __future__ import annotations
 
-import traceback
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
+from bench.dispatch import SyncCounter
 from flamingo.losses import count_targets, make_labels
 from flamingo.training.batches import StepBatches
 from flamingo.training.config import EngineConfig, OptimConfig, TrainConfig
 from flamingo.training.engine import LocalEngine
 from tests.conftest import ROOT, build, noise_image
 
-VALUE_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "item"}
 ALLOWED = {
     "transformers/masking_utils.py": "transformers' causal-mask builder reads whether the padding "
     "mask is all ones, to call the attention kernel with is_causal and no mask (upstream code "
@@ -32,31 +30,8 @@ ALLOWED = {
 }
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the value-reading ops by the innermost project or transformers frame."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: Counter[tuple[str, str]] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        boolean_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
-        )
-        if name in VALUE_OPS or boolean_index:
-            self.found[(name, self.caller())] += 1
-        return func(*args, **(kwargs or {}))
-
-    @staticmethod
-    def caller() -> str:
-        for frame in reversed(traceback.extract_stack()):
-            path = frame.filename
-            if "transformers/" in path:
-                return "transformers/" + path.split("transformers/", 1)[1]
-            if str(ROOT) in path and "/.venv/" not in path and "test_syncs" not in path:
-                return f"{path.removeprefix(str(ROOT) + '/')}:{frame.lineno}"
-        return "torch (autograd or optimiser)"
+def counter() -> SyncCounter:
+    return SyncCounter(skip=("test_syncs",))
 
 
 def step_batches(processor, special) -> StepBatches:
@@ -83,10 +58,10 @@ def counted_step(sync_free: bool) -> Counter:
     model.set_execution_policy(replace(engine.policy, sync_free=sync_free))
     step = step_batches(FlamingoProcessor.from_config(model.cfg), model.special_tokens)
     train.train_step(engine, step, cfg, 1e-3)  # warm-up: the optimiser state is created
-    with SyncCounter() as counter:
+    with counter() as found:
         _, _, info = train.train_step(engine, step, cfg, 1e-3)
     assert bool(info.applied)
-    return counter.found
+    return found.found
 
 
 def test_a_sync_free_training_step_never_reads_a_device_value():
