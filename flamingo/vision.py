@@ -83,12 +83,24 @@ def mean_colour(cfg: VisionConfig) -> tuple[int, int, int]:
     return tuple(round(255 * m) for m in cfg.image_mean)
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> its pixels, uint8 (3, H, W): what the training loader ships (a quarter
+    of float32's bytes through the loader and the host-to-device copy)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(
+        2, 0, 1
+    )
+
+
+def normalise(pixels: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> the tower's float32 input: ``(x / 255 - mean) / std``."""
+    mean = torch.tensor(cfg.image_mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(cfg.image_std, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
 def to_tensor(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
     """RGB PIL image -> normalised float (3, H, W)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-    mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
-    std = torch.tensor(cfg.image_std).view(3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+    return normalise(to_uint8(image), cfg)
 
 
 def image_transform(cfg: VisionConfig):
@@ -114,8 +126,21 @@ class VisionEncoder(nn.Module):
                 f"vision.image_size={cfg.image_size} but {cfg.model_name!r} expects {tuple(size)}"
             )
         self.visual = visual.requires_grad_(False).eval()
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.width = visual.transformer.width
         self.num_tokens = visual.grid_size[0] * visual.grid_size[1]
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:func:`normalise` with the mean and std made once per device (not buffers: the
+        frozen dtype would round them), so a step copies nothing to the device for them."""
+        stats = self._stats.get(pixels.device)
+        if stats is None:
+            stats = self._stats[pixels.device] = tuple(
+                torch.tensor(v, device=pixels.device).view(3, 1, 1)
+                for v in (self.cfg.image_mean, self.cfg.image_std)
+            )
+        mean, std = stats
+        return (pixels.float() / 255.0 - mean) / std
 
     def block_class(self) -> type[nn.Module]:
         """The class of the tower's transformer blocks (compiled one by one)."""
@@ -135,7 +160,10 @@ class VisionEncoder(nn.Module):
             )
         b, n, f = pixel_values.shape[:3]
         v = self.visual
-        x = rearrange(pixel_values, "b n f c h w -> (b n f) c h w").to(v.conv1.weight.dtype)
+        x = rearrange(pixel_values, "b n f c h w -> (b n f) c h w")
+        if x.dtype == torch.uint8:  # the training loader's: normalised here, on the device
+            x = self._normalise(x)
+        x = x.to(v.conv1.weight.dtype)
         x = rearrange(v.conv1(x), "m d gh gw -> m (gh gw) d")
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)

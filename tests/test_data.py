@@ -53,7 +53,10 @@ def loader(processor, kind, shards, seed=0, num_workers=0, **kw) -> FlamingoLoad
 
 
 def pixel_colour(pixels: torch.Tensor, processor) -> tuple[int, int, int]:
-    """Colour at the centre of a normalised (C, H, W) image."""
+    """Colour at the centre of a (C, H, W) image: uint8 (the loader's) or normalised."""
+    if pixels.dtype == torch.uint8:
+        h, w = pixels.shape[1:]
+        return tuple(int(v) for v in pixels[:, h // 2, w // 2])
     mean = torch.tensor(processor.vision_cfg.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.vision_cfg.image_std).view(3, 1, 1)
     rgb = ((pixels * std + mean) * 255).round()
@@ -408,14 +411,15 @@ def test_atomic_and_resumable_writing(tmp_path):
 @pytest.mark.parametrize("resize", ["pad", "crop"])
 def test_training_and_inference_resize_images_alike(processor, resize):
     from flamingo.data.images import ImagePreprocessor
-    from flamingo.vision import image_transform
+    from flamingo.vision import image_transform, normalise
 
     cfg = processor.vision_cfg.replace(resize=resize)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).resize((100, 60))
     train = ImagePreprocessor(cfg)(image)
-    assert train.shape == (3, 32, 32)
-    assert torch.equal(train, image_transform(cfg)(image))  # one resize, not two
+    assert train.shape == (3, 32, 32) and train.dtype == torch.uint8
+    # one resize, not two; the tower normalises the loader's uint8 to the inference values
+    assert torch.equal(normalise(train, cfg), image_transform(cfg)(image))
 
 
 @pytest.mark.parametrize("size", [(100, 60), (61, 97), (33, 32), (32, 32), (45, 45), (7, 300)])
@@ -455,3 +459,21 @@ def test_a_pinned_loader_asks_the_data_loader_for_page_locked_batches(
     pinned = list(FlamingoLoader.from_processor(cfg, processor, num_workers=0, pin_memory=True))
     assert asked == [False, True]
     assert [b["keys"] for b in plain] == [b["keys"] for b in pinned]
+
+
+def test_the_loader_ships_uint8_pixels_the_tower_normalises_to_the_same_logits(tmp_path, processor):
+    from flamingo.vision import normalise
+    from tests.conftest import build, noise_image, set_gates
+
+    pictures = [encode(noise_image(i, size=(40, 30))) for i in range(2)]
+    samples = [encode_pair(f"s{i}", pictures[i], "png", f"a shape number {i}") for i in range(2)]
+    batch = next(iter(loader(processor, "pairs", write(tmp_path, samples, "u8"), batch_size=2)))
+    pixels = batch["pixel_values"]
+    assert pixels.dtype == torch.uint8  # a quarter of float32's bytes to pin and copy
+    model = build()
+    set_gates(model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        on_device = model(ids, mask, pixel_values=pixels).logits
+        normalised_first = model(ids, mask, pixel_values=normalise(pixels, model.cfg.vision))
+    assert torch.equal(on_device, normalised_first.logits)

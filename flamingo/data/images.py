@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from flamingo.config import VisionConfig
 from flamingo.data.schema import SkipSample
-from flamingo.vision import square, to_tensor
+from flamingo.vision import square, to_uint8
 
 EXIF_ORIENTATION = 0x0112
 
@@ -92,8 +92,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImagePreprocessor:
-    """PIL RGB image -> normalised (3, size, size) tensor, resized like the inference
-    transform (``vision.resize``: pad or crop), with an optional horizontal flip."""
+    """PIL RGB image -> uint8 (3, size, size) pixels, resized like the inference transform
+    (``vision.resize``: pad or crop), with an optional horizontal flip. Normalised on the
+    device by the vision tower (``flamingo.vision.normalise``: the inference transform's
+    values)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         self.cfg = cfg
@@ -102,4 +104,4 @@ class ImagePreprocessor:
         image = square(image, self.cfg)
         if flip:
             image = ImageOps.mirror(image)
-        return to_tensor(image, self.cfg)
+        return to_uint8(image)

@@ -176,13 +176,14 @@ def strip_markers(text: str, markers: tuple[str, ...] = (IMAGE, END_OF_CHUNK)) -
 def collate(
     samples: list[tuple[str, list[int], torch.Tensor]], pad_id: int, name: str
 ) -> dict[str, Any]:
-    """Right-padded ids and mask (B, T); zero-filled pixel_values (B, N, F, C, H, W)."""
+    """Right-padded ids and mask (B, T); zero-filled uint8 pixel_values (B, N, F, C, H, W)
+    (slots past a sample's images are never attended)."""
     width = max(len(ids) for _, ids, _ in samples)
     num_media = max(p.shape[0] for _, _, p in samples)
     frames, c, h, w = samples[0][2].shape[1:]
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    pixels = torch.zeros((len(samples), num_media, frames, c, h, w))
+    pixels = torch.zeros((len(samples), num_media, frames, c, h, w), dtype=samples[0][2].dtype)
     for b, (_, ids, pix) in enumerate(samples):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
