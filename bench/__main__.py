@@ -26,6 +26,7 @@ CPU = {
         *("--device", "cpu"),
     ],
     "scaling": ["bench.scaling"],
+    "activations": ["bench.activations"],
     "generation-tiny": ["bench.generation", "--device", "cpu"],
     "generation-small": [
         *("bench.generation", "--config", "small", "--batch", "2", "--new", "5"),

@@ -81,6 +81,10 @@ class ExecutionPolicy:
     checkpoint_layers: bool = False
     """Activation checkpointing: decoder layers and gated blocks are recomputed whole in the
     backward (the checkpointed modules then rebuild nothing themselves)."""
+    checkpoint_gated_blocks: bool = False
+    """Recompute the gated blocks alone in the backward, the frozen LM's layers keeping their
+    activations: the larger share of the activation memory per token (README, "When to
+    checkpoint activations") for a recompute of the trainable blocks only."""
     rebuild_activations: bool = True
     """Rebuild cheap activations (LayerNorm and GELU outputs) in the backward instead of keeping
     them (module docstring)."""
@@ -115,6 +119,9 @@ class ExecutionPolicy:
             raise ValueError(
                 f"cross_attention must be 'sdpa' or 'flex', got {self.cross_attention!r}"
             )
+
+    def checkpoints_gated_blocks(self) -> bool:
+        return self.checkpoint_layers or self.checkpoint_gated_blocks
 
     def rebuilds_reading_parameters(self) -> bool:
         """Whether a rebuild may read parameters (a LayerNorm output from its input)."""

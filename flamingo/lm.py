@@ -272,7 +272,7 @@ class FlamingoLM(nn.Module):
             media = media[block_idx]
         elif media is not None:
             media = media.to(dtype)
-        if self.policy.checkpoint_layers and self.training:
+        if self.policy.checkpoints_gated_blocks() and self.training:
             out = checkpoint(block, hidden.to(dtype), media, media_index, mask, use_reentrant=False)
         else:
             out = block(hidden.to(dtype), media, media_index, mask)
@@ -364,10 +364,11 @@ class FlamingoLM(nn.Module):
 
     def set_execution_policy(self, policy: ExecutionPolicy) -> None:
         """Take the engine's policy: with ``checkpoint_layers``, decoder layers (HF's mechanism)
-        and gated blocks are recomputed in the backward, and the blocks rebuild nothing
-        themselves (checkpointing manages their saved tensors)."""
+        and gated blocks are recomputed in the backward, with ``checkpoint_gated_blocks`` the
+        gated blocks only; checkpointed blocks rebuild nothing themselves (checkpointing
+        manages their saved tensors)."""
         set_policy(self, policy)
-        if policy.checkpoint_layers:
+        if policy.checkpoints_gated_blocks():
             set_policy(self.gated_blocks, replace(policy, rebuild_activations=False))
         enabled = policy.checkpoint_layers
         # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has the old names.

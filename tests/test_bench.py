@@ -231,6 +231,7 @@ def test_the_gpu_bench_runs_every_section_in_smoke_mode(tmp_path):
             assert not {"error", "skipped"} & set(result), (section, name, result)
     assert set(sections["step_1b"]) == {
         *("zero1_bf16", "zero2_bf16", "zero2_bf16_checkpointing", "torch_bf16"),
+        "zero2_bf16_checkpoint_gated_blocks",
     }
     for step in (*sections["step_1b"].values(), *sections["step_9b"].values()):
         for key in ("step_s_median", "step_s_min", "peak_mib", "syncs_per_step"):

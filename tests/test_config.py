@@ -162,3 +162,19 @@ def test_the_engine_owns_precision():
     assert stored.replace(EngineConfig(precision="fp32").model_changes()) == stored
     with pytest.raises(ValueError, match=r"precision.*; precision is now engine.precision"):
         TrainConfig.from_yaml(ROOT / "configs/train/tiny.yaml", ["precision=bf16"])
+
+
+def test_activation_checkpointing_takes_a_flag_or_gated_blocks():
+    path = ROOT / "configs/train/tiny.yaml"
+    for value, want in (("true", True), ("false", False), ("gated_blocks", "gated_blocks")):
+        overrides = [f"engine.activation_checkpointing={value}"]
+        assert TrainConfig.from_yaml(path, overrides).engine.activation_checkpointing == want
+    with pytest.raises(ValueError, match="engine.activation_checkpointing"):
+        TrainConfig.from_yaml(path, ["engine.activation_checkpointing=layers"])
+    from flamingo.training.config import EngineConfig, OptimConfig
+    from flamingo.training.engine import LocalEngine
+    from tests.conftest import build
+
+    for value, want in ((True, (True, False)), ("gated_blocks", (False, True))):
+        engine = LocalEngine(build(), EngineConfig(activation_checkpointing=value), OptimConfig())
+        assert (engine.policy.checkpoint_layers, engine.policy.checkpoint_gated_blocks) == want

@@ -185,17 +185,38 @@ def test_bfloat16_frozen_parts_keep_trainable_parts_float32(processor):
     assert len(grads) > 10 and all(g.dtype == torch.float32 for g in grads)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(processor):
+CHECKPOINTING = {
+    "none": ExecutionPolicy(),
+    "gated_blocks": ExecutionPolicy(checkpoint_gated_blocks=True),
+    "all": ExecutionPolicy(checkpoint_layers=True),
+}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(processor):
     enc = batch(processor)
-    grads = []
-    for flag in (False, True):
+    grads, kept = {}, {}
+    for name, policy in CHECKPOINTING.items():
         model = build().train()
-        model.set_execution_policy(ExecutionPolicy(checkpoint_layers=flag))
+        model.set_execution_policy(policy)
         set_gates(model)
-        model(**enc).logits.pow(2).mean().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t, saved=saved, weights=weights):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**enc).logits.pow(2).mean()
+        loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        kept[name] = sum(saved.values())
+    for policy in ("gated_blocks", "all"):
+        for name in grads["none"]:
+            torch.testing.assert_close(grads[policy][name], grads["none"][name], msg=name)
+    # what autograd keeps for the backward: each option keeps less than the one before
+    assert kept["all"] < kept["gated_blocks"] < kept["none"], kept
 
 
 def test_new_tokens_are_predicted_from_their_own_rows(model, processor):

@@ -66,8 +66,11 @@ class EngineConfig(YamlConfig):
     """On CUDA, let the float32 matrix products that remain use TF32 tensor cores (PyTorch's
     ``allow_tf32`` switches; fp32 range, 10-bit mantissa, several times the fp32 rate on
     Ampere and later); false keeps them in full fp32."""
-    activation_checkpointing: bool = False
-    """Recompute the decoder layers and gated blocks in the backward pass to save memory."""
+    activation_checkpointing: bool | Literal["gated_blocks"] = False
+    """Recompute activations in the backward pass to save memory: ``true`` the decoder layers
+    and gated blocks (the frozen LM's forward runs twice), ``gated_blocks`` the gated blocks
+    only (most of the memory per token for a fraction of the recompute); README, "When to
+    checkpoint activations"."""
     compile: bool = False
     """Compile the repeated blocks (decoder layers, gated blocks, perceiver layers, the tower's
     blocks) with ``torch.compile``, each on its own (``Flamingo.compile_blocks``); activation

@@ -237,7 +237,8 @@ class LocalEngine(Engine):
         self.autocast = cfg.precision == "bf16"
         allow_tf32(cfg)
         self.policy = ExecutionPolicy(
-            checkpoint_layers=cfg.activation_checkpointing,
+            checkpoint_layers=cfg.activation_checkpointing is True,
+            checkpoint_gated_blocks=cfg.activation_checkpointing == "gated_blocks",
             rebuild_activations=not cfg.compile,
             sync_free=self.device.type != "cpu",
             cross_attention=cross_attention_kernel(cfg, self.device.type),
@@ -329,7 +330,8 @@ class DeepSpeedEngine(Engine):
                 "the compiled blocks); use ZeRO-1/2, or compile: false"
             )
         self.policy = ExecutionPolicy(
-            checkpoint_layers=cfg.activation_checkpointing,
+            checkpoint_layers=cfg.activation_checkpointing is True,
+            checkpoint_gated_blocks=cfg.activation_checkpointing == "gated_blocks",
             rebuild_activations=not cfg.compile,
             parameters_readable_in_backward=not zero3,
             every_parameter_takes_part=True,
