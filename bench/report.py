@@ -132,6 +132,47 @@ def scaling_table(records: list[dict]) -> list[str]:
     return table(header + ["ours peak MiB", "OpenFlamingo peak MiB", "peak memory"], rows)
 
 
+def gpu_tables(record: dict) -> list[str]:
+    """The GPU bench's training steps (time, MFU, memory, syncs) and kernel comparisons."""
+    sections = record["sections"]
+    env = sections.get("env", {}).get("environment", {})
+    gemm = sections.get("env", {}).get("gemm", {}).get("tflops")
+    out = [f"{env.get('machine', '?')}, torch {env.get('versions', {}).get('torch', '?')}; "
+           f"measured bf16 GEMM {gemm or float('nan'):.0f} TFLOP/s, datasheet "
+           f"{env.get('datasheet_bf16_tflops') or float('nan'):.0f}.", ""]  # fmt: skip
+    rows = []
+    for section in ("step_1b", "step_9b"):
+        for name, r in sections.get(section, {}).items():
+            if "step_s_min" not in r:
+                rows.append([section, name, r.get("error", r.get("skipped", ""))[:60], *[""] * 5])
+                continue
+            mfu = r.get("mfu_datasheet")
+            rows.append(
+                [
+                    section,
+                    name,
+                    f"{r['step_s_median']:.3f} / {r['step_s_min']:.3f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    "" if mfu is None else f"{mfu:.1%} / {r.get('mfu_6nt_datasheet', 0):.1%}",
+                    "" if r.get("peak_mib") is None else f"{r['peak_mib'] / 1024:.1f}",
+                    str(r.get("syncs_per_step", "")),
+                    str(r.get("seq_len", "")),
+                ]
+            )
+    header = ["section", "run", "step s (median / min)", "tokens/s", "MFU (step / 6NT)"]
+    out += table(header + ["peak GiB", "syncs", "tokens"], rows)
+    kernels = sections.get("kernels", {})
+    ratios = [
+        ("cross-attention flex / SDPA time", kernels.get("cross_attention", {}), "flex_over_sdpa_time"),
+        ("MPT SDPA / eager time", kernels.get("mpt_attention", {}), "sdpa_over_eager_time"),
+    ]  # fmt: skip
+    out.append("")
+    for label, result, key in ratios:
+        if key in result:
+            out.append(f"- {label}: {result[key]:.2f}")
+    return out
+
+
 def report(results: Path) -> str:
     steps = load(results.glob("train_step-*.json"))
     out = [
@@ -157,6 +198,20 @@ def report(results: Path) -> str:
     generation = load(results.glob("generation-*.json"))
     if generation:
         out += ["", "## Generation (4-shot captioning prompt)", "", *generation_table(generation)]
+    for record in load(results.glob("gpu-*.json")):
+        if not record.get("smoke"):
+            out += ["", f"## GPU bench (`{record['file']}`)", "", *gpu_tables(record)]
+    activations = load(results.glob("activations-*.json"))
+    if activations:
+        out += ["", "## Activation memory (kept for the backward, bf16)", ""]
+        for r in activations:
+            kept = ", ".join(f"{k} {v:.0f} MiB" for k, v in r["saved_mib"].items())
+            out.append(
+                f"- {r['config']}, batch {r['batch']} x {r['seq_len']} tokens: checkpointing "
+                f"{kept}; per token {r['bytes_per_token_lm_layer_over_d']:.1f} d bytes an LM "
+                f"layer, {r['bytes_per_token_gated_block_over_d']:.1f} d a gated block "
+                f"(`{r['file']}`)"
+            )
     loader = results / "data_throughput.json"
     if loader.is_file():
         rows = json.loads(loader.read_text())

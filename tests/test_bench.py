@@ -244,6 +244,14 @@ def test_the_gpu_bench_runs_every_section_in_smoke_mode(tmp_path):
     assert kernels["mpt_attention"]["max_abs_diff"] < 1e-5  # ours == eager
     assert {"fused_chunk_16", "fused_chunk_default", "unfused"} <= set(kernels["fused_loss"])
     assert sections["generation"]["1b"]["beams_3"]["new_tokens_per_s"] > 0
+    # the report tabulates a (non-smoke) GPU record
+    from bench.report import report
+
+    record = json.loads(out.read_text()) | {"smoke": False}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "gpu-test.json").write_text(json.dumps(record))
+    page = report(tmp_path / "results")
+    assert "## GPU bench (`gpu-test.json`)" in page and "| step_9b | torch_bf16_16_tokens |" in page
 
 
 def test_the_gpu_bench_records_failures_and_what_the_budget_left_out(tmp_path):
