@@ -240,7 +240,10 @@ def test_the_gpu_bench_runs_every_section_in_smoke_mode(tmp_path):
         kernels = step["attention_kernels"]
         assert any(site.startswith("flamingo/xattn.py") for site in kernels), kernels
     kernels = sections["kernels"]
-    assert kernels["cross_attention"]["max_abs_diff_out"] < 1e-5  # flex == SDPA
+    from flamingo.xattn import flex_attention
+
+    if flex_attention is not None:  # torch >= 2.5
+        assert kernels["cross_attention"]["max_abs_diff_out"] < 1e-5  # flex == SDPA
     assert kernels["mpt_attention"]["max_abs_diff"] < 1e-5  # ours == eager
     assert {"fused_chunk_16", "fused_chunk_default", "unfused"} <= set(kernels["fused_loss"])
     assert sections["generation"]["1b"]["beams_3"]["new_tokens_per_s"] > 0
