@@ -16,8 +16,8 @@ run goes on; one that would not fit in what is left of ``--budget`` is recorded 
   ZeRO-1 (fp32 accumulation) in bf16, with activation checkpointing off, on, and on the gated
   blocks only, and the plain-PyTorch engine in bf16 autocast with each cross-attention kernel
   and, at the very end (compiling takes longest), with ``engine.compile``.
-- ``step_9b``: an OpenFlamingo-9B-shaped model (MPT-7B's shape, gated blocks every 4th layer)
-  at 256 and 1024 tokens, plain-PyTorch engine, bf16.
+- ``step_9b``: the OpenFlamingo-9B-shaped model (``configs/bench/9b.yaml``: MPT-7B's shape,
+  gated blocks every 4th layer) at 256 and 1024 tokens, plain-PyTorch engine, bf16.
 - ``generation``: greedy and 3-beam generation on the ~1B model, bf16.
 - ``vs_openflamingo``: ours against OpenFlamingo's package on the small model, fp32, as
   ``bench.train_step`` compares them.
@@ -53,15 +53,6 @@ from bench.flops import conventional_flops, peak_tflops, train_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MPT_7B = dict(
-    model_type="mpt",
-    d_model=4096,
-    n_heads=32,
-    n_layers=32,
-    expansion_ratio=4,
-    max_seq_len=2048,
-    vocab_size=50432,
-)
 TINY_MPT = dict(
     model_type="mpt", d_model=32, n_heads=2, n_layers=2, expansion_ratio=2, max_seq_len=128,
     vocab_size=896,
@@ -71,9 +62,9 @@ FULL = {
     "gemm": 8192,
     "xattn": dict(batch=8, seq=512, media=5, latents=64, dim=2048, dim_media=1024, heads=8),
     "loss": dict(rows=4096, hidden=2048, vocab=50272, chunks=(1024, 4096, None)),
-    "mpt": dict(batch=2, seq=2048, layers=4, arch=MPT_7B),
+    "mpt": dict(batch=2, seq=2048, layers=4, config="9b"),
     "step_1b": dict(config="1b", batch=8, seq_len=512, images=5, steps=6),
-    "step_9b": dict(config="1b", arch=MPT_7B, batch=4, seq_lens=(256, 1024), images=5, steps=4),
+    "step_9b": dict(config="9b", arch=None, batch=4, seq_lens=(256, 1024), images=5, steps=4),
     "generation": dict(config="1b", batch=8, prompt=128, new=32, images=2),
     "vs_openflamingo": dict(config="small", batch=8, seq_len=256, images=5, steps=5),
 }
@@ -81,7 +72,7 @@ SMOKE = {
     "gemm": 256,
     "xattn": dict(batch=2, seq=24, media=3, latents=4, dim=32, dim_media=16, heads=2),
     "loss": dict(rows=64, hidden=16, vocab=300, chunks=(16, None)),
-    "mpt": dict(batch=2, seq=16, layers=2, arch=TINY_MPT),
+    "mpt": dict(batch=2, seq=16, layers=2, config="tiny", arch=TINY_MPT),
     "step_1b": dict(config="tiny", batch=2, seq_len=32, images=2, steps=1),
     "step_9b": dict(config="tiny", arch=TINY_MPT, batch=2, seq_lens=(16,), images=2, steps=1),
     "generation": dict(config="tiny", batch=2, prompt=16, new=3, images=1),
@@ -217,7 +208,6 @@ def environment(device: str) -> dict:
 
 def xattn_kernels(sizes: dict, device: str, smoke: bool) -> dict:
     """The gated cross-attention, float mask (SDPA) vs block mask (flex_attention)."""
-    from flamingo.config import CrossAttentionConfig
     from flamingo.xattn import (
         MaskedCrossAttention,
         cross_attention_bias,
@@ -227,10 +217,10 @@ def xattn_kernels(sizes: dict, device: str, smoke: bool) -> dict:
 
     s = sizes
     torch.manual_seed(0)
-    cfg = CrossAttentionConfig(heads=s["heads"], dim_head=64 if not smoke else 8)
+    dim_head = 8 if smoke else 64
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
-        attn = MaskedCrossAttention(s["dim"], s["dim_media"], cfg.heads, cfg.dim_head).to(dtype)
+        attn = MaskedCrossAttention(s["dim"], s["dim_media"], s["heads"], dim_head).to(dtype)
         x = torch.randn(s["batch"], s["seq"], s["dim"], dtype=dtype)
         latents = torch.randn(s["batch"], s["media"], s["latents"], s["dim_media"], dtype=dtype)
         per_media = s["seq"] // s["media"]
@@ -311,7 +301,7 @@ def mpt_kernels(sizes: dict, device: str, smoke: bool) -> dict:
     from flamingo.mpt import use_sdpa_attention
 
     s = sizes
-    arch = dict(s["arch"], n_layers=s["layers"])
+    arch = dict(model_config(s["config"], s.get("arch")).lm.architecture, n_layers=s["layers"])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     out: dict[str, Any] = {"shape": {**s, "arch": arch}, "dtype": str(dtype)}
     results = {}
@@ -359,10 +349,8 @@ def model_config(name: str, arch: dict | None = None):
     from bench.train_step import bench_config
 
     cfg = bench_config(name)
-    if arch is not None:  # another LM in the same model: the 9B class
+    if arch is not None:  # the smoke's stand-in for configs/bench/9b.yaml: a tiny MPT
         cfg = cfg.replace({"lm.architecture": dict(arch), "lm.attn_implementation": "sdpa"})
-        if arch["d_model"] > 1024:
-            cfg = cfg.replace({"xattn.every_n_layers": 4, "xattn.first_layer": 3})
     return cfg
 
 

@@ -14,6 +14,8 @@ Shapes: ``pixel_values (B, N, F, C, H, W) -> vision_tokens (B, N, F, V, Dv)``.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import open_clip
 import torch
@@ -91,10 +93,18 @@ def to_uint8(image: Image.Image) -> torch.Tensor:
     )
 
 
+@cache
+def _mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std as (3, 1, 1) float32 tensors, made once per device (a
+    training step copies nothing to the device for them)."""
+    return tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (mean, std))
+
+
 def normalise(pixels: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) -> the tower's float32 input: ``(x / 255 - mean) / std``."""
-    mean = torch.tensor(cfg.image_mean, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(cfg.image_std, device=pixels.device).view(3, 1, 1)
+    mean, std = _mean_std(tuple(cfg.image_mean), tuple(cfg.image_std), pixels.device)
     return (pixels.float() / 255.0 - mean) / std
 
 
@@ -126,21 +136,8 @@ class VisionEncoder(nn.Module):
                 f"vision.image_size={cfg.image_size} but {cfg.model_name!r} expects {tuple(size)}"
             )
         self.visual = visual.requires_grad_(False).eval()
-        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.width = visual.transformer.width
         self.num_tokens = visual.grid_size[0] * visual.grid_size[1]
-
-    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """:func:`normalise` with the mean and std made once per device (not buffers: the
-        frozen dtype would round them), so a step copies nothing to the device for them."""
-        stats = self._stats.get(pixels.device)
-        if stats is None:
-            stats = self._stats[pixels.device] = tuple(
-                torch.tensor(v, device=pixels.device).view(3, 1, 1)
-                for v in (self.cfg.image_mean, self.cfg.image_std)
-            )
-        mean, std = stats
-        return (pixels.float() / 255.0 - mean) / std
 
     def block_class(self) -> type[nn.Module]:
         """The class of the tower's transformer blocks (compiled one by one)."""
@@ -162,7 +159,7 @@ class VisionEncoder(nn.Module):
         v = self.visual
         x = rearrange(pixel_values, "b n f c h w -> (b n f) c h w")
         if x.dtype == torch.uint8:  # the training loader's: normalised here, on the device
-            x = self._normalise(x)
+            x = normalise(x, self.cfg)
         x = x.to(v.conv1.weight.dtype)
         x = rearrange(v.conv1(x), "m d gh gw -> m (gh gw) d")
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)

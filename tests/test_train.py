@@ -582,3 +582,19 @@ def test_the_model_is_built_where_it_will_run(monkeypatch):
     # a frozen LM too big to replicate is built on the CPU, and DeepSpeed partitions it
     partitioned = EngineConfig(deepspeed=zero3, frozen_weights="partitioned")
     assert construction_device(partitioned) == torch.device("cpu")
+
+
+def test_the_trainable_parts_are_exactly_the_models_trainable_parameters():
+    """What ZeRO-3 is handed with replicated frozen weights: the trainable parameters under the
+    model's own names, none frozen; a trainable parameter outside trainable_modules() is an
+    error, not a weight ZeRO never sees."""
+    from flamingo.training.engine import TrainableParts
+
+    model = build()
+    parts = TrainableParts(model)
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, _ in parts.named_parameters()} == want
+    assert not any(name.startswith(("vision.", "lm.hf.")) for name, _ in parts.named_parameters())
+    model.lm.hf.get_input_embeddings().weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable_modules"):
+        TrainableParts(model)

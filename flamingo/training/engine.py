@@ -90,6 +90,20 @@ def allow_tf32(cfg: EngineConfig) -> None:
         torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
+def execution_policy(cfg: EngineConfig, device_type: str, zero3: bool = False) -> ExecutionPolicy:
+    """How the model runs under an engine of ``cfg`` on ``device_type`` (ZeRO-3: parameters are
+    released between uses, so no backward rebuild may read them)."""
+    return ExecutionPolicy(
+        checkpoint_layers=cfg.activation_checkpointing is True,
+        checkpoint_gated_blocks=cfg.activation_checkpointing == "gated_blocks",
+        rebuild_activations=not cfg.compile,
+        parameters_readable_in_backward=not zero3,
+        every_parameter_takes_part=True,
+        sync_free=device_type != "cpu",
+        cross_attention=cross_attention_kernel(cfg, device_type),
+    )
+
+
 def cross_attention_kernel(cfg: EngineConfig, device_type: str) -> str:
     """``engine.cross_attention``, checked against what this process can train with."""
     if cfg.cross_attention == "flex":
@@ -236,13 +250,7 @@ class LocalEngine(Engine):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autocast = cfg.precision == "bf16"
         allow_tf32(cfg)
-        self.policy = ExecutionPolicy(
-            checkpoint_layers=cfg.activation_checkpointing is True,
-            checkpoint_gated_blocks=cfg.activation_checkpointing == "gated_blocks",
-            rebuild_activations=not cfg.compile,
-            sync_free=self.device.type != "cpu",
-            cross_attention=cross_attention_kernel(cfg, self.device.type),
-        )
+        self.policy = execution_policy(cfg, self.device.type)
         model.set_execution_policy(self.policy)
         if cfg.compile:
             model.compile_blocks()
@@ -329,32 +337,26 @@ class DeepSpeedEngine(Engine):
                 "engine.compile is not supported with ZeRO-3 (its parameter hooks run inside "
                 "the compiled blocks); use ZeRO-1/2, or compile: false"
             )
-        self.policy = ExecutionPolicy(
-            checkpoint_layers=cfg.activation_checkpointing is True,
-            checkpoint_gated_blocks=cfg.activation_checkpointing == "gated_blocks",
-            rebuild_activations=not cfg.compile,
-            parameters_readable_in_backward=not zero3,
-            every_parameter_takes_part=True,
-            sync_free=deepspeed.get_accelerator().device_name() != "cpu",
-            cross_attention=cross_attention_kernel(cfg, deepspeed.get_accelerator().device_name()),
-        )
+        self.policy = execution_policy(cfg, deepspeed.get_accelerator().device_name(), zero3)
         model.set_execution_policy(self.policy)
         if cfg.compile:
             model.compile_blocks()
-        wrapped = model
-        if zero3 and cfg.frozen_weights == "replicated":
-            # ZeRO-3 partitions every parameter of the module it is given: give it the
-            # trainable modules only; the frozen weights go to the device whole, once
-            wrapped = TrainableParts(model.to(deepspeed.get_accelerator().current_device_name()))
+        replicated = zero3 and cfg.frozen_weights == "replicated"
+        # ZeRO-3 partitions every parameter of the module it is given: with the frozen weights
+        # replicated it is given the trainable modules only, the frozen ones going to the
+        # device whole, once
+        device = deepspeed.get_accelerator().current_device_name()
+        wrapped = TrainableParts(model.to(device)) if replicated else model
         if zero3:
             # Parameters used outside their own module's forward must be announced to ZeRO-3,
-            # on a module whose forward encloses their use (with only the trainable parts
-            # wrapped, the wrapper's own forward encloses everything)
+            # on a module whose forward encloses their use: the wrapper's encloses everything.
+            # A replicated frozen weight is no ZeRO parameter.
             for module, params in model.external_parameters():
-                owner = module if wrapped is model else wrapped
                 for p in params:
-                    if p.requires_grad or wrapped is model:
-                        deepspeed.zero.register_external_parameter(owner, p)
+                    if p.requires_grad or not replicated:
+                        deepspeed.zero.register_external_parameter(
+                            wrapped if replicated else module, p
+                        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=groups, config=ds_config
         )
