@@ -33,7 +33,7 @@ from flamingo.losses import weighted_loss
 from flamingo.training.batches import Batches, StepBatches
 from flamingo.training.checkpoints import Checkpointer
 from flamingo.training.config import TrainConfig
-from flamingo.training.engine import Engine, build_engine, construction_device
+from flamingo.training.engine import Engine, build_engine, model_construction
 from flamingo.training.runlog import RunLogger
 
 log = logging.getLogger("flamingo.train")
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
     seed_everything(cfg.seed)  # same model initialisation on every rank
     processor = FlamingoProcessor.from_config(model_cfg)
-    with torch.device(construction_device(cfg.engine)):
-        model = Flamingo.from_config(model_cfg, processor)
     per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
-    engine = build_engine(model, cfg.engine, cfg.optim, per_step * cfg.accumulation)
+    micro_batches = per_step * cfg.accumulation
+    with model_construction(cfg.engine, cfg.optim, micro_batches):
+        model = Flamingo.from_config(model_cfg, processor)
+    engine = build_engine(model, cfg.engine, cfg.optim, micro_batches)
     eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(
         level=logging.INFO if engine.is_main else logging.WARNING,

@@ -140,7 +140,32 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
         )
     if patch:
         patch(model)
-    return model.to(dtype)
+    partitioned = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
+    if not partitioned:
+        return model.to(dtype)
+    # Built under ZeRO-3's zero.Init (engine.frozen_weights: partitioned): the parameters hold
+    # no data here, and DeepSpeed chose their dtype from the engine's precision.
+    if partitioned != {dtype}:
+        raise ValueError(
+            f"ZeRO-3 partitioned the LM's weights in {sorted(map(str, partitioned))} (the "
+            f"engine's precision) but the model config's frozen_dtype is {dtype}: make them "
+            "agree (engine.precision: bf16 stores the frozen weights in bfloat16)"
+        )
+    return model
+
+
+@contextlib.contextmanager
+def gathered(*params: nn.Parameter) -> Iterator[None]:
+    """Whole values of ``params`` inside the block, also for those ZeRO-3 partitioned at
+    construction (``ds_id``; gathered read-only, released after); others as they are."""
+    partitioned = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # a partitioned parameter means DeepSpeed built it
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
 
 
 class NewTokenEmbeddings(nn.Module):
@@ -205,9 +230,10 @@ class FlamingoLM(nn.Module):
                 f"embedding has {embed.num_embeddings} rows: tokenizer and LM do not match"
             )
         tied = head.weight is embed.weight
-        self.new_tokens = NewTokenEmbeddings(
-            special_tokens.new_ids, embed.weight, head.weight, tied
-        )
+        with gathered(embed.weight, head.weight):
+            self.new_tokens = NewTokenEmbeddings(
+                special_tokens.new_ids, embed.weight, head.weight, tied
+            )
         ids = list(special_tokens.new_ids)
         self.vocab_size = max(self.base_vocab, max(ids) + 1)
         # Usual case (GPT-2, Llama): the new ids directly follow the LM's rows -> concatenate.

@@ -1,12 +1,15 @@
 """One training step of the tiny model through ``DeepSpeedEngine`` in a one-rank group, watched.
 
-    python -m tests.deepspeed_probe CONFIG.json PRECISION [key=value ...]
+    python -m tests.deepspeed_probe CONFIG.json PRECISION [LM_DIR] [key=value ...]
 
 Run by the tests in a subprocess (DeepSpeed's process group and its patches stay out of the
 test process). Three micro-batches make the step; every collective is recorded with the
 micro-batch it ran in ("micro0".."micro2", "finish": the optimiser step), its dtype and its
-size. Prints one JSON line: the optimiser class, the collectives, and which parameters ZeRO
-partitioned (those carrying a ``ds_id``), frozen and trainable apart.
+size. The model is built as ``train.py`` builds it (``model_construction``), with the LM saved
+in LM_DIR (``save_pretrained``) when given. Prints one JSON line: the optimiser class, the
+collectives, which parameters ZeRO partitioned (those carrying a ``ds_id``), frozen and
+trainable apart, and how many LM weights were partitioned, holding no data, as construction
+ended.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import yaml
 
 def main() -> None:
     config, precision, *options = sys.argv[1:]
+    lm_dir = options.pop(0) if options and "=" not in options[0] else None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -33,7 +37,7 @@ def main() -> None:
     from flamingo import Flamingo, FlamingoProcessor
     from flamingo.losses import make_labels
     from flamingo.training.config import EngineConfig, OptimConfig
-    from flamingo.training.engine import DeepSpeedEngine
+    from flamingo.training.engine import DeepSpeedEngine, model_construction
     from tests.conftest import noise_image, tiny_config
 
     engine_cfg = EngineConfig.from_dict(
@@ -44,16 +48,23 @@ def main() -> None:
         }
     )
     cfg = tiny_config().replace(engine_cfg.model_changes())
+    if lm_dir:
+        cfg = cfg.replace({"lm.architecture": None, "lm.name_or_path": lm_dir})
     processor = FlamingoProcessor.from_config(cfg)
     torch.manual_seed(0)
-    model = Flamingo.from_config(cfg, processor)
+    optim = OptimConfig(warmup_steps=1)
+    with model_construction(engine_cfg, optim, 3):
+        model = Flamingo.from_config(cfg, processor)
+    lm_weights = list(model.lm.hf.parameters())
+    built_partitioned = sum(hasattr(p, "ds_id") and p.numel() == 0 for p in lm_weights)
+    new_rows = model.lm.new_tokens.input_rows.detach().double().sum().item()  # their mean init
     enc = processor(
         ["<image>a red circle<|endofchunk|>", "<image>a blue square<|endofchunk|>"],
         images=[[noise_image(1)], [noise_image(2)]],
         padding_side="right",
     )
     labels = make_labels(enc["input_ids"], enc["attention_mask"], processor.special_tokens)
-    engine = DeepSpeedEngine(model, engine_cfg, OptimConfig(warmup_steps=1), 3)
+    engine = DeepSpeedEngine(model, engine_cfg, optim, 3)
 
     phase, calls = ["init"], Counter()
     for name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast"):
@@ -88,6 +99,9 @@ def main() -> None:
         "collectives": dict(sorted(calls.items())),
         "partitioned": partitioned,
         "frozen_parameters": len(frozen_outside),
+        "lm_weights": len(lm_weights),
+        "built_partitioned": built_partitioned,
+        "new_rows": new_rows,
         "applied": bool(info.applied),
         "grad_norm": float(info.grad_norm),
     }

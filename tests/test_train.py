@@ -260,11 +260,13 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(shards, tmp_path
 
 
 @pytest.mark.multiprocess
-def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(shards, tmp_path):
+def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(shards, tmp_path, saved_lm):
     # Round-robin mixing: the time embeddings take part in video steps only. ZeRO-3 keeps
     # gradient buffers across steps, so a parameter left out of a step must still get a
     # (zero) gradient, or the last video step's gradient is applied again (1.4e-4 apart here).
-    # ZeRO-3 twice: its frozen weights replicated outside ZeRO (the default), and partitioned.
+    # ZeRO-3 twice: its frozen weights replicated outside ZeRO (the default), and partitioned
+    # (the LM then built under zero.Init: from a saved LM, so that all three load one).
+    lm = ["lm.architecture=null", f"lm.name_or_path={saved_lm}"]
     weights = {}
     runs = {"zero2": {}, "zero3": {}, "zero3-partitioned": {"engine.frozen_weights": "partitioned"}}
     for run, options in runs.items():
@@ -273,6 +275,7 @@ def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(shards, tmp_pa
         args = train_args(
             shards, out, stage, steps=5, checkpoint_every=5, mixing="round_robin", **options
         )
+        args.append(f"model_overrides={json.dumps(lm)}")
         check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
         weights[run] = load_file(str(out / "model" / "model.safetensors"))
     for name, want in weights["zero2"].items():
@@ -306,13 +309,32 @@ def test_zero1_in_bf16_accumulates_in_fp32_and_reduces_once_per_step():
     assert report["applied"]
 
 
-def test_zero3_partitions_the_frozen_weights_only_when_asked():
-    replicated = probe("zero3", "fp32")  # engine.frozen_weights: replicated, the default
-    partitioned = probe("zero3", "fp32", "frozen_weights=partitioned")
-    assert replicated["partitioned"]["frozen"] == 0
+@pytest.fixture(scope="module")
+def saved_lm(tmp_path_factory) -> str:
+    """The tiny config's LM written by ``save_pretrained``: a pretrained LM that every engine
+    loads to the same weights (random initialisation differs under ZeRO-3's zero.Init)."""
+    from flamingo.lm import build_causal_lm
+    from tests.conftest import tiny_config
+
+    directory = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    build_causal_lm(tiny_config().lm).save_pretrained(directory)
+    return str(directory)
+
+
+def test_zero3_partitions_the_frozen_weights_only_when_asked(saved_lm):
+    """``frozen_weights: replicated`` keeps every frozen weight out of ZeRO-3; ``partitioned``
+    builds the LM partitioned (no rank holds it whole, even while it is loaded) and the same
+    step follows: equal new-token rows (their mean initialisation reads the gathered rows) and
+    equal gradient norms."""
+    replicated = probe("zero3", "fp32", saved_lm)  # engine.frozen_weights: replicated, the default
+    partitioned = probe("zero3", "fp32", saved_lm, "frozen_weights=partitioned")
+    assert replicated["partitioned"]["frozen"] == replicated["built_partitioned"] == 0
     assert partitioned["partitioned"]["frozen"] == partitioned["frozen_parameters"] > 0
+    assert partitioned["built_partitioned"] == partitioned["lm_weights"] > 0
     for report in (replicated, partitioned):
         assert report["partitioned"]["trainable"] > 0
+    assert replicated["new_rows"] == pytest.approx(partitioned["new_rows"], rel=1e-12)
     assert replicated["grad_norm"] == pytest.approx(partitioned["grad_norm"], rel=1e-6)
 
 
@@ -571,17 +593,12 @@ def test_an_epoch_mode_dataset_can_stop_the_run_after_a_checkpoint(shards, tmp_p
 
 
 def test_the_model_is_built_where_it_will_run(monkeypatch):
-    from flamingo.training.config import EngineConfig
     from flamingo.training.engine import construction_device
 
-    assert construction_device(EngineConfig()) == torch.device("cpu")  # no GPU here
+    assert construction_device() == torch.device("cpu")  # no GPU here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    zero3 = str(ROOT / "configs/deepspeed/zero3.json")
-    assert construction_device(EngineConfig(deepspeed=zero3)) == torch.device("cuda", 3)
-    # a frozen LM too big to replicate is built on the CPU, and DeepSpeed partitions it
-    partitioned = EngineConfig(deepspeed=zero3, frozen_weights="partitioned")
-    assert construction_device(partitioned) == torch.device("cpu")
+    assert construction_device() == torch.device("cuda", 3)
 
 
 def test_the_trainable_parts_are_exactly_the_models_trainable_parameters():

@@ -1,6 +1,7 @@
 """The training engine: plain PyTorch in one process, or DeepSpeed ZeRO 1/2/3 across many.
 
-This is the only module that imports deepspeed. ``train.py`` sees one interface,
+This is the only module that imports deepspeed (but for ``flamingo.lm.gathered``, which reads
+the LM rows ZeRO-3 partitioned at construction). ``train.py`` sees one interface,
 :class:`Engine`: ``begin_step(lr)``, ``micro_step(loss)`` for every micro-batch,
 ``finish_step()`` once per optimiser step, checkpoint save/load, and gathering of full weights for export and logging.
 
@@ -19,9 +20,11 @@ over ranks, so the engine multiplies by the world size to keep the sum.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,16 +130,38 @@ def zero_stage_of(cfg: EngineConfig) -> int:
     return json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
 
 
-def construction_device(cfg: EngineConfig) -> torch.device:
+def construction_device() -> torch.device:
     """Where ``train.py`` builds the model: on this process's GPU when there is one (random
-    weights made there, pretrained ones loaded there; no whole copy in CPU memory per rank),
-    except when ZeRO-3 partitions the frozen weights too: then on the CPU, since the model is
-    too big for one device whole and DeepSpeed partitions it as it starts."""
+    weights made there, pretrained ones loaded there; no whole copy in CPU memory per rank)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    if zero_stage_of(cfg) == 3 and cfg.frozen_weights == "partitioned":
-        return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def model_construction(
+    cfg: EngineConfig, optim: OptimConfig, micro_batches_per_step: int
+) -> Iterator[None]:
+    """The context in which ``train.py`` builds the model it gives :func:`build_engine` (same
+    arguments): on :func:`construction_device`; and when ZeRO-3 partitions the frozen weights
+    too (``frozen_weights: partitioned``, a frozen LM too big for one device), the LM is built
+    already partitioned: transformers creates (or loads) it under DeepSpeed's ``zero.Init``
+    while an ``HfDeepSpeedConfig`` is alive, so no rank ever holds it whole. The tower and the
+    trainable modules are built whole and partitioned as the engine starts."""
+    with torch.device(construction_device()):
+        if zero_stage_of(cfg) != 3 or cfg.frozen_weights != "partitioned":
+            yield
+            return
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        deepspeed.init_distributed()  # zero.Init partitions over the process group
+        switch = HfDeepSpeedConfig(DeepSpeedEngine.build_config(cfg, optim, micro_batches_per_step))
+        try:
+            yield
+        finally:  # later transformers calls (generation, saving) must not see ZeRO-3
+            unset_hf_deepspeed_config()
+            del switch
 
 
 def launched_distributed() -> bool:
