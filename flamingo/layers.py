@@ -131,6 +131,47 @@ class ExecutionPolicy:
 DEFAULT_POLICY = ExecutionPolicy()
 
 
+@dataclass(frozen=True)
+class PartitionedWeights:
+    """What an engine that partitions weights as the model is built (ZeRO-3's ``zero.Init``)
+    tells the constructors, which must read a few of them (the new-token rows start at the
+    mean of the LM's rows): which parameters hold no data here, and how to read them whole."""
+
+    holds_no_data: Callable[[torch.Tensor], bool]
+    gathered: Callable[[list[torch.Tensor]], contextlib.AbstractContextManager]
+    """A context in which the given partitioned parameters are whole (read-only)."""
+
+
+_building_partitioned: list[PartitionedWeights] = []
+
+
+@contextlib.contextmanager
+def building_partitioned(weights: PartitionedWeights) -> Iterator[None]:
+    """The engine's context around construction when it partitions weights as they are made."""
+    _building_partitioned.append(weights)
+    try:
+        yield
+    finally:
+        _building_partitioned.pop()
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether the engine building the model partitioned ``param`` (it then holds no data)."""
+    return bool(_building_partitioned) and _building_partitioned[-1].holds_no_data(param)
+
+
+@contextlib.contextmanager
+def whole(*params: torch.Tensor) -> Iterator[None]:
+    """``params`` with their whole values inside the block, also those the engine partitioned
+    as it built them (gathered, released after); others as they are."""
+    partitioned = [p for p in {id(p): p for p in params}.values() if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    with _building_partitioned[-1].gathered(partitioned):
+        yield
+
+
 def rebuilt_in_backward(
     op: Callable[[torch.Tensor], torch.Tensor],
     tensor: torch.Tensor,

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
-from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, is_partitioned, set_policy, whole
 from flamingo.mpt import use_sdpa_attention
 from flamingo.tokens import SpecialTokens
 from flamingo.xattn import (
@@ -140,11 +140,11 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
         )
     if patch:
         patch(model)
-    partitioned = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
+    partitioned = {p.dtype for p in model.parameters() if is_partitioned(p)}
     if not partitioned:
         return model.to(dtype)
-    # Built under ZeRO-3's zero.Init (engine.frozen_weights: partitioned): the parameters hold
-    # no data here, and DeepSpeed chose their dtype from the engine's precision.
+    # Built partitioned (ZeRO-3's zero.Init, engine.frozen_weights: partitioned): the parameters
+    # hold no data here, and DeepSpeed chose their dtype from the engine's precision.
     if partitioned != {dtype}:
         raise ValueError(
             f"ZeRO-3 partitioned the LM's weights in {sorted(map(str, partitioned))} (the "
@@ -152,20 +152,6 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
             "agree (engine.precision: bf16 stores the frozen weights in bfloat16)"
         )
     return model
-
-
-@contextlib.contextmanager
-def gathered(*params: nn.Parameter) -> Iterator[None]:
-    """Whole values of ``params`` inside the block, also for those ZeRO-3 partitioned at
-    construction (``ds_id``; gathered read-only, released after); others as they are."""
-    partitioned = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())
-    if not partitioned:
-        yield
-        return
-    import deepspeed  # a partitioned parameter means DeepSpeed built it
-
-    with deepspeed.zero.GatheredParameters(partitioned):
-        yield
 
 
 class NewTokenEmbeddings(nn.Module):
@@ -230,7 +216,7 @@ class FlamingoLM(nn.Module):
                 f"embedding has {embed.num_embeddings} rows: tokenizer and LM do not match"
             )
         tied = head.weight is embed.weight
-        with gathered(embed.weight, head.weight):
+        with whole(embed.weight, head.weight):
             self.new_tokens = NewTokenEmbeddings(
                 special_tokens.new_ids, embed.weight, head.weight, tied
             )

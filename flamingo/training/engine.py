@@ -1,7 +1,6 @@
 """The training engine: plain PyTorch in one process, or DeepSpeed ZeRO 1/2/3 across many.
 
-This is the only module that imports deepspeed (but for ``flamingo.lm.gathered``, which reads
-the LM rows ZeRO-3 partitioned at construction). ``train.py`` sees one interface,
+This is the only module that imports deepspeed. ``train.py`` sees one interface,
 :class:`Engine`: ``begin_step(lr)``, ``micro_step(loss)`` for every micro-batch,
 ``finish_step()`` once per optimiser step, checkpoint save/load, and gathering of full weights for export and logging.
 
@@ -33,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flamingo.layers import ExecutionPolicy
+from flamingo.layers import ExecutionPolicy, PartitionedWeights, building_partitioned
 from flamingo.training.config import EngineConfig, OptimConfig
 from flamingo.xattn import flex_attention
 
@@ -157,8 +156,13 @@ def model_construction(
 
         deepspeed.init_distributed()  # zero.Init partitions over the process group
         switch = HfDeepSpeedConfig(DeepSpeedEngine.build_config(cfg, optim, micro_batches_per_step))
+        weights = PartitionedWeights(
+            holds_no_data=lambda p: hasattr(p, "ds_id"),
+            gathered=lambda params: deepspeed.zero.GatheredParameters(params),
+        )
         try:
-            yield
+            with building_partitioned(weights):
+                yield
         finally:  # later transformers calls (generation, saving) must not see ZeRO-3
             unset_hf_deepspeed_config()
             del switch
