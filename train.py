@@ -78,11 +78,13 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
     engine.begin_step(lr)
     for name, batch in step.micro:
         # the head is fused with the loss: no (B, T, vocab) logits are built
-        ids, mask, pixels, labels = (
+        ids, mask, pixels, slots, labels = (
             batch[k].to(engine.device, non_blocking=True)
-            for k in ("input_ids", "attention_mask", "pixel_values", "labels")
+            for k in ("input_ids", "attention_mask", "pixel_values", "media_slots", "labels")
         )
-        nll = engine.forward(ids, mask, pixel_values=pixels, labels=labels).nll_sum
+        nll = engine.forward(
+            ids, mask, pixel_values=pixels, media_slots=slots, labels=labels
+        ).nll_sum
         nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach().double()
         samples += batch["input_ids"].shape[0]
         engine.micro_step(weighted_loss(nll, weights[name], step.targets[name]))

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from bench.train_step import CONFIGS, bench_config, build_backbones, openflamingo_model
+from flamingo.processing import place_in_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,9 @@ class OpenFlamingoDecoder(torch.nn.Module):
         self.special_tokens = special
         self.lm = SimpleNamespace(tokenizer_size=tokenizer_size)
 
-    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return pixel_values  # re-encoded inside every forward, as OpenFlamingo does per beam
+    def encode_media(self, pixel_values: torch.Tensor, media_slots=None) -> torch.Tensor:
+        # OpenFlamingo's padded layout, re-encoded inside every forward as it does per beam
+        return pixel_values if media_slots is None else place_in_slots(pixel_values, media_slots)
 
     def forward(self, input_ids, attention_mask, media_latents=None, **_):
         out = self.of(vision_x=media_latents, lang_x=input_ids, attention_mask=attention_mask)

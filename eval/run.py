@@ -83,8 +83,8 @@ class Evaluator:
 
     @torch.no_grad()
     def _encode(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.processor.preprocess_images([[im] for im in images])
-        tokens = self.model.vision(pixels.to(self.device, self.dtype))
+        pixels, _ = self.processor.preprocess_images([[im] for im in images])  # (M, F, C, H, W)
+        tokens = self.model.vision(pixels.unsqueeze(1).to(self.device, self.dtype))
         return tokens.mean(dim=(1, 2, 3)).float().cpu()  # (B, Dv)
 
     def _features(self, items: list[Item], tag: str, shared: bool = False) -> torch.Tensor:
@@ -181,6 +181,7 @@ class Evaluator:
             candidates,
             attention_mask=enc["attention_mask"].to(self.device),
             pixel_values=enc["pixel_values"].to(self.device, self.dtype),
+            media_slots=enc["media_slots"].to(self.device),
         )
         return scores.tolist()
 

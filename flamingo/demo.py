@@ -56,13 +56,14 @@ def main() -> None:
     batch = processor(texts, images=images)
     with torch.no_grad():
         out = model(**batch)
-        other = model(**{**batch, "pixel_values": batch["pixel_values"].flip(1)})
+        # the flat media list reversed: every sequence sees other images
+        other = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)})
 
     print("\nshapes")
-    for name in ("input_ids", "attention_mask", "pixel_values"):
+    for name in ("input_ids", "attention_mask", "pixel_values", "media_slots"):
         print(f"  {name:15s} {tuple(batch[name].shape)}")
     with torch.no_grad():
-        tokens = model.vision(batch["pixel_values"])
+        tokens = model.vision(batch["pixel_values"].unsqueeze(0)).squeeze(0)
     print(f"  {'vision_tokens':15s} {tuple(tokens.shape)}")
     print(f"  {'media_latents':15s} {tuple(out.media_latents.shape)}")
     print(f"  {'logits':15s} {tuple(out.logits.shape)}")
@@ -87,7 +88,7 @@ def main() -> None:
         for block in model.lm.gated_blocks:
             block.attn_gate.fill_(0.5)
         opened = model(**batch).logits
-        swapped = model(**{**batch, "pixel_values": batch["pixel_values"].flip(1)}).logits
+        swapped = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).logits
     first_image = int((batch["input_ids"][0] == model.special_tokens.image_id).nonzero()[0])
     changed = (opened[0] - swapped[0]).abs().amax(-1) > 1e-6
     print(

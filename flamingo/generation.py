@@ -53,6 +53,7 @@ def _prepare(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     pixel_values: torch.Tensor | None,
+    media_slots: torch.Tensor | None,
     media_latents: torch.Tensor | None,
     use_cache: bool,
 ) -> _Prompt:
@@ -61,7 +62,9 @@ def _prepare(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if pixel_values is not None:
-        media_latents = model.encode_media(pixel_values)
+        media_latents = model.encode_media(pixel_values, media_slots)
+    elif media_slots is not None:
+        raise ValueError("media_slots were given without pixel_values")
     media_kv = model.lm.media_kv(media_latents) if media_latents is not None and use_cache else None
     media_index = media_index_from_ids(input_ids, model.special_tokens.image_id)
     return _Prompt(input_ids, attention_mask, media_kv, media_latents, media_index)
@@ -172,6 +175,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     media_latents: torch.Tensor | None = None,
+    media_slots: torch.Tensor | None = None,
     max_new_tokens: int = 20,
     num_beams: int = 1,
     do_sample: bool = False,
@@ -202,7 +206,9 @@ def generate(
     model.eval()
     try:
         eos = model.special_tokens.end_of_chunk_id if eos_token_id is None else eos_token_id
-        prompt = _prepare(model, input_ids, attention_mask, pixel_values, media_latents, use_cache)
+        prompt = _prepare(
+            model, input_ids, attention_mask, pixel_values, media_slots, media_latents, use_cache
+        )
         if num_beams == 1:
             return _greedy_or_sample(
                 model,
@@ -344,6 +350,7 @@ def score(
     attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     media_latents: torch.Tensor | None = None,
+    media_slots: torch.Tensor | None = None,
     candidates_per_call: int = 64,
 ) -> torch.Tensor:
     """Log-likelihood of each candidate continuation of one prompt.
@@ -365,7 +372,9 @@ def score(
     was_training = model.training
     model.eval()
     try:
-        prompt = _prepare(model, input_ids, attention_mask, pixel_values, media_latents, True)
+        prompt = _prepare(
+            model, input_ids, attention_mask, pixel_values, media_slots, media_latents, True
+        )
         first = model(
             prompt.input_ids,
             prompt.attention_mask,

@@ -30,7 +30,7 @@ from flamingo.config import FlamingoConfig
 from flamingo.generation import generate, score
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
-from flamingo.processing import FlamingoProcessor
+from flamingo.processing import FlamingoProcessor, place_in_slots
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
 from flamingo.tokens import SpecialTokens
 from flamingo.vision import VisionEncoder
@@ -53,6 +53,22 @@ class FlamingoOutput(ModelOutput):
     nll_sum: torch.Tensor | None = None
     """With ``labels``: the summed next-token NLL over the targets (float32 scalar), computed
     with the head fused into the loss; ``logits`` is then None."""
+
+
+def _check_slots(media_slots: torch.Tensor, num_media: int, sync_free: bool) -> None:
+    if media_slots.ndim != 2 or media_slots.dtype != torch.long:
+        raise ValueError(
+            f"media_slots must be (B, N) int64, got {tuple(media_slots.shape)} {media_slots.dtype}"
+        )
+    if not media_slots.numel():
+        return
+    if sync_free:  # the device checks it when it gets there; the host does not wait
+        torch._assert_async((media_slots >= -1).all() & (media_slots < num_media).all())
+    elif not -1 <= int(media_slots.min()) <= int(media_slots.max()) < num_media:
+        raise ValueError(
+            f"media_slots must index the {num_media} media item(s) of pixel_values, or be -1; "
+            f"got values from {int(media_slots.min())} to {int(media_slots.max())}"
+        )
 
 
 class Flamingo(nn.Module):
@@ -200,9 +216,38 @@ class Flamingo(nn.Module):
 
     # -- media ------------------------------------------------------------------------------------
 
-    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, N, F, C, H, W) -> media_latents (B, N, R, Dv)."""
-        return self.resampler(self.vision(pixel_values))
+    def encode_media(
+        self, pixel_values: torch.Tensor, media_slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Media -> media_latents (B, N, R, Dv), in one of two layouts:
+
+        - flat (what :class:`FlamingoProcessor` and the training loader give):
+          ``pixel_values (M, F, C, H, W)``, the batch's real media only, with ``media_slots
+          (B, N)``, the index in that list of each sequence's n-th media item (-1: none). The
+          tower and the resampler run on the M real items; empty slots get zero latents.
+        - padded: ``pixel_values (B, N, F, C, H, W)``, every slot encoded, empty ones too.
+
+        Both give the same logits: no token attends to an empty slot."""
+        if pixel_values.ndim == 6:
+            if media_slots is not None:
+                raise ValueError(
+                    "media_slots go with flat pixel_values (M, F, C, H, W), not padded "
+                    f"(B, N, F, C, H, W) ones; got pixel_values {tuple(pixel_values.shape)}"
+                )
+            return self.resampler(self.vision(pixel_values))
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                "pixel_values must be flat (M, F, C, H, W) with media_slots, or padded "
+                f"(B, N, F, C, H, W); got shape {tuple(pixel_values.shape)}"
+            )
+        if media_slots is None:
+            raise ValueError(
+                "flat pixel_values (M, F, C, H, W) need media_slots (B, N): the index of each "
+                "sequence's n-th media item in them, -1 for none (FlamingoProcessor gives both)"
+            )
+        _check_slots(media_slots, pixel_values.shape[0], self.policy.sync_free)
+        latents = self.resampler(self.vision(pixel_values.unsqueeze(0))).squeeze(0)
+        return place_in_slots(latents, media_slots)
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -215,6 +260,7 @@ class Flamingo(nn.Module):
         cache: Any = None,
         use_cache: bool = False,
         media_index: torch.Tensor | None = None,
+        media_slots: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         media_kv: list[MediaKV] | None = None,
         labels: torch.Tensor | None = None,
@@ -222,7 +268,9 @@ class Flamingo(nn.Module):
     ) -> FlamingoOutput:
         """Logits for ``input_ids`` (B, T) conditioned on the media.
 
-        Give the media as ``pixel_values (B, N, F, C, H, W)``, as already resampled
+        Give the media as pixel values (flat ``pixel_values (M, F, C, H, W)`` with
+        ``media_slots (B, N)``, or padded ``(B, N, F, C, H, W)``: :meth:`encode_media`), as
+        already resampled
         ``media_latents (B, N, R, Dv)``, or as the gated blocks' precomputed keys/values
         (``media_kv``, see :meth:`FlamingoLM.media_kv`); none of them for text only.
         ``media_index (B, T)`` (phi) is derived from the ``<image>`` tokens of ``input_ids``
@@ -252,7 +300,9 @@ class Flamingo(nn.Module):
         if len(given) > 1:
             raise ValueError(f"give one of pixel_values, media_latents, media_kv, not both {given}")
         if pixel_values is not None:
-            media_latents = self.encode_media(pixel_values)
+            media_latents = self.encode_media(pixel_values, media_slots)
+        elif media_slots is not None:
+            raise ValueError("media_slots were given without pixel_values")
         if media_index is None:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(

@@ -33,6 +33,26 @@ Media = Image.Image | Sequence[Image.Image]
 PROCESSOR_CONFIG = "processor_config.json"
 
 
+def media_slots(counts: Sequence[int]) -> torch.Tensor:
+    """``media_slots (B, N)`` of a flat media list holding ``counts[b]`` items of sequence b,
+    in order: row b is ``offset_b, offset_b + 1, ...`` then -1 up to N = max(counts)."""
+    width = max(counts, default=0)
+    slots = torch.full((len(counts), width), -1, dtype=torch.long)
+    start = 0
+    for b, n in enumerate(counts):
+        slots[b, :n] = torch.arange(start, start + n)
+        start += n
+    return slots
+
+
+def place_in_slots(flat: torch.Tensor, media_slots: torch.Tensor) -> torch.Tensor:
+    """Items of a flat media list (M, ...) in their sequences' slots: (B, N, ...), zeros where
+    ``media_slots (B, N)`` is -1 (the padded layout). A gather: no host sync, and its backward
+    adds each slot's gradient to the one item it came from."""
+    with_zero = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+    return with_zero[media_slots]  # -1 picks the zero row
+
+
 class FlamingoProcessor:
     """Tokenizer (with Flamingo's special tokens) + the vision tower's image transform."""
 
@@ -87,22 +107,21 @@ class FlamingoProcessor:
             )
         return torch.stack([self.image_transform(f) for f in frames])
 
-    def preprocess_images(self, images: Sequence[Sequence[Media]]) -> torch.Tensor:
-        """Per-sequence lists of media -> pixel_values (B, N, F, C, H, W), zero-filled slots."""
+    def preprocess_images(
+        self, images: Sequence[Sequence[Media]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence lists of media -> the flat layout of ``Flamingo.encode_media``:
+        ``pixel_values (M, F, C, H, W)`` (every real item, sequence by sequence) and
+        ``media_slots (B, N)`` (where sequence b's n-th item is in them; -1 past its last)."""
         per_seq = [[self.preprocess_media(m) for m in seq] for seq in images]
         frame_counts = {t.shape[0] for seq in per_seq for t in seq}
         if len(frame_counts) > 1:
             raise ValueError(
                 f"all media in a batch must have the same number of frames, got {sorted(frame_counts)}"
             )
-        num_frames = frame_counts.pop() if frame_counts else 1
-        num_media = max((len(seq) for seq in per_seq), default=0)
-        size = self.vision_cfg.image_size
-        pixel_values = torch.zeros(len(per_seq), num_media, num_frames, 3, size, size)
-        for b, seq in enumerate(per_seq):
-            for n, media in enumerate(seq):
-                pixel_values[b, n] = media
-        return pixel_values
+        counts = [len(seq) for seq in per_seq]
+        flat = [media for seq in per_seq for media in seq]
+        return torch.stack(flat), media_slots(counts)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -115,8 +134,9 @@ class FlamingoProcessor:
     ) -> dict[str, torch.Tensor]:
         """Tokenize a batch of interleaved sequences and preprocess their media.
 
-        Returns ``input_ids`` and ``attention_mask`` (B, T) and, when images are given,
-        ``pixel_values`` (B, N, F, C, H, W). ``max_length`` truncates from the right; it is an
+        Returns ``input_ids`` and ``attention_mask`` (B, T) and, when images are given, the
+        batch's media flat: ``pixel_values (M, F, C, H, W)`` and ``media_slots (B, N)``
+        (:meth:`preprocess_images`). ``max_length`` truncates from the right; it is an
         error if that cuts an ``<image>`` marker off (its image would be orphaned).
         """
         texts = [text] if isinstance(text, str) else list(text)
@@ -148,7 +168,7 @@ class FlamingoProcessor:
                         "raise max_length or give fewer images"
                     )
         if images is not None and any(len(seq) for seq in images):
-            batch["pixel_values"] = self.preprocess_images(images)
+            batch["pixel_values"], batch["media_slots"] = self.preprocess_images(images)
         return batch
 
     def decode(

@@ -152,7 +152,8 @@ class VisionEncoder(nn.Module):
         size = self.cfg.image_size
         if pixel_values.ndim != 6 or tuple(pixel_values.shape[3:]) != (3, size, size):
             raise ValueError(
-                f"pixel_values must be (B, N, F, 3, {size}, {size}), got shape "
+                f"pixel_values must be (B, N, F, 3, {size}, {size}) (or flat, (M, F, 3, {size}, "
+                f"{size}), through Flamingo.encode_media), got shape "
                 f"{tuple(pixel_values.shape)}; preprocess images with FlamingoProcessor"
             )
         b, n, f = pixel_values.shape[:3]

@@ -80,7 +80,11 @@ def main() -> None:
     for i in range(3):
         phase[0] = f"micro{i}"
         out = engine.forward(
-            enc["input_ids"], enc["attention_mask"], pixel_values=enc["pixel_values"], labels=labels
+            enc["input_ids"],
+            enc["attention_mask"],
+            pixel_values=enc["pixel_values"],
+            media_slots=enc["media_slots"],
+            labels=labels,
         )
         engine.micro_step(out.nll_sum / 20)
     phase[0] = "finish"

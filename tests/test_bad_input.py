@@ -163,7 +163,12 @@ def test_marker_strings_in_captions_never_become_special_tokens(tmp_path, proces
     assert ids.count(eos) == 1 and ids[-1] == eos
     assert data.stats()["text_markers_removed"] == 1
     model = Flamingo.from_config(cfg).eval()
-    out = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        media_slots=batch["media_slots"],
+    )
     assert out.logits.shape[1] == batch["input_ids"].shape[1]
 
 
@@ -181,7 +186,7 @@ def test_marker_strings_in_documents_never_become_markers(tmp_path, processor):
     )
     batch = next(iter(data))
     assert real_ids(batch, 0).count(processor.special_tokens.image_id) == 1
-    assert batch["pixel_values"].shape[1] == 1
+    assert batch["pixel_values"].shape[0] == 1 == batch["media_slots"].shape[1]
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -207,7 +212,7 @@ def test_exif_orientation_is_applied(tmp_path, processor):
     )
     shards = write(tmp_path, [encode_pair("photo", rotated_jpeg(6), "jpg", "a photo")], "exif")
     data = loader(processor, "pairs", shards, batch_size=1)
-    pixels = next(iter(data))["pixel_values"][0, 0, 0]
+    pixels = next(iter(data))["pixel_values"][0, 0]
     size = pixels.shape[-1]
     left = pixels[:, :, : size // 4]
     assert near(pixel_colour(left, processor), RED, tol=12)

@@ -17,6 +17,7 @@ from flamingo.data.pipeline import FlamingoLoader
 from flamingo.data.preprocess import Preprocessor, strip_markers
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
 from flamingo.data.shards import read_shard, write_shards
+from tests.conftest import padded
 
 COLOURS = [
     (255, 0, 0),
@@ -86,7 +87,7 @@ def test_pairs_round_trip(tmp_path, processor):
     assert sorted(keys) == sorted(f"s{i}" for i in range(10))
     special = processor.special_tokens
     for batch in batches:
-        assert batch["pixel_values"].shape[1:] == (1, 1, 3, 32, 32)
+        assert padded(batch).shape[1:] == (1, 1, 3, 32, 32)
         for row, key in enumerate(batch["keys"]):
             ids = real_ids(batch, row)
             i = int(key[1:])
@@ -95,7 +96,7 @@ def test_pairs_round_trip(tmp_path, processor):
                 processor.tokenizer.eos_token_id,
             ]
             assert processor.tokenizer.decode(ids[1:-2]).strip() == f"a shape number {i}"
-            assert near(pixel_colour(batch["pixel_values"][row, 0, 0], processor), COLOURS[i % 8])
+            assert near(pixel_colour(padded(batch)[row, 0, 0], processor), COLOURS[i % 8])
 
 
 def doc(i: int, n_images: int, text_words: int = 3) -> dict:
@@ -114,9 +115,9 @@ def test_interleaved_round_trip_keeps_image_order(tmp_path, processor):
     for batch in batches:
         for row in range(len(batch["keys"])):
             ids = real_ids(batch, row)
-            assert ids.count(special.image_id) == 3 == batch["pixel_values"].shape[1]
+            assert ids.count(special.image_id) == 3 == padded(batch).shape[1]
             for k in range(3):  # image k is image k of the document, before its text "wk wk wk"
-                assert near(pixel_colour(batch["pixel_values"][row, k, 0], processor), COLOURS[k])
+                assert near(pixel_colour(padded(batch)[row, k, 0], processor), COLOURS[k])
             text = processor.decode(ids)
             assert text.startswith(
                 f"intro {batch['keys'][row][1:]}<image>w0 w0 w0<|endofchunk|><image>w1"
@@ -149,8 +150,10 @@ def test_window_keeps_at_most_max_images_and_only_their_pixels(tmp_path, process
         for row in range(len(batch["keys"])):
             markers = real_ids(batch, row).count(special.image_id)
             assert 1 <= markers <= 5
-            assert batch["pixel_values"][row, markers:].abs().sum() == 0  # nothing beyond them
-            assert batch["pixel_values"][row, :markers].abs().flatten(1).sum(-1).gt(0).all()
+            assert padded(batch)[row, markers:].abs().sum() == 0  # nothing beyond them
+            assert padded(batch)[row, :markers].abs().flatten(1).sum(-1).gt(0).all()
+        # no padding image is shipped: one flat item per <image> of the batch
+        assert batch["pixel_values"].shape[0] == (batch["input_ids"] == special.image_id).sum()
 
 
 def test_video_round_trip_samples_frames_evenly(tmp_path, processor):
@@ -158,8 +161,8 @@ def test_video_round_trip_samples_frames_evenly(tmp_path, processor):
     samples = [encode_video(f"v{i}", frames, "png", f"a clip {i}") for i in range(4)]
     shards = write(tmp_path, samples, "vid")
     (batch,) = list(loader(processor, "video", shards, num_frames=4))
-    assert batch["pixel_values"].shape == (4, 1, 4, 3, 32, 32)
-    got = [pixel_colour(batch["pixel_values"][0, 0, f], processor) for f in range(4)]
+    assert padded(batch).shape == (4, 1, 4, 3, 32, 32)
+    got = [pixel_colour(padded(batch)[0, 0, f], processor) for f in range(4)]
     expected = [COLOURS[i] for i in (0, 2, 5, 7)]  # round(i * 7 / 3)
     assert all(near(g, e) for g, e in zip(got, expected, strict=True))
 
@@ -235,9 +238,7 @@ def test_converted_modes_keep_their_colours(tmp_path, processor):
     batches = list(loader(processor, "pairs", write(tmp_path, samples, "modes"), batch_size=1))
     for batch in batches:
         name = batch["keys"][0]
-        assert near(
-            pixel_colour(batch["pixel_values"][0, 0, 0], processor), expected[name], tol=6
-        ), name
+        assert near(pixel_colour(padded(batch)[0, 0, 0], processor), expected[name], tol=6), name
 
 
 def test_bad_interleaved_documents(tmp_path, processor):
@@ -282,9 +283,9 @@ def test_bad_interleaved_documents(tmp_path, processor):
     text = processor.decode(real_ids(b, 0))
     # the bad image went with its marker: its text now belongs to the previous (red) image
     assert text.startswith("before<image>red lost<|endofchunk|><image>blue<|endofchunk|>")
-    assert b["pixel_values"].shape[1] == 2
-    assert near(pixel_colour(b["pixel_values"][0, 0, 0], processor), (255, 0, 0))
-    assert near(pixel_colour(b["pixel_values"][0, 1, 0], processor), (0, 0, 255))
+    assert padded(b).shape[1] == 2
+    assert near(pixel_colour(padded(b)[0, 0, 0], processor), (255, 0, 0))
+    assert near(pixel_colour(padded(b)[0, 1, 0], processor), (0, 0, 255))
 
 
 def test_mostly_broken_data_aborts_naming_the_shard(tmp_path, processor):
@@ -323,6 +324,7 @@ def same(a, b) -> bool:
         a["keys"] == b["keys"]
         and torch.equal(a["input_ids"], b["input_ids"])
         and torch.equal(a["pixel_values"], b["pixel_values"])
+        and torch.equal(a["media_slots"], b["media_slots"])
     )
 
 
@@ -474,6 +476,8 @@ def test_the_loader_ships_uint8_pixels_the_tower_normalises_to_the_same_logits(t
     set_gates(model)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        on_device = model(ids, mask, pixel_values=pixels).logits
-        normalised_first = model(ids, mask, pixel_values=normalise(pixels, model.cfg.vision))
+        slots = batch["media_slots"]
+        on_device = model(ids, mask, pixel_values=pixels, media_slots=slots).logits
+        normalised = normalise(pixels, model.cfg.vision)
+        normalised_first = model(ids, mask, pixel_values=normalised, media_slots=slots)
     assert torch.equal(on_device, normalised_first.logits)

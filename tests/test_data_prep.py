@@ -11,6 +11,7 @@ from webdataset import TarWriter
 from data_prep import interleaved, pairs, video
 from data_prep.interleaved import assign_images
 from flamingo.data.shards import read_shard
+from tests.conftest import padded
 from tests.test_data import COLOURS, loader, near, pixel_colour, real_ids, solid
 
 
@@ -170,12 +171,8 @@ def test_mmc4_documents_keep_image_order_with_markers(tmp_path, processor):
     assert text.startswith(
         "<image>first sentence middle sentence<|endofchunk|><image>last sentence<|endofchunk|>"
     )
-    assert near(
-        pixel_colour(batch["pixel_values"][0, 0, 0], processor), COLOURS[0]
-    )  # a, at sentence 0
-    assert near(
-        pixel_colour(batch["pixel_values"][0, 1, 0], processor), COLOURS[1]
-    )  # b, at sentence 2
+    assert near(pixel_colour(padded(batch)[0, 0, 0], processor), COLOURS[0])  # a, at sentence 0
+    assert near(pixel_colour(padded(batch)[0, 1, 0], processor), COLOURS[1])  # b, at sentence 2
 
 
 def test_obelics_parquet(tmp_path, processor):
@@ -251,7 +248,7 @@ def test_video_files_and_frame_folders(tmp_path, processor):
     (batch,) = list(
         loader(processor, "video", f"{tmp_path}/out/video-00000.tar", batch_size=1, num_frames=3)
     )
-    got = [pixel_colour(batch["pixel_values"][0, 0, f], processor) for f in range(3)]
+    got = [pixel_colour(padded(batch)[0, 0, f], processor) for f in range(3)]
     assert all(
         near(g, e, tol=30)
         for g, e in zip(got, [(250, 0, 0), (0, 250, 0), (0, 0, 250)], strict=True)

@@ -494,6 +494,6 @@ def test_text_never_makes_special_tokens(caption, text, processor):
             )
             (batch,) = list(data)
             ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
-            assert ids.count(special.image_id) == 1 == batch["pixel_values"].shape[1]
+            assert ids.count(special.image_id) == 1 == batch["pixel_values"].shape[0]
             assert ids.count(special.end_of_chunk_id) == 1 and special.pad_id not in ids
             assert ids.count(eos) == 1 and ids[-1] == eos

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import build, noise_image, set_gates
+from tests.conftest import build, noise_image, padded, set_gates
 
 PROMPTS = [
     "a picture: <image>Output: a red circle<|endofchunk|><image>Output:",
@@ -42,7 +42,9 @@ def test_greedy_equals_argmax_of_full_forwards(setup):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     for _ in range(3):
         with torch.no_grad():
-            logits = model(ids, mask, pixel_values=enc["pixel_values"]).logits[:, -1]
+            logits = model(
+                ids, mask, pixel_values=enc["pixel_values"], media_slots=enc["media_slots"]
+            ).logits[:, -1]
         logits[:, model.special_tokens.image_id] = float("-inf")
         logits[:, model.special_tokens.pad_id] = float("-inf")
         logits[:, model.lm.tokenizer_size :] = float("-inf")
@@ -104,7 +106,7 @@ def reference_beam_search(model, enc, row, num_beams, max_new_tokens, eos, lengt
     ids = enc["input_ids"][row : row + 1]
     mask = enc["attention_mask"][row : row + 1]
     n_media = int((ids == model.special_tokens.image_id).sum())
-    pixels = enc["pixel_values"][row : row + 1, :n_media]
+    pixels = padded(enc)[row : row + 1, :n_media]
     banned = [model.special_tokens.image_id, model.special_tokens.pad_id]
     beams, finished = [([], 0.0)], []
     for step in range(max_new_tokens):
@@ -167,7 +169,7 @@ def test_score_equals_log_likelihood_from_full_forwards(setup, processor):
     model, enc = setup
     ids = enc["input_ids"][1:]
     mask = enc["attention_mask"][1:]
-    pixels = enc["pixel_values"][1:, :1]
+    pixels = padded(enc)[1:, :1]
     candidates = [torch.tensor([5, 17, 99]), torch.tensor([42]), torch.tensor([7, 8])]
     calls = count_vision_calls(model)
     scores = model.score(ids, candidates, attention_mask=mask, pixel_values=pixels)
@@ -200,7 +202,7 @@ def test_the_prompt_runs_once_and_only_its_last_position_gets_logits(setup, num_
 
 def test_score_takes_its_candidates_a_chunk_at_a_time(setup):
     model, enc = setup
-    ids, mask, pixels = enc["input_ids"][1:], enc["attention_mask"][1:], enc["pixel_values"][1:]
+    ids, mask, pixels = enc["input_ids"][1:], enc["attention_mask"][1:], padded(enc)[1:]
     g = torch.Generator().manual_seed(0)
     candidates = [torch.randint(3, 800, (1 + i % 4,), generator=g) for i in range(23)]
     together = model.score(ids, candidates, attention_mask=mask, pixel_values=pixels)

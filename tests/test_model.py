@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from flamingo import Flamingo
 from flamingo.layers import ExecutionPolicy
 from flamingo.xattn import media_index_from_ids
-from tests.conftest import build, noise_image, set_gates
+from tests.conftest import build, noise_image, padded, set_gates
 
 TEXT = "a red circle on the left. Question: what colour is the circle? Short answer: red"
 INTERLEAVED = (
@@ -64,8 +64,8 @@ def test_changing_image_k_changes_only_tokens_from_its_image_on(model, processor
     image_pos = (ids == model.special_tokens.image_id).nonzero().flatten().tolist()
     base = model(**enc).logits[0]
     for k, pos in enumerate(image_pos):
-        pixels = enc["pixel_values"].clone()
-        pixels[0, k] = torch.randn_like(pixels[0, k])
+        pixels, item = enc["pixel_values"].clone(), enc["media_slots"][0, k]
+        pixels[item] = torch.randn_like(pixels[item])
         changed = (model(**{**enc, "pixel_values": pixels}).logits[0] - base).abs().amax(-1) > 1e-5
         assert not changed[:pos].any(), f"tokens before <image> {k} changed"
         assert changed[pos:].all(), f"tokens from <image> {k} on did not change"
@@ -152,7 +152,9 @@ def test_text_only_forward(model, processor):
 def test_media_count_mismatch_is_a_clear_error(model, processor):
     enc = batch(processor)
     with pytest.raises(ValueError, match=r"refers to 2 media item\(s\).*only 1"):
-        model(**{**enc, "pixel_values": enc["pixel_values"][:, :1]})
+        model(**{**enc, "media_slots": enc["media_slots"][:, :1]})
+    with pytest.raises(ValueError, match=r"refers to 2 media item\(s\).*only 1"):
+        model(**{**enc, "pixel_values": padded(enc)[:, :1], "media_slots": None})
     with pytest.raises(ValueError, match="not both"):
         model(**enc, media_latents=torch.zeros(1))
 
@@ -291,7 +293,7 @@ def test_a_checkpointed_layer_call_recomputes_its_gated_block_with_the_forward_m
     model = build().train()
     set_gates(model)
     lm, enc = model.lm, batch(processor)
-    media = model.encode_media(enc["pixel_values"]).detach()
+    media = model.encode_media(enc["pixel_values"], enc["media_slots"]).detach()
     media_index = media_index_from_ids(enc["input_ids"], model.special_tokens.image_id)
     layer = nn.Identity()  # a stand-in decoder layer: only its pre-hook, the gated block, works
     layer.register_forward_pre_hook(partial(lm._run_gated_block, 0), with_kwargs=True)
@@ -321,7 +323,10 @@ def test_cached_continuation_equals_the_full_forward(model, processor):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     media_index = (ids == model.special_tokens.image_id).long().cumsum(-1) - 1
     cut = ids.shape[1] - 3
-    first = model(ids[:, :cut], mask[:, :cut], pixel_values=enc["pixel_values"], use_cache=True)
+    pixels, slots = enc["pixel_values"], enc["media_slots"]
+    first = model(
+        ids[:, :cut], mask[:, :cut], pixel_values=pixels, media_slots=slots, use_cache=True
+    )
     with pytest.raises(ValueError, match="media_index is required"):
         model(
             ids[:, cut:],

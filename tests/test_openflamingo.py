@@ -18,7 +18,7 @@ from flamingo import Flamingo, FlamingoProcessor
 from flamingo.convert import from_openflamingo
 from flamingo.convert.__main__ import main as convert_main
 from flamingo.tokens import TINY_TOKENIZER_DIR
-from tests.conftest import noise_image, tiny_config
+from tests.conftest import noise_image, padded, tiny_config
 
 of_flamingo = pytest.importorskip("open_flamingo.src.flamingo")
 of_lm = pytest.importorskip("open_flamingo.src.flamingo_lm")
@@ -151,7 +151,7 @@ def test_logits_match_openflamingo(backbones, batch_index):
     texts, seeds = BATCHES[batch_index]
     images = [[noise_image(s) for s in row] for row in seeds]
     enc = processor(texts, images=images, padding_side="left")
-    pixels = enc["pixel_values"]  # rows without images get zero-filled slots
+    pixels = padded(enc)  # OpenFlamingo's layout: rows without images get zero-filled slots
     assert enc["attention_mask"][1, 0] == 0, "the second row must be left padded"
     with torch.no_grad():
         expected = theirs(
@@ -224,7 +224,7 @@ def test_untied_llama_matches_and_a_missing_head_is_announced(backbones):
     )
     with torch.no_grad():
         expected = theirs(
-            vision_x=enc["pixel_values"],
+            vision_x=padded(enc),
             lang_x=enc["input_ids"],
             attention_mask=enc["attention_mask"],
         ).logits

@@ -5,18 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import noise_image, solid
+from tests.conftest import noise_image, padded, solid
 
 
-def test_pixel_values_layout_and_zero_filled_slots(processor):
+def test_media_are_flat_with_their_slots(processor):
     enc = processor(
-        ["<image>one<image>two", "<image>three"],
-        images=[[solid((255, 0, 0)), noise_image(1)], [solid((0, 0, 255), (20, 60))]],
+        ["<image>one<image>two", "<image>three", "no image"],
+        images=[[solid((255, 0, 0)), noise_image(1)], [solid((0, 0, 255), (20, 60))], []],
     )
-    assert enc["pixel_values"].shape == (2, 2, 1, 3, 32, 32)
-    assert enc["pixel_values"][1, 1].abs().sum() == 0
-    assert enc["pixel_values"][1, 0].abs().sum() > 0
-    assert (enc["input_ids"] == processor.special_tokens.image_id).sum(-1).tolist() == [2, 1]
+    assert enc["pixel_values"].shape == (3, 1, 3, 32, 32)  # the real images only
+    assert enc["media_slots"].tolist() == [[0, 1], [2, -1], [-1, -1]]
+    slots = padded(enc)  # the padded layout: (B, N, F, C, H, W), zero-filled slots
+    assert slots.shape == (3, 2, 1, 3, 32, 32)
+    assert torch.equal(slots[0, 1], enc["pixel_values"][1])
+    assert torch.equal(slots[1, 0], enc["pixel_values"][2])
+    assert slots[1, 1].abs().sum() == 0 and slots[2].abs().sum() == 0
+    assert (enc["input_ids"] == processor.special_tokens.image_id).sum(-1).tolist() == [2, 1, 0]
 
 
 def test_marker_image_mismatch_is_a_clear_error(processor):
@@ -59,8 +63,8 @@ def test_truncation_that_drops_an_image_marker_is_an_error(processor):
 def test_video_frames(processor):
     clip = [noise_image(i) for i in range(3)]
     enc = processor(["<image>a video"], images=[[clip]])
-    assert enc["pixel_values"].shape == (1, 1, 3, 3, 32, 32)
-    assert not torch.equal(enc["pixel_values"][0, 0, 0], enc["pixel_values"][0, 0, 1])
+    assert enc["pixel_values"].shape == (1, 3, 3, 32, 32)
+    assert not torch.equal(enc["pixel_values"][0, 0], enc["pixel_values"][0, 1])
     with pytest.raises(ValueError, match="same number of frames"):
         processor(["<image>a<image>b"], images=[[clip, noise_image(9)]])
     with pytest.raises(ValueError, match="PIL image"):

@@ -115,7 +115,11 @@ def test_the_sync_free_media_check_still_refuses_missing_media():
     model.set_execution_policy(ExecutionPolicy(sync_free=True))
     processor = FlamingoProcessor.from_config(model.cfg)
     enc = processor(["<image>a<image>b"], images=[[noise_image(1), noise_image(2)]])
-    one_image = enc["pixel_values"][:, :1]
+    ids, mask, pixels, slots = (
+        enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "media_slots")
+    )
     with pytest.raises(RuntimeError):  # the device's assert: no message, but no silent garbage
-        model(enc["input_ids"], enc["attention_mask"], pixel_values=one_image)
-    model(enc["input_ids"], enc["attention_mask"], pixel_values=enc["pixel_values"])
+        model(ids, mask, pixel_values=pixels, media_slots=slots[:, :1])
+    with pytest.raises(RuntimeError):  # a slot past the flat list
+        model(ids, mask, pixel_values=pixels[:1], media_slots=slots)
+    model(ids, mask, pixel_values=pixels, media_slots=slots)

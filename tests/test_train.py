@@ -144,7 +144,7 @@ def test_bf16_trains_under_autocast_and_tracks_fp32(shards, tmp_path):
     )
     processor = FlamingoProcessor.from_config(model.cfg)
     enc = processor(["<image>a red circle"], images=[[noise_image(1)]])
-    engine.forward(enc["input_ids"], enc["attention_mask"], pixel_values=enc["pixel_values"])
+    engine.forward(**enc)
     assert seen == [(torch.float32, torch.bfloat16)]  # fp32 master weights, bf16 products
 
     runs = {}

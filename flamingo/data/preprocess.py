@@ -21,6 +21,7 @@ import torch
 from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor, decode_image
 from flamingo.data.schema import DECODERS, InterleavedSample, PairSample, SkipSample, VideoSample
+from flamingo.processing import media_slots
 from flamingo.tokens import END_OF_CHUNK, IMAGE, SpecialTokens
 
 
@@ -176,22 +177,20 @@ def strip_markers(text: str, markers: tuple[str, ...] = (IMAGE, END_OF_CHUNK)) -
 def collate(
     samples: list[tuple[str, list[int], torch.Tensor]], pad_id: int, name: str
 ) -> dict[str, Any]:
-    """Right-padded ids and mask (B, T); zero-filled uint8 pixel_values (B, N, F, C, H, W)
-    (slots past a sample's images are never attended)."""
+    """Right-padded ids and mask (B, T); the samples' media flat, in order, as uint8
+    ``pixel_values (M, F, C, H, W)`` with ``media_slots (B, N)`` (``Flamingo.encode_media``):
+    no padding image is ever decoded, shipped or encoded."""
     width = max(len(ids) for _, ids, _ in samples)
-    num_media = max(p.shape[0] for _, _, p in samples)
-    frames, c, h, w = samples[0][2].shape[1:]
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    pixels = torch.zeros((len(samples), num_media, frames, c, h, w), dtype=samples[0][2].dtype)
-    for b, (_, ids, pix) in enumerate(samples):
+    for b, (_, ids, _) in enumerate(samples):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
-        pixels[b, : pix.shape[0]] = pix
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "pixel_values": pixels,
+        "pixel_values": torch.cat([pix for _, _, pix in samples]),
+        "media_slots": media_slots([pix.shape[0] for _, _, pix in samples]),
         "keys": [k for k, _, _ in samples],
         "dataset": name,
     }
