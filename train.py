@@ -73,6 +73,7 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
     StepInfo). Each dataset's NLL is normalised by its target tokens over the step and all
     ranks, and weighted by its ``loss_weight``."""
     weights = {d.name: d.loss_weight for d in cfg.datasets}
+    across = {d.name: d.packing == "cross_document" for d in cfg.datasets}
     nll_sums: dict[str, torch.Tensor] = {}  # on the device: read only when logging
     samples = 0
     engine.begin_step(lr)
@@ -82,8 +83,12 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
             batch[k].to(engine.device, non_blocking=True)
             for k in ("input_ids", "attention_mask", "pixel_values", "media_slots", "labels")
         )
+        packed = {}
+        if "document_ids" in batch:  # packed rows (flamingo/packing.py)
+            packed["document_ids"] = batch["document_ids"].to(engine.device, non_blocking=True)
+            packed["across_documents"] = across[name]
         nll = engine.forward(
-            ids, mask, pixel_values=pixels, media_slots=slots, labels=labels
+            ids, mask, pixel_values=pixels, media_slots=slots, labels=labels, **packed
         ).nll_sum
         nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach().double()
         samples += batch["input_ids"].shape[0]

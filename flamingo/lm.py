@@ -32,6 +32,7 @@ from flamingo.config import CrossAttentionConfig, LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, is_partitioned, set_policy, whole
 from flamingo.mpt import use_sdpa_attention
+from flamingo.packing import block_diagonal_mask, document_positions
 from flamingo.tokens import SpecialTokens
 from flamingo.xattn import (
     CrossAttentionMask,
@@ -349,10 +350,18 @@ class FlamingoLM(nn.Module):
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        document_ids: torch.Tensor | None = None,
+        across_documents: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """Returns ``(logits (B, T, vocab_size), cache)``; with ``labels``, ``(summed NLL,
         cache)`` instead, without computing the logits (:meth:`summed_nll`). ``cache`` is the
-        HF model's own (a ``transformers.Cache``), None unless ``use_cache``."""
+        HF model's own (a ``transformers.Cache``), None unless ``use_cache``. With
+        ``document_ids`` (packed rows, :mod:`flamingo.packing`) self-attention stays inside
+        each document and positions restart, unless ``across_documents``."""
+        if document_ids is not None and not across_documents:
+            if position_ids is None and self.layout.position_ids:
+                position_ids = document_positions(document_ids)
+            attention_mask = self._packed_mask(block_diagonal_mask(document_ids, attention_mask))
         kwargs: dict[str, Any] = {self._cache_argument: cache}
         if self.layout.position_ids:
             if position_ids is None and attention_mask is not None:
@@ -373,6 +382,23 @@ class FlamingoLM(nn.Module):
             return self.summed_nll(out.last_hidden_state, labels), cache
         hidden = out.last_hidden_state
         return self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache
+
+    def _packed_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The block-diagonal mask (B, 1, T, T) in the form this LM's attention takes a 4-D
+        mask (transformers hands it over unchanged): SDPA a boolean one (True: attend), eager
+        attention an additive one (MPT's too: it casts it to its own masked-is-True form)."""
+        implementation = self.hf.config._attn_implementation
+        if implementation == "sdpa":
+            return allowed
+        if implementation == "eager":
+            dtype = self.hf.get_input_embeddings().weight.dtype
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            return torch.where(allowed, zero, torch.finfo(dtype).min)
+        raise ValueError(
+            f"packed rows need lm.attn_implementation sdpa or eager (a 4-D block-diagonal "
+            f"mask); this LM runs {implementation!r}: set lm.attn_implementation=sdpa, or "
+            "packing: cross_document"
+        )
 
     def set_execution_policy(self, policy: ExecutionPolicy) -> None:
         """Take the engine's policy: with ``checkpoint_layers``, decoder layers (HF's mechanism)

@@ -17,22 +17,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flamingo.packing import document_starts
 from flamingo.tokens import SpecialTokens
 
 IGNORE = -100
 
 
 def make_labels(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, special: SpecialTokens
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special: SpecialTokens,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """input_ids, attention_mask (B, T) -> labels (B, T), ``IGNORE`` where no loss is taken."""
+    """input_ids, attention_mask (B, T) -> labels (B, T), ``IGNORE`` where no loss is taken.
+    In a packed row (``document_ids``, :mod:`flamingo.packing`) each document counts on its
+    own: its text before its own first image is no target, and its first token (an image, or
+    such text) is never predicted from the document before it."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     is_image = input_ids == special.image_id
     is_eoc = input_ids == special.end_of_chunk_id
     none = torch.full_like(positions, -1)
     last_image = torch.where(is_image, positions, none).cummax(dim=1).values
     last_eoc = torch.where(is_eoc, positions, none).cummax(dim=1).values
-    before_first_image = last_image < 0
+    start = 0 if document_ids is None else document_starts(document_ids)
+    before_first_image = last_image < start
     after_chunk = (last_eoc > last_image) & ~is_eoc
     ignore = ~attention_mask.bool() | is_image | before_first_image | after_chunk
     return input_ids.masked_fill(ignore, IGNORE)

@@ -265,6 +265,8 @@ class Flamingo(nn.Module):
         media_kv: list[MediaKV] | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        document_ids: torch.Tensor | None = None,
+        across_documents: bool = False,
     ) -> FlamingoOutput:
         """Logits for ``input_ids`` (B, T) conditioned on the media.
 
@@ -285,6 +287,13 @@ class Flamingo(nn.Module):
         ``flamingo.losses.summed_nll(logits, labels)``). Weighting and normalisation stay the
         caller's (``flamingo.losses.weighted_loss``). ``logits_to_keep=n`` computes the logits
         of the last n positions only (decoding needs the last one); 0 keeps all.
+
+        Packed rows (several documents per row, :mod:`flamingo.packing`) come with
+        ``document_ids (B, T)``: no token sees another document's images, positions restart
+        per document, and self-attention is block-diagonal (each document gets the logits it
+        has alone) unless ``across_documents`` (plain causal over the row, as IDEFICS
+        trained). Labels for them: ``make_labels(..., document_ids=...)``. Training only: not
+        with a cache.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -303,13 +312,17 @@ class Flamingo(nn.Module):
             media_latents = self.encode_media(pixel_values, media_slots)
         elif media_slots is not None:
             raise ValueError("media_slots were given without pixel_values")
+        if document_ids is not None:
+            self._check_packed(input_ids, document_ids, cache, use_cache)
         if media_index is None:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(
                     "media_index is required with a non-empty cache: pass the media "
                     "index of the new tokens computed over the whole sequence"
                 )
-            media_index = media_index_from_ids(input_ids, self.special_tokens.image_id)
+            media_index = media_index_from_ids(
+                input_ids, self.special_tokens.image_id, document_ids
+            )
         media = media_kv if media_kv is not None else media_latents
         self._check_media(input_ids, media, media_index, self.policy.sync_free)
         if labels is not None and labels.shape != input_ids.shape:
@@ -326,10 +339,28 @@ class Flamingo(nn.Module):
             use_cache=use_cache,
             labels=labels,
             logits_to_keep=logits_to_keep,
+            document_ids=document_ids,
+            across_documents=across_documents,
         )
         if labels is not None:
             return FlamingoOutput(cache=new_cache, media_latents=media_latents, nll_sum=result)
         return FlamingoOutput(logits=result, cache=new_cache, media_latents=media_latents)
+
+    def _check_packed(
+        self, input_ids: torch.Tensor, document_ids: torch.Tensor, cache: Any, use_cache: bool
+    ) -> None:
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"document_ids shape {tuple(document_ids.shape)} != input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        if cache is not None or use_cache:
+            raise ValueError("document_ids (packed rows) are for training: not with a cache")
+        if self.cfg.xattn.attend != "last":
+            raise ValueError(
+                "packed rows need xattn.attend: last (with all_previous a token would also "
+                "attend to the earlier documents' images of its row)"
+            )
 
     @staticmethod
     def _check_media(

@@ -37,6 +37,7 @@ from torch import nn
 
 from flamingo.config import CrossAttentionConfig
 from flamingo.layers import DEFAULT_POLICY, FeedForward, linear_of_norm
+from flamingo.packing import document_starts
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -49,12 +50,22 @@ CrossAttentionMask = Any
 (flex_attention)."""
 
 
-def media_index_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """phi: for each token, the index of the last ``<image>`` at or before it, else -1.
+def media_index_from_ids(
+    input_ids: torch.Tensor, image_token_id: int, document_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """phi: for each token, the index of the last ``<image>`` at or before it, else -1; in a
+    packed row (``document_ids``, :mod:`flamingo.packing`) -1 also where that image belongs
+    to an earlier document. Indices count the row's images (its media slots).
 
     ``input_ids (B, T) -> media_index (B, T)`` (int64).
     """
-    return (input_ids == image_token_id).long().cumsum(dim=-1) - 1
+    is_image = input_ids == image_token_id
+    index = is_image.long().cumsum(dim=-1) - 1
+    if document_ids is None:
+        return index
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last_image = torch.where(is_image, positions, -1).cummax(dim=1).values
+    return torch.where(last_image >= document_starts(document_ids), index, -1)
 
 
 def cross_attention_mask(

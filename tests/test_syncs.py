@@ -43,7 +43,10 @@ def step_batches(processor, special) -> StepBatches:
     micro, targets = [], {}
     for name in ("interleaved", "pairs"):
         enc = processor(texts, images=images, padding_side="right")
-        batch = {**enc, "labels": make_labels(enc["input_ids"], enc["attention_mask"], special)}
+        if name == "pairs":  # the packed path (one document a row here, then padding)
+            enc["document_ids"] = 1 - enc["attention_mask"]
+        ids, mask, documents = enc["input_ids"], enc["attention_mask"], enc.get("document_ids")
+        batch = {**enc, "labels": make_labels(ids, mask, special, documents)}
         micro.append((name, batch))
         targets[name] = float(count_targets(batch["labels"]))
     return StepBatches(micro=micro, targets=targets)

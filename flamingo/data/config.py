@@ -23,6 +23,16 @@ class DatasetConfig(YamlConfig):
     """Sequences per micro-batch."""
     seq_len: int = 32
     """Tokens per sequence (paper/OpenFlamingo: 32 for pairs and video, 256 for interleaved)."""
+    packing: Literal["none", "block_diagonal", "cross_document"] = "none"
+    """Several samples per row of ``packed_len`` tokens (fewer padding tokens, bigger matrix
+    products; README, "Packing"): ``block_diagonal`` keeps each sample's self-attention,
+    positions, images and loss to itself (exact: every sample gets the loss it has alone);
+    ``cross_document`` lets self-attention run over the whole row, as IDEFICS trained (this
+    changes the results; images and loss still stop at each sample's boundary); ``none``:
+    one sample per row."""
+    packed_len: int | None = None
+    """Tokens per packed row (default ``seq_len``, which still bounds each sample): e.g.
+    ``seq_len: 32, packed_len: 256`` packs about eight captions a row."""
     max_images: int = 5
     """Images per interleaved sequence (paper: 5); pairs and video always have one."""
     num_frames: int = 8
@@ -54,6 +64,11 @@ class DatasetConfig(YamlConfig):
     min_samples_for_skip_rate: int = 200
     """Samples a stream must have seen before the skip rate is enforced."""
 
+    @property
+    def row_len(self) -> int:
+        """Tokens a row of this dataset's batches holds at most."""
+        return self.packed_len or self.seq_len
+
     def __post_init__(self) -> None:
         for key in (
             "batch_size",
@@ -67,6 +82,17 @@ class DatasetConfig(YamlConfig):
         for key in ("p_next_image", "p_leading_space", "p_flip", "max_skip_rate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.packed_len is not None:
+            if self.packing == "none":
+                raise ValueError(
+                    f"dataset {self.name}: packed_len is the row length of packed batches; "
+                    "set packing: block_diagonal (or cross_document), or drop packed_len"
+                )
+            if self.packed_len < self.seq_len:
+                raise ValueError(
+                    f"dataset {self.name}: packed_len {self.packed_len} < seq_len "
+                    f"{self.seq_len}: a row must hold at least one whole sample"
+                )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
         if self.shuffle_buffer < 0:

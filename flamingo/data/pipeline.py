@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor
-from flamingo.data.preprocess import Preprocessor, collate
+from flamingo.data.preprocess import Preprocessor, collate, collate_packed
 from flamingo.data.schema import SkipSample
 from flamingo.data.shards import ShardError, expand_shards, read_shard
 from flamingo.tokens import SpecialTokens
@@ -50,6 +50,29 @@ class StreamState:
 
 
 # -- streams --------------------------------------------------------------------------------
+
+
+class PackedRows:
+    """Samples packed first-fit into at most ``max_rows`` rows of ``length`` tokens each."""
+
+    def __init__(self, max_rows: int, length: int) -> None:
+        self.max_rows, self.length = max_rows, length
+        self.rows: list[list[tuple[str, list[int], torch.Tensor]]] = []
+        self.used: list[int] = []
+
+    def add(self, item: tuple[str, list[int], torch.Tensor]) -> bool:
+        """Put ``item`` in the first row with room for it, or a new row; False if neither."""
+        size = len(item[1])
+        for i, used in enumerate(self.used):
+            if used + size <= self.length:
+                self.rows[i].append(item)
+                self.used[i] += size
+                return True
+        if len(self.rows) == self.max_rows:
+            return False
+        self.rows.append([item])
+        self.used.append(size)
+        return True
 
 
 class ShardStream:
@@ -137,29 +160,57 @@ class ShardStream:
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState, Counter]]:
-        pending: list[tuple[str, list[int], torch.Tensor]] = []
+    def _items(self) -> Iterator[tuple[Any, StreamState]]:
+        """Processed samples, each with the state just before it (resuming there reads it
+        again); at the end of an epoch-mode pass, ``(None, the final state)``."""
         while True:
             url = self._next_shard()
             if url is None:  # epoch mode: this stream's share of the epoch is done
                 self.state = StreamState(epoch=self.state.epoch + 1)
-                # the last partial batch, or None: either way the final state and counters
-                last = collate(pending, self.pad_id, self.cfg.name) if pending else None
-                yield last, StreamState(**asdict(self.state)), self.counters
+                yield None, StreamState(**asdict(self.state))
                 return
             skip = self.state.sample_pos
             for i, raw in enumerate(self._shuffled(url)):
                 if i < skip:
                     continue  # already delivered before a restore
+                before = StreamState(**asdict(self.state))
                 self.state.sample_pos = i + 1
                 item = self._process(raw, url)
                 if item is not None:
-                    pending.append(item)
-                if len(pending) == self.cfg.batch_size:
-                    batch = collate(pending, self.pad_id, self.cfg.name)
-                    pending = []
-                    yield batch, StreamState(**asdict(self.state)), self.counters
+                    yield item, before
             self.state = StreamState(epoch=self.state.epoch, shard_pos=self.state.shard_pos + 1)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState, Counter]]:
+        if self.cfg.packing != "none":
+            yield from self._packed()
+            return
+        pending: list[tuple[str, list[int], torch.Tensor]] = []
+        for item, final in self._items():
+            if item is None:  # the last partial batch, or None: either way the final state
+                last = collate(pending, self.pad_id, self.cfg.name) if pending else None
+                yield last, final, self.counters
+                return
+            pending.append(item)
+            if len(pending) == self.cfg.batch_size:
+                batch = collate(pending, self.pad_id, self.cfg.name)
+                pending = []
+                yield batch, StreamState(**asdict(self.state)), self.counters
+
+    def _packed(self) -> Iterator[tuple[dict[str, Any], StreamState, Counter]]:
+        """Batches of ``batch_size`` rows, samples packed first-fit in stream order. A batch
+        ends at the first sample that fits in none of its rows; that sample opens the next
+        batch, and the batch's state is the one before it, so a resumed run reads it again
+        and builds the same batches."""
+        rows = PackedRows(self.cfg.batch_size, self.cfg.row_len)
+        for item, before in self._items():
+            if item is None:
+                last = collate_packed(rows.rows, self.pad_id, self.cfg.name) if rows.rows else None
+                yield last, before, self.counters
+                return
+            if not rows.add(item):
+                yield collate_packed(rows.rows, self.pad_id, self.cfg.name), before, self.counters
+                rows = PackedRows(self.cfg.batch_size, self.cfg.row_len)
+                rows.add(item)
 
     def _process(self, raw: dict, url: str):
         counters = self.counters

@@ -194,3 +194,33 @@ def collate(
         "keys": [k for k, _, _ in samples],
         "dataset": name,
     }
+
+
+def collate_packed(
+    rows: list[list[tuple[str, list[int], torch.Tensor]]], pad_id: int, name: str
+) -> dict[str, Any]:
+    """Packed rows (several samples each, :mod:`flamingo.packing`): their ids concatenated and
+    right-padded (B, T), ``document_ids (B, T)`` (each sample of a row numbered in order;
+    padding takes the next number), and the media flat as in :func:`collate`."""
+    width = max(sum(len(ids) for _, ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    documents = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for d, (_, ids, _) in enumerate(row):
+            input_ids[b, at : at + len(ids)] = torch.tensor(ids)
+            documents[b, at : at + len(ids)] = d
+            at += len(ids)
+        mask[b, :at] = 1
+        documents[b, at:] = len(row)
+    samples = [sample for row in rows for sample in row]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "document_ids": documents,
+        "pixel_values": torch.cat([pix for _, _, pix in samples]),
+        "media_slots": media_slots([sum(pix.shape[0] for _, _, pix in row) for row in rows]),
+        "keys": [k for k, _, _ in samples],
+        "dataset": name,
+    }
