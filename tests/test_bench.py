@@ -268,3 +268,31 @@ def test_the_gpu_bench_records_failures_and_what_the_budget_left_out(tmp_path):
     assert saved["kernels"]["works"]["ms"] == 1.0
     assert "ZeroDivisionError" in saved["kernels"]["fails"]["error"]
     assert saved["step_9b"]["too_long"]["skipped"].startswith("budget")
+
+
+def test_the_padding_bench_measures_less_padding_after_and_the_same_samples():
+    """bench/padding.py on its two distributions, small: packing and real media only leave
+    under 5% padding tokens and no padding image; both layouts carry the same samples, and a
+    step runs on each."""
+    import random
+
+    from bench.padding import DISTRIBUTIONS, batches, draw, padding_of, step_of
+    from tests.conftest import build
+
+    model = build().train()
+    special = model.special_tokens
+    for name in DISTRIBUTIONS:
+        samples = draw(name, 256, random.Random(0), special)
+        before = batches(samples, 32, 8, packed=False)
+        after = batches(samples, 32, 4 if name == "mmc4" else 1, packed=True)
+        assert sorted(k for b in before for k in b["keys"]) == sorted(
+            k for b in after for k in b["keys"]
+        )
+        tokens, pad, images, pad_images = (
+            sum(v) for v in zip(*(padding_of(b, True) for b in after), strict=True)
+        )
+        assert pad / tokens < 0.05 and pad_images == 0 and images == sum(n for _, n in samples)
+        old = [sum(v) for v in zip(*(padding_of(b, False) for b in before), strict=True)]
+        assert old[1] / old[0] > pad / tokens
+        step_of(model, special, after[0], True)()
+        step_of(model, special, before[0], False)()

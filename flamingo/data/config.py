@@ -33,6 +33,9 @@ class DatasetConfig(YamlConfig):
     packed_len: int | None = None
     """Tokens per packed row (default ``seq_len``, which still bounds each sample): e.g.
     ``seq_len: 32, packed_len: 256`` packs about eight captions a row."""
+    pack_window: int = 256
+    """Packing: samples packed together (best-fit decreasing), then delivered ``batch_size``
+    rows at a time; more leaves less padding and holds more decoded samples in memory."""
     max_images: int = 5
     """Images per interleaved sequence (paper: 5); pairs and video always have one."""
     num_frames: int = 8
@@ -77,6 +80,7 @@ class DatasetConfig(YamlConfig):
             "num_frames",
             "max_text_chars",
             "max_image_pixels",
+            "pack_window",
         ):
             positive(key, getattr(self, key))
         for key in ("p_next_image", "p_leading_space", "p_flip", "max_skip_rate"):

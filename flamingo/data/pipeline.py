@@ -22,7 +22,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -47,32 +47,34 @@ class StreamState:
     """Index into the epoch's shard order (epoch mode) or number of shards drawn (resampled)."""
     sample_pos: int = 0
     """Raw samples already taken from the current shard (after shuffling)."""
+    window_batches: int = 0
+    """Packing: batches already delivered from the packing window that starts here."""
 
 
 # -- streams --------------------------------------------------------------------------------
 
 
-class PackedRows:
-    """Samples packed first-fit into at most ``max_rows`` rows of ``length`` tokens each."""
+Item = tuple[str, list[int], torch.Tensor]
+"""A preprocessed sample: its key, token ids and uint8 pixels (M, F, C, H, W)."""
 
-    def __init__(self, max_rows: int, length: int) -> None:
-        self.max_rows, self.length = max_rows, length
-        self.rows: list[list[tuple[str, list[int], torch.Tensor]]] = []
-        self.used: list[int] = []
 
-    def add(self, item: tuple[str, list[int], torch.Tensor]) -> bool:
-        """Put ``item`` in the first row with room for it, or a new row; False if neither."""
-        size = len(item[1])
-        for i, used in enumerate(self.used):
-            if used + size <= self.length:
-                self.rows[i].append(item)
-                self.used[i] += size
-                return True
-        if len(self.rows) == self.max_rows:
-            return False
-        self.rows.append([item])
-        self.used.append(size)
-        return True
+def pack_rows(items: list[Item], length: int) -> list[list[Item]]:
+    """Best-fit decreasing: the longest sample first, each into the fullest row that still has
+    room for it, else a new row of ``length`` tokens. Rows keep their samples in stream order."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        size = len(items[i][1])
+        fits = [r for r in range(len(rows)) if room[r] >= size]
+        if fits:
+            r = min(fits, key=lambda r: room[r])
+            rows[r].append(i)
+            room[r] -= size
+        else:
+            rows.append([i])
+            room.append(length - size)
+    return [[items[i] for i in sorted(row)] for row in rows]
 
 
 class ShardStream:
@@ -197,20 +199,43 @@ class ShardStream:
                 yield batch, StreamState(**asdict(self.state)), self.counters
 
     def _packed(self) -> Iterator[tuple[dict[str, Any], StreamState, Counter]]:
-        """Batches of ``batch_size`` rows, samples packed first-fit in stream order. A batch
-        ends at the first sample that fits in none of its rows; that sample opens the next
-        batch, and the batch's state is the one before it, so a resumed run reads it again
-        and builds the same batches."""
-        rows = PackedRows(self.cfg.batch_size, self.cfg.row_len)
-        for item, before in self._items():
-            if item is None:
-                last = collate_packed(rows.rows, self.pad_id, self.cfg.name) if rows.rows else None
-                yield last, before, self.counters
+        """Packed batches: ``pack_window`` samples at a time are packed into rows of
+        ``packed_len`` tokens (:func:`pack_rows`), the rows shuffled (seeded by where the window
+        starts) and delivered ``batch_size`` at a time (the window's last batch may have fewer).
+        A batch's state is the window's start and how many of its batches were delivered, so
+        a resumed run reads the window again, packs it the same way and goes on from there."""
+        skip, self.state.window_batches = self.state.window_batches, 0
+        items = self._items()
+        while True:
+            start = StreamState(**asdict(self.state))
+            window: list[Item] = []
+            final = None
+            for item, before in items:
+                if item is None:
+                    final = before
+                    break
+                window.append(item)
+                if len(window) == self.cfg.pack_window:
+                    break
+            rows = pack_rows(window, self.cfg.row_len)
+            random.Random(
+                f"{self.seed}/pack/{self.stream_id}/{start.epoch}/{start.shard_pos}/"
+                f"{start.sample_pos}"
+            ).shuffle(rows)
+            size = self.cfg.batch_size
+            groups = [rows[i : i + size] for i in range(0, len(rows), size)]
+            for g in range(skip, len(groups)):
+                done = g + 1 == len(groups)
+                state = (
+                    StreamState(**asdict(self.state))
+                    if done
+                    else replace(start, window_batches=g + 1)
+                )
+                yield collate_packed(groups[g], self.pad_id, self.cfg.name), state, self.counters
+            skip = 0
+            if final is not None:
+                yield None, final, self.counters
                 return
-            if not rows.add(item):
-                yield collate_packed(rows.rows, self.pad_id, self.cfg.name), before, self.counters
-                rows = PackedRows(self.cfg.batch_size, self.cfg.row_len)
-                rows.add(item)
 
     def _process(self, raw: dict, url: str):
         counters = self.counters
