@@ -3,7 +3,7 @@
     python -m bench [--skip NAME ...]
 
 On CPU: the training step (tiny; small at batch 2), the scaling sweep, generation (tiny;
-small with 5 tokens) and the loaders; with a GPU, also the small and ~1B configs in bf16 under
+small with 5 tokens), the loaders and the padding a step computes before and after packing; with a GPU, also the small and ~1B configs in bf16 under
 DeepSpeed ZeRO-2 and generation on the GPU. Each writes its JSON under ``bench/results``;
 ``bench.report`` then writes ``bench/results/README.md``. Takes about 20 minutes on 2 cores.
 """
@@ -33,6 +33,7 @@ CPU = {
         *("--device", "cpu"),
     ],
     "data_throughput": ["bench.data_throughput"],
+    "padding": ["bench.padding", "--config", "small"],
 }
 GPU = {
     "train_step-small-zero2-bf16": [

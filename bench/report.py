@@ -173,6 +173,25 @@ def gpu_tables(record: dict) -> list[str]:
     return out
 
 
+def padding_table(records: list[dict]) -> list[str]:
+    """bench/padding.py: padding computed and samples/s, one sample a row with every media
+    slot encoded (before) against packed rows and real media only (after)."""
+    rows = []
+    for r in records:
+        for name, res in r["results"].items():
+            before, after = res["before"], res["after"]
+            rows.append([
+                name, r["config"], r["machine"],
+                f"{before['padding_tokens']:.1%} / {after['padding_tokens']:.1%}",
+                f"{before['padding_images']:.1%} / {after['padding_images']:.1%}",
+                f"{before['samples_per_s']:.3g} / {after['samples_per_s']:.3g}",
+                f"**{res['speedup']:.2f}x**", f"`{r['file']}`",
+            ])  # fmt: skip
+    header = ["data", "config", "machine", "padding tokens (before / after)",
+              "padding images", "samples/s", "speed-up", "file"]  # fmt: skip
+    return table(header, rows)
+
+
 def report(results: Path) -> str:
     steps = load(results.glob("train_step-*.json"))
     out = [
@@ -212,6 +231,10 @@ def report(results: Path) -> str:
                 f"layer, {r['bytes_per_token_gated_block_over_d']:.1f} d a gated block "
                 f"(`{r['file']}`)"
             )
+    padding = load(results.glob("padding-*.json"))
+    if padding:
+        out += ["", "## Padding computed: one sample a row vs packed rows, real media only", ""]
+        out += padding_table(padding)
     loader = results / "data_throughput.json"
     if loader.is_file():
         rows = json.loads(loader.read_text())

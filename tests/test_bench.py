@@ -276,7 +276,8 @@ def test_the_padding_bench_measures_less_padding_after_and_the_same_samples():
     step runs on each."""
     import random
 
-    from bench.padding import DISTRIBUTIONS, batches, draw, padding_of, step_of
+    from bench.padding import DISTRIBUTIONS, batches, draw, measure, padding_of, step_of
+    from bench.report import padding_table
     from tests.conftest import build
 
     model = build().train()
@@ -296,3 +297,8 @@ def test_the_padding_bench_measures_less_padding_after_and_the_same_samples():
         assert old[1] / old[0] > pad / tokens
         step_of(model, special, after[0], True)()
         step_of(model, special, before[0], False)()
+    measured = measure(model, special, "laion", samples[:64], 32, steps=1)
+    assert measured["after"]["padding_tokens"] < measured["before"]["padding_tokens"]
+    record = {"config": "tiny", "machine": "cpu", "file": "padding-tiny-cpu.json"}
+    lines = padding_table([record | {"results": {"laion": measured}}])
+    assert len(lines) == 3 and "laion" in lines[2] and "x**" in lines[2]
