@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,10 @@ class DecoderLayout:
     gated_mlp: bool = False
     """The MLP has gate, up and down projections (SwiGLU), three matrices instead of two (FLOP
     counts need it)."""
+    packed_positions: bool = True
+    """transformers reads a packed row's boundaries from its position ids (flash-attention
+    kernels' variable-length path; tested on the CPU through its mask builder). OPT builds its
+    mask without them, MPT has none: packed rows need a 4-D mask there (SDPA or eager)."""
 
 
 DECODER_LAYOUTS: dict[str, DecoderLayout] = {
@@ -78,8 +83,8 @@ DECODER_LAYOUTS: dict[str, DecoderLayout] = {
     "gpt_neox": DecoderLayout("gpt_neox.layers"),
     "llama": DecoderLayout("model.layers", gated_mlp=True),
     "mistral": DecoderLayout("model.layers", gated_mlp=True),
-    "mpt": DecoderLayout("transformer.blocks", position_ids=False),
-    "opt": DecoderLayout("model.decoder.layers"),
+    "mpt": DecoderLayout("transformer.blocks", position_ids=False, packed_positions=False),
+    "opt": DecoderLayout("model.decoder.layers", packed_positions=False),
     "qwen2": DecoderLayout("model.layers", gated_mlp=True),
     "qwen3": DecoderLayout("model.layers", gated_mlp=True),
 }
@@ -361,7 +366,7 @@ class FlamingoLM(nn.Module):
         if document_ids is not None and not across_documents:
             if position_ids is None and self.layout.position_ids:
                 position_ids = document_positions(document_ids)
-            attention_mask = self._packed_mask(block_diagonal_mask(document_ids, attention_mask))
+            attention_mask = self._packed_attention_mask(document_ids, attention_mask)
         kwargs: dict[str, Any] = {self._cache_argument: cache}
         if self.layout.position_ids:
             if position_ids is None and attention_mask is not None:
@@ -383,22 +388,42 @@ class FlamingoLM(nn.Module):
         hidden = out.last_hidden_state
         return self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache
 
-    def _packed_mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """The block-diagonal mask (B, 1, T, T) in the form this LM's attention takes a 4-D
-        mask (transformers hands it over unchanged): SDPA a boolean one (True: attend), eager
-        attention an additive one (MPT's too: it casts it to its own masked-is-True form)."""
+    def packed_boundaries(self) -> Literal["mask", "positions"]:
+        """How this LM's attention is told where a packed row's documents end: ``mask``, a 4-D
+        block-diagonal mask, which transformers hands to SDPA and eager attention unchanged;
+        ``positions``, for flash-attention kernels: no mask, and transformers reads the
+        boundaries from the restarting position ids (variable-length sequences)."""
         implementation = self.hf.config._attn_implementation
-        if implementation == "sdpa":
-            return allowed
-        if implementation == "eager":
-            dtype = self.hf.get_input_embeddings().weight.dtype
-            zero = torch.zeros((), dtype=dtype, device=allowed.device)
-            return torch.where(allowed, zero, torch.finfo(dtype).min)
+        if implementation in ("sdpa", "eager"):
+            return "mask"
+        if implementation.startswith("flash_attention") and self.layout.packed_positions:
+            return "positions"
         raise ValueError(
-            f"packed rows need lm.attn_implementation sdpa or eager (a 4-D block-diagonal "
-            f"mask); this LM runs {implementation!r}: set lm.attn_implementation=sdpa, or "
-            "packing: cross_document"
+            f"packed rows need lm.attn_implementation sdpa, eager or (for a family that reads "
+            f"them from position ids) a flash-attention kernel; this {self.hf.config.model_type} "
+            f"LM runs {implementation!r}: set lm.attn_implementation=sdpa, or packing: "
+            "cross_document"
         )
+
+    def _packed_attention_mask(
+        self, document_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The mask a packed batch gives the LM: none where the position ids carry the
+        boundaries; else the block-diagonal one in the form the attention takes, boolean for
+        SDPA (True: attend), additive for eager (MPT casts that to its masked-is-True form)."""
+        if self.packed_boundaries() == "positions":
+            return None
+        allowed = block_diagonal_mask(document_ids, attention_mask)
+        dtype = self.hf.get_input_embeddings().weight.dtype
+        module = vars(sys.modules[type(self.hf.base_model).__module__])
+        if "_prepare_4d_causal_attention_mask" in module and "create_causal_mask" not in module:
+            # a family still on transformers' older mask helper (MPT before transformers 5)
+            # takes a 4-D mask as 1 (attend) and 0, and inverts it itself
+            return allowed.to(dtype)
+        if self.hf.config._attn_implementation == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
 
     def set_execution_policy(self, policy: ExecutionPolicy) -> None:
         """Take the engine's policy: with ``checkpoint_layers``, decoder layers (HF's mechanism)

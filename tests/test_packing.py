@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flamingo import Flamingo, FlamingoProcessor
+from flamingo.lm import DECODER_LAYOUTS
 from flamingo.losses import make_labels
 from flamingo.processing import media_slots
 from flamingo.xattn import media_index_from_ids
@@ -102,6 +103,34 @@ def test_a_packed_batch_gives_each_document_its_unpacked_logits_and_loss(
         torch.testing.assert_close(grad, want[2][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+POSITIONED = sorted(t for t in TINY_LMS if DECODER_LAYOUTS[t].packed_positions)
+
+
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+    reason="transformers' mask builder reads packed position ids from torch 2.6 on",
+)
+@pytest.mark.parametrize("model_type", POSITIONED)
+def test_position_id_boundaries_give_the_block_diagonal_logits(model_type, processor, monkeypatch):
+    """What a flash-attention kernel is given (no mask: the boundaries in the restarting
+    position ids), followed on the CPU through transformers' own reading of the position ids
+    under SDPA: each document's logits equal the block-diagonal mask's."""
+    from flamingo.lm import FlamingoLM
+
+    torch.manual_seed(0)
+    model = Flamingo.from_config(family_config(model_type), processor).eval()
+    set_gates(model)
+    packed = pack(processor, ROWS)
+    kwargs = {k: packed[k] for k in ("attention_mask", "pixel_values", "media_slots")}
+    ids, documents = packed["input_ids"], packed["document_ids"]
+    with torch.no_grad():
+        want = model(ids, **kwargs, document_ids=documents).logits
+        monkeypatch.setattr(FlamingoLM, "packed_boundaries", lambda self: "positions")
+        got = model(ids, **kwargs, document_ids=documents).logits
+    real = packed["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
 def test_across_documents_attends_over_the_row_but_never_to_another_documents_images(processor):
     torch.manual_seed(0)
     model = Flamingo.from_config(family_config("llama"), processor).eval()
@@ -134,6 +163,15 @@ def test_packed_rows_refuse_what_they_cannot_do(processor):
         model(ids, document_ids=documents, use_cache=True)
     with pytest.raises(ValueError, match="document_ids shape"):
         model(ids, document_ids=documents[:, :3])
+    media = {k: packed[k] for k in ("pixel_values", "media_slots")}
+    model.lm.hf.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="packed rows need lm.attn_implementation"):
+        model(ids, **media, document_ids=documents)
+    for family in ("mpt", "opt"):  # no position ids, or a mask built without them
+        other = Flamingo.from_config(family_config(family), processor)
+        other.lm.hf.config._attn_implementation = "flash_attention_2"
+        with pytest.raises(ValueError, match=f"this {family} LM runs 'flash_attention_2'"):
+            other(ids, **media, document_ids=documents)
     cfg = family_config("llama").replace({"xattn.attend": "all_previous"})
     with pytest.raises(ValueError, match="attend: last"):
         Flamingo.from_config(cfg, processor)(ids, document_ids=documents)
