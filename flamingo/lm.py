@@ -41,6 +41,7 @@ from flamingo.xattn import (
     MediaKV,
     cross_attention_bias,
     cross_attention_block_mask,
+    document_first_media,
 )
 
 MediaInput = torch.Tensor | list[MediaKV] | None
@@ -247,16 +248,22 @@ class FlamingoLM(nn.Module):
     # -- the scoped context through which media reach the hooks ---------------------------------
 
     @contextlib.contextmanager
-    def media_context(self, media: MediaInput, media_index: torch.Tensor) -> Iterator[None]:
-        """Make media visible to the gated blocks for the duration of one LM call."""
+    def media_context(
+        self,
+        media: MediaInput,
+        media_index: torch.Tensor,
+        media_first: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """Make media visible to the gated blocks for the duration of one LM call
+        (``media_first``: packed rows, :func:`flamingo.xattn.document_first_media`)."""
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
-        mask = self._cross_attention_mask(media, media_index)
+        mask = self._cross_attention_mask(media, media_index, media_first)
         with self._media_restored(MediaContext(media, media_index, mask)):
             yield
 
     def _cross_attention_mask(
-        self, media: MediaInput, media_index: torch.Tensor
+        self, media: MediaInput, media_index: torch.Tensor, media_first: torch.Tensor | None
     ) -> CrossAttentionMask | None:
         """The cross-attention mask of this call, built once: every gated block sees the same
         media, so they share it (and the backward keeps one copy, not one per block). A float
@@ -270,9 +277,11 @@ class FlamingoLM(nn.Module):
         block = self.gated_blocks[0]
         attend = block.cfg.attend
         if self.policy.cross_attention == "flex":
-            return cross_attention_block_mask(media_index, num_media, num_latents, attend)
+            return cross_attention_block_mask(
+                media_index, num_media, num_latents, attend, media_first
+            )
         dtype = block.attn.to_q.weight.dtype
-        return cross_attention_bias(media_index, num_media, num_latents, attend, dtype)
+        return cross_attention_bias(media_index, num_media, num_latents, attend, dtype, media_first)
 
     def _run_gated_block(
         self, block_idx: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -367,6 +376,14 @@ class FlamingoLM(nn.Module):
             if position_ids is None and self.layout.position_ids:
                 position_ids = document_positions(document_ids)
             attention_mask = self._packed_attention_mask(document_ids, attention_mask)
+        media_first = None
+        if (
+            document_ids is not None
+            and self.gated_blocks
+            and self.gated_blocks[0].cfg.attend != "last"
+        ):
+            image_id = self.special_tokens.image_id
+            media_first = document_first_media(input_ids, image_id, document_ids)
         kwargs: dict[str, Any] = {self._cache_argument: cache}
         if self.layout.position_ids:
             if position_ids is None and attention_mask is not None:
@@ -375,7 +392,7 @@ class FlamingoLM(nn.Module):
                 positions = attention_mask.long().cumsum(-1) - 1
                 position_ids = positions.clamp(min=0)[:, -input_ids.shape[1] :]
             kwargs["position_ids"] = position_ids
-        with self.media_context(media, media_index):
+        with self.media_context(media, media_index, media_first):
             out = self.hf.base_model(
                 inputs_embeds=self.embed(input_ids),
                 attention_mask=attention_mask,

@@ -356,11 +356,6 @@ class Flamingo(nn.Module):
             )
         if cache is not None or use_cache:
             raise ValueError("document_ids (packed rows) are for training: not with a cache")
-        if self.cfg.xattn.attend != "last":
-            raise ValueError(
-                "packed rows need xattn.attend: last (with all_previous a token would also "
-                "attend to the earlier documents' images of its row)"
-            )
 
     @staticmethod
     def _check_media(

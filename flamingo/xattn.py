@@ -69,33 +69,60 @@ def media_index_from_ids(
 
 
 def cross_attention_mask(
-    media_index: torch.Tensor, num_media: int, num_latents: int, attend: str
+    media_index: torch.Tensor,
+    num_media: int,
+    num_latents: int,
+    attend: str,
+    media_first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask (B, 1, T, N*R): True where token t may attend to latent key j.
 
+    ``media_first (B, T)``, with ``attend: all_previous`` in packed rows: the first media
+    item of each token's document (:func:`document_first_media`), below which it sees none.
     Rows of tokens with no media (index -1) are all True so that SDPA stays finite; their
     output is zeroed by the caller.
     """
     key_media = torch.arange(num_media, device=media_index.device).repeat_interleave(num_latents)
     idx = media_index.unsqueeze(-1)  # (B, T, 1)
     allowed = (key_media == idx) if attend == "last" else (key_media <= idx)
+    if media_first is not None and attend != "last":
+        allowed = allowed & (key_media >= media_first.unsqueeze(-1))
     allowed = allowed | (idx < 0)
     return allowed.unsqueeze(1)
 
 
+def document_first_media(
+    input_ids: torch.Tensor, image_token_id: int, document_ids: torch.Tensor
+) -> torch.Tensor:
+    """(B, T): the row index of the first media item of each token's document in a packed row
+    (images before the document's start; its own first image if it has one)."""
+    is_image = (input_ids == image_token_id).long()
+    before = is_image.cumsum(dim=-1) - is_image
+    return before.gather(1, document_starts(document_ids))
+
+
 def cross_attention_bias(
-    media_index: torch.Tensor, num_media: int, num_latents: int, attend: str, dtype: torch.dtype
+    media_index: torch.Tensor,
+    num_media: int,
+    num_latents: int,
+    attend: str,
+    dtype: torch.dtype,
+    media_first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`cross_attention_mask` as an additive float mask (0 allowed, -inf not): what SDPA
     turns a boolean mask into on every call. Built once per LM call and shared by the gated
     blocks, the backward keeps one copy instead of one per block."""
-    allowed = cross_attention_mask(media_index, num_media, num_latents, attend)
+    allowed = cross_attention_mask(media_index, num_media, num_latents, attend, media_first)
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, float("-inf"))
 
 
 def cross_attention_block_mask(
-    media_index: torch.Tensor, num_media: int, num_latents: int, attend: str
+    media_index: torch.Tensor,
+    num_media: int,
+    num_latents: int,
+    attend: str,
+    media_first: torch.Tensor | None = None,
 ) -> BlockMask:
     """:func:`cross_attention_mask` as a flex_attention ``BlockMask`` (B, 1, T, N*R). Rows of
     tokens with no media allow nothing (flex_attention gives them zeros, as the caller's
@@ -109,7 +136,11 @@ def cross_attention_block_mask(
     def may_attend(b, h, q, kv):
         media = media_index[b, q]
         key_media = kv // num_latents
-        return (key_media == media) if attend == "last" else (key_media <= media)
+        if attend == "last":
+            return key_media == media
+        if media_first is None:
+            return key_media <= media
+        return (key_media <= media) & (key_media >= media_first[b, q])
 
     return create_block_mask(
         may_attend, batch, None, seq_len, num_media * num_latents, device=media_index.device

@@ -56,6 +56,43 @@ def test_a_gated_block_gives_the_same_outputs_through_both_kernels(attend):
     assert not torch.equal(sdpa[0], sdpa[2])  # the media mattered
 
 
+def test_a_packed_rows_lower_bound_is_kept_by_both_kernels():
+    """attend: all_previous in packed rows: a token sees its document's images only
+    (media_first), through the float bias and the block mask alike."""
+    torch.manual_seed(0)
+    cfg = CrossAttentionConfig(heads=2, dim_head=8, ff_mult=2, attend="all_previous")
+    block = GatedCrossAttentionBlock(cfg, DIM, DIM_MEDIA).eval()
+    with torch.no_grad():
+        block.attn_gate.fill_(1.0)
+    media_index = media_indices()
+    first = torch.zeros_like(media_index)
+    first[2, 12:] = 3  # row 2's second document starts at its 4th image
+    x = torch.randn(3, media_index.shape[1], DIM)
+    latents = torch.randn(3, N, R, DIM_MEDIA)
+    with torch.no_grad():
+        sdpa = block(
+            x,
+            latents,
+            media_index,
+            cross_attention_bias(media_index, N, R, "all_previous", x.dtype, first),
+        )
+        flex = block(
+            x,
+            latents,
+            media_index,
+            cross_attention_block_mask(media_index, N, R, "all_previous", first),
+        )
+        unbounded = block(
+            x,
+            latents,
+            media_index,
+            cross_attention_bias(media_index, N, R, "all_previous", x.dtype),
+        )
+    torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-5)
+    assert torch.equal(sdpa[:, :12], unbounded[:, :12])
+    assert not torch.allclose(sdpa[2, 12:], unbounded[2, 12:])  # the bound mattered
+
+
 def test_the_block_mask_skips_what_no_token_may_see():
     """A query block ending before the last media item never computes its keys' block."""
     media_index = torch.tensor([[0] * 128 + [1] * 128 + [2] * 128])
