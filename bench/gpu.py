@@ -21,6 +21,8 @@ run goes on; one that would not fit in what is left of ``--budget`` is recorded 
 - ``generation``: greedy and 3-beam generation on the ~1B model, bf16.
 - ``vs_openflamingo``: ours against OpenFlamingo's package on the small model, fp32, as
   ``bench.train_step`` compares them.
+- ``packing``: caption steps on the ~1B model, bf16: 32 rows of one LAION-like caption each
+  against the same captions packed into 256-token rows (``bench/padding.py``'s samples).
 
 Every step records step time (median, min), MFU against the datasheet and the measured peak
 (both FLOP definitions of ``bench.flops``: what this frozen-backbone step needs, and 6·N·tokens),
@@ -67,6 +69,7 @@ FULL = {
     "step_9b": dict(config="9b", arch=None, batch=4, seq_lens=(256, 1024), images=5, steps=4),
     "generation": dict(config="1b", batch=8, prompt=128, new=32, images=2),
     "vs_openflamingo": dict(config="small", batch=8, seq_len=256, images=5, steps=5),
+    "packing": dict(config="1b", samples=256, rows=32, steps=4),
 }
 SMOKE = {
     "gemm": 256,
@@ -77,8 +80,16 @@ SMOKE = {
     "step_9b": dict(config="tiny", arch=TINY_MPT, batch=2, seq_lens=(16,), images=2, steps=1),
     "generation": dict(config="tiny", batch=2, prompt=16, new=3, images=1),
     "vs_openflamingo": dict(config="tiny", batch=2, seq_len=32, images=2, steps=1),
+    "packing": dict(config="tiny", samples=16, rows=8, steps=1),
 }
-COST_S = {"step_1b": 45, "step_9b": 75, "generation": 30, "vs_openflamingo": 40, "kernels": 10}
+COST_S = {
+    "step_1b": 45,
+    "step_9b": 75,
+    "generation": 30,
+    "vs_openflamingo": 40,
+    "kernels": 10,
+    "packing": 40,
+}
 """Rough cost of one measurement of each section on an H200 (builds included): one is not
 started when less than this is left of the budget."""
 
@@ -435,6 +446,62 @@ def training_step(
     return result
 
 
+def packing(config: str, device: str, samples: int, rows: int, steps: int) -> dict:
+    """Caption steps (LAION-like samples of ``bench/padding.py``) under the plain-PyTorch bf16
+    engine: ``rows`` rows of one caption each, against the same captions packed into
+    256-token rows; samples/s and padding, for the GEMM sizes a CPU cannot show."""
+    import random
+
+    from bench.padding import ROW, batches, draw
+    from flamingo import Flamingo, FlamingoProcessor
+    from flamingo.losses import count_targets, make_labels
+    from flamingo.processing import place_in_slots
+    from flamingo.training.config import EngineConfig, OptimConfig
+    from flamingo.training.engine import LocalEngine
+
+    cfg = model_config(config).replace({"frozen_dtype": "bfloat16"})
+    processor = FlamingoProcessor.from_config(cfg)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Flamingo.from_config(cfg, processor).train()
+    runner = LocalEngine(model, EngineConfig(precision="bf16"), OptimConfig(warmup_steps=1))
+    special = processor.special_tokens
+    drawn = draw("laion", samples, random.Random(0), special)
+    mean = sum(len(ids) for ids, _ in drawn) / len(drawn)
+    out: dict[str, Any] = {"samples": samples, "mean_tokens": mean}
+    layouts = {"one_a_row": (rows, False), "packed": (max(1, round(rows * mean / ROW)), True)}
+    for name, (per_batch, packed) in layouts.items():
+        made = batches(drawn, cfg.vision.image_size, per_batch, packed)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in made[0].items()}
+        documents = batch.get("document_ids")
+        labels = make_labels(batch["input_ids"], batch["attention_mask"], special, documents)
+        targets = float(count_targets(labels))
+        media = {"pixel_values": batch["pixel_values"], "media_slots": batch["media_slots"]}
+        if packed:
+            media["document_ids"] = documents
+        else:  # the layout before: every slot encoded
+            media = {"pixel_values": place_in_slots(batch["pixel_values"], batch["media_slots"])}
+
+        def step(batch=batch, labels=labels, targets=targets, media=media):
+            runner.begin_step(1e-4)
+            nll = runner.forward(batch["input_ids"], batch["attention_mask"], labels=labels,
+                                 **media).nll_sum  # fmt: skip
+            runner.micro_step(nll / targets)
+            return runner.finish_step()
+
+        result = timed(step, device, steps=steps, warmup=1)
+        result.update(
+            rows=per_batch,
+            samples_per_batch=len(batch["keys"]),
+            shape=list(batch["input_ids"].shape),
+            padding_tokens=float((batch["attention_mask"] == 0).float().mean()),
+            samples_per_s=len(batch["keys"]) / result["step_s_min"],
+        )
+        out[name] = result
+    out["speedup"] = out["packed"]["samples_per_s"] / out["one_a_row"]["samples_per_s"]
+    return out
+
+
 def add_mfu(result: dict, env: dict) -> None:
     """MFU of a step against the datasheet and the measured peak, both FLOP definitions."""
     if "step_s_min" not in result:
@@ -539,6 +606,7 @@ def run(bench: Bench) -> None:
     bench.measure("generation", "1b", generation, device=device, **sizes["generation"])
     bench.measure("vs_openflamingo", "train_step", versus_openflamingo, device=device,
                   **sizes["vs_openflamingo"])  # fmt: skip
+    bench.measure("packing", "captions", packing, device=device, **sizes["packing"])
     if not smoke:  # last: compiling the blocks takes longest, and on the CPU the smoke's time
         name = "torch_bf16_compile"
         bench.measure("step_1b", name, training_step, **common, engine="torch", compile=True)

@@ -170,6 +170,14 @@ def gpu_tables(record: dict) -> list[str]:
     for label, result, key in ratios:
         if key in result:
             out.append(f"- {label}: {result[key]:.2f}")
+    captions = sections.get("packing", {}).get("captions", {})
+    if "speedup" in captions:
+        one, packed = captions["one_a_row"], captions["packed"]
+        out.append(
+            f"- captions packed into {packed['rows']} rows of 256 tokens against "
+            f"{one['rows']} rows of one each: {captions['speedup']:.2f}x samples/s "
+            f"(padding tokens {one['padding_tokens']:.0%} -> {packed['padding_tokens']:.0%})"
+        )
     return out
 
 

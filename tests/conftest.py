@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -84,6 +85,27 @@ def no_transformers_deprecations():
     found = [m for m in records.messages if "deprecat" in m.lower()]
     if found:
         pytest.fail(f"transformers announced a deprecation: {found}")
+
+
+def stale_extension_locks(root: Path) -> list[Path]:
+    """Lock files of torch C++-extension builds (DeepSpeed's CPU ops) older than every
+    library their build directory holds: the build finished and its process was killed
+    before it let go (a test that kills a rank), so the lock will never be released."""
+    stale = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        built = list(lock.parent.glob("*.so"))
+        if built and all(lib.stat().st_mtime > lock.stat().st_mtime for lib in built):
+            stale.append(lock)
+    return stale
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_extension_locks():
+    """Every later build of such an op (another torch, another Python) would wait on a
+    stale lock forever, and hang the DeepSpeed tests: remove them before the session."""
+    default = Path.home() / ".cache" / "torch_extensions"
+    for lock in stale_extension_locks(Path(os.environ.get("TORCH_EXTENSIONS_DIR", default))):
+        lock.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -224,8 +224,11 @@ def test_the_gpu_bench_runs_every_section_in_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
     assert list(sections) == [
-        *("env", "kernels", "step_1b", "step_9b", "generation", "vs_openflamingo"),
+        *("env", "kernels", "step_1b", "step_9b", "generation", "vs_openflamingo", "packing"),
     ]
+    captions = sections["packing"]["captions"]
+    assert captions["packed"]["padding_tokens"] < captions["one_a_row"]["padding_tokens"]
+    assert captions["packed"]["rows"] < captions["one_a_row"]["rows"]
     for section, results in sections.items():
         for name, result in results.items():
             assert not {"error", "skipped"} & set(result), (section, name, result)

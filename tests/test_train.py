@@ -617,3 +617,24 @@ def test_the_trainable_parts_are_exactly_the_models_trainable_parameters():
     model.lm.hf.get_input_embeddings().weight.requires_grad_(True)
     with pytest.raises(ValueError, match="trainable_modules"):
         TrainableParts(model)
+
+
+def test_a_finished_builds_leftover_lock_is_found_and_a_live_one_kept(tmp_path):
+    """tests/conftest.py removes the lock a killed DeepSpeed op build leaves behind (it hung
+    the next build of that op for ever), never the lock of a build under way."""
+    import os
+    import time
+
+    from tests.conftest import stale_extension_locks
+
+    finished, running = tmp_path / "py311_cu130" / "shm_comm", tmp_path / "py311_cu130" / "adam"
+    for d in (finished, running):
+        d.mkdir(parents=True)
+    old = time.time() - 600
+    (finished / "lock").touch()
+    os.utime(finished / "lock", (old, old))
+    (finished / "shm_comm.so").touch()  # built after the lock was taken
+    (running / "adam.so").touch()
+    os.utime(running / "adam.so", (old, old))  # an older build, being rebuilt now
+    (running / "lock").touch()
+    assert stale_extension_locks(tmp_path) == [finished / "lock"]
