@@ -91,7 +91,7 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
             ids, mask, pixel_values=pixels, media_slots=slots, labels=labels, **packed
         ).nll_sum
         nll_sums[name] = nll_sums.get(name, 0.0) + nll.detach().double()
-        samples += batch["input_ids"].shape[0]
+        samples += len(batch["keys"]) if "keys" in batch else len(ids)  # packed: rows < samples
         engine.micro_step(weighted_loss(nll, weights[name], step.targets[name]))
     return nll_sums, samples, engine.finish_step()
 

@@ -8,10 +8,12 @@ order as its markers. A media item is one PIL image or a list of PIL frames (vid
         text=["<image>A red circle.<|endofchunk|><image>A", "<image>Question: ..."],
         images=[[img1, img2], [img3]],
     )
-    batch["input_ids"], batch["attention_mask"], batch["pixel_values"]  # (B, N, F, C, H, W)
+    batch["input_ids"], batch["attention_mask"]  # (B, T)
+    batch["pixel_values"]  # (M, F, C, H, W): the batch's 3 images, flat, sequence by sequence
+    batch["media_slots"]  # (B, N) = [[0, 1], [2, -1]]: where each sequence's n-th item is
 
-Slots beyond a sequence's own media are zero-filled; the model never attends to them because
-no ``<image>`` token points at them.
+Only real media are preprocessed and encoded; a slot past a sequence's own media is -1, and
+the model gives it zero latents that no ``<image>`` token points at.
 """
 
 from __future__ import annotations

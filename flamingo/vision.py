@@ -9,7 +9,8 @@ field ``VisionConfig.ln_post_on_tokens``; we run the tower's stages ourselves ra
 The tower is frozen: no parameter requires grad, it stays in eval mode whatever mode its parent
 is put in, and its forward runs without autograd.
 
-Shapes: ``pixel_values (B, N, F, C, H, W) -> vision_tokens (B, N, F, V, Dv)``.
+Shapes: ``pixel_values (B, N, F, C, H, W) -> vision_tokens (B, N, F, V, Dv)`` (the model
+passes a batch's flat media as B = 1, N = M: ``Flamingo.encode_media``).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def pack(processor: FlamingoProcessor, rows: list[list[int]]) -> dict:
         "media_slots": media_slots(counts),
         "starts": starts,
         "lengths": [len(t) for t in ids],
+        "keys": [f"doc{d}" for row in rows for d in row],
     }
 
 
@@ -159,6 +160,26 @@ def test_across_documents_attends_over_the_row_but_never_to_another_documents_im
     n0 = packed["lengths"][0]
     torch.testing.assert_close(across[0, :n0], want[0, :n0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(across[0, second], exact[0, second], atol=1e-4)  # sees doc 0's text
+
+
+def test_a_training_step_counts_packed_samples_not_rows(processor):
+    import train
+    from flamingo.losses import count_targets
+    from flamingo.training.batches import StepBatches
+    from flamingo.training.config import EngineConfig, OptimConfig, TrainConfig
+    from flamingo.training.engine import LocalEngine
+    from tests.conftest import ROOT, build
+
+    cfg = TrainConfig.from_yaml(ROOT / "configs/train/tiny.yaml")
+    model = build().train()
+    engine = LocalEngine(model, EngineConfig(), OptimConfig(warmup_steps=0))
+    batch = pack(processor, ROWS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    batch["labels"] = make_labels(ids, mask, processor.special_tokens, batch["document_ids"])
+    step = StepBatches([("pairs", batch)], {"pairs": float(count_targets(batch["labels"]))})
+    nll_sums, samples, info = train.train_step(engine, step, cfg, 1e-3)
+    assert samples == 4 and ids.shape[0] == 2  # four documents in two rows
+    assert torch.isfinite(nll_sums["pairs"]) and bool(info.applied)
 
 
 def test_packed_rows_refuse_what_they_cannot_do(processor):
