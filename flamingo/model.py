@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+import flamingo.hub as hub
 from flamingo.checkpoint import (
     FROZEN_NAME,
     TRAINABLE_NAME,
@@ -27,6 +28,7 @@ from flamingo.checkpoint import (
     write_checkpoint_config,
 )
 from flamingo.config import FlamingoConfig
+from flamingo.convert.openflamingo import check_config, load_openflamingo
 from flamingo.generation import generate, score
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
@@ -103,11 +105,16 @@ class Flamingo(nn.Module):
         directory: str | Path,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        revision: str | None = None,
     ) -> Flamingo:
-        """Rebuild a model from a checkpoint directory written by :meth:`save_pretrained`:
-        frozen parts from their sources, the rest from the directory, loaded strictly.
+        """Rebuild a model from a checkpoint written by :meth:`save_pretrained`: frozen parts
+        from their sources, the rest from the checkpoint, loaded strictly. ``directory`` is a
+        local directory or a Hub repo id (at ``revision``; :mod:`flamingo.hub`): a repo in our
+        format, or an OpenFlamingo v2 release, converted on first use and kept converted.
         ``dtype``/``device`` cast and move it all."""
-        directory = Path(directory)
+        if str(directory) in hub.OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
+            directory = cls._converted_release(str(directory), revision)
+        directory = hub.snapshot(directory, revision)
         cfg, meta = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
         model = cls.from_config(cfg, FlamingoProcessor.from_pretrained(directory))
@@ -127,6 +134,25 @@ class Flamingo(nn.Module):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_openflamingo(cls, checkpoint, cfg: FlamingoConfig) -> Flamingo:
+        """Our model built from ``cfg`` (which must reproduce OpenFlamingo's numerics) with an
+        OpenFlamingo ``checkpoint.pt`` (or its state dict) loaded into it
+        (:func:`flamingo.convert.openflamingo.load_openflamingo`)."""
+        check_config(cfg)
+        model = cls.from_config(cfg.replace({"lm.save_input_embeddings": True}))
+        return load_openflamingo(model, checkpoint)
+
+    @classmethod
+    def _converted_release(cls, repo_id: str, revision: str | None) -> Path:
+        """An OpenFlamingo release converted to our format, once per commit."""
+        checkpoint = hub.download(repo_id, "checkpoint.pt", revision)
+        out = hub.converted_dir(repo_id, commit=checkpoint.parent.name)
+        if not (out / "config.json").is_file():  # written last: a complete conversion
+            model = cls.from_openflamingo(checkpoint, hub.release_config(repo_id))
+            model.save_pretrained(out)
+        return out
 
     def save_pretrained(
         self,

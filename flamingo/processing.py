@@ -28,6 +28,7 @@ from PIL import Image
 
 from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
+from flamingo.hub import OPENFLAMINGO_RELEASES, snapshot
 from flamingo.tokens import IMAGE, SpecialTokens, load_tokenizer
 from flamingo.vision import image_transform
 
@@ -81,9 +82,18 @@ class FlamingoProcessor:
         return cls(tokenizer, special, cfg.vision, padding_side)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> FlamingoProcessor:
-        """The processor saved in a checkpoint directory (its tokenizer and settings)."""
-        directory = Path(directory)
+    def from_pretrained(
+        cls, directory: str | Path, revision: str | None = None
+    ) -> FlamingoProcessor:
+        """The processor saved with a checkpoint (its tokenizer and settings): a directory or
+        a Hub repo id in our format (:func:`flamingo.hub.snapshot`)."""
+        if str(directory) in OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
+            raise ValueError(
+                f"{directory} is an OpenFlamingo release, converted by "
+                f"Flamingo.from_pretrained({str(directory)!r}); its processor is "
+                "FlamingoProcessor.from_config(model.cfg)"
+            )
+        directory = snapshot(directory, revision)
         cfg, _ = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})
         settings_path = directory / PROCESSOR_CONFIG

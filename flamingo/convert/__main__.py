@@ -1,8 +1,11 @@
 """Convert foreign checkpoints into flamingo checkpoint directories (the command line).
 
-    python -m flamingo.convert openflamingo checkpoint.pt out_dir --config configs/model/openflamingo-3b.yaml
+    python -m flamingo.convert openflamingo checkpoint.pt out_dir --config configs/model/openflamingo-4b.yaml
+    python -m flamingo.convert openflamingo openflamingo/OpenFlamingo-9B-vitl-mpt7b out_dir
 
-The result loads with ``Flamingo.from_pretrained(out_dir)``.
+The checkpoint is a ``checkpoint.pt`` file or a Hub repo id holding one (``--revision``); a
+release of ``flamingo.hub.OPENFLAMINGO_RELEASES`` needs no ``--config``. The result loads with
+``Flamingo.from_pretrained(out_dir)``.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flamingo import hub
 from flamingo.config import FlamingoConfig
-from flamingo.convert.openflamingo import from_openflamingo
+from flamingo.model import Flamingo
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,18 +26,32 @@ def main(argv: list[str] | None = None) -> None:
     of = sub.add_parser(
         "openflamingo", help="an OpenFlamingo checkpoint.pt (read with weights_only=True)"
     )
-    of.add_argument("checkpoint", type=Path, help="OpenFlamingo checkpoint.pt")
+    of.add_argument("checkpoint", help="OpenFlamingo checkpoint.pt, or a Hub repo id holding one")
     of.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
     of.add_argument(
-        "--config", type=Path, required=True, help="model config naming the same backbones"
+        "--config",
+        type=Path,
+        help="model config naming the same backbones (default: the release's, for a release id)",
     )
+    of.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
     of.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. lm.name_or_path=/models/mpt"
     )
     args = parser.parse_args(argv)
 
-    cfg = FlamingoConfig.from_yaml(args.config, args.overrides)
-    model = from_openflamingo(args.checkpoint, cfg)
+    if args.config is not None:
+        cfg = FlamingoConfig.from_yaml(args.config, args.overrides)
+    elif args.checkpoint in hub.OPENFLAMINGO_RELEASES:
+        cfg = hub.release_config(args.checkpoint, args.overrides)
+    else:
+        parser.error(
+            f"--config is needed: {args.checkpoint} is not one of the OpenFlamingo releases "
+            f"({', '.join(hub.OPENFLAMINGO_RELEASES)})"
+        )
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():  # a Hub repo id
+        checkpoint = hub.download(args.checkpoint, "checkpoint.pt", args.revision)
+    model = Flamingo.from_openflamingo(checkpoint, cfg)
     model.save_pretrained(args.out_dir)
     trainable = model.num_parameters(trainable_only=True)
     print(f"wrote {args.out_dir}: {trainable:,} trainable parameters from {args.checkpoint}")

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from flamingo.config import FlamingoConfig
-from flamingo.model import Flamingo
+
+if TYPE_CHECKING:
+    from flamingo.model import Flamingo
 
 OPENFLAMINGO_LAYOUT = """OpenFlamingo's key layout:
   perceiver.latents, perceiver.norm.*, perceiver.layers.<i>.0.* (attention), .1.* (feed-forward)
@@ -73,18 +76,24 @@ def load_state(state_dict_or_path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def from_openflamingo(state_dict_or_path, cfg: FlamingoConfig) -> Flamingo:
-    """Build our model from ``cfg`` and load an OpenFlamingo checkpoint into it.
+def load_openflamingo(model: Flamingo, state_dict_or_path) -> Flamingo:
+    """Load an OpenFlamingo checkpoint into ``model``, built from a config that passes
+    :func:`check_config`, with ``lm.save_input_embeddings`` (``Flamingo.from_openflamingo``
+    builds it so).
 
     ``state_dict_or_path`` is OpenFlamingo's ``checkpoint.pt`` (loaded with
     ``torch.load(weights_only=True)``) or its state dict. Frozen weights found in it (vision
-    tower, decoder layers) must equal the ones ``cfg`` loads from its sources: a mismatch means
-    the config names the wrong backbone and is an error. OpenFlamingo trains the whole input
-    embedding, so its rows replace ours and the converted checkpoint carries them.
+    tower, decoder layers) must equal the ones the config loads from its sources: a mismatch
+    means the config names the wrong backbone and is an error. OpenFlamingo trains the whole
+    input embedding, so its rows replace ours and the converted checkpoint carries them.
     """
-    check_config(cfg)
+    check_config(model.cfg)
+    if not model.cfg.lm.save_input_embeddings:
+        raise ValueError(
+            "an OpenFlamingo import trains every input-embedding row: build the model with "
+            "lm.save_input_embeddings=true (Flamingo.from_openflamingo does)"
+        )
     state = load_state(state_dict_or_path)
-    model = Flamingo.from_config(cfg.replace({"lm.save_input_embeddings": True}))
     lm = model.lm
     layers_path = lm.layout.layers
     embed = lm.hf.get_input_embeddings().weight

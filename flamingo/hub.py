@@ -1,0 +1,99 @@
+"""Checkpoints by name: a local directory, or a Hugging Face Hub repo id at a revision, read
+through ``huggingface_hub`` and its cache (``HF_HUB_OFFLINE=1``: only what the cache holds).
+
+- A repo in our format (what ``Flamingo.save_pretrained`` writes) is fetched whole and loaded
+  from the cache (:func:`snapshot`).
+- An OpenFlamingo v2 release (:data:`OPENFLAMINGO_RELEASES`) is its ``checkpoint.pt`` and the
+  model config this project keeps for it (``configs/model/openflamingo-*.yaml``): the
+  checkpoint is fetched (:func:`download`), converted once by ``Flamingo.from_pretrained``
+  and the result kept in :func:`converted_dir`, per commit, for the next load.
+
+The frozen tower and LM of any of them come from their own sources, through open_clip's and
+transformers' loaders and the same cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from flamingo.config import FlamingoConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+"""Where the release configs live (a source checkout, as ``make install`` installs it)."""
+
+OPENFLAMINGO_RELEASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": ("openflamingo-3b.yaml", ()),
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": (
+        "openflamingo-3b.yaml",
+        ("lm.name_or_path=anas-awadalla/mpt-1b-redpajama-200b-dolly",),
+    ),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": ("openflamingo-4b.yaml", ()),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": (
+        "openflamingo-4b.yaml",
+        ("lm.name_or_path=togethercomputer/RedPajama-INCITE-Instruct-3B-v1",),
+    ),
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": ("openflamingo-9b.yaml", ()),
+}
+"""The OpenFlamingo v2 releases: repo id -> (model config, overrides)."""
+
+
+def release_config(repo_id: str, overrides: list[str] | None = None) -> FlamingoConfig:
+    """The model config of an OpenFlamingo release (and dotted ``overrides`` on it)."""
+    name, own = OPENFLAMINGO_RELEASES[repo_id]
+    path = CONFIGS / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{repo_id}: its model config {path} is not here (an install without the "
+            "project's configs/): convert it with python -m flamingo.convert openflamingo "
+            f"{repo_id} OUT --config your-copy-of-{name}"
+        )
+    return FlamingoConfig.from_yaml(path, [*own, *(overrides or [])])
+
+
+def _fetched(repo_id: str, revision: str | None, what: str, fetch) -> Path:
+    try:
+        return Path(fetch())
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory, and {what} of it at revision "
+            f"{revision or 'main'} is not in the Hugging Face cache"
+            + (" (HF_HUB_OFFLINE is set: nothing is downloaded)" if offline else "")
+            + ": give a checkpoint directory, or a Hub repo id reachable from here"
+        ) from e
+
+
+def snapshot(name: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory for ``name``: a local directory as it is, else the snapshot of
+    the Hub repo ``name`` at ``revision`` (a branch, tag or commit; default main)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    repo_id = str(name)
+    return _fetched(
+        repo_id,
+        revision,
+        "a snapshot",
+        lambda: snapshot_download(repo_id, revision=revision),
+    )
+
+
+def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """One file of a Hub repo at ``revision``, through the cache."""
+    return _fetched(
+        repo_id,
+        revision,
+        filename,
+        lambda: hf_hub_download(repo_id, filename, revision=revision),
+    )
+
+
+def converted_dir(repo_id: str, commit: str) -> Path:
+    """Where a foreign checkpoint converted to our format is kept: ``FLAMINGO_CACHE`` (default
+    ``~/.cache/flamingo``)/converted/<repo>/<commit>."""
+    root = Path(os.environ.get("FLAMINGO_CACHE", Path.home() / ".cache" / "flamingo"))
+    return root / "converted" / repo_id.replace("/", "--") / commit

@@ -1,0 +1,129 @@
+"""Checkpoints by Hub id (flamingo/hub.py), offline, against a Hugging Face cache laid out in a
+temp dir the standard way: our format by id and revision, an OpenFlamingo release converted
+once, and the errors that say what is missing."""
+
+from __future__ import annotations
+
+import shutil
+
+import huggingface_hub.constants as hub_constants
+import pytest
+import torch
+
+from flamingo import Flamingo, FlamingoProcessor, hub
+from tests.conftest import build, noise_image, set_gates
+from tests.test_openflamingo import backbones, openflamingo_model, our_config  # noqa: F401
+
+COMMIT = "a" * 40
+OTHER = "b" * 40
+
+
+def lay_out(cache, repo_id: str, source, commit: str = COMMIT, main: bool = True) -> None:
+    """``source``'s files as the snapshot ``commit`` of ``repo_id`` in a Hub cache (blobs,
+    snapshot links, and ``refs/main`` when ``main``)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        name = path.name if source.is_file() else str(path.relative_to(source))
+        blob = repo / "blobs" / f"{commit[:8]}-{name.replace('/', '-')}"
+        shutil.copy(path, blob)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(blob)
+    if main:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FLAMINGO_CACHE", str(tmp_path / "flamingo-cache"))
+    return cache
+
+
+def logits(model, processor):
+    enc = processor(["<image>a red circle<|endofchunk|>"], images=[[noise_image(1)]])
+    with torch.no_grad():
+        return model.eval()(**enc).logits
+
+
+def test_our_format_loads_by_repo_id_and_revision(tmp_path, offline_cache):
+    model = build()
+    set_gates(model)
+    model.save_pretrained(tmp_path / "v1")
+    set_gates(model, 0.3)
+    model.save_pretrained(tmp_path / "v2")
+    lay_out(offline_cache, "someone/tiny-flamingo", tmp_path / "v2")  # main
+    lay_out(offline_cache, "someone/tiny-flamingo", tmp_path / "v1", OTHER, main=False)
+    processor = FlamingoProcessor.from_pretrained("someone/tiny-flamingo")
+    latest = Flamingo.from_pretrained("someone/tiny-flamingo")
+    older = Flamingo.from_pretrained("someone/tiny-flamingo", revision=OTHER)
+    torch.testing.assert_close(logits(latest, processor), logits(model, processor))
+    assert not torch.allclose(logits(older, processor), logits(latest, processor))
+    assert torch.equal(
+        logits(older, processor),
+        logits(Flamingo.from_pretrained(tmp_path / "v1"), processor),  # a local directory
+    )
+
+
+def test_a_name_neither_here_nor_cached_says_so(offline_cache):
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        Flamingo.from_pretrained("someone/missing")
+    with pytest.raises(ValueError, match="Flamingo.from_pretrained"):
+        FlamingoProcessor.from_pretrained("openflamingo/OpenFlamingo-9B-vitl-mpt7b")
+
+
+def test_an_openflamingo_release_id_is_converted_once(
+    tmp_path,
+    offline_cache,
+    monkeypatch,
+    backbones,  # noqa: F811 (test_openflamingo's fixture)
+):
+    theirs, _ = openflamingo_model(backbones)
+    torch.save(theirs.state_dict(), tmp_path / "checkpoint.pt")
+    repo_id = "openflamingo/OpenFlamingo-Tiny-test"
+    lay_out(offline_cache, repo_id, tmp_path / "checkpoint.pt")
+    monkeypatch.setitem(hub.OPENFLAMINGO_RELEASES, repo_id, ("stand-in", ()))
+    monkeypatch.setattr(hub, "release_config", lambda repo, overrides=None: our_config(backbones))
+    converted = []
+    original = Flamingo.from_openflamingo
+    monkeypatch.setattr(
+        Flamingo,
+        "from_openflamingo",
+        classmethod(lambda cls, *a: converted.append(1) or original(*a)),
+    )
+    first = Flamingo.from_pretrained(repo_id)
+    again = Flamingo.from_pretrained(repo_id)
+    assert converted == [1]  # the second load reads the converted copy
+    out = hub.converted_dir(repo_id, COMMIT)
+    assert (out / "config.json").is_file()
+    processor = FlamingoProcessor.from_pretrained(out)
+    direct = Flamingo.from_openflamingo(tmp_path / "checkpoint.pt", our_config(backbones))
+    torch.testing.assert_close(logits(first, processor), logits(direct, processor))
+    assert torch.equal(logits(again, processor), logits(first, processor))
+
+
+def test_the_converter_takes_a_release_id(
+    tmp_path,
+    offline_cache,
+    monkeypatch,
+    backbones,  # noqa: F811 (test_openflamingo's fixture)
+):
+    from flamingo.convert.__main__ import main
+
+    theirs, _ = openflamingo_model(backbones)
+    torch.save(theirs.state_dict(), tmp_path / "checkpoint.pt")
+    repo_id = "openflamingo/OpenFlamingo-Tiny-test"
+    lay_out(offline_cache, repo_id, tmp_path / "checkpoint.pt")
+    monkeypatch.setitem(hub.OPENFLAMINGO_RELEASES, repo_id, ("stand-in", ()))
+    monkeypatch.setattr(hub, "release_config", lambda repo, overrides=None: our_config(backbones))
+    main(["openflamingo", repo_id, str(tmp_path / "out")])
+    assert (tmp_path / "out" / "config.json").is_file()
+    with pytest.raises(SystemExit):  # an id that is no release needs --config
+        main(["openflamingo", "someone/other", str(tmp_path / "out2")])
