@@ -15,10 +15,16 @@ transformers' loaders and the same cache.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from flamingo.config import FlamingoConfig
 
@@ -57,7 +63,11 @@ def release_config(repo_id: str, overrides: list[str] | None = None) -> Flamingo
 def _fetched(repo_id: str, revision: str | None, what: str, fetch) -> Path:
     try:
         return Path(fetch())
-    except LocalEntryNotFoundError as e:
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a Hub repo this machine can read"
+        ) from e
+    except (LocalEntryNotFoundError, EntryNotFoundError, RevisionNotFoundError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise FileNotFoundError(
             f"{repo_id!r} is not a local directory, and {what} of it at revision "
@@ -67,12 +77,27 @@ def _fetched(repo_id: str, revision: str | None, what: str, fetch) -> Path:
         ) from e
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+"""A Hub repo id, ``namespace/name``; any other name is a local path."""
+
+
+def is_repo_id(name: str | Path) -> bool:
+    text = str(name)
+    return bool(REPO_ID.match(text)) and ".." not in text and "--" not in text
+
+
 def snapshot(name: str | Path, revision: str | None = None) -> Path:
     """A checkpoint directory for ``name``: a local directory as it is, else the snapshot of
-    the Hub repo ``name`` at ``revision`` (a branch, tag or commit; default main)."""
+    the Hub repo ``name`` (``namespace/name``) at ``revision`` (a branch, tag or commit;
+    default main)."""
     path = Path(name)
     if path.is_dir():
         return path
+    if not is_repo_id(name):
+        raise FileNotFoundError(
+            f"no checkpoint directory at {path} (and {str(name)!r} is no Hub repo id, "
+            "namespace/name)"
+        )
     repo_id = str(name)
     return _fetched(
         repo_id,

@@ -72,9 +72,13 @@ def test_our_format_loads_by_repo_id_and_revision(tmp_path, offline_cache):
     )
 
 
-def test_a_name_neither_here_nor_cached_says_so(offline_cache):
+def test_a_name_neither_here_nor_cached_says_so(tmp_path, offline_cache):
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         Flamingo.from_pretrained("someone/missing")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory at .*no Hub repo id"):
+        Flamingo.from_pretrained(tmp_path / "nowhere")  # a path, never sent to the Hub
+    assert hub.is_repo_id("openflamingo/OpenFlamingo-9B-vitl-mpt7b")
+    assert not any(map(hub.is_repo_id, ("ckpt", "runs/demo/model", "/abs/x", "a/../b")))
     with pytest.raises(ValueError, match="Flamingo.from_pretrained"):
         FlamingoProcessor.from_pretrained("openflamingo/OpenFlamingo-9B-vitl-mpt7b")
 
