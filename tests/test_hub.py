@@ -83,18 +83,27 @@ def test_a_name_neither_here_nor_cached_says_so(tmp_path, offline_cache):
         FlamingoProcessor.from_pretrained("openflamingo/OpenFlamingo-9B-vitl-mpt7b")
 
 
-def test_an_openflamingo_release_id_is_converted_once(
+STAND_IN = "openflamingo/OpenFlamingo-Tiny-test"
+
+
+@pytest.fixture
+def stand_in_release(
     tmp_path,
     offline_cache,
     monkeypatch,
     backbones,  # noqa: F811 (test_openflamingo's fixture)
 ):
+    """A tiny OpenFlamingo model's checkpoint.pt in the Hub cache as a release: the id in
+    the release table, its config the tiny one. Returns the checkpoint file."""
     theirs, _ = openflamingo_model(backbones)
     torch.save(theirs.state_dict(), tmp_path / "checkpoint.pt")
-    repo_id = "openflamingo/OpenFlamingo-Tiny-test"
-    lay_out(offline_cache, repo_id, tmp_path / "checkpoint.pt")
-    monkeypatch.setitem(hub.OPENFLAMINGO_RELEASES, repo_id, ("stand-in", ()))
+    lay_out(offline_cache, STAND_IN, tmp_path / "checkpoint.pt")
+    monkeypatch.setitem(hub.OPENFLAMINGO_RELEASES, STAND_IN, ("stand-in", ()))
     monkeypatch.setattr(hub, "release_config", lambda repo, overrides=None: our_config(backbones))
+    return tmp_path / "checkpoint.pt"
+
+
+def test_an_openflamingo_release_id_is_converted_once(stand_in_release, monkeypatch):
     converted = []
     original = Flamingo.from_openflamingo
     monkeypatch.setattr(
@@ -102,32 +111,21 @@ def test_an_openflamingo_release_id_is_converted_once(
         "from_openflamingo",
         classmethod(lambda cls, *a: converted.append(1) or original(*a)),
     )
-    first = Flamingo.from_pretrained(repo_id)
-    again = Flamingo.from_pretrained(repo_id)
+    first = Flamingo.from_pretrained(STAND_IN)
+    again = Flamingo.from_pretrained(STAND_IN)
     assert converted == [1]  # the second load reads the converted copy
-    out = hub.converted_dir(repo_id, COMMIT)
+    out = hub.converted_dir(STAND_IN, COMMIT)
     assert (out / "config.json").is_file()
     processor = FlamingoProcessor.from_pretrained(out)
-    direct = Flamingo.from_openflamingo(tmp_path / "checkpoint.pt", our_config(backbones))
+    direct = Flamingo.from_openflamingo(stand_in_release, hub.release_config(STAND_IN))
     torch.testing.assert_close(logits(first, processor), logits(direct, processor))
     assert torch.equal(logits(again, processor), logits(first, processor))
 
 
-def test_the_converter_takes_a_release_id(
-    tmp_path,
-    offline_cache,
-    monkeypatch,
-    backbones,  # noqa: F811 (test_openflamingo's fixture)
-):
+def test_the_converter_takes_a_release_id(stand_in_release, tmp_path):
     from flamingo.convert.__main__ import main
 
-    theirs, _ = openflamingo_model(backbones)
-    torch.save(theirs.state_dict(), tmp_path / "checkpoint.pt")
-    repo_id = "openflamingo/OpenFlamingo-Tiny-test"
-    lay_out(offline_cache, repo_id, tmp_path / "checkpoint.pt")
-    monkeypatch.setitem(hub.OPENFLAMINGO_RELEASES, repo_id, ("stand-in", ()))
-    monkeypatch.setattr(hub, "release_config", lambda repo, overrides=None: our_config(backbones))
-    main(["openflamingo", repo_id, str(tmp_path / "out")])
+    main(["openflamingo", STAND_IN, str(tmp_path / "out")])
     assert (tmp_path / "out" / "config.json").is_file()
     with pytest.raises(SystemExit):  # an id that is no release needs --config
         main(["openflamingo", "someone/other", str(tmp_path / "out2")])
