@@ -452,10 +452,8 @@ def packing(config: str, device: str, samples: int, rows: int, steps: int) -> di
     256-token rows; samples/s and padding, for the GEMM sizes a CPU cannot show."""
     import random
 
-    from bench.padding import ROW, batches, draw
+    from bench.padding import ROW, batches, draw, step_inputs
     from flamingo import Flamingo, FlamingoProcessor
-    from flamingo.losses import count_targets, make_labels
-    from flamingo.processing import place_in_slots
     from flamingo.training.config import EngineConfig, OptimConfig
     from flamingo.training.engine import LocalEngine
 
@@ -473,20 +471,11 @@ def packing(config: str, device: str, samples: int, rows: int, steps: int) -> di
     for name, (per_batch, packed) in layouts.items():
         made = batches(drawn, cfg.vision.image_size, per_batch, packed)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in made[0].items()}
-        documents = batch.get("document_ids")
-        labels = make_labels(batch["input_ids"], batch["attention_mask"], special, documents)
-        targets = float(count_targets(labels))
-        media = {"pixel_values": batch["pixel_values"], "media_slots": batch["media_slots"]}
-        if packed:
-            media["document_ids"] = documents
-        else:  # the layout before: every slot encoded
-            media = {"pixel_values": place_in_slots(batch["pixel_values"], batch["media_slots"])}
+        inputs, targets = step_inputs(batch, special, packed)
 
-        def step(batch=batch, labels=labels, targets=targets, media=media):
+        def step(inputs=inputs, targets=targets):
             runner.begin_step(1e-4)
-            nll = runner.forward(batch["input_ids"], batch["attention_mask"], labels=labels,
-                                 **media).nll_sum  # fmt: skip
-            runner.micro_step(nll / targets)
+            runner.micro_step(runner.forward(**inputs).nll_sum / targets)
             return runner.finish_step()
 
         result = timed(step, device, steps=steps, warmup=1)

@@ -97,23 +97,31 @@ def padding_of(batch: dict, packed: bool) -> tuple[int, int, int, int]:
     return tokens, pad_tokens, encoded, encoded - real
 
 
-def step_of(model, special, batch: dict, packed: bool):
+def step_inputs(batch: dict, special, packed: bool) -> tuple[dict, float]:
+    """A batch as a training step gives it to the model (ids, mask, labels and its media in
+    the layout named: packed with ``document_ids``, or before, every slot through the tower),
+    and its target count."""
     from flamingo.losses import count_targets, make_labels
     from flamingo.processing import place_in_slots
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     documents = batch.get("document_ids")
     labels = make_labels(ids, mask, special, documents)
-    targets = max(int(count_targets(labels)), 1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if packed:
-        media = {"pixel_values": batch["pixel_values"], "media_slots": batch["media_slots"]}
-        media["document_ids"] = documents
-    else:  # before: the padded layout, every slot through the tower
-        media = {"pixel_values": place_in_slots(batch["pixel_values"], batch["media_slots"])}
+        inputs.update(pixel_values=batch["pixel_values"], media_slots=batch["media_slots"])
+        inputs["document_ids"] = documents
+    else:
+        inputs["pixel_values"] = place_in_slots(batch["pixel_values"], batch["media_slots"])
+    return inputs, max(float(count_targets(labels)), 1.0)
+
+
+def step_of(model, special, batch: dict, packed: bool):
+    inputs, targets = step_inputs(batch, special, packed)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        (model(ids, mask, labels=labels, **media).nll_sum / targets).backward()
+        (model(**inputs).nll_sum / targets).backward()
 
     return step
 
