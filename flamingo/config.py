@@ -34,17 +34,23 @@ class VisionConfig(YamlConfig):
     path; ``None`` keeps random weights (tests)."""
     architecture: dict | None = None
     """Inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for a custom
-    architecture; built without the open_clip registry, so it works offline."""
+    architecture; built without the open_clip registry, so it works offline. Without
+    ``text_cfg`` only the vision tower is built (an imported tower whose weights the checkpoint
+    carries, ``pretrained: null``)."""
     ln_post_on_tokens: bool = True
     """Apply the tower's final LayerNorm (``ln_post``) to the patch tokens. open_clip >= 2.24
     does by default; the open_clip releases OpenFlamingo was trained with applied it to the
     pooled output only (tokens un-normalised), so OpenFlamingo configs set this to false."""
+    cls_token: bool = False
+    """Keep the tower's CLS token, first, among the tokens the resampler reads (IDEFICS). The
+    paper's and OpenFlamingo's resampler reads the patch tokens only."""
     image_size: int = 224
     """Input resolution; must equal the tower's own."""
-    resize: Literal["pad", "crop"] = "pad"
+    resize: Literal["pad", "crop", "squash"] = "pad"
     """How images become squares, in training and inference alike: ``pad`` keeps the aspect
     ratio and pads with the mean colour (paper); ``crop`` resizes the short side and center
-    crops (open_clip's and OpenFlamingo's preprocessing)."""
+    crops (open_clip's and OpenFlamingo's preprocessing); ``squash`` resizes to the square,
+    aspect ratio lost (IDEFICS's preprocessing)."""
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     """Per-channel normalisation mean of the tower's training."""
     image_std: tuple[float, float, float] = OPENAI_STD
@@ -53,9 +59,15 @@ class VisionConfig(YamlConfig):
     def __post_init__(self) -> None:
         positive("image_size", self.image_size)
         if self.architecture is not None:
-            missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(self.architecture)
+            missing = {"embed_dim", "vision_cfg"} - set(self.architecture)
             if missing:
                 raise ValueError(f"architecture is missing {sorted(missing)}")
+            if "text_cfg" not in self.architecture and self.pretrained:
+                raise ValueError(
+                    "vision.architecture without text_cfg builds the vision tower alone, which "
+                    f"cannot load the whole-CLIP checkpoint vision.pretrained={self.pretrained!r}: "
+                    "give text_cfg too"
+                )
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,11 @@ class ResamplerConfig(YamlConfig):
     """Latents per media item (R in the tensor glossary)."""
     ff_mult: int = 4
     """Feed-forward hidden width as a multiple of the vision width."""
+    ff_activation: Literal["gelu", "relu"] = "gelu"
+    """The feed-forward's nonlinearity: GELU (OpenFlamingo) or ReLU (IDEFICS)."""
+    qk_norm: bool = False
+    """LayerNorm each head's queries and keys over the head dimension before the attention
+    scores (IDEFICS's ``qk_layer_norms_perceiver``)."""
     max_num_frames: int = 0
     """Learned time embeddings for video frames, up to this many frames; 0 disables them (and
     video input)."""
@@ -104,6 +121,24 @@ class CrossAttentionConfig(YamlConfig):
     """Width of each cross-attention head."""
     ff_mult: int = 4
     """Gated feed-forward hidden width as a multiple of the LM width."""
+    ff_hidden: int = 0
+    """Gated feed-forward hidden width in units; 0 means ``ff_mult`` times the LM width
+    (IDEFICS: the LM's own MLP width, 11008 for a 4096-wide LM)."""
+    ff: Literal["gelu", "swiglu"] = "gelu"
+    """Gated feed-forward: norm, Linear, GELU, Linear (paper, OpenFlamingo) or a SwiGLU MLP
+    shaped like a Llama one (gate, up and down projections; IDEFICS)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """The blocks' pre-norms, before the cross-attention and the feed-forward: LayerNorm
+    (paper, OpenFlamingo) or RMSNorm (IDEFICS, like its LM)."""
+    norm_eps: float = 1e-5
+    """Epsilon of those norms (IDEFICS: the LM's ``rms_norm_eps``)."""
+    qk_norm: bool = False
+    """Normalise each head's queries and keys over the head dimension (a norm of the kind
+    ``norm`` names) before the attention scores (IDEFICS's ``qk_layer_norms``)."""
+    reset_after_eos: bool = False
+    """After an end-of-sequence token, text sees no image until the next ``<image>``
+    (IDEFICS: a document's text never attends to the previous document's image); the
+    end-of-sequence token itself still sees its image. Self-attention is not affected."""
     attend: Literal["last", "all_previous"] = "last"
     """Which images a token sees: the last ``<image>`` at or before it (paper's phi), or all
     images before it."""
@@ -118,8 +153,12 @@ class CrossAttentionConfig(YamlConfig):
     the paper is silent). Their cross-attention output is always exactly zero."""
 
     def __post_init__(self) -> None:
-        for key in ("every_n_layers", "heads", "dim_head", "ff_mult"):
+        for key in ("every_n_layers", "heads", "dim_head", "ff_mult", "norm_eps"):
             positive(key, getattr(self, key))
+        if self.ff_hidden < 0:
+            raise ValueError(
+                f"ff_hidden must be >= 0 (0: ff_mult times the LM width), got {self.ff_hidden}"
+            )
         if not 0 <= self.first_layer < self.every_n_layers:
             raise ValueError(
                 f"first_layer must be in [0, every_n_layers) = [0, {self.every_n_layers}), "
@@ -152,6 +191,12 @@ class LanguageConfig(YamlConfig):
     disable_dropout: bool = True
     """Zero the frozen LM's dropout probabilities so its output does not depend on train/eval
     mode (Chinchilla, the paper's LM, has none)."""
+    special_tokens: Literal["flamingo", "idefics"] = "flamingo"
+    """How images are marked in the text: ``flamingo`` adds ``<image>`` and ``<|endofchunk|>``
+    (OpenFlamingo's order) to the tokenizer; ``idefics`` uses the tokenizer's own
+    ``<fake_token_around_image>``, ``<image>`` and, when it has one, ``<end_of_utterance>``
+    (which then ends a chunk), each image written ``<fake_token_around_image><image>`` with a
+    closing fake token shared by consecutive images (IDEFICS's prompt form)."""
     save_input_embeddings: bool = False
     """Checkpoints carry the LM's whole input embedding matrix, not only the new rows: set by
     the OpenFlamingo import, whose training updated every row."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flamingo.xattn import MediaKV, media_index_from_ids
+from flamingo.xattn import MediaKV
 
 if TYPE_CHECKING:  # the model calls into this module: no import at run time
     from flamingo.model import Flamingo
@@ -66,7 +66,7 @@ def _prepare(
     elif media_slots is not None:
         raise ValueError("media_slots were given without pixel_values")
     media_kv = model.lm.media_kv(media_latents) if media_latents is not None and use_cache else None
-    media_index = media_index_from_ids(input_ids, model.special_tokens.image_id)
+    media_index = model.media_index(input_ids)
     return _Prompt(input_ids, attention_mask, media_kv, media_latents, media_index)
 
 
@@ -137,11 +137,14 @@ class _Decoder:
 
 
 def _banned_tokens(model: Flamingo, logits: torch.Tensor) -> torch.Tensor:
-    """Mask (V,) of ids never generated: <image>, <PAD>, rows beyond the tokenizer."""
+    """Mask (V,) of ids never generated: <image> (and IDEFICS's <fake_token_around_image>),
+    <PAD>, rows beyond the tokenizer."""
     special = model.special_tokens
     banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     banned[model.lm.tokenizer_size :] = True
     banned[special.image_id] = True
+    if special.around_image_id is not None:
+        banned[special.around_image_id] = True
     if special.pad_id in special.new_ids:
         banned[special.pad_id] = True
     return banned

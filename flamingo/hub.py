@@ -7,6 +7,9 @@ through ``huggingface_hub`` and its cache (``HF_HUB_OFFLINE=1``: only what the c
   model config this project keeps for it (``configs/model/openflamingo-*.yaml``): the
   checkpoint is fetched (:func:`download`), converted once by ``Flamingo.from_pretrained``
   and the result kept in :func:`converted_dir`, per commit, for the next load.
+- An IDEFICS repo (``config.json`` says ``"model_type": "idefics"``, :func:`foreign_type`)
+  is fetched without duplicate weight formats (:data:`IDEFICS_FILES`), converted once and
+  kept the same way.
 
 The frozen tower and LM of any of them come from their own sources, through open_clip's and
 transformers' loaders and the same cache.
@@ -14,6 +17,7 @@ transformers' loaders and the same cache.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -86,10 +90,40 @@ def is_repo_id(name: str | Path) -> bool:
     return bool(REPO_ID.match(text)) and ".." not in text and "--" not in text
 
 
-def snapshot(name: str | Path, revision: str | None = None) -> Path:
+IDEFICS_FILES = ["*.json", "*.model", "*.txt", "*.safetensors"]
+"""What an IDEFICS snapshot fetches: configs, tokenizer, weights as safetensors (its repos
+hold each weight twice, also as ``pytorch_model*.bin``, fetched only where no safetensors
+are)."""
+
+
+def foreign_type(name: str | Path, revision: str | None = None) -> str | None:
+    """The ``model_type`` of a foreign checkpoint's ``config.json`` (``idefics``), or None
+    for ours and for names with no ``config.json`` here or on the Hub (reads that one file)."""
+    path = Path(name) / "config.json"
+    if not Path(name).is_dir():
+        if not is_repo_id(name):
+            return None
+        try:
+            path = Path(hf_hub_download(str(name), "config.json", revision=revision))
+        except Exception:  # no such repo, file or revision here: the caller's loader says so
+            return None
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(meta, dict) or meta.get("format") == "flamingo":
+        return None
+    return meta.get("model_type")
+
+
+def snapshot(
+    name: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None
+) -> Path:
     """A checkpoint directory for ``name``: a local directory as it is, else the snapshot of
     the Hub repo ``name`` (``namespace/name``) at ``revision`` (a branch, tag or commit;
-    default main)."""
+    default main), of the files ``allow_patterns`` matches (default all)."""
     path = Path(name)
     if path.is_dir():
         return path
@@ -103,8 +137,17 @@ def snapshot(name: str | Path, revision: str | None = None) -> Path:
         repo_id,
         revision,
         "a snapshot",
-        lambda: snapshot_download(repo_id, revision=revision),
+        lambda: snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns),
     )
+
+
+def idefics_snapshot(name: str | Path, revision: str | None = None) -> Path:
+    """An IDEFICS checkpoint directory: a local one as it is, else the Hub snapshot of its
+    configs, tokenizer and weights (safetensors; ``pytorch_model*.bin`` where it has none)."""
+    snap = snapshot(name, revision, IDEFICS_FILES)
+    if not any(snap.glob("*.safetensors")):
+        snap = snapshot(name, revision, [*IDEFICS_FILES, "pytorch_model*.bin"])
+    return snap
 
 
 def download(repo_id: str, filename: str, revision: str | None = None) -> Path:

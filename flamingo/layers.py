@@ -1,7 +1,9 @@
 """Building blocks shared by the resampler and the gated cross-attention.
 
 Both follow the paper's pre-norm transformer conventions: a LayerNorm before each attention and
-feed-forward, bias-free projections, GELU.
+feed-forward, bias-free projections, GELU. Imported checkpoints bring variants, each a config
+field: an RMSNorm instead of the LayerNorm, a ReLU instead of the GELU, a SwiGLU feed-forward
+(:class:`GatedFeedForward`) shaped like a Llama MLP.
 
 **Cheap activations are rebuilt, not kept.** A trainable Linear keeps its input for its weight
 gradient. Where that input is a cheap function of tensors autograd keeps anyway (a LayerNorm's
@@ -188,15 +190,27 @@ def rebuilt_in_backward(
         return op(tensor)
 
 
-def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+Norm = nn.LayerNorm | nn.RMSNorm
+
+
+def make_norm(kind: Literal["layernorm", "rmsnorm"], dim: int, eps: float = 1e-5) -> Norm:
+    """A pre-norm over ``dim``: ``layernorm`` (weight and bias) or ``rmsnorm`` (weight only)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    return nn.LayerNorm(dim, eps=eps)
+
+
+def layer_norm(norm: Norm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` without a module call (no hooks: safe to run inside a backward)."""
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def linear_of_norm(
-    linear: nn.Linear, norm: nn.LayerNorm, x: torch.Tensor, policy: ExecutionPolicy
+    linear: nn.Linear, norm: Norm, x: torch.Tensor, policy: ExecutionPolicy
 ) -> torch.Tensor:
-    """``linear(norm(x))``; the LayerNorm output is rebuilt in the backward for the Linear's
+    """``linear(norm(x))``; the norm's output is rebuilt in the backward for the Linear's
     weight gradient instead of kept, where the policy allows it."""
     normed = norm(x)
     rebuild = policy.rebuilds_reading_parameters()
@@ -204,11 +218,12 @@ def linear_of_norm(
 
 
 class FeedForward(nn.Sequential):
-    """Pre-norm MLP: LayerNorm -> Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim).
+    """Pre-norm MLP: norm -> Linear(dim, hidden) -> GELU (or ReLU) -> Linear(hidden, dim), with
+    ``hidden = mult * dim`` (or ``hidden``).
 
-    Under the default policy neither the LayerNorm output nor the GELU output, which the Linears
-    would keep for their weight gradients, is stored: the backward rebuilds them from the
-    LayerNorm's and the GELU's inputs (module docstring).
+    Under the default policy neither the norm's output nor the activation's output, which the
+    Linears would keep for their weight gradients, is stored: the backward rebuilds them from
+    the norm's and the activation's inputs (module docstring).
 
     Load-bearing layout: a ``Sequential`` whose children are named ``0``-``3`` gives the
     state-dict keys OpenFlamingo's checkpoints use (``ff.0.weight`` ... ``ff.3.weight``), which
@@ -216,12 +231,20 @@ class FeedForward(nn.Sequential):
     reordering the children breaks it.
     """
 
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        inner = dim * mult
+    def __init__(
+        self,
+        dim: int,
+        mult: int = 4,
+        activation: Literal["gelu", "relu"] = "gelu",
+        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        norm_eps: float = 1e-5,
+        hidden: int | None = None,
+    ) -> None:
+        inner = hidden or dim * mult
         super().__init__(
-            nn.LayerNorm(dim),
+            make_norm(norm, dim, norm_eps),
             nn.Linear(dim, inner, bias=False),
-            nn.GELU(),
+            nn.GELU() if activation == "gelu" else nn.ReLU(),
             nn.Linear(inner, dim, bias=False),
         )
         self.policy = DEFAULT_POLICY
@@ -230,9 +253,39 @@ class FeedForward(nn.Sequential):
         norm, up, act, down = self
         hidden = linear_of_norm(up, norm, x, self.policy)
         activated = act(hidden)
-        gelu = lambda: F.gelu(hidden, approximate=act.approximate)  # noqa: E731
-        # the GELU's input stays alive and the rebuild reads no parameter: allowed under ZeRO-3
-        return rebuilt_in_backward(down, activated, gelu, self.policy.rebuild_activations)
+        if isinstance(act, nn.GELU):
+            rebuild = lambda: F.gelu(hidden, approximate=act.approximate)  # noqa: E731
+        else:
+            rebuild = lambda: F.relu(hidden)  # noqa: E731
+        # the activation's input stays alive and the rebuild reads no parameter: allowed
+        # under ZeRO-3
+        return rebuilt_in_backward(down, activated, rebuild, self.policy.rebuild_activations)
+
+
+class GatedFeedForward(nn.Module):
+    """Pre-norm SwiGLU MLP, a Llama MLP behind a norm:
+    ``down(silu(gate(norm(x))) * up(norm(x)))`` (IDEFICS's gated blocks). The norm's output
+    is rebuilt in the backward where the policy allows it; the product, which ``down`` keeps,
+    is stored."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        norm: Literal["layernorm", "rmsnorm"] = "rmsnorm",
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm = make_norm(norm, dim, norm_eps)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.policy = DEFAULT_POLICY
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = linear_of_norm(self.gate_proj, self.norm, x, self.policy)
+        up = linear_of_norm(self.up_proj, self.norm, x, self.policy)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def set_policy(module: nn.Module, policy: ExecutionPolicy) -> None:

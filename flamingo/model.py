@@ -28,6 +28,7 @@ from flamingo.checkpoint import (
     write_checkpoint_config,
 )
 from flamingo.config import FlamingoConfig
+from flamingo.convert.idefics import directory_config, load_idefics, read_idefics
 from flamingo.convert.openflamingo import check_config, load_openflamingo
 from flamingo.generation import generate, score
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
@@ -73,6 +74,10 @@ def _check_slots(media_slots: torch.Tensor, num_media: int, sync_free: bool) -> 
         )
 
 
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 class Flamingo(nn.Module):
     """Frozen vision tower + Perceiver Resampler + frozen LM with gated cross-attention."""
 
@@ -114,6 +119,10 @@ class Flamingo(nn.Module):
         ``dtype``/``device`` cast and move it all."""
         if str(directory) in hub.OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
             directory = cls._converted_release(str(directory), revision)
+        elif hub.foreign_type(directory, revision) == "idefics":
+            if Path(directory).is_dir():  # converted in memory, each time
+                return cls.from_idefics(directory).to(device=device, dtype=_dtype(dtype)).eval()
+            directory = cls._converted_idefics(str(directory), revision)
         directory = hub.snapshot(directory, revision)
         cfg, meta = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
@@ -131,9 +140,7 @@ class Flamingo(nn.Module):
             tensors.update(load_tensors(directory / FROZEN_NAME, frozen_expected))
         _, unexpected = model.load_state_dict(tensors, strict=False)
         assert not unexpected, unexpected  # keys were checked above
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        return model.to(device=device, dtype=dtype).eval()
+        return model.to(device=device, dtype=_dtype(dtype)).eval()
 
     @classmethod
     def from_openflamingo(cls, checkpoint, cfg: FlamingoConfig) -> Flamingo:
@@ -143,6 +150,24 @@ class Flamingo(nn.Module):
         check_config(cfg)
         model = cls.from_config(cfg.replace({"lm.save_input_embeddings": True}))
         return load_openflamingo(model, checkpoint)
+
+    @classmethod
+    def from_idefics(cls, directory: str | Path) -> Flamingo:
+        """Our model with an IDEFICS checkpoint directory (transformers'
+        ``IdeficsForVisionText2Text`` format: ``config.json``, tokenizer, weights) loaded into
+        it, its config made by :func:`flamingo.convert.idefics.idefics_config`."""
+        cfg = directory_config(directory)
+        _, state = read_idefics(directory)
+        return load_idefics(cls.from_config(cfg), state)
+
+    @classmethod
+    def _converted_idefics(cls, repo_id: str, revision: str | None) -> Path:
+        """An IDEFICS Hub repo converted to our format, once per commit."""
+        snap = hub.idefics_snapshot(repo_id, revision)
+        out = hub.converted_dir(repo_id, commit=snap.name)
+        if not (out / "config.json").is_file():  # written last: a complete conversion
+            cls.from_idefics(snap).save_pretrained(out)
+        return out
 
     @classmethod
     def _converted_release(cls, repo_id: str, revision: str | None) -> Path:
@@ -241,6 +266,17 @@ class Flamingo(nn.Module):
         return self.lm.special_tokens
 
     # -- media ------------------------------------------------------------------------------------
+
+    def media_index(
+        self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """phi (B, T): the media item each token sees, -1 for none
+        (:func:`flamingo.xattn.media_index_from_ids`, with ``xattn.reset_after_eos``)."""
+        special = self.special_tokens
+        reset = special.eos_id if self.cfg.xattn.reset_after_eos else None
+        if self.cfg.xattn.reset_after_eos and reset is None:
+            raise ValueError("xattn.reset_after_eos needs a tokenizer with an eos token")
+        return media_index_from_ids(input_ids, special.image_id, document_ids, reset)
 
     def encode_media(
         self, pixel_values: torch.Tensor, media_slots: torch.Tensor | None = None
@@ -346,9 +382,7 @@ class Flamingo(nn.Module):
                     "media_index is required with a non-empty cache: pass the media "
                     "index of the new tokens computed over the whole sequence"
                 )
-            media_index = media_index_from_ids(
-                input_ids, self.special_tokens.image_id, document_ids
-            )
+            media_index = self.media_index(input_ids, document_ids)
         media = media_kv if media_kv is not None else media_latents
         self._check_media(input_ids, media, media_index, self.policy.sync_free)
         if labels is not None and labels.shape != input_ids.shape:

@@ -14,11 +14,18 @@ order as its markers. A media item is one PIL image or a list of PIL frames (vid
 
 Only real media are preprocessed and encoded; a slot past a sequence's own media is -1, and
 the model gives it zero latents that no ``<image>`` token points at.
+
+With ``lm.special_tokens: idefics`` the same text is written in IDEFICS's prompt form before it
+is tokenized: the tokenizer's beginning-of-sequence token first, each run of ``<image>``
+markers as ``<fake_token_around_image><image>`` per image and one closing fake token, and
+``<|endofchunk|>`` as the token that ends a chunk there. :meth:`FlamingoProcessor.interleaved`
+takes IDEFICS's own input, a list of strings and images per sequence.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,12 +35,21 @@ from PIL import Image
 
 from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
-from flamingo.hub import OPENFLAMINGO_RELEASES, snapshot
-from flamingo.tokens import IMAGE, SpecialTokens, load_tokenizer
+from flamingo.convert.idefics import directory_config
+from flamingo.hub import IDEFICS_FILES, OPENFLAMINGO_RELEASES, foreign_type, snapshot
+from flamingo.tokens import (
+    AROUND_IMAGE,
+    END_OF_CHUNK,
+    END_OF_UTTERANCE,
+    IMAGE,
+    SpecialTokens,
+    load_tokenizer,
+)
 from flamingo.vision import image_transform
 
 Media = Image.Image | Sequence[Image.Image]
 PROCESSOR_CONFIG = "processor_config.json"
+IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE)})+")
 
 
 def media_slots(counts: Sequence[int]) -> torch.Tensor:
@@ -65,34 +81,42 @@ class FlamingoProcessor:
         special_tokens: SpecialTokens,
         vision_cfg: VisionConfig,
         padding_side: Literal["left", "right"] = "left",
+        scheme: Literal["flamingo", "idefics"] = "flamingo",
     ) -> None:
         self.tokenizer = tokenizer
         self.special_tokens = special_tokens
         self.vision_cfg = vision_cfg
         self.image_transform = image_transform(vision_cfg)
         self.padding_side = padding_side
+        self.scheme = scheme
 
     @classmethod
     def from_config(
         cls, cfg: FlamingoConfig, padding_side: Literal["left", "right"] = "left"
     ) -> FlamingoProcessor:
         tokenizer, special = load_tokenizer(
-            cfg.lm.tokenizer_source(), cfg.lm.revision, cfg.lm.trust_remote_code
+            cfg.lm.tokenizer_source(),
+            cfg.lm.revision,
+            cfg.lm.trust_remote_code,
+            cfg.lm.special_tokens,
         )
-        return cls(tokenizer, special, cfg.vision, padding_side)
+        return cls(tokenizer, special, cfg.vision, padding_side, cfg.lm.special_tokens)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, revision: str | None = None
     ) -> FlamingoProcessor:
         """The processor saved with a checkpoint (its tokenizer and settings): a directory or
-        a Hub repo id in our format (:func:`flamingo.hub.snapshot`)."""
+        a Hub repo id in our format (:func:`flamingo.hub.snapshot`), or IDEFICS's."""
         if str(directory) in OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
             raise ValueError(
                 f"{directory} is an OpenFlamingo release, converted by "
                 f"Flamingo.from_pretrained({str(directory)!r}); its processor is "
                 "FlamingoProcessor.from_config(model.cfg)"
             )
+        if foreign_type(directory, revision) == "idefics":  # its tokenizer and settings
+            files = [p for p in IDEFICS_FILES if not p.endswith(".safetensors")]
+            return cls.from_config(directory_config(snapshot(directory, revision, files)))
         directory = snapshot(directory, revision)
         cfg, _ = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})
@@ -137,6 +161,47 @@ class FlamingoProcessor:
 
     # -- text ---------------------------------------------------------------------------------
 
+    def prompt_text(self, text: str) -> str:
+        """``text`` (``<image>`` markers, ``<|endofchunk|>``) as the tokenizer is given it: as
+        it is, or in IDEFICS's prompt form (module docstring)."""
+        if self.scheme != "idefics":
+            return text
+        tokenizer = self.tokenizer
+        end = tokenizer.convert_ids_to_tokens(self.special_tokens.end_of_chunk_id)
+        text = text.replace(END_OF_CHUNK, end)
+        images = lambda run: AROUND_IMAGE + (IMAGE + AROUND_IMAGE) * run[0].count(IMAGE)  # noqa: E731
+        return tokenizer.bos_token + IMAGE_RUN.sub(images, text)
+
+    def interleaved(
+        self,
+        sequences: Sequence[Sequence[str | Media]],
+        add_end_of_utterance_token: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """A batch given as IDEFICS's processor takes it: per sequence, a list of strings and
+        media items in order. Strings lose their surrounding spaces and, with
+        ``add_end_of_utterance_token`` (default: when the tokenizer has the token), a string
+        that follows a string is preceded by ``<end_of_utterance>`` (IDEFICS's rules, so the
+        same list gives the same ``input_ids``). ``kwargs`` go to :meth:`__call__`."""
+        if add_end_of_utterance_token is None:
+            add_end_of_utterance_token = END_OF_UTTERANCE in self.tokenizer.get_vocab()
+        texts, images = [], []
+        for sequence in sequences:
+            text, media, last_was_text = "", [], False
+            for item in sequence:
+                if isinstance(item, str):
+                    if add_end_of_utterance_token and last_was_text:
+                        text += END_OF_UTTERANCE
+                    text += item.strip(" ")
+                    last_was_text = True
+                else:
+                    text += IMAGE
+                    media.append(item)
+                    last_was_text = False
+            texts.append(text)
+            images.append(media)
+        return self(texts, images, **kwargs)
+
     def __call__(
         self,
         text: str | Sequence[str],
@@ -163,7 +228,8 @@ class FlamingoProcessor:
                     f"put one {IMAGE} in the text where each image belongs"
                 )
         encoded = self.tokenizer(
-            texts,
+            [self.prompt_text(t) for t in texts],
+            add_special_tokens=self.scheme != "idefics",  # its form starts with the BOS itself
             padding="longest",
             padding_side=padding_side or self.padding_side,
             truncation=max_length is not None,

@@ -32,7 +32,7 @@ class PerceiverAttention(nn.Module):
     checkpoints load by name (``flamingo/convert/openflamingo.py``).
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: bool = False) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -41,6 +41,9 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        # resampler.qk_norm: each head's queries and keys LayerNormed (IDEFICS)
+        self.q_norm = nn.LayerNorm(dim_head) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dim_head) if qk_norm else None
         self.policy = DEFAULT_POLICY
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,8 @@ class PerceiverAttention(nn.Module):
         both = torch.cat([self.norm_media(media), normed], dim=1)
         k, v = rebuilt_in_backward(self.to_kv, both, kv_input, rebuild).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h r d -> b r (h d)"))
 
@@ -65,10 +70,10 @@ class PerceiverAttention(nn.Module):
 class PerceiverLayer(nn.Module):
     """One resampler layer: residual attention, then residual feed-forward (a wrap unit)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
+    def __init__(self, cfg: ResamplerConfig, dim: int) -> None:
         super().__init__()
-        self.attn = PerceiverAttention(dim, heads, dim_head)
-        self.ff = FeedForward(dim, ff_mult)
+        self.attn = PerceiverAttention(dim, cfg.heads, cfg.dim_head, cfg.qk_norm)
+        self.ff = FeedForward(dim, cfg.ff_mult, activation=cfg.ff_activation)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         latents = latents + self.attn(media, latents)
@@ -93,9 +98,7 @@ class PerceiverResampler(nn.Module):
                 )
             # zero at init: the resampler starts as the paper's and learns how much to use them
             self.spatial_embeddings = nn.Parameter(torch.zeros(num_tokens, dim))
-        self.layers = nn.ModuleList(
-            PerceiverLayer(dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth)
-        )
+        self.layers = nn.ModuleList(PerceiverLayer(cfg, dim) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
         self.policy = DEFAULT_POLICY
 

@@ -5,6 +5,11 @@ the text that belongs to an image) to the LM's tokenizer, plus ``<PAD>`` when th
 no pad token. They are added in OpenFlamingo's order (``<|endofchunk|>``, ``<image>``, then
 ``<PAD>``) so that converted OpenFlamingo checkpoints keep their token ids.
 
+IDEFICS's tokenizers bring their own (``lm.special_tokens: idefics``):
+``<fake_token_around_image>`` and ``<image>`` and, in the instruct releases,
+``<end_of_utterance>``, which then plays ``<|endofchunk|>``'s part (else the end-of-sequence
+token does); nothing is added but a ``<PAD>`` where the tokenizer has no pad token.
+
 This is the one module that both the LM adapter and the processor import, so tokenizer loading
 (including the tiny tokenizer shipped in the package) lives here too.
 """
@@ -19,6 +24,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 IMAGE = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 PAD = "<PAD>"
+AROUND_IMAGE = "<fake_token_around_image>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+SCHEMES = ("flamingo", "idefics")
 
 TINY_TOKENIZER = "tiny"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -33,6 +41,10 @@ class SpecialTokens:
     pad_id: int
     new_ids: tuple[int, ...]
     """Ids of the tokens Flamingo added (their embedding rows are trainable), in order."""
+    around_image_id: int | None = None
+    """``<fake_token_around_image>`` (IDEFICS's prompt form), None otherwise."""
+    eos_id: int | None = None
+    """The tokenizer's end-of-sequence token (``xattn.reset_after_eos``)."""
 
     @classmethod
     def from_tokenizer(
@@ -42,16 +54,28 @@ class SpecialTokens:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; call add_special_tokens first")
         return cls(
-            image_id=ids[0], end_of_chunk_id=ids[1], pad_id=tokenizer.pad_token_id, new_ids=new_ids
+            image_id=ids[0],
+            end_of_chunk_id=ids[1],
+            pad_id=tokenizer.pad_token_id,
+            new_ids=new_ids,
+            eos_id=tokenizer.eos_token_id,
         )
 
 
-def add_special_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
-    """Add Flamingo's tokens to ``tokenizer`` (in place, idempotent) and return their ids.
+def add_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, scheme: str = "flamingo"
+) -> SpecialTokens:
+    """Add the tokens of ``scheme`` (``lm.special_tokens``) to ``tokenizer`` (in place,
+    idempotent) and return their ids.
 
     ``new_ids`` lists the tokens Flamingo owns: ``<|endofchunk|>``, ``<image>`` and, when it
-    had to add one, ``<PAD>``. The model learns an embedding (and output) row for each.
+    had to add one, ``<PAD>``. The model learns an embedding (and output) row for each. With
+    ``idefics``, the tokenizer's own IDEFICS tokens (:func:`idefics_tokens`).
     """
+    if scheme == "idefics":
+        return idefics_tokens(tokenizer)
+    if scheme != "flamingo":
+        raise ValueError(f"lm.special_tokens must be one of {SCHEMES}, got {scheme!r}")
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD})
@@ -60,8 +84,48 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
     return SpecialTokens.from_tokenizer(tokenizer, new_ids)
 
 
-def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
-    """Load a Hugging Face tokenizer and add Flamingo's special tokens.
+def idefics_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    """The ids of IDEFICS's tokens in an IDEFICS tokenizer: ``<fake_token_around_image>``,
+    ``<image>``, ``<end_of_utterance>`` when it has it (then the end of a chunk; else the
+    end-of-sequence token is), and ``<PAD>`` added if it has no pad token. ``new_ids`` are
+    the ones the tokenizer has (IDEFICS's decoupled extra rows), by id."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (AROUND_IMAGE, IMAGE) if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"lm.special_tokens: idefics needs an IDEFICS tokenizer, with {AROUND_IMAGE} and "
+            f"{IMAGE}; this one lacks {missing} (use lm.special_tokens: flamingo for any other)"
+        )
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            "lm.special_tokens: idefics needs a tokenizer with a beginning- and an "
+            "end-of-sequence token (IDEFICS's prompts start with one and reset at the other)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    owned = [AROUND_IMAGE, IMAGE] + ([END_OF_UTTERANCE] if END_OF_UTTERANCE in vocab else [])
+    if tokenizer.pad_token == PAD:
+        owned.append(PAD)
+    ids = dict(zip(owned, tokenizer.convert_tokens_to_ids(owned), strict=True))
+    end_of_chunk = ids.get(END_OF_UTTERANCE, tokenizer.eos_token_id)
+    return SpecialTokens(
+        image_id=ids[IMAGE],
+        end_of_chunk_id=end_of_chunk,
+        pad_id=tokenizer.pad_token_id,
+        new_ids=tuple(sorted(ids.values())),
+        around_image_id=ids[AROUND_IMAGE],
+        eos_id=tokenizer.eos_token_id,
+    )
+
+
+def load_tokenizer(
+    source: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    scheme: str = "flamingo",
+):
+    """Load a Hugging Face tokenizer and add the special tokens of ``scheme``
+    (``lm.special_tokens``).
 
     ``source`` is a hub id, a local directory, or ``"tiny"`` for the tokenizer that ships with
     the package. Returns ``(tokenizer, SpecialTokens)``.
@@ -76,4 +140,4 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
             f"cannot load tokenizer {source!r}: {e}. Use a local directory, a hub id reachable "
             f"from this machine, or {TINY_TOKENIZER!r} for the packaged tiny tokenizer."
         ) from e
-    return tokenizer, add_special_tokens(tokenizer)
+    return tokenizer, add_special_tokens(tokenizer, scheme)

@@ -1,8 +1,9 @@
 """The frozen open_clip vision tower: pixels -> patch tokens (paper Sec. 2.1).
 
-Returns the transformer's patch tokens: no CLS token, no projection to the contrastive space.
-Whether the tower's final LayerNorm (``ln_post``) is applied to them is the explicit config
-field ``VisionConfig.ln_post_on_tokens``; we run the tower's stages ourselves rather than call
+Returns the transformer's patch tokens, no projection to the contrastive space. Whether the
+CLS token comes first among them (``VisionConfig.cls_token``) and whether the tower's final
+LayerNorm (``ln_post``) is applied to them (``VisionConfig.ln_post_on_tokens``) are explicit
+config fields; we run the tower's stages ourselves rather than call
 ``visual.forward``, whose token normalisation changed across open_clip releases (2.24 added
 ``final_ln_after_pool``).
 
@@ -21,6 +22,7 @@ import numpy as np
 import open_clip
 import torch
 from einops import rearrange
+from open_clip.model import _build_vision_tower
 from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
@@ -31,6 +33,8 @@ from flamingo.config import VisionConfig
 def build_clip(cfg: VisionConfig) -> nn.Module:
     """Build the open_clip model named by ``cfg`` (with its pretrained weights, if any), on
     torch's default device (``with torch.device("meta"):`` builds shapes only)."""
+    if cfg.architecture is not None and "text_cfg" not in cfg.architecture:
+        return VisionOnly(cfg.architecture)
     if cfg.architecture is not None:
         clip = open_clip.CLIP(**cfg.architecture)
         if cfg.pretrained:
@@ -45,6 +49,21 @@ def build_clip(cfg: VisionConfig) -> nn.Module:
     # 2.27 on (its create_model takes the argument only from 3.x)
     device = torch.empty(()).device  # torch's default (a `with torch.device(...)` included)
     return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
+
+
+class VisionOnly(nn.Module):
+    """An open_clip vision tower without its text tower, as ``CLIP.visual`` holds it (an
+    imported tower whose weights a checkpoint carries: nothing to build the text side for).
+    Built by open_clip's own ``_build_vision_tower``, which ``open_clip.CLIP`` calls (present
+    in every open_clip release this project supports, >= 2.27)."""
+
+    def __init__(self, architecture: dict) -> None:
+        super().__init__()
+        self.visual = _build_vision_tower(
+            architecture["embed_dim"],
+            architecture["vision_cfg"],
+            quick_gelu=architecture.get("quick_gelu", False),
+        )
 
 
 def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
@@ -78,6 +97,9 @@ def square(image: Image.Image, cfg: VisionConfig) -> Image.Image:
     image = image.convert("RGB")
     if cfg.resize == "crop":
         return resize_crop(image, cfg.image_size)
+    if cfg.resize == "squash":
+        size = (cfg.image_size, cfg.image_size)
+        return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
     return resize_pad(image, cfg.image_size, mean_colour(cfg))
 
 
@@ -138,7 +160,7 @@ class VisionEncoder(nn.Module):
             )
         self.visual = visual.requires_grad_(False).eval()
         self.width = visual.transformer.width
-        self.num_tokens = visual.grid_size[0] * visual.grid_size[1]
+        self.num_tokens = visual.grid_size[0] * visual.grid_size[1] + int(cfg.cls_token)
 
     def block_class(self) -> type[nn.Module]:
         """The class of the tower's transformer blocks (compiled one by one)."""
@@ -169,5 +191,5 @@ class VisionEncoder(nn.Module):
         x = v.transformer(v.ln_pre(x))
         if self.cfg.ln_post_on_tokens:
             x = v.ln_post(x)
-        tokens = x[:, 1:]  # drop the CLS token
+        tokens = x if self.cfg.cls_token else x[:, 1:]
         return rearrange(tokens, "(b n f) v d -> b n f v d", b=b, n=n, f=f)

@@ -36,7 +36,13 @@ from einops import rearrange
 from torch import nn
 
 from flamingo.config import CrossAttentionConfig
-from flamingo.layers import DEFAULT_POLICY, FeedForward, linear_of_norm
+from flamingo.layers import (
+    DEFAULT_POLICY,
+    FeedForward,
+    GatedFeedForward,
+    linear_of_norm,
+    make_norm,
+)
 from flamingo.packing import document_starts
 
 try:  # torch >= 2.5
@@ -51,21 +57,34 @@ CrossAttentionMask = Any
 
 
 def media_index_from_ids(
-    input_ids: torch.Tensor, image_token_id: int, document_ids: torch.Tensor | None = None
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    document_ids: torch.Tensor | None = None,
+    reset_token_id: int | None = None,
 ) -> torch.Tensor:
     """phi: for each token, the index of the last ``<image>`` at or before it, else -1; in a
     packed row (``document_ids``, :mod:`flamingo.packing`) -1 also where that image belongs
-    to an earlier document. Indices count the row's images (its media slots).
+    to an earlier document; with ``reset_token_id`` (``xattn.reset_after_eos``) -1 also where
+    a reset token came between that image and the token (the reset token itself keeps it).
+    Indices count the row's images (its media slots).
 
     ``input_ids (B, T) -> media_index (B, T)`` (int64).
     """
     is_image = input_ids == image_token_id
     index = is_image.long().cumsum(dim=-1) - 1
-    if document_ids is None:
+    if document_ids is None and reset_token_id is None:
         return index
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     last_image = torch.where(is_image, positions, -1).cummax(dim=1).values
-    return torch.where(last_image >= document_starts(document_ids), index, -1)
+    start = torch.zeros_like(positions)
+    if document_ids is not None:
+        start = document_starts(document_ids)
+    if reset_token_id is not None:
+        # the first position after the last reset token strictly before each token
+        after_reset = torch.where(input_ids == reset_token_id, positions + 1, 0)
+        after_reset = F.pad(after_reset.cummax(dim=1).values[:, :-1], (1, 0))
+        start = torch.maximum(start, after_reset)
+    return torch.where(last_image >= start, index, -1)
 
 
 def cross_attention_mask(
@@ -192,21 +211,36 @@ class MaskedCrossAttention(nn.Module):
     (``flamingo/convert/openflamingo.py``).
     """
 
-    def __init__(self, dim: int, dim_media: int, heads: int, dim_head: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        dim_media: int,
+        heads: int,
+        dim_head: int,
+        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        norm_eps: float = 1e-5,
+        qk_norm: bool = False,
+    ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_norm(norm, dim, norm_eps)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_media, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        # xattn.qk_norm: each head's queries and keys normalised (IDEFICS's qk_layer_norms)
+        self.q_norm = make_norm(norm, dim_head, norm_eps) if qk_norm else None
+        self.k_norm = make_norm(norm, dim_head, norm_eps) if qk_norm else None
         self.policy = DEFAULT_POLICY
 
     def media_kv(self, media_latents: torch.Tensor) -> MediaKV:
-        """media_latents (B, N, R, Dv) -> keys and values (B, heads, N*R, dim_head)."""
+        """media_latents (B, N, R, Dv) -> keys (normalised, with ``qk_norm``) and values
+        (B, heads, N*R, dim_head)."""
         _, num_media, num_latents, _ = media_latents.shape
         k, v = self.to_kv(rearrange(media_latents, "b n r d -> b (n r) d")).chunk(2, dim=-1)
         k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (k, v))
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return MediaKV(k, v, num_media, num_latents)
 
     def forward(
@@ -227,6 +261,8 @@ class MaskedCrossAttention(nn.Module):
             )
         q = linear_of_norm(self.to_q, self.norm, x, self.policy)
         q = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if isinstance(attn_mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=attn_mask)
         else:
@@ -246,8 +282,14 @@ class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, cfg: CrossAttentionConfig, dim: int, dim_media: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attn = MaskedCrossAttention(dim, dim_media, cfg.heads, cfg.dim_head)
-        self.ff = FeedForward(dim, cfg.ff_mult)
+        self.attn = MaskedCrossAttention(
+            dim, dim_media, cfg.heads, cfg.dim_head, cfg.norm, cfg.norm_eps, cfg.qk_norm
+        )
+        hidden = cfg.ff_hidden or cfg.ff_mult * dim
+        if cfg.ff == "swiglu":
+            self.ff = GatedFeedForward(dim, hidden, cfg.norm, cfg.norm_eps)
+        else:
+            self.ff = FeedForward(dim, norm=cfg.norm, norm_eps=cfg.norm_eps, hidden=hidden)
         if cfg.gating == "tanh":
             gate_shape = (dim,) if cfg.gate == "vector" else (1,)
             self.attn_gate = nn.Parameter(torch.zeros(gate_shape))

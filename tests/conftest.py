@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
+import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 from PIL import Image
@@ -121,3 +123,36 @@ def processor(cfg: FlamingoConfig) -> FlamingoProcessor:
 @pytest.fixture
 def model() -> Flamingo:
     return build()
+
+
+COMMIT = "a" * 40
+OTHER = "b" * 40
+
+
+def lay_out(cache, repo_id: str, source, commit: str = COMMIT, main: bool = True) -> None:
+    """``source``'s files as the snapshot ``commit`` of ``repo_id`` in a Hub cache (blobs,
+    snapshot links, and ``refs/main`` when ``main``)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        name = path.name if source.is_file() else str(path.relative_to(source))
+        blob = repo / "blobs" / f"{commit[:8]}-{name.replace('/', '-')}"
+        shutil.copy(path, blob)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(blob)
+    if main:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FLAMINGO_CACHE", str(tmp_path / "flamingo-cache"))
+    return cache

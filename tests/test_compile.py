@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from flamingo.config import CrossAttentionConfig
+from flamingo.config import CrossAttentionConfig, ResamplerConfig
 from flamingo.layers import ExecutionPolicy, set_policy
 from flamingo.resampler import PerceiverLayer
 from flamingo.xattn import GatedCrossAttentionBlock, cross_attention_bias
@@ -63,7 +63,7 @@ def test_a_gated_block_compiles_whole_and_computes_the_same():
 
 def test_a_perceiver_layer_compiles_whole_and_computes_the_same():
     torch.manual_seed(0)
-    layer = PerceiverLayer(16, heads=2, dim_head=8, ff_mult=2)
+    layer = PerceiverLayer(ResamplerConfig(heads=2, dim_head=8, ff_mult=2), 16)
     set_policy(layer, NO_REBUILD)
     torch._dynamo.reset()
     assert_same(eager_and_compiled(layer, torch.randn(3, 7, 16), torch.randn(3, 4, 16)))

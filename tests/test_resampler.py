@@ -80,3 +80,32 @@ def test_spatial_embeddings_start_at_zero_and_make_token_order_matter():
         spatial(torch.randn(1, 1, 1, 6, DIM))
     with pytest.raises(ValueError, match="number of vision tokens"):
         PerceiverResampler(cfg, DIM)
+
+
+def test_qk_norm_makes_the_resampler_independent_of_the_query_and_key_scale():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 1, 10, DIM)
+    for qk_norm, same in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        r = PerceiverResampler(ResamplerConfig(depth=1, heads=2, dim_head=8, qk_norm=qk_norm), DIM)
+        before = r(x)
+        with torch.no_grad():
+            attn = r.layers[0].attn
+            attn.to_q.weight.mul_(5.0)
+            attn.to_kv.weight[:16].mul_(5.0)  # the key half
+        assert torch.allclose(r(x), before, atol=1e-3) == same
+
+
+def test_relu_feed_forward_is_a_choice():
+    torch.manual_seed(0)
+    relu = PerceiverResampler(
+        ResamplerConfig(depth=1, heads=2, dim_head=8, ff_activation="relu"), DIM
+    )
+    torch.manual_seed(0)
+    gelu = PerceiverResampler(ResamplerConfig(depth=1, heads=2, dim_head=8), DIM)
+    assert isinstance(relu.layers[0].ff[2], torch.nn.ReLU)
+    x = torch.randn(2, 1, 1, 10, DIM)
+    ff = relu.layers[0].ff
+    h = torch.randn(3, DIM)
+    torch.testing.assert_close(ff(h), ff[3](torch.relu(ff[1](ff[0](h)))))
+    assert not torch.allclose(relu(x), gelu(x))

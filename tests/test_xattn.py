@@ -155,3 +155,54 @@ def test_a_given_bias_equals_the_mask_built_inside():
     bias = cross_attention_bias(media_index, N, R, "last", x.dtype)
     assert torch.equal(attn(x, latents, media_index, attn_mask=bias), attn(x, latents, media_index))
     assert torch.equal(bias == 0, cross_attention_mask(media_index, N, R, "last"))
+
+
+def test_reset_after_eos_hides_earlier_images_from_later_text():
+    eos = 7
+    ids = torch.tensor([[IMG, 1, eos, 2, 3, IMG, 4, eos, eos, 5]])
+    assert media_index_from_ids(ids, IMG, reset_token_id=eos).tolist() == [
+        [0, 0, 0, -1, -1, 1, 1, 1, -1, -1]  # each eos keeps its image; what follows does not
+    ]
+    assert media_index_from_ids(ids, IMG).tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
+
+
+IDEFICS_SHAPED = dict(norm="rmsnorm", norm_eps=1e-6, qk_norm=True, ff="swiglu", ff_hidden=44)
+
+
+@pytest.mark.parametrize(
+    "variant", [{"norm": "rmsnorm"}, {"qk_norm": True}, {"ff": "swiglu"}, IDEFICS_SHAPED]
+)
+def test_each_block_variant_starts_as_the_identity(variant):
+    torch.manual_seed(0)
+    b = GatedCrossAttentionBlock(
+        CrossAttentionConfig(heads=2, dim_head=8, **variant), DIM, DIM_MEDIA
+    )
+    x, latents, media_index = inputs()
+    assert torch.equal(b(x, latents, media_index), x)
+
+
+def test_rmsnorm_swiglu_blocks_have_the_named_shapes():
+    b = block(**IDEFICS_SHAPED)
+    assert isinstance(b.attn.norm, torch.nn.RMSNorm) and b.attn.norm.eps == 1e-6
+    assert isinstance(b.ff.norm, torch.nn.RMSNorm)
+    assert b.ff.gate_proj.weight.shape == b.ff.up_proj.weight.shape == (44, DIM)
+    assert b.ff.down_proj.weight.shape == (DIM, 44)
+    assert block(ff_hidden=20).ff[1].weight.shape == (20, DIM)  # the GELU MLP takes it too
+    x = torch.randn(2, 5, DIM)
+    normed = b.ff.norm(x)
+    silu = torch.nn.functional.silu
+    expected = b.ff.down_proj(silu(b.ff.gate_proj(normed)) * b.ff.up_proj(normed))
+    torch.testing.assert_close(b.ff(x), expected)
+
+
+def test_qk_norm_makes_attention_independent_of_the_query_and_key_scale():
+    """With queries and keys normalised per head, scaling their projections changes nothing;
+    without, it sharpens the attention."""
+    x, latents, media_index = inputs()
+    for qk_norm, same in ((True, True), (False, False)):
+        b = block(qk_norm=qk_norm, norm="rmsnorm")
+        before = b(x, latents, media_index)
+        with torch.no_grad():
+            b.attn.to_q.weight.mul_(5.0)
+            b.attn.to_kv.weight[: 2 * 8].mul_(5.0)  # the key half
+        assert torch.allclose(b(x, latents, media_index), before, atol=1e-3) == same

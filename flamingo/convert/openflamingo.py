@@ -31,8 +31,10 @@ OPENFLAMINGO_LAYOUT = """OpenFlamingo's key layout:
 
 def check_config(cfg: FlamingoConfig) -> None:
     """Settings our model needs to compute exactly what OpenFlamingo computes."""
-    x, r = cfg.xattn, cfg.resampler
+    x, r, v = cfg.xattn, cfg.resampler, cfg.vision
     expected = {
+        "vision.cls_token": (v.cls_token, False),
+        "lm.special_tokens": (cfg.lm.special_tokens, "flamingo"),
         "xattn.first_layer": (x.first_layer, x.every_n_layers - 1),
         "xattn.heads": (x.heads, 8),
         "xattn.dim_head": (x.dim_head, 64),
@@ -41,12 +43,20 @@ def check_config(cfg: FlamingoConfig) -> None:
         "xattn.gate": (x.gate, "scalar"),
         "xattn.gating": (x.gating, "tanh"),
         "xattn.ff_on_imageless_tokens": (x.ff_on_imageless_tokens, True),
+        "xattn.ff": (x.ff, "gelu"),
+        "xattn.ff_hidden": (x.ff_hidden, 0),
+        "xattn.norm": (x.norm, "layernorm"),
+        "xattn.norm_eps": (x.norm_eps, 1e-5),
+        "xattn.qk_norm": (x.qk_norm, False),
+        "xattn.reset_after_eos": (x.reset_after_eos, False),
         "resampler.depth": (r.depth, 6),
         "resampler.heads": (r.heads, 8),
         "resampler.dim_head": (r.dim_head, 64),
         "resampler.num_latents": (r.num_latents, 64),
         "resampler.ff_mult": (r.ff_mult, 4),
         "resampler.max_num_frames": (r.max_num_frames, 0),
+        "resampler.ff_activation": (r.ff_activation, "gelu"),
+        "resampler.qk_norm": (r.qk_norm, False),
     }
     wrong = {k: v for k, (v, want) in expected.items() if v != want}
     if wrong:
