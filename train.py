@@ -147,20 +147,37 @@ def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
     return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides)
 
 
+def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
+    """The checkpoint ``init_from`` names, its frozen parts in the engine's precision."""
+    model = Flamingo.from_pretrained(cfg.init_from)
+    changes = cfg.engine.model_changes()
+    frozen = changes.get("frozen_dtype", model.cfg.frozen_dtype)
+    if frozen != model.cfg.frozen_dtype:  # the engine owns precision, as for a new model
+        dtype = getattr(torch, frozen)
+        model.vision.to(dtype)
+        model.lm.hf.to(dtype)
+        model.cfg = model.cfg.replace(changes)
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
     out = Path(cfg.output_dir)
 
     # -- setup: model, engine, data, run state -------------------------------------------------
-    model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides)
-    model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
     seed_everything(cfg.seed)  # same model initialisation on every rank
-    processor = FlamingoProcessor.from_config(model_cfg)
     per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
     micro_batches = per_step * cfg.accumulation
-    with model_construction(cfg.engine, cfg.optim, micro_batches):
-        model = Flamingo.from_config(model_cfg, processor)
+    if cfg.init_from is not None:
+        model = fine_tuned_model(cfg)
+        model_cfg, processor = model.cfg, FlamingoProcessor.from_config(model.cfg)
+    else:
+        model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides)
+        model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
+        processor = FlamingoProcessor.from_config(model_cfg)
+        with model_construction(cfg.engine, cfg.optim, micro_batches):
+            model = Flamingo.from_config(model_cfg, processor)
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batches)
     eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(

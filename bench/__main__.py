@@ -2,8 +2,8 @@
 
     python -m bench [--skip NAME ...]
 
-On CPU: the training step (tiny; small at batch 2), the scaling sweep, generation (tiny;
-small with 5 tokens), the loaders and the padding a step computes before and after packing; with a GPU, also the small and ~1B configs in bf16 under
+On CPU: the training step (tiny; small at batch 2), the scaling sweep, generation against
+OpenFlamingo and against transformers' IDEFICS (tiny; small with 5 tokens), the loaders and the padding a step computes before and after packing; with a GPU, also the small and ~1B configs in bf16 under
 DeepSpeed ZeRO-2 and generation on the GPU. Each writes its JSON under ``bench/results``;
 ``bench.report`` then writes ``bench/results/README.md``. Takes about 20 minutes on 2 cores.
 """
@@ -31,6 +31,11 @@ CPU = {
     "generation-small": [
         *("bench.generation", "--config", "small", "--batch", "2", "--new", "5"),
         *("--device", "cpu"),
+    ],
+    "generation-idefics-tiny": ["bench.generation", "--against", "idefics", "--device", "cpu"],
+    "generation-idefics-small": [
+        *("bench.generation", "--against", "idefics", "--config", "small", "--batch", "2"),
+        *("--new", "5", "--device", "cpu"),
     ],
     "data_throughput": ["bench.data_throughput"],
     "padding": ["bench.padding", "--config", "small"],

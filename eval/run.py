@@ -37,6 +37,7 @@ from eval.fewshot import (
 )
 from eval.tasks import Item, Task, get_task
 from flamingo import Flamingo, FlamingoProcessor
+from flamingo.hub import OPENFLAMINGO_RELEASES
 from flamingo.typed_config import to_dict
 
 
@@ -48,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="a save_pretrained directory"
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory or Hub id (ours, an OpenFlamingo release, an IDEFICS "
+        "checkpoint: Flamingo.from_pretrained)",
     )
     parser.add_argument("--shots", type=int, nargs="+", help="override the config's shots")
     parser.add_argument("--tasks", nargs="+", help="evaluate only these tasks of the config")
@@ -302,7 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     model = Flamingo.from_pretrained(
         args.checkpoint, dtype=getattr(torch, cfg.dtype), device=device
     )
-    processor = FlamingoProcessor.from_pretrained(args.checkpoint)
+    if args.checkpoint in OPENFLAMINGO_RELEASES:  # converted by name: its processor is the config's
+        processor = FlamingoProcessor.from_config(model.cfg)
+    else:
+        processor = FlamingoProcessor.from_pretrained(args.checkpoint)
     start = time.time()
     results = evaluate(model, processor, cfg, str(args.checkpoint), args.tasks)
     world_size = dist.get_world_size() if dist.is_initialized() else 1

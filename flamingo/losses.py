@@ -43,6 +43,8 @@ def make_labels(
     before_first_image = last_image < start
     after_chunk = (last_eoc > last_image) & ~is_eoc
     ignore = ~attention_mask.bool() | is_image | before_first_image | after_chunk
+    if special.around_image_id is not None:  # IDEFICS's form: its fake tokens frame images
+        ignore = ignore | (input_ids == special.around_image_id)
     return input_ids.masked_fill(ignore, IGNORE)
 
 

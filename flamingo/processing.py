@@ -25,7 +25,6 @@ takes IDEFICS's own input, a list of strings and images per sequence.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,19 +36,11 @@ from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.convert.idefics import directory_config
 from flamingo.hub import IDEFICS_FILES, OPENFLAMINGO_RELEASES, foreign_type, snapshot
-from flamingo.tokens import (
-    AROUND_IMAGE,
-    END_OF_CHUNK,
-    END_OF_UTTERANCE,
-    IMAGE,
-    SpecialTokens,
-    load_tokenizer,
-)
+from flamingo.tokens import END_OF_UTTERANCE, IMAGE, SpecialTokens, idefics_prompt, load_tokenizer
 from flamingo.vision import image_transform
 
 Media = Image.Image | Sequence[Image.Image]
 PROCESSOR_CONFIG = "processor_config.json"
-IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE)})+")
 
 
 def media_slots(counts: Sequence[int]) -> torch.Tensor:
@@ -163,14 +154,10 @@ class FlamingoProcessor:
 
     def prompt_text(self, text: str) -> str:
         """``text`` (``<image>`` markers, ``<|endofchunk|>``) as the tokenizer is given it: as
-        it is, or in IDEFICS's prompt form (module docstring)."""
+        it is, or in IDEFICS's prompt form (:func:`flamingo.tokens.idefics_prompt`)."""
         if self.scheme != "idefics":
             return text
-        tokenizer = self.tokenizer
-        end = tokenizer.convert_ids_to_tokens(self.special_tokens.end_of_chunk_id)
-        text = text.replace(END_OF_CHUNK, end)
-        images = lambda run: AROUND_IMAGE + (IMAGE + AROUND_IMAGE) * run[0].count(IMAGE)  # noqa: E731
-        return tokenizer.bos_token + IMAGE_RUN.sub(images, text)
+        return idefics_prompt(text, self.tokenizer, self.special_tokens)
 
     def interleaved(
         self,

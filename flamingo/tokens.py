@@ -16,6 +16,7 @@ This is the one module that both the LM adapter and the processor import, so tok
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ PAD = "<PAD>"
 AROUND_IMAGE = "<fake_token_around_image>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 SCHEMES = ("flamingo", "idefics")
+IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE)})+")
 
 TINY_TOKENIZER = "tiny"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -116,6 +118,20 @@ def idefics_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
         around_image_id=ids[AROUND_IMAGE],
         eos_id=tokenizer.eos_token_id,
     )
+
+
+def idefics_prompt(text: str, tokenizer: PreTrainedTokenizerBase, special: SpecialTokens) -> str:
+    """Text with ``<image>`` markers and ``<|endofchunk|>`` in IDEFICS's prompt form, to be
+    tokenized without special tokens added: the beginning-of-sequence token first, each run
+    of images as ``<fake_token_around_image><image>`` per image and one closing fake token,
+    ``<|endofchunk|>`` as the token that ends a chunk there (``end_of_chunk_id``)."""
+    end = tokenizer.convert_ids_to_tokens(special.end_of_chunk_id)
+    text = text.replace(END_OF_CHUNK, end)
+
+    def images(run: re.Match) -> str:
+        return AROUND_IMAGE + (IMAGE + AROUND_IMAGE) * run[0].count(IMAGE)
+
+    return tokenizer.bos_token + IMAGE_RUN.sub(images, text)
 
 
 def load_tokenizer(

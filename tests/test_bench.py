@@ -75,7 +75,15 @@ def test_the_report_tabulates_every_record(profiled_run, tmp_path):
             | {"seconds": {"ours": 0.3, "openflamingo": 9.0}, "identical_tokens": True}
         )
     )
+    (tmp_path / "generation-idefics-tiny-cpu.json").write_text(
+        json.dumps(
+            dict(config="tiny", batch=8, beams=1, new_tokens=20, machine="m", speedup=2.5)
+            | {"seconds": {"ours": 0.2, "idefics": 0.5}, "identical_tokens": True}
+            | {"against": "idefics"}
+        )
+    )
     page = report(tmp_path)
+    assert "| tiny | transformers' IDEFICS | 8, 1, 20 | m | 0.20 | 0.50 | **2.5x** |" in page
     speed = record["ratios"]["samples_per_s"]
     assert f"**{speed:.2f}x**" in page and "train_step-tiny-cpu.json" in page
     assert "**30.0x**" in page and "## Data loader" not in page

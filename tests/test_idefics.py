@@ -291,3 +291,128 @@ def test_a_tokenizer_that_does_not_match_the_extra_rows_is_refused(tmp_path):
     tokenizer.save_pretrained(directory)
     with pytest.raises(ValueError, match="additional_vocab_size=2"):
         Flamingo.from_pretrained(directory)
+
+
+def test_fine_tuning_a_converted_idefics_lowers_the_loss(tmp_path):
+    import yaml
+
+    import train
+    from tests.tiny_shards import write_tiny_shards
+
+    reference, _, directory = save_reference(tmp_path, "plain")
+    Flamingo.from_idefics(directory).save_pretrained(tmp_path / "converted")
+    shards = write_tiny_shards(tmp_path / "shards", per_kind=24, shards=2)
+    run = tmp_path / "run"
+    config = {
+        "init_from": str(tmp_path / "converted"),
+        "output_dir": str(run),
+        "steps": 30,
+        "engine": {"precision": "fp32"},
+        "num_workers": 0,
+        "tensorboard": False,
+        "log_every": 1,
+        "checkpoint_every": 30,
+        "optim": {"lr": 3e-3, "warmup_steps": 3},
+        "datasets": [
+            {
+                "name": "docs",
+                "kind": "interleaved",
+                "shards": shards["interleaved"],
+                "batch_size": 4,
+                "seq_len": 48,
+                "max_images": 2,
+            },
+            {
+                "name": "pairs",
+                "kind": "pairs",
+                "shards": shards["pairs"],
+                "batch_size": 4,
+                "seq_len": 24,
+                "loss_weight": 0.5,
+            },
+        ],
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    train.main(["--config", str(tmp_path / "train.yaml")])
+    losses = [json.loads(line)["loss/total"] for line in (run / "metrics.jsonl").open()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+    tuned = Flamingo.from_pretrained(run / "model")
+    start = Flamingo.from_pretrained(tmp_path / "converted")
+    frozen = dict(start.lm.hf.named_parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in tuned.lm.hf.named_parameters())
+    assert not torch.equal(tuned.lm.gated_blocks[0].attn_gate, start.lm.gated_blocks[0].attn_gate)
+    same = {"lm.tokenizer": "the checkpoint's own"}
+    assert tuned.cfg.replace(same) == start.cfg.replace(same)
+
+
+def test_every_eval_task_runs_on_an_idefics_checkpoint(tmp_path):
+    import yaml
+
+    from eval.run import main as eval_main
+    from tests.eval_fixtures import write_all
+
+    _, _, directory = save_reference(tmp_path, "qk_norms_vector_gates")
+    cfg = {
+        "tasks": write_all(tmp_path / "data"),
+        "shots": [0, 2],
+        "trials": 1,
+        "num_beams": 2,
+        "batch_size": 2,
+        "query_set_size": 4,
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(directory)]
+    results = eval_main(args)["results"]
+    assert set(results) == set(cfg["tasks"])
+    for task, by_shots in results.items():
+        for entry in by_shots.values():
+            for metric in entry["scores"].values():
+                assert 0 <= metric["mean"] <= 100 + 1e-6, task
+            assert all(len(p) > 0 for p in entry["predictions"]), task
+
+
+def test_the_generation_bench_against_idefics_gets_its_tokens(tmp_path, monkeypatch, capsys):
+    from bench import generation
+
+    argv = ["bench.generation", "--against", "idefics", "--batch", "2", "--new", "3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--device", "cpu", "--out", str(tmp_path)])
+    generation.main()
+    record = json.loads((tmp_path / "generation-idefics-tiny-cpu.json").read_text())
+    assert record["identical_tokens"] and record["against"] == "idefics"
+    assert record["seconds"]["ours"] > 0 and record["seconds"]["idefics"] > 0
+
+
+def test_training_text_takes_idefics_prompt_form_and_its_fake_tokens_are_no_targets(tmp_path):
+    import random
+    from collections import Counter
+
+    from flamingo.data.config import DatasetConfig
+    from flamingo.data.images import ImagePreprocessor
+    from flamingo.data.preprocess import Preprocessor
+    from flamingo.losses import IGNORE, make_labels
+    from tests.tiny_shards import _png
+
+    _, theirs, directory = save_reference(tmp_path, "plain")
+    processor = FlamingoProcessor.from_config(
+        idefics_config(json.loads((directory / "config.json").read_text()), directory)
+    )
+    pairs = DatasetConfig(name="pairs", kind="pairs", shards="x.tar", seq_len=40)
+    pre = Preprocessor(
+        pairs,
+        processor.tokenizer,
+        processor.special_tokens,
+        ImagePreprocessor(processor.vision_cfg),
+    )
+    ids, pixels = pre._caption("a red square", [_png((255, 0, 0))], random.Random(0), Counter())
+    tok = processor.tokenizer
+    # what IDEFICS's processor makes of the same caption, with the end-of-sequence it ends on
+    expected = theirs(text=[[noise_image(0), "a red square" + tok.eos_token]], return_tensors="pt")
+    assert ids == expected["input_ids"][0].tolist() and pixels.shape[:2] == (1, 1)
+    ids = torch.tensor([ids])
+    labels = make_labels(ids, torch.ones_like(ids), processor.special_tokens)
+    fake = tok.convert_tokens_to_ids(AROUND_IMAGE)
+    assert (labels[ids == fake] == IGNORE).all()
+    text = tok("a red square", add_special_tokens=False)["input_ids"]
+    assert labels[0, -len(text) - 1 : -1].tolist() == text  # the caption is the target

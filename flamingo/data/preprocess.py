@@ -22,7 +22,7 @@ from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor, decode_image
 from flamingo.data.schema import DECODERS, InterleavedSample, PairSample, SkipSample, VideoSample
 from flamingo.processing import media_slots
-from flamingo.tokens import END_OF_CHUNK, IMAGE, SpecialTokens
+from flamingo.tokens import END_OF_CHUNK, IMAGE, SpecialTokens, idefics_prompt
 
 
 class Preprocessor:
@@ -36,6 +36,8 @@ class Preprocessor:
         self.special = special
         self.images = images
         self.eos = tokenizer.eos_token or ""
+        if special.around_image_id is not None and special.end_of_chunk_id == special.eos_id:
+            self.eos = ""  # IDEFICS's form without <end_of_utterance>: a chunk ends on the eos
         self.markers = special_strings(tokenizer)
 
     def __call__(
@@ -52,6 +54,9 @@ class Preprocessor:
         return decode_image(data, self.cfg.max_image_pixels, counters)[0]
 
     def _tokens(self, text: str) -> list[int]:
+        if self.special.around_image_id is not None:  # lm.special_tokens: idefics
+            text = idefics_prompt(text, self.tokenizer, self.special)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(text)["input_ids"]
 
     def clean(self, text: str, counters: Counter) -> str:

@@ -106,10 +106,15 @@ class TrainConfig(YamlConfig):
     }
     """Keys of earlier versions and where they went (named in the unknown-key error)."""
 
-    model: str
-    """Path of the model config YAML (e.g. configs/model/tiny.yaml)."""
     datasets: list[DatasetConfig]
     """Datasets trained on together; each step accumulates gradients over all of them."""
+    model: str | None = None
+    """Path of the model config YAML (e.g. configs/model/tiny.yaml): a model trained from its
+    initialisation. Give this or ``init_from``."""
+    init_from: str | None = None
+    """Fine-tune a checkpoint instead: its directory or Hub id (ours, an OpenFlamingo release,
+    an IDEFICS checkpoint; ``Flamingo.from_pretrained``). Its config is the model's, its
+    trained weights the start; ``model`` and ``model_overrides`` are then not given."""
     model_overrides: list[str] = field(default_factory=list)
     """Dotted overrides applied to the model config."""
     output_dir: str = "runs/train"
@@ -150,6 +155,20 @@ class TrainConfig(YamlConfig):
             positive(key, getattr(self, key))
         if not self.datasets:
             raise ValueError("datasets: give at least one")
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError(
+                "give model (a model config YAML: train from initialisation) or init_from (a "
+                "checkpoint to fine-tune), exactly one"
+            )
+        if self.init_from is not None and self.model_overrides:
+            raise ValueError(
+                "model_overrides cannot change a checkpoint's model (init_from): its weights "
+                "fix the architecture"
+            )
+        if self.init_from is not None and self.engine.frozen_weights == "partitioned":
+            raise ValueError(
+                "init_from loads a checkpoint whole: use engine.frozen_weights=replicated"
+            )
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
