@@ -34,8 +34,7 @@ CPU = {
     ],
     "generation-idefics-tiny": ["bench.generation", "--against", "idefics", "--device", "cpu"],
     "generation-idefics-small": [
-        *("bench.generation", "--against", "idefics", "--config", "small", "--batch", "2"),
-        *("--new", "5", "--device", "cpu"),
+        *("bench.generation", "--against", "idefics", "--config", "small", "--device", "cpu"),
     ],
     "data_throughput": ["bench.data_throughput"],
     "padding": ["bench.padding", "--config", "small"],
