@@ -42,6 +42,32 @@ HUB_ARCHITECTURES = {
         ),
         6.7,
     ),
+    "huggyllama/llama-7b": (
+        dict(
+            model_type="llama",
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            rms_norm_eps=1e-6,
+        ),
+        6.7,
+    ),
+    "huggyllama/llama-65b": (
+        dict(
+            model_type="llama",
+            hidden_size=8192,
+            intermediate_size=22016,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=64,
+            vocab_size=32000,
+            rms_norm_eps=1e-6,
+        ),
+        65.2,
+    ),
     "togethercomputer/RedPajama-INCITE-Base-3B-v1": (
         dict(
             model_type="gpt_neox",
@@ -92,6 +118,8 @@ def offline(cfg: FlamingoConfig) -> tuple[FlamingoConfig, float | None]:
     """The config with its downloads replaced by stand-ins: the tower without pretrained
     weights, the LM from its published architecture, the packaged tokenizer."""
     changes: dict = {"vision.pretrained": None}
+    if cfg.lm.special_tokens == "idefics":  # the packaged tokenizer has none of its tokens
+        changes["lm.special_tokens"] = "flamingo"
     size = None
     if cfg.lm.architecture is None:
         architecture, size = HUB_ARCHITECTURES[cfg.lm.name_or_path]
@@ -121,7 +149,8 @@ def test_config_builds_on_the_meta_device(path: Path):
     if size is not None:  # the architecture table matches the model's published size
         lm_params = sum(p.numel() for p in model.lm.hf.parameters())
         assert abs(lm_params / 1e9 - size) / size < 0.06, lm_params
-        assert model.vision.width == 1024 and model.vision.num_tokens == 256  # ViT-L/14, 224 px
+        tower = {"ViT-L-14": (1024, 256), "ViT-H-14": (1280, 257)}[cfg.vision.model_name]
+        assert (model.vision.width, model.vision.num_tokens) == tower  # 224 px (ViT-H: + CLS)
 
 
 @pytest.mark.parametrize("name", sorted(CANNOT_BUILD))
@@ -130,3 +159,86 @@ def test_configs_that_cannot_be_built_say_why(name: str):
     with pytest.raises(ValueError, match=f"{model_type!r} is not supported; supported types"):
         decoder_layout(model_type)
     assert "remote code" in (ROOT / "configs/model" / name).read_text()
+
+
+IDEFICS_RELEASES = {
+    # The architecture fields of each IDEFICS release's config.json (nested form).
+    "idefics-9b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        rms_norm_eps=1e-6,
+        cross_layer_interval=4,
+        qk_layer_norms=False,
+        alpha_type="float",
+        vocab_size=32000,
+        additional_vocab_size=2,
+        use_resampler=True,
+    ),
+    "idefics-80b": dict(
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        rms_norm_eps=1e-6,
+        cross_layer_interval=4,
+        qk_layer_norms=True,
+        alpha_type="float",
+        vocab_size=32000,
+        additional_vocab_size=2,
+        use_resampler=True,
+    ),
+}
+IDEFICS_TOWER = dict(
+    vision_model_name="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    embed_dim=1280,
+    image_size=224,
+    patch_size=14,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+)
+IDEFICS_PERCEIVER = dict(
+    resampler_depth=6,
+    resampler_n_heads=16,
+    resampler_head_dim=96,
+    resampler_n_latents=64,
+    qk_layer_norms_perceiver=False,
+)
+
+
+@pytest.mark.parametrize(
+    "release", ["idefics-9b", "idefics-9b-instruct", "idefics-80b", "idefics-80b-instruct"]
+)
+def test_the_idefics_configs_have_the_architecture_the_import_reads(release: str):
+    """Each configs/model/idefics-*.yaml is what the import makes of the release's config.json
+    (nested and flat alike), but for where the parts come from."""
+    from flamingo.convert.idefics import idefics_config
+    from flamingo.vision import build_clip
+
+    fields = IDEFICS_RELEASES[release.removesuffix("-instruct")]
+    nested = {**fields, "vision_config": IDEFICS_TOWER, "perceiver_config": IDEFICS_PERCEIVER}
+    flat = {**fields, **IDEFICS_PERCEIVER, "vision_model_name": IDEFICS_TOWER["vision_model_name"]}
+    ours = FlamingoConfig.from_yaml(ROOT / "configs" / "model" / f"{release}.yaml")
+    for config in (nested, flat):
+        imported = idefics_config({**config, "torch_dtype": "bfloat16"}, "tokenizer")
+        assert imported.resampler == ours.resampler
+        assert imported.xattn == ours.xattn
+        keep = ("cls_token", "ln_post_on_tokens", "image_size", "resize", "image_mean", "image_std")
+        assert all(getattr(imported.vision, k) == getattr(ours.vision, k) for k in keep)
+        assert imported.lm.special_tokens == ours.lm.special_tokens == "idefics"
+        assert imported.frozen_dtype == ours.frozen_dtype
+        llama = {
+            k: v
+            for k, v in imported.lm.architecture.items()
+            if k in HUB_ARCHITECTURES[ours.lm.name_or_path][0]
+        }
+        assert llama == HUB_ARCHITECTURES[ours.lm.name_or_path][0]
+    # the imported tower (vision alone) and open_clip's ViT-H-14 have the same tensors, but
+    # for the contrastive projection, which IDEFICS's tower has not and nothing reads
+    with torch.device("meta"):
+        named = build_clip(ours.vision.__class__(model_name="ViT-H-14", pretrained=None)).visual
+        alone = build_clip(imported.vision).visual
+    shapes = lambda m: {n: tuple(t.shape) for n, t in m.state_dict().items() if n != "proj"}  # noqa: E731
+    assert shapes(alone) == shapes(named)
