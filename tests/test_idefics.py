@@ -269,6 +269,7 @@ def test_flat_and_nested_hub_configs_give_the_same_model(tmp_path):
         ({"alpha_type": "matrix"}, "alpha_type"),
         ({"cross_layer_interval": 3}, "cross_layer_interval"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
         ({"vision_config": {"hidden_act": "relu"}}, "vision_config.hidden_act"),
         ({"vision_config": {"layer_norm_eps": 1e-6}}, "vision_config.layer_norm_eps"),
         ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters"),
@@ -416,3 +417,18 @@ def test_training_text_takes_idefics_prompt_form_and_its_fake_tokens_are_no_targ
     assert (labels[ids == fake] == IGNORE).all()
     text = tok("a red square", add_special_tokens=False)["input_ids"]
     assert labels[0, -len(text) - 1 : -1].tolist() == text  # the caption is the target
+
+
+def test_our_squash_gives_idefics_pixels_within_one_8_bit_step(tmp_path):
+    _, processor, directory = save_reference(tmp_path, "plain")
+    ours = FlamingoProcessor.from_config(
+        idefics_config(json.loads((directory / "config.json").read_text()), directory)
+    )
+    step = 1 / 255 / min(ours.vision_cfg.image_std)  # one uint8 level, normalised
+    for size in [(IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE + 5, IMAGE_SIZE), (200, 120), (64, 300)]:
+        image = noise_image(3, size)
+        theirs = processor(text=[[image, "x"]], return_tensors="pt")["pixel_values"][0, 0]
+        mine = ours.interleaved([[image, "x"]])["pixel_values"][0, 0]
+        assert mine.shape == theirs.shape
+        difference = (mine - theirs).abs()
+        assert difference.max() <= step * 1.01 and difference.mean() < step / 2, size

@@ -140,6 +140,8 @@ def idefics_config(
             interval,
             f"it must divide num_hidden_layers={layers} (IDEFICS itself fails otherwise)",
         )
+    if config.get("tie_word_embeddings", False):
+        _refuse("tie_word_embeddings", True, "no IDEFICS release ties them; not mapped")
     if config.get("hidden_act", "silu") != "silu":
         _refuse("hidden_act", config["hidden_act"], "the decoder is a Llama (silu)")
     width, heads = vision["embed_dim"], vision["num_attention_heads"]
@@ -161,7 +163,7 @@ def idefics_config(
         "hidden_act": "silu",
         "max_position_embeddings": config.get("max_position_embeddings", 2048),
         "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
-        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        "tie_word_embeddings": False,
         "attention_bias": False,
         "pad_token_id": config.get("pad_token_id", 0),
         "bos_token_id": config.get("bos_token_id", 1),
