@@ -237,6 +237,9 @@ def test_the_converter_cli_writes_a_checkpoint_that_loads(tmp_path, capsys):
     real = batch["attention_mask"].bool()
     assert (logits_of(loaded, batch) - expected)[real].abs().max() <= 1e-4
     assert loaded.cfg.xattn.every_n_layers == 2 and loaded.cfg.lm.special_tokens == "idefics"
+    saved = FlamingoProcessor.from_pretrained(tmp_path / "out")  # its processor, in our format
+    sequences = prompts(processor.tokenizer.eos_token)
+    assert torch.equal(saved.interleaved(sequences)["input_ids"], batch["input_ids"])
 
 
 def flat(config: dict) -> dict:
