@@ -19,8 +19,9 @@ class TaskConfig(YamlConfig):
     """Split the demonstrations come from."""
     eval_split: str = "test"
     """Split that is evaluated."""
-    max_new_tokens: int = 20
-    """Generation budget (captioning ~20, VQA ~5)."""
+    max_new_tokens: int | None = None
+    """Generation budget; None: the protocol's for this task (``eval/protocols.py``: captions
+    20, VQA 5 or 10), else 20."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class EvalConfig(YamlConfig):
     tasks: dict[str, TaskConfig]
     """Benchmarks by registered name (coco, flickr30k, vqav2, okvqa, textvqa, vizwiz,
     hateful_memes, imagenet)."""
+    protocol: Literal["official", "openflamingo"] = "official"
+    """Which evaluation code the numbers are comparable with: the benchmarks' official code
+    (``official``) or OpenFlamingo's (``openflamingo``, for OpenFlamingo's and IDEFICS's
+    published tables). ``eval/protocols.py`` names every setting each one fixes."""
     shots: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
     """Numbers of demonstrations; 0 = two text-only demonstrations (paper)."""
     trials: int = 3

@@ -1,15 +1,19 @@
 """Benchmark metrics: VQA accuracy (the official evaluation's per-question value, quirks
-included), OK-VQA stemming, COCO caption metrics through pycocoevalcap, ROC-AUC.
+included, in the three variants in circulation), OK-VQA stemming, COCO caption metrics through
+pycocoevalcap, ROC-AUC.
 
 The VQA normalisation reproduces GT-Vision-Lab/VQA ``vqaEval.py`` exactly, including what looks
 like bugs, so that our numbers compare with published ones:
 
-* the prediction is always punctuation- and digit/article-normalised; the ground-truth answers
-  are only punctuation-normalised, and only when they are not all identical;
 * the punctuation rule looks at the *original* text to decide between deleting and spacing;
 * the period regex ``(?!<=\\d)(\\.)(?!\\d)`` (a malformed look-behind) is applied with
   ``re.UNICODE`` passed as the substitution *count*, i.e. at most 32 periods are removed;
 * accuracy is the mean over the ten leave-one-out subsets of ``min(1, matches / 3)``.
+
+What is normalised depends on the variant (:data:`VQA_METRICS`); they score the same
+prediction differently where the ten answers are all identical (``Yes`` against ten ``yes``:
+0 / 100 / 100; ``two`` against ten ``two``: 100 / 0 / 100, official / official_2016 /
+openflamingo).
 """
 
 from __future__ import annotations
@@ -102,14 +106,43 @@ def normalize_prediction(prediction: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """The official VQA accuracy of one prediction against its (usually ten) answers, 0..1."""
+VQA_METRICS = {
+    "official": "vqaEval.py as it is since its 2021 fix (GT-Vision-Lab/VQA a013f00): the "
+    "prediction and the answers are normalised (punctuation, digits, articles) only when the "
+    "answers are not all identical; otherwise compared as they are, case included",
+    "official_2016": "vqaEval.py before that fix: the prediction always normalised, the "
+    "answers only punctuation-normalised and only when not all identical",
+    "openflamingo": "OpenFlamingo's copy (open_flamingo/eval/vqa_metric.py): the prediction "
+    "and the answers always normalised",
+}
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], variant: str = "official") -> float:
+    """The VQA accuracy of one prediction against its (usually ten) answers, 0..1, as the
+    ``variant`` of the official evaluation computes it (:data:`VQA_METRICS`)."""
     if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    res = normalize_prediction(prediction)
-    answers = list(gt_answers)
-    if len(set(answers)) > 1:
-        answers = [process_punctuation(a) for a in answers]
+    if variant not in VQA_METRICS:
+        raise ValueError(f"unknown VQA metric {variant!r}; choose one of {sorted(VQA_METRICS)}")
+    if variant == "official_2016":  # the answers as they are: cleaned only after the fix
+        answers, res = list(gt_answers), normalize_prediction(prediction)
+        if len(set(answers)) > 1:
+            answers = [process_punctuation(a) for a in answers]
+        return _leave_one_out(res, answers)
+    answers = [_clean(a) for a in gt_answers]
+    res = _clean(prediction)
+    if variant == "openflamingo" or len(set(answers)) > 1:
+        res = process_digit_article(process_punctuation(res))
+        answers = [process_digit_article(process_punctuation(a)) for a in answers]
+    return _leave_one_out(res, answers)
+
+
+def _leave_one_out(res: str, answers: list[str]) -> float:
+    """The mean over the leave-one-out subsets of the answers of ``min(1, matches / 3)``."""
     accs = []
     for i in range(len(answers)):
         others = answers[:i] + answers[i + 1 :]
@@ -125,10 +158,10 @@ def okvqa_stem(text: str) -> str:
     return " ".join(stemmer.stem(w) for w in text.split())
 
 
-def okvqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """VQA accuracy after stemming the normalised prediction and answers."""
+def okvqa_accuracy(prediction: str, gt_answers: Sequence[str], variant: str = "official") -> float:
+    """VQA accuracy (``variant``) after stemming the normalised prediction and answers."""
     return vqa_accuracy(
-        okvqa_stem(normalize_prediction(prediction)), [okvqa_stem(a) for a in gt_answers]
+        okvqa_stem(normalize_prediction(prediction)), [okvqa_stem(a) for a in gt_answers], variant
     )
 
 

@@ -3,7 +3,8 @@
 Captioning: ``<image>Output:{caption}<|endofchunk|>``; VQA: ``<image>Question:{q} Short
 answer:{a}<|endofchunk|>``; classification: ``<image>A photo of {class}<|endofchunk|>``;
 HatefulMemes: ``<image>is an image with: '{text}' written on it. Is it hateful? Answer:{a}``.
-A demonstration has its answer filled in; the query stops where the model continues.
+A demonstration has its answer filled in; the query stops where the model continues. How
+demonstrations are joined and where an answer is cut is the protocol's (``eval/protocols.py``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,18 @@ def text_only(prompt: str) -> str:
     return prompt.replace(IMAGE, "")
 
 
-def postprocess(kind: str, generated: str) -> str:
-    """The answer part of a generation: cut at the end of the chunk or a new prompt."""
+def postprocess(kind: str, generated: str, style: str = "flamingo") -> str:
+    """The answer part of a generation. ``flamingo``: cut at the end of the chunk or a new
+    prompt (and, for VQA, a newline), stripped. ``openflamingo``: OpenFlamingo's
+    (``vqa_metric.postprocess_vqa_generation``, ``coco_metric.postprocess_captioning_generation``
+    and the quote removal after it), on the text before the end of the chunk, where its
+    generation stops."""
     text = generated.split(END_OF_CHUNK)[0]
+    if style == "openflamingo":
+        if kind == "vqa":
+            text = re.split("Question|Answer|Short", text, maxsplit=1)[0]
+            return re.split(", ", text, maxsplit=1)[0]
+        return text.split("Output", 1)[0].replace('"', "")
     text = re.split(r"Question:|Answer:|Output:|Short answer:", text)[0]
     if kind == "vqa":
         text = text.split("\n")[0]

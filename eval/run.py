@@ -35,6 +35,7 @@ from eval.fewshot import (
     random_demos,
     save_features,
 )
+from eval.protocols import get_protocol
 from eval.tasks import Item, Task, get_task
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.hub import OPENFLAMINGO_RELEASES
@@ -127,7 +128,8 @@ class Evaluator:
         self, task: Task, pool: list[Item], items: list[Item], shots: int, seed: int
     ) -> list[list[Item]]:
         count = 2 if shots == 0 else shots  # 0-shot: two text-only demonstrations
-        if self.cfg.demos == "random" or shots == 0:
+        zero_at_random = shots == 0 and task.protocol.zero_shot_demos == "random"
+        if self.cfg.demos == "random" or zero_at_random:
             return [random_demos(pool, it, count, seed) for it in items]
         rices = RICES(pool, self._features(pool, f"{task.name}/pool/{seed}", shared=True))
         return rices.demos(self._features(items, f"{task.name}/items"), count)
@@ -137,11 +139,19 @@ class Evaluator:
     def _prompt(
         self, task: Task, demos: list[Item], item: Item, shots: int
     ) -> tuple[str, list[Path]]:
-        context = "".join(task.prompt(d, with_answer=True) for d in demos)
+        separator = task.protocol.demo_separator
+        context = "".join(task.prompt(d, with_answer=True) + separator for d in demos)
         images = [d.image for d in demos]
         if shots == 0:
             context, images = prompts.text_only(context), []
         return context + task.prompt(item, with_answer=False), images + [item.image]
+
+    @staticmethod
+    def max_new_tokens(task: Task, tcfg: TaskConfig) -> int:
+        """The task config's budget, else the protocol's for the task, else 20."""
+        if tcfg.max_new_tokens is not None:
+            return tcfg.max_new_tokens
+        return task.protocol.max_new_tokens.get(task.name, 20)
 
     @torch.no_grad()
     def _generate(
@@ -156,7 +166,7 @@ class Evaluator:
         enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
         out = self.model.generate(
             **enc,
-            max_new_tokens=tcfg.max_new_tokens,
+            max_new_tokens=self.max_new_tokens(task, tcfg),
             num_beams=self.cfg.num_beams,
             length_penalty=self.cfg.length_penalty,
         )
@@ -275,7 +285,7 @@ def evaluate(
         if name not in cfg.tasks:
             raise ValueError(f"task {name!r} is not in the eval config (has {sorted(cfg.tasks)})")
         tcfg = cfg.tasks[name]
-        task = get_task(name, tcfg.paths)
+        task = get_task(name, tcfg.paths, get_protocol(cfg.protocol))
         train = task.load(tcfg.train_split)
         test = task.load(tcfg.eval_split)[: cfg.max_items]
         results[name] = {}

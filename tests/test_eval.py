@@ -56,12 +56,17 @@ BENCHMARKS = {
     ],
 )
 def test_vqa_accuracy_known_cases(prediction, answers, expected):
-    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+    """vqaEval.py before its 2021 fix (what this project scored with until now); today's and
+    OpenFlamingo's are held to their code in tests/test_protocols.py."""
+    assert vqa_accuracy(prediction, answers, "official_2016") == pytest.approx(expected)
 
 
 def test_vqa_quirks_are_kept():
-    # GTs all identical: no normalisation of the GT at all (official quirk)
-    assert vqa_accuracy("hot dog", ["hot-dog"] * 10) == 0.0
+    # GTs all identical: no normalisation of the GT at all (official quirk), and since the
+    # 2021 fix none of the prediction either
+    assert vqa_accuracy("hot dog", ["hot-dog"] * 10, "official_2016") == 0.0
+    assert vqa_accuracy("The dog.", ["dog"] * 10, "official_2016") == 1.0
+    assert vqa_accuracy("The dog.", ["dog"] * 10) == 0.0
     # the period regex removes at most 32 periods (re.UNICODE passed as the count)
     assert process_punctuation("." * 40) == "." * 8
 

@@ -1,7 +1,8 @@
 """Benchmark registry: one small file per benchmark, registered with :func:`register`.
 
 A task reads its official files into :class:`Item` lists per split, builds prompts (the
-formats live in ``eval/prompts.py``), post-processes generations and computes its metric.
+formats live in ``eval/prompts.py``), post-processes generations and computes its metric, as
+its protocol says (``eval/protocols.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from eval import prompts
+from eval.protocols import Protocol, get_protocol
 
 
 @dataclass
@@ -37,7 +39,13 @@ class Task:
     name: ClassVar[str]
     kind: ClassVar[Literal["caption", "vqa", "classification", "binary"]]
 
-    def __init__(self, paths: dict[str, Any]) -> None:
+    def __init__(self, paths: dict[str, Any], protocol: Protocol | None = None) -> None:
+        self.protocol = protocol or get_protocol("official")
+        if self.name in self.protocol.unsupported:
+            raise ValueError(
+                f"task {self.name} under protocol {self.protocol.name}: "
+                f"{self.protocol.unsupported[self.name]}"
+            )
         self.paths = {k: Path(v) if isinstance(v, str) else v for k, v in paths.items()}
         for key in self.required_paths():
             if key not in self.paths:
@@ -56,7 +64,9 @@ class Task:
         return prompts.render(self.kind, item, with_answer, self.name)
 
     def postprocess(self, generated: str) -> str:
-        return prompts.postprocess(self.kind, generated)
+        p = self.protocol
+        style = p.vqa_postprocess if self.kind == "vqa" else p.caption_postprocess
+        return prompts.postprocess(self.kind, generated, style)
 
     def class_names(self) -> list[str]:
         raise NotImplementedError
@@ -75,10 +85,10 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(name: str, paths: dict[str, Any]) -> Task:
+def get_task(name: str, paths: dict[str, Any], protocol: Protocol | None = None) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
-    return TASKS[name](paths)
+    return TASKS[name](paths, protocol)
 
 
 def _load_all() -> None:

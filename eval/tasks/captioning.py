@@ -24,9 +24,10 @@ class KarpathyCaptioning(Task):
                 f"{self.name}: split {split!r} is not one of {sorted(KARPATHY_SPLITS)}"
             )
         data = read_json(self.paths["karpathy_json"])
+        splits = self.protocol.caption_train_splits if split == "train" else KARPATHY_SPLITS[split]
         items = []
         for image in data["images"]:
-            if image["split"] not in KARPATHY_SPLITS[split]:
+            if image["split"] not in splits:
                 continue
             path = self.paths["image_root"] / image.get("filepath", "") / image["filename"]
             image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))

@@ -47,7 +47,8 @@ class CocoVQA(Task):
         return items
 
     def score(self, items: list[Item], predictions: dict[str, Any]) -> dict[str, float]:
-        accs = [self.accuracy(predictions[it.id], it.answers) for it in items]
+        metric = self.protocol.vqa_metric
+        accs = [self.accuracy(predictions[it.id], it.answers, metric) for it in items]
         return {"accuracy": 100 * sum(accs) / len(accs)}
 
 
