@@ -35,6 +35,11 @@ class EvalConfig(YamlConfig):
     """Which evaluation code the numbers are comparable with: the benchmarks' official code
     (``official``) or OpenFlamingo's (``openflamingo``, for OpenFlamingo's and IDEFICS's
     published tables). ``eval/protocols.py`` names every setting each one fixes."""
+    openflamingo_zero_shot_bug: bool = False
+    """Reproduce a bug of OpenFlamingo's 0-shot classification (ImageNet, HatefulMemes) that
+    its published numbers carry: its prompt drops the two text-only demonstrations' ``<image>``
+    but still passes their images first, so the query's ``<image>`` reads the first
+    demonstration's image instead of the query's. Only with ``protocol: openflamingo``."""
     shots: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
     """Numbers of demonstrations; 0 = two text-only demonstrations (paper)."""
     trials: int = 3
@@ -68,5 +73,10 @@ class EvalConfig(YamlConfig):
             raise ValueError("tasks: name at least one")
         if any(s < 0 for s in self.shots):
             raise ValueError(f"shots must be >= 0, got {self.shots}")
+        if self.openflamingo_zero_shot_bug and self.protocol != "openflamingo":
+            raise ValueError(
+                "openflamingo_zero_shot_bug reproduces OpenFlamingo's code: "
+                "set protocol: openflamingo too"
+            )
         if self.trials < 1 or self.batch_size < 1 or self.num_beams < 1 or self.query_set_size < 2:
             raise ValueError("trials, batch_size, num_beams must be >= 1 and query_set_size >= 2")

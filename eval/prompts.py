@@ -18,12 +18,18 @@ if TYPE_CHECKING:
     from eval.tasks import Item
 
 
-def render(kind: str, item: Item, with_answer: bool, task: str = "") -> str:
+def render(
+    kind: str, item: Item, with_answer: bool, task: str = "", classification: str = "a_photo_of"
+) -> str:
+    """One demonstration (``with_answer``) or the query; ``classification``: ImageNet's prompt,
+    ``A photo of {class}`` or OpenFlamingo's ``Output:{class}``."""
     answer = item.answers[0] if item.answers else ""
     if kind == "caption":
         body, ans = "Output:", answer
     elif kind == "vqa":
         body, ans = f"Question:{item.question} Short answer:", answer
+    elif kind == "classification" and classification == "output":
+        body, ans = "Output:", answer
     elif kind == "classification":
         body, ans = "A photo of", f" {answer}"
     elif kind == "binary":
@@ -31,6 +37,11 @@ def render(kind: str, item: Item, with_answer: bool, task: str = "") -> str:
     else:
         raise ValueError(f"unknown task kind {kind!r}")
     return f"{IMAGE}{body}{ans}{END_OF_CHUNK}" if with_answer else f"{IMAGE}{body}"
+
+
+def class_continuation(kind: str, name: str, classification: str = "a_photo_of") -> str:
+    """The text a class is scored as after the query prompt of :func:`render`."""
+    return f" {name}" if kind == "classification" and classification == "a_photo_of" else name
 
 
 def text_only(prompt: str) -> str:

@@ -28,7 +28,8 @@ class Protocol:
 
     name: str
     demo_separator: str
-    """What follows each demonstration: nothing, or a newline (OpenFlamingo)."""
+    """What follows each captioning or VQA demonstration: nothing, or a newline (OpenFlamingo;
+    its classification demonstrations are joined with nothing)."""
     zero_shot_demos: Literal["random", "like_shots"]
     """How the two text-only demonstrations of a 0-shot prompt are picked: at random, or as
     the k-shot ones are (RICES when ``demos: rices``; OpenFlamingo)."""
@@ -45,6 +46,12 @@ class Protocol:
     ``Output``, double quotes removed (``openflamingo``)."""
     vqa_metric: Literal["official", "official_2016", "openflamingo"] = "official"
     """The VQA-accuracy variant (:func:`eval.metrics.vqa_accuracy`)."""
+    classification_prompt: Literal["a_photo_of", "output"] = "a_photo_of"
+    """ImageNet's prompt: ``<image>A photo of {class}`` or ``<image>Output:{class}``
+    (OpenFlamingo)."""
+    class_ranking: Literal["sum", "mean"] = "sum"
+    """Classes (ImageNet, HatefulMemes' yes/no) ranked by the summed log-likelihood of their
+    tokens, or by its mean per token (OpenFlamingo's ``normalize_length=True``)."""
     unsupported: dict[str, str] = field(default_factory=dict)
     """Tasks this protocol cannot run yet, and why."""
 
@@ -84,14 +91,11 @@ PROTOCOLS: dict[str, Protocol] = {
         vqa_postprocess="openflamingo",
         caption_postprocess="openflamingo",
         vqa_metric="openflamingo",
+        classification_prompt="output",
+        class_ranking="mean",
         unsupported={
             "okvqa": "OpenFlamingo stems OK-VQA answers with its own stemmer, which needs the "
             "inflection package (not installed); run okvqa under protocol: official",
-            "imagenet": "OpenFlamingo's ImageNet prompt and mean per-token ranking are not "
-            "reproduced yet (and its own path raises KeyError('ocr')); run it under protocol: "
-            "official",
-            "hateful_memes": "OpenFlamingo's classification path is not reproduced yet; run it "
-            "under protocol: official",
         },
     ),
 }
@@ -121,6 +125,14 @@ SETTINGS: dict[str, dict[str, str]] = {
     "caption cut": {
         "official": "<|endofchunk|>, Question:/Answer:/Output:/Short answer:",
         "openflamingo": "first Output, double quotes removed (coco_metric.py)",
+    },
+    "ImageNet prompt": {
+        "official": "<image>A photo of {class} (this project)",
+        "openflamingo": "<image>Output:{class} (evaluate.py; its ImageNet path raises KeyError('ocr'))",
+    },
+    "class ranking": {
+        "official": "summed log-likelihood of the class tokens",
+        "openflamingo": "mean log-likelihood per token (normalize_length=True)",
     },
     "VQA accuracy": {
         "official": "vqaEval.py as of 2021 (GT-Vision-Lab/VQA a013f00)",

@@ -139,12 +139,17 @@ class Evaluator:
     def _prompt(
         self, task: Task, demos: list[Item], item: Item, shots: int
     ) -> tuple[str, list[Path]]:
-        separator = task.protocol.demo_separator
+        generative = task.kind in ("caption", "vqa")
+        separator = task.protocol.demo_separator if generative else ""
         context = "".join(task.prompt(d, with_answer=True) + separator for d in demos)
         images = [d.image for d in demos]
         if shots == 0:
-            context, images = prompts.text_only(context), []
-        return context + task.prompt(item, with_answer=False), images + [item.image]
+            # OpenFlamingo's 0-shot classification keeps the demonstrations' images but not
+            # their <image>: the query's text sees the first demonstration's image
+            quirk = not generative and self.cfg.openflamingo_zero_shot_bug
+            context, images = prompts.text_only(context), images[:1] if quirk else []
+        query = [] if shots == 0 and images else [item.image]
+        return context + task.prompt(item, with_answer=False), images + query
 
     @staticmethod
     def max_new_tokens(task: Task, tcfg: TaskConfig) -> int:
@@ -183,9 +188,7 @@ class Evaluator:
         tok = self.processor.tokenizer
         candidates = [
             torch.tensor(
-                tok(f" {c}" if task.kind == "classification" else c, add_special_tokens=False)[
-                    "input_ids"
-                ],
+                tok(task.continuation(c), add_special_tokens=False)["input_ids"],
                 device=self.device,
             )
             for c in task.class_names()
@@ -197,6 +200,8 @@ class Evaluator:
             pixel_values=enc["pixel_values"].to(self.device, self.dtype),
             media_slots=enc["media_slots"].to(self.device),
         )
+        if task.protocol.class_ranking == "mean":  # per token (OpenFlamingo)
+            scores = scores / torch.tensor([len(c) for c in candidates], device=scores.device)
         return scores.tolist()
 
     def trial(

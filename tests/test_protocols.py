@@ -267,3 +267,167 @@ def test_every_protocol_names_its_settings_and_says_why_a_task_cannot_run(tmp_pa
         )
         == 5
     )
+
+
+# -- OpenFlamingo's evaluate_classification, on HatefulMemes-format files ---------------------------
+
+MEMES = [  # (text, label, canned mean log-likelihoods of "no", "yes")
+    ("love your neighbour", 0, (-0.2, -1.9)),
+    ("go back home", 1, (-1.4, -0.3)),
+    ("cats are the best", 0, (-0.5, -0.9)),
+    ("you people again", 1, (-0.8, -0.6)),
+    ("happy birthday", 0, (-0.1, -2.5)),
+]
+TRAIN_MEMES = [(f"train meme {i}", i % 2) for i in range(6)]
+
+
+def meme_files(root: Path) -> dict[str, Path]:
+    (root / "img").mkdir(parents=True)
+    for split, rows in (
+        ("train", [(t, y) for t, y in TRAIN_MEMES]),
+        ("dev", [(t, y) for t, y, _ in MEMES]),
+    ):
+        lines = []
+        for i, (text, label) in enumerate(rows):
+            name = f"{split}{i}.png"
+            Image.new("RGB", (8, 8), (40 * i, 100 * (split == "dev"), 0)).save(root / "img" / name)
+            lines.append(
+                json.dumps(
+                    {"id": f"{split}{i}", "img": f"img/{name}", "label": label, "text": text}
+                )
+            )
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return {
+        "image_root": root,
+        "train_jsonl": root / "train.jsonl",
+        "dev_jsonl": root / "dev.jsonl",
+    }
+
+
+class StandInClassifier:
+    """What evaluate_classification needs of a model: OpenFlamingo's HatefulMemes prompt (its
+    eval/models/open_flamingo.py format) and canned class log-likelihoods per query."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.images: list[list] = []
+
+    def get_hateful_memes_prompt(self, text, label=None) -> str:
+        return f"<image>is an image with: '{text}' written on it. Is it hateful? Answer:{label if label is not None else ''}{'<|endofchunk|>' if label is not None else ''}"
+
+    def get_rank_classifications(self, batch_text, batch_images, all_class_names, **kwargs):
+        assert kwargs["normalize_length"] is True  # mean log-likelihood per token
+        self.prompts += batch_text
+        self.images += batch_images
+        canned = {text: scores for text, _, scores in MEMES}
+        return torch.tensor(
+            [canned[t.rsplit("with: '", 1)[1].split("' written")[0]] for t in batch_text]
+        )
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_our_openflamingo_protocol_equals_its_evaluate_classification(
+    tmp_path, monkeypatch, single_process, shots
+):
+    from open_flamingo.eval import utils
+    from open_flamingo.eval.classification_utils import HM_CLASSNAMES, IMAGENET_CLASSNAMES
+    from open_flamingo.eval.eval_datasets import HatefulMemesDataset, ImageNetDataset
+    from tqdm import tqdm
+
+    paths = meme_files(tmp_path / "memes")
+    recorded = {}
+
+    def roc_auc_score(gts, scores):  # sklearn's is not installed: record what it is given
+        recorded.update(gts=list(gts), scores=list(scores))
+        return 0.0
+
+    names = dict(
+        np=np, torch=torch, os=os, random=random, math=__import__("math"), tqdm=tqdm, utils=utils
+    )
+    names |= dict(HatefulMemesDataset=HatefulMemesDataset, ImageNetDataset=ImageNetDataset, HM_CLASSNAMES=HM_CLASSNAMES, IMAGENET_CLASSNAMES=IMAGENET_CLASSNAMES, RICES=None, roc_auc_score=roc_auc_score)  # fmt: skip
+    evaluate_classification = openflamingo_function("evaluate_classification", names)
+    args = argparse.Namespace(
+        hateful_memes_image_dir_path=str(tmp_path / "memes" / "img"), hateful_memes_train_annotations_json_path=str(paths["train_jsonl"]),
+        hateful_memes_test_annotations_json_path=str(paths["dev_jsonl"]), num_samples=-1, batch_size=2, rices=False,
+        query_set_size=len(TRAIN_MEMES), model="open_flamingo", rank=0, world_size=1,
+    )  # fmt: skip
+    model = StandInClassifier()
+    evaluate_classification(args, model, num_shots=shots, dataset_name="hateful_memes")
+
+    tasks = {"hateful_memes": {"paths": {k: str(v) for k, v in paths.items()}, "eval_split": "dev"}}
+    cfg = EvalConfig.from_dict(
+        {"tasks": tasks, "protocol": "openflamingo", "openflamingo_zero_shot_bug": True}
+    )
+    task = get_task("hateful_memes", cfg.tasks["hateful_memes"].paths, get_protocol("openflamingo"))
+    train, test = (
+        {it.text: it for it in task.load("train")},
+        {it.text: it for it in task.load("dev")},
+    )
+    evaluator = Evaluator.__new__(Evaluator)
+    evaluator.cfg = cfg
+    predictions = {}
+    for prompt, their_images in zip(model.prompts, model.images, strict=True):
+        texts = [t.split("' written")[0] for t in prompt.split("with: '")[1:]]
+        demos, item = [train[t] for t in texts[:-1]], test[texts[-1]]
+        ours, images = evaluator._prompt(task, demos, item, shots)
+        assert ours == prompt
+        # the image the query's <image> reads: its own, or (0-shot, the bug) the first demo's
+        seen = their_images[0] if shots == 0 else their_images[-1]
+        with Image.open(images[0] if shots == 0 else images[-1]) as mine:
+            assert np.array_equal(np.asarray(mine.convert("RGB")), np.asarray(seen.convert("RGB")))
+        predictions[item.id] = list(dict((t, s) for t, _, s in MEMES)[item.text])
+    items = [test[t] for t, _, _ in MEMES]
+    ours_p_yes = [1 / (1 + np.exp(predictions[it.id][0] - predictions[it.id][1])) for it in items]
+    order = {t: i for i, (t, _, _) in enumerate(MEMES)}
+    their_order = [order[p.rsplit("with: '", 1)[1].split("' written")[0]] for p in model.prompts]
+    theirs = dict(zip(their_order, recorded["scores"], strict=True))
+    assert [round(theirs[i], 6) for i in range(len(MEMES))] == [
+        round(float(p), 6) for p in ours_p_yes
+    ]
+    assert [recorded["gts"][their_order.index(i)] for i in range(len(MEMES))] == [
+        "no",
+        "yes",
+        "no",
+        "yes",
+        "no",
+    ]
+    assert task.score(items, predictions)["ROC-AUC"] == 100.0
+
+
+def test_openflamingos_imagenet_path_raises_as_reported(tmp_path, single_process):
+    from open_flamingo.eval import utils
+    from open_flamingo.eval.classification_utils import IMAGENET_CLASSNAMES
+    from open_flamingo.eval.eval_datasets import ImageNetDataset
+    from tqdm import tqdm
+
+    for split in ("train", "val"):
+        for i in range(2):
+            (tmp_path / split / f"n{i}").mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / f"n{i}" / "a.JPEG")
+
+    class Model:
+        def get_imagenet_prompt(self, label=None):
+            return f"<image>Output:{label if label is not None else ''}{'<|endofchunk|>' if label is not None else ''}"
+
+    names = dict(
+        np=np, torch=torch, os=os, random=random, math=__import__("math"), tqdm=tqdm, utils=utils
+    )
+    names |= dict(
+        ImageNetDataset=ImageNetDataset, IMAGENET_CLASSNAMES=IMAGENET_CLASSNAMES, RICES=None
+    )
+    evaluate_classification = openflamingo_function("evaluate_classification", names)
+    args = argparse.Namespace(imagenet_root=str(tmp_path), num_samples=-1, batch_size=2, rices=False, query_set_size=2, model="open_flamingo", rank=0, world_size=1)  # fmt: skip
+    with pytest.raises(KeyError, match="ocr"):
+        evaluate_classification(args, Model(), num_shots=2, dataset_name="imagenet")
+    # ours runs ImageNet under openflamingo with its prompt as its prompt function writes it
+    from eval.prompts import render
+    from eval.tasks import Item
+
+    item = Item(id="x", image=tmp_path / "x.png", answers=["goldfish"])
+    assert render(
+        "classification", item, True, classification="output"
+    ) == Model().get_imagenet_prompt("goldfish")
+    assert (
+        render("classification", item, False, classification="output")
+        == Model().get_imagenet_prompt()
+    )

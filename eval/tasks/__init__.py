@@ -61,7 +61,14 @@ class Task:
     # -- prompts and answers ------------------------------------------------------------------
 
     def prompt(self, item: Item, with_answer: bool) -> str:
-        return prompts.render(self.kind, item, with_answer, self.name)
+        style = self.protocol.classification_prompt
+        return prompts.render(self.kind, item, with_answer, self.name, style)
+
+    def continuation(self, class_name: str) -> str:
+        """The text a class is scored as after the query prompt."""
+        return prompts.class_continuation(
+            self.kind, class_name, self.protocol.classification_prompt
+        )
 
     def postprocess(self, generated: str) -> str:
         p = self.protocol
