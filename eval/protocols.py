@@ -94,8 +94,9 @@ PROTOCOLS: dict[str, Protocol] = {
         classification_prompt="output",
         class_ranking="mean",
         unsupported={
-            "okvqa": "OpenFlamingo stems OK-VQA answers with its own stemmer, which needs the "
-            "inflection package (not installed); run okvqa under protocol: official",
+            "okvqa": "OpenFlamingo stems OK-VQA answers with its own stemmer (NLTK's tokenizer, "
+            "tagger and WordNet lemmatizer plus the inflection package), whose NLTK data is "
+            "downloaded at run time; not reproduced yet: run okvqa under protocol: official",
         },
     ),
 }
