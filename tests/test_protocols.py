@@ -431,3 +431,95 @@ def test_openflamingos_imagenet_path_raises_as_reported(tmp_path, single_process
         render("classification", item, False, classification="output")
         == Model().get_imagenet_prompt()
     )
+
+
+# -- OpenFlamingo's evaluate_captioning, on a Karpathy-format file ----------------------------------
+
+CAPTIONS = {  # test image -> a canned generation
+    "a red square": " a red square on white. Output: a",
+    "a blue circle": 'a "blue" circle<|endofchunk|>',
+    "two green dots": "two green dots, one big\nQuestion: what",
+}
+
+
+def karpathy_file(root: Path) -> Path:
+    images = []
+    rows = [(f"train caption {i}  ", "train") for i in range(4)] + [("restval caption", "restval")]
+    rows += [(c, "test") for c in CAPTIONS]
+    for i, (caption, split) in enumerate(rows):
+        name = f"COCO_train2014_{i:012d}.jpg"
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(root / name)
+        sentences = [{"raw": caption}, {"raw": f"another caption {i}"}]
+        images.append({"filepath": "train2014", "filename": name, "split": split, "cocoid": i, "sentences": sentences})  # fmt: skip
+    (root / "karpathy.json").write_text(json.dumps({"images": images}))
+    return root / "karpathy.json"
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_our_openflamingo_protocol_equals_its_evaluate_captioning(
+    tmp_path, monkeypatch, single_process, shots
+):
+    from open_flamingo.eval import utils
+    from open_flamingo.eval.coco_metric import postprocess_captioning_generation
+    from open_flamingo.eval.eval_datasets import CaptionDataset
+    from tqdm import tqdm
+
+    karpathy = karpathy_file(tmp_path)
+    recorded = {}
+
+    def compute_cider(result_path, annotations_path):  # record what it would score
+        recorded.update(
+            {r["image_id"]: r["caption"] for r in json.loads(Path(result_path).read_text())}
+        )
+        return {"CIDEr": 0.0}
+
+    class Model:
+        prompts: list[str] = []
+
+        def get_caption_prompt(self, caption=None):
+            return f"<image>Output:{caption if caption is not None else ''}{'<|endofchunk|>' if caption is not None else ''}"
+
+        def get_outputs(self, batch_images, batch_text, **kwargs):
+            assert kwargs["max_generation_length"] == 20 and kwargs["num_beams"] == 3
+            self.prompts += batch_text
+            # decoded as its get_outputs does: generation stops at <|endofchunk|>, skipped
+            order = [g.split("<|endofchunk|>")[0] for g in CAPTIONS.values()]
+            return [order[len(self.prompts) - len(batch_text) + i] for i in range(len(batch_text))]
+
+    names = dict(
+        np=np, torch=torch, json=json, os=os, uuid=uuid, random=random, tqdm=tqdm, utils=utils
+    )
+    names |= dict(defaultdict=__import__("collections").defaultdict, CaptionDataset=CaptionDataset, compute_cider=compute_cider, postprocess_captioning_generation=postprocess_captioning_generation, RICES=None)  # fmt: skip
+    evaluate_captioning = openflamingo_function("evaluate_captioning", names)
+    args = argparse.Namespace(
+        coco_train_image_dir_path=str(tmp_path), coco_val_image_dir_path=str(tmp_path), coco_karpathy_json_path=str(karpathy),
+        coco_annotations_json_path="unused", num_samples=-1, batch_size=2, rices=False, query_set_size=4,
+        model="open_flamingo", rank=0, world_size=1,
+    )  # fmt: skip
+    model = Model()
+    monkeypatch.chdir(tmp_path)
+    # its test loader visits the images in its own order: record which image each prompt is for
+    seen = []
+    real_outputs = model.get_outputs
+
+    def outputs(batch_images, batch_text, **kwargs):
+        for images in batch_images:
+            seen.append(int(np.asarray(images[-1])[0, 0, 0]) // 30)
+        return real_outputs(batch_images, batch_text, **kwargs)
+
+    model.get_outputs = outputs
+    evaluate_captioning(args, model, num_shots=shots, dataset_name="coco")
+
+    tasks = {"coco": {"paths": {"karpathy_json": str(karpathy), "image_root": str(tmp_path)}}}
+    cfg = EvalConfig.from_dict({"tasks": tasks, "protocol": "openflamingo"})
+    task = get_task("coco", cfg.tasks["coco"].paths, get_protocol("openflamingo"))
+    train = {it.answers[0]: it for it in task.load("train")}
+    assert "restval caption" not in train  # its demonstration pool: Karpathy train only
+    test = {int(it.id): it for it in task.load("test")}
+    evaluator = Evaluator.__new__(Evaluator)
+    generations = list(CAPTIONS.values())
+    for n, (prompt, image_id) in enumerate(zip(model.prompts, seen, strict=True)):
+        demos = [train[c.split("<|endofchunk|>")[0]] for c in prompt.split("Output:")[1:-1]]
+        ours, _ = evaluator._prompt(task, demos, test[image_id], shots)
+        assert ours == prompt
+        assert task.postprocess(generations[n]) == recorded[image_id]
