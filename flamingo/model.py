@@ -10,12 +10,14 @@ declares the modules an engine may shard or checkpoint one by one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
 import flamingo.hub as hub
@@ -74,6 +76,36 @@ def _check_slots(media_slots: torch.Tensor, num_media: int, sync_free: bool) -> 
         )
 
 
+def _storage_free():
+    """Build modules with their parameters on the meta device (buffers as usual): for a model
+    whose every weight comes from a checkpoint's files."""
+    from accelerate import init_empty_weights  # imported here: only loading needs it
+
+    return init_empty_weights(include_buffers=False)
+
+
+def _weights_all_in_files(cfg: FlamingoConfig) -> bool:
+    """Whether a checkpoint of ``cfg`` carries every weight (no pretrained tower, an inline LM
+    architecture) and its LM does not tie its input and output embeddings (accelerate's
+    storage-free building re-creates each parameter, so a tie would be lost)."""
+    if cfg.vision.pretrained is not None or cfg.lm.architecture is None:
+        return False
+    arch = dict(cfg.lm.architecture)
+    return not AutoConfig.for_model(arch.pop("model_type"), **arch).tie_word_embeddings
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give a storage-free model (:func:`_storage_free`) its weights: each tensor, in its
+    parameter's dtype, becomes the parameter."""
+    params = dict(model.named_parameters())
+    model.load_state_dict(
+        {n: t.to(params[n].dtype) for n, t in tensors.items()}, strict=False, assign=True
+    )
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise ValueError(f"the checkpoint left {empty[:5]} without values")
+
+
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -126,7 +158,12 @@ class Flamingo(nn.Module):
         directory = hub.snapshot(directory, revision)
         cfg, meta = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
-        model = cls.from_config(cfg, FlamingoProcessor.from_pretrained(directory))
+        # every weight in the checkpoint's files (a converted IDEFICS, a random tiny model):
+        # built without storage and given them, not initialised and then overwritten; not
+        # for an LM that ties its embeddings (built without storage, the tie is lost)
+        all_in_files = _weights_all_in_files(cfg)
+        with _storage_free() if all_in_files else contextlib.nullcontext():
+            model = cls.from_config(cfg, FlamingoProcessor.from_pretrained(directory))
         saved = meta.get("special_tokens", {})
         if saved and list(saved.get("new_ids", [])) != list(model.special_tokens.new_ids):
             raise ValueError(
@@ -138,8 +175,11 @@ class Flamingo(nn.Module):
         frozen_expected = model.frozen_state_dict()
         if frozen_expected:
             tensors.update(load_tensors(directory / FROZEN_NAME, frozen_expected))
-        _, unexpected = model.load_state_dict(tensors, strict=False)
-        assert not unexpected, unexpected  # keys were checked above
+        if all_in_files:
+            _assign(model, tensors)
+        else:
+            _, unexpected = model.load_state_dict(tensors, strict=False)
+            assert not unexpected, unexpected  # keys were checked above
         return model.to(device=device, dtype=_dtype(dtype)).eval()
 
     @classmethod
@@ -158,7 +198,11 @@ class Flamingo(nn.Module):
         it, its config made by :func:`flamingo.convert.idefics.idefics_config`."""
         cfg = directory_config(directory)
         _, state = read_idefics(directory)
-        return load_idefics(cls.from_config(cfg), state)
+        # built without storage and then given the checkpoint's tensors: no random
+        # initialisation of billions of weights, and no second copy of them in memory
+        with _storage_free():
+            model = cls.from_config(cfg)
+        return load_idefics(model, state)
 
     @classmethod
     def _converted_idefics(cls, repo_id: str, revision: str | None) -> Path:

@@ -146,6 +146,10 @@ def test_converted_logits_equal_transformers_idefics(tmp_path, case):
         expected = reference(**batch).logits
         got = ours(**our_inputs(batch)).logits
     real = batch["attention_mask"].bool()
+    # built without storage, then given the checkpoint's tensors: none left empty, and the
+    # trained parts in float32 whatever the checkpoint stored
+    assert not any(p.is_meta for p in ours.parameters())
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
     assert got.shape == expected.shape
     assert (got - expected)[real].abs().max().item() <= 1e-4
     # the boundary matters: text after the end-of-sequence token sees no image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flamingo import Flamingo
+from flamingo import Flamingo, FlamingoProcessor
 from flamingo.lm import DECODER_LAYOUTS, build_causal_lm, decoder_layout
 from tests.conftest import noise_image, set_gates, tiny_config
 
@@ -164,3 +164,22 @@ def test_mpt_attention_through_sdpa_equals_the_eager_one(processor):
     torch.testing.assert_close(grads["sdpa"], grads["eager"], rtol=1e-4, atol=1e-6)
     tokens = {impl: m.generate(**enc, max_new_tokens=5) for impl, m in models.items()}
     assert torch.equal(tokens["sdpa"], tokens["eager"])
+
+
+def test_a_tied_lm_saved_whole_loads_tied_with_the_same_logits(tmp_path):
+    """A random LM travels in the checkpoint (frozen.safetensors); loading builds the model
+    without storage and assigns the tensors, so a tied LM must come back tied."""
+    torch.manual_seed(0)
+    model = Flamingo.from_config(family_config("gpt2")).eval()
+    hf = model.lm.hf
+    assert hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+    set_gates(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt")
+    out = loaded.lm.hf
+    assert out.get_output_embeddings().weight is out.get_input_embeddings().weight
+    assert not any(p.is_meta for p in loaded.parameters())
+    processor = FlamingoProcessor.from_pretrained(tmp_path / "ckpt")
+    enc = processor(["<image>a red circle<|endofchunk|>"], images=[[noise_image(0)]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits, rtol=0, atol=0)

@@ -387,7 +387,16 @@ def load_idefics(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
     unused = sorted(k for k in state if k not in used and not k.endswith(IGNORED_BUFFERS))
     if unused:
         raise ValueError(f"IDEFICS tensors with no place in our model: {unused[:10]}")
-    with torch.no_grad():
-        for name, tensor in values.items():
-            params[name].copy_(tensor)
+    # assigned, not copied: the model may have been built without storage
+    # (Flamingo.from_idefics builds it on the meta device), and a copy would hold it twice
+    device = next((p.device for p in params.values() if not p.is_meta), torch.device("cpu"))
+    cast = {n: t.to(device=device, dtype=params[n].dtype) for n, t in values.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:  # only what IDEFICS has no tensor for (the unused projection)
+            owner, _, attr = name.rpartition(".")
+            empty = torch.zeros(param.shape, dtype=param.dtype, device=device)
+            setattr(
+                model.get_submodule(owner), attr, torch.nn.Parameter(empty, param.requires_grad)
+            )
     return model
