@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo.convert import idefics as convert_idefics
 from flamingo.lm import decoder_layout
 from tests.conftest import ROOT
 
@@ -208,21 +209,19 @@ IDEFICS_PERCEIVER = dict(
 )
 
 
-@pytest.mark.parametrize(
-    "release", ["idefics-9b", "idefics-9b-instruct", "idefics-80b", "idefics-80b-instruct"]
-)
-def test_the_idefics_configs_have_the_architecture_the_import_reads(release: str):
+@pytest.mark.parametrize("repo", convert_idefics.IDEFICS_RELEASES)
+def test_the_idefics_configs_have_the_architecture_the_import_reads(repo: str):
     """Each configs/model/idefics-*.yaml is what the import makes of the release's config.json
     (nested and flat alike), but for where the parts come from."""
-    from flamingo.convert.idefics import idefics_config
     from flamingo.vision import build_clip
 
+    release = repo.split("/")[1]  # each release has its config
     fields = IDEFICS_RELEASES[release.removesuffix("-instruct")]
     nested = {**fields, "vision_config": IDEFICS_TOWER, "perceiver_config": IDEFICS_PERCEIVER}
     flat = {**fields, **IDEFICS_PERCEIVER, "vision_model_name": IDEFICS_TOWER["vision_model_name"]}
     ours = FlamingoConfig.from_yaml(ROOT / "configs" / "model" / f"{release}.yaml")
     for config in (nested, flat):
-        imported = idefics_config({**config, "torch_dtype": "bfloat16"}, "tokenizer")
+        imported = convert_idefics.idefics_config({**config, "torch_dtype": "bfloat16"}, "tok")
         assert imported.resampler == ours.resampler
         assert imported.xattn == ours.xattn
         keep = ("cls_token", "ln_post_on_tokens", "image_size", "resize", "image_mean", "image_std")

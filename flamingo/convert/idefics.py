@@ -43,8 +43,10 @@ IDEFICS_RELEASES = (
     "HuggingFaceM4/idefics-80b",
     "HuggingFaceM4/idefics-80b-instruct",
 )
-"""The released IDEFICS checkpoints; any repo or directory whose ``config.json`` says
-``"model_type": "idefics"`` converts the same way."""
+"""The released IDEFICS checkpoints, each with its architecture in
+``configs/model/<name>.yaml`` (``tests/test_model_configs.py`` holds them to the import); any
+repo or directory whose ``config.json`` says ``"model_type": "idefics"`` converts the same
+way."""
 
 KNOWN_TOWERS = {
     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": {
