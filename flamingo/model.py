@@ -147,7 +147,8 @@ class Flamingo(nn.Module):
         """Rebuild a model from a checkpoint written by :meth:`save_pretrained`: frozen parts
         from their sources, the rest from the checkpoint, loaded strictly. ``directory`` is a
         local directory or a Hub repo id (at ``revision``; :mod:`flamingo.hub`): a repo in our
-        format, or an OpenFlamingo v2 release, converted on first use and kept converted.
+        format, or an OpenFlamingo v2 release or an IDEFICS repo, converted on first use and
+        kept converted (an IDEFICS directory is converted in memory, each time).
         ``dtype``/``device`` cast and move it all."""
         if str(directory) in hub.OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
             directory = cls._converted_release(str(directory), revision)

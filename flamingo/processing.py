@@ -72,14 +72,12 @@ class FlamingoProcessor:
         special_tokens: SpecialTokens,
         vision_cfg: VisionConfig,
         padding_side: Literal["left", "right"] = "left",
-        scheme: Literal["flamingo", "idefics"] = "flamingo",
     ) -> None:
         self.tokenizer = tokenizer
         self.special_tokens = special_tokens
         self.vision_cfg = vision_cfg
         self.image_transform = image_transform(vision_cfg)
         self.padding_side = padding_side
-        self.scheme = scheme
 
     @classmethod
     def from_config(
@@ -91,7 +89,7 @@ class FlamingoProcessor:
             cfg.lm.trust_remote_code,
             cfg.lm.special_tokens,
         )
-        return cls(tokenizer, special, cfg.vision, padding_side, cfg.lm.special_tokens)
+        return cls(tokenizer, special, cfg.vision, padding_side)
 
     @classmethod
     def from_pretrained(
@@ -152,10 +150,15 @@ class FlamingoProcessor:
 
     # -- text ---------------------------------------------------------------------------------
 
+    @property
+    def idefics_form(self) -> bool:
+        """Whether prompts take IDEFICS's form (``lm.special_tokens: idefics``)."""
+        return self.special_tokens.around_image_id is not None
+
     def prompt_text(self, text: str) -> str:
         """``text`` (``<image>`` markers, ``<|endofchunk|>``) as the tokenizer is given it: as
         it is, or in IDEFICS's prompt form (:func:`flamingo.tokens.idefics_prompt`)."""
-        if self.scheme != "idefics":
+        if not self.idefics_form:
             return text
         return idefics_prompt(text, self.tokenizer, self.special_tokens)
 
@@ -216,7 +219,7 @@ class FlamingoProcessor:
                 )
         encoded = self.tokenizer(
             [self.prompt_text(t) for t in texts],
-            add_special_tokens=self.scheme != "idefics",  # its form starts with the BOS itself
+            add_special_tokens=not self.idefics_form,  # its form starts with the BOS itself
             padding="longest",
             padding_side=padding_side or self.padding_side,
             truncation=max_length is not None,
