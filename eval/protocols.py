@@ -12,8 +12,8 @@ says which code it is comparable with:
 - ``openflamingo``: what ``open_flamingo/eval/evaluate.py`` does, for comparing against
   OpenFlamingo's and IDEFICS's published tables (``tests/test_protocols.py`` runs its code).
 
-:data:`SETTINGS` says where each setting comes from; the README's protocol table is made
-from the same facts.
+Each field's docstring says what it changes; the README's protocol table says where each
+value comes from in the reference code.
 """
 
 from __future__ import annotations
@@ -99,46 +99,6 @@ PROTOCOLS: dict[str, Protocol] = {
             "downloaded at run time; not reproduced yet: run okvqa under protocol: official",
         },
     ),
-}
-
-SETTINGS: dict[str, dict[str, str]] = {
-    # setting -> protocol -> its value and where it comes from (the README's protocol table)
-    "demonstrations joined by": {
-        "official": "nothing (the paper's prompts, App. A)",
-        "openflamingo": '"\\n" after each (evaluate.py)',
-    },
-    "0-shot demonstrations": {
-        "official": "two text-only, random (paper)",
-        "openflamingo": "two text-only, picked as k-shot ones are: RICES with RICES (evaluate.py)",
-    },
-    "COCO/Flickr demonstration pool": {
-        "official": "Karpathy train + restval",
-        "openflamingo": "Karpathy train (eval_datasets.py)",
-    },
-    "new tokens": {
-        "official": "captions 20, VQAv2/OK-VQA 5, TextVQA/VizWiz 10",
-        "openflamingo": "captions 20, VQA 5, TextVQA 10 (evaluate.py)",
-    },
-    "VQA answer cut": {
-        "official": "<|endofchunk|>, Question:/Answer:/Output:/Short answer:, newline",
-        "openflamingo": 'first Question/Answer/Short, then first ", " (vqa_metric.py)',
-    },
-    "caption cut": {
-        "official": "<|endofchunk|>, Question:/Answer:/Output:/Short answer:",
-        "openflamingo": "first Output, double quotes removed (coco_metric.py)",
-    },
-    "ImageNet prompt": {
-        "official": "<image>A photo of {class} (this project)",
-        "openflamingo": "<image>Output:{class} (evaluate.py; its ImageNet path raises KeyError('ocr'))",
-    },
-    "class ranking": {
-        "official": "summed log-likelihood of the class tokens",
-        "openflamingo": "mean log-likelihood per token (normalize_length=True)",
-    },
-    "VQA accuracy": {
-        "official": "vqaEval.py as of 2021 (GT-Vision-Lab/VQA a013f00)",
-        "openflamingo": "its copy of vqaEval.py: prediction and answers always normalised",
-    },
 }
 
 
