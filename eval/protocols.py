@@ -56,7 +56,6 @@ class Protocol:
     """Tasks this protocol cannot run yet, and why."""
 
 
-VQA_TASKS = ("vqav2", "okvqa", "vizwiz", "textvqa")
 PROTOCOLS: dict[str, Protocol] = {
     "official": Protocol(
         name="official",
