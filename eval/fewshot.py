@@ -24,10 +24,18 @@ def query_set(train_items: list[Item], size: int, seed: int) -> list[Item]:
     return rng.sample(train_items, min(size, len(train_items)))
 
 
+def may_show(demo: Item, item: Item) -> bool:
+    """Whether ``demo`` may be a demonstration of ``item``: any pool item, or with
+    ``Item.group`` one of its group (never itself)."""
+    return item.group is None or (demo.group == item.group and demo.id != item.id)
+
+
 def random_demos(pool: list[Item], item: Item, shots: int, seed: int) -> list[Item]:
-    """``shots`` demonstrations for ``item``, seeded by the trial and the item."""
+    """``shots`` demonstrations for ``item`` (from its group, if it has one), seeded by the
+    trial and the item."""
     rng = random.Random(f"demos/{seed}/{item.id}")
-    return rng.sample(pool, min(shots, len(pool)))
+    candidates = [p for p in pool if may_show(p, item)]
+    return rng.sample(candidates, min(shots, len(candidates)))
 
 
 class RICES:
@@ -37,12 +45,27 @@ class RICES:
         self.pool = pool
         self.features = torch.nn.functional.normalize(pool_features.float(), dim=-1)
 
-    def demos(self, query_features: torch.Tensor, shots: int) -> list[list[Item]]:
-        """For each query row: the ``shots`` most similar pool items, most similar LAST."""
+    def demos(
+        self, query_features: torch.Tensor, shots: int, queries: list[Item] | None = None
+    ) -> list[list[Item]]:
+        """For each query row: the ``shots`` most similar pool items, most similar LAST; with
+        ``queries`` that have an ``Item.group``, among the items of their group only."""
         q = torch.nn.functional.normalize(query_features.float(), dim=-1)
         similarity = q @ self.features.T  # (Q, P)
-        top = similarity.topk(min(shots, len(self.pool)), dim=-1).indices  # most similar first
-        return [[self.pool[int(i)] for i in row.flip(0)] for row in top]
+        if queries is not None and any(it.group is not None for it in queries):
+            allowed = torch.tensor(
+                [[may_show(p, it) for p in self.pool] for it in queries], dtype=torch.bool
+            )
+            similarity = similarity.masked_fill(~allowed, float("-inf"))
+        top = similarity.topk(min(shots, len(self.pool)), dim=-1)  # most similar first
+        return [
+            [
+                self.pool[int(i)]
+                for i, s in zip(row.flip(0), sims.flip(0), strict=True)
+                if s.isfinite()
+            ]
+            for row, sims in zip(top.indices, top.values, strict=True)
+        ]
 
 
 def features_path(cache_dir: Path, cache_key: str, items: list[Item]) -> Path:

@@ -132,7 +132,7 @@ class Evaluator:
         if self.cfg.demos == "random" or zero_at_random:
             return [random_demos(pool, it, count, seed) for it in items]
         rices = RICES(pool, self._features(pool, f"{task.name}/pool/{seed}", shared=True))
-        return rices.demos(self._features(items, f"{task.name}/items"), count)
+        return rices.demos(self._features(items, f"{task.name}/items"), count, items)
 
     # -- one trial -------------------------------------------------------------------------
 

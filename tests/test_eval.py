@@ -104,6 +104,25 @@ def test_rices_picks_nearest_most_similar_last():
     assert [d.id for d in demos[0]] == ["3", "1", "0"]
 
 
+def test_grouped_items_take_demonstrations_from_their_own_group_only():
+    """A task whose answers only an item's own episode gives (``Item.group``): random and
+    RICES demonstrations come from that episode, never the item itself, however near
+    another episode's images are."""
+    from eval.fewshot import random_demos
+
+    pool = [Item(id=f"{g}{i}", image=None, group=g) for g in "ab" for i in range(3)]
+    query = Item(id="a0", image=None, group="a")  # also in the pool: never its own demo
+    for seed in range(5):
+        demos = random_demos(pool, query, 4, seed)
+        assert {d.id for d in demos} == {"a1", "a2"}  # fewer than asked: the group is small
+    features = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)  # episode b looks like it
+    features[1] = torch.tensor([0.6, 0.8])
+    demos = RICES(pool, features).demos(torch.tensor([[0.0, 1.0]]), 2, [query])
+    assert [d.id for d in demos[0]] == ["a2", "a1"]  # its group's, the nearest last
+    ungrouped = Item(id="x", image=None)
+    assert len(random_demos(pool, ungrouped, 4, 0)) == 4
+
+
 # -- every task through the command -----------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ class Item:
     """Classification / HatefulMemes: the class index."""
     text: str = ""
     """Text printed on the image (HatefulMemes)."""
+    group: str | None = None
+    """Tasks whose answers only the item's own episode gives (a binding of names made up per
+    episode): its demonstrations come from train items of the same group."""
 
 
 class Task:
