@@ -195,7 +195,7 @@ class StandInModel:
 
     def get_outputs(self, batch_images, batch_text, **kwargs):
         self.prompts += batch_text
-        canned = {q: g for q, g in [(q, g) for q, g, _ in QUESTIONS]}
+        canned = {q: g for q, g, _ in QUESTIONS}
         return [canned[t.rsplit("Question:", 1)[1].split(" Short answer:")[0]] for t in batch_text]
 
 
@@ -523,3 +523,25 @@ def test_our_openflamingo_protocol_equals_its_evaluate_captioning(
         ours, _ = evaluator._prompt(task, demos, test[image_id], shots)
         assert ours == prompt
         assert task.postprocess(generations[n]) == recorded[image_id]
+
+
+@pytest.mark.parametrize(("protocol", "nearest"), [("official", False), ("openflamingo", True)])
+def test_zero_shot_demonstrations_follow_the_protocol(protocol, nearest):
+    """With demos: rices, the two text-only 0-shot demonstrations are random under official
+    (the paper) and the RICES ones under openflamingo (evaluate.py picks them as k-shot ones)."""
+    from eval.tasks import Item
+
+    pool = [Item(id=f"p{i}", image=None) for i in range(12)]
+    query = Item(id="q", image=None)
+    features = {it.id: torch.tensor([1.0, 0.0]) for it in pool} | {"q": torch.tensor([0.0, 1.0])}
+    features["p5"] = features["p9"] = torch.tensor([0.1, 1.0])  # the query's nearest two
+    tasks = {"vqav2": {"paths": {}}}
+    cfg = EvalConfig.from_dict({"tasks": tasks, "demos": "rices", "protocol": protocol})
+    evaluator = Evaluator.__new__(Evaluator)
+    evaluator.cfg = cfg
+    evaluator._features = lambda items, tag, shared=False: torch.stack(
+        [features[i.id] for i in items]
+    )
+    task = get_task("vqav2", {}, get_protocol(protocol))
+    picked = {d.id for d in evaluator.demonstrations(task, pool, [query], 0, seed=0)[0]}
+    assert (picked == {"p5", "p9"}) == nearest

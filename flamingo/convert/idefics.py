@@ -96,8 +96,6 @@ def _refuse(field: str, value: Any, why: str) -> None:
 def _sub(config: dict[str, Any], nested: str, key: str, flat: str, fallback: dict) -> Any:
     """``config[nested][key]``, else the flat ``config[flat]``, else ``fallback[key]``."""
     inner = config.get(nested) or {}
-    if not isinstance(inner, dict):
-        inner = vars(inner)
     for source in (inner, config, fallback):
         name = key if source is not config else flat
         if name in source:
