@@ -15,7 +15,6 @@ from PIL import Image
 
 from flamingo.data.images import decode_image
 from flamingo.data.schema import IMAGE_EXTS, SkipSample
-from flamingo.data.shards import WriteSummary
 
 PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 MAX_PIXELS = 89_478_485
@@ -27,6 +26,15 @@ def add_output_args(parser: argparse.ArgumentParser, prefix: str) -> None:
     parser.add_argument("--items-per-shard", type=int, default=1000, help="input items per shard")
     parser.add_argument(
         "--max-image-pixels", type=int, default=MAX_PIXELS, help="skip larger images"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="local processes, one input each at a time"
+    )
+    parser.add_argument(
+        "--part",
+        default="0/1",
+        help="I/N: convert only the inputs j with j %% N == I (N machines, or a job array: "
+        '--part "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")',
     )
 
 
@@ -185,7 +193,3 @@ def count_rows(path: Path) -> int | None:
 
         return pq.ParquetFile(path).metadata.num_rows
     return None
-
-
-def finish(summary: WriteSummary, out: Path) -> None:
-    print(f"\n{out}:\n{summary.report()}")

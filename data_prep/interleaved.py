@@ -1,9 +1,9 @@
 """Interleaved image-text documents -> webdataset shards (schema "interleaved").
 
 Sources:
-  mmc4     --jsonl FILE --images DIR   MMC4-style documents: text_list, image_info
+  mmc4     --jsonl FILES --images DIR  MMC4-style documents: text_list, image_info
                                        (image_name), similarity_matrix (images x sentences)
-  obelics  --parquet FILE [--images DIR]  OBELICS-style rows: parallel texts/images lists;
+  obelics  --parquet FILES [--images DIR]  OBELICS-style rows: parallel texts/images lists;
                                        an image is a path under --images, raw bytes, or
                                        {"bytes": ...}
 
@@ -15,6 +15,10 @@ Missing or broken images are dropped from their document (counted); documents le
 image or no text are skipped (counted).
 
     python -m data_prep.interleaved mmc4 --jsonl docs.jsonl --images imgs --out shards/mmc4
+    python -m data_prep.interleaved mmc4 --jsonl 'mmc4/*.jsonl' --images 'imgs/{stem}' \
+        --workers 16 --out shards/mmc4
+
+Many inputs, several processes or machines, resume: data_prep/corpus.py.
 """
 
 from __future__ import annotations
@@ -30,12 +34,11 @@ from data_prep.common import (
     check_row,
     checked_image,
     count_rows,
-    finish,
     read_file,
     read_table,
 )
+from data_prep.corpus import Work, convert, expand_inputs
 from flamingo.data.schema import SkipSample, encode_interleaved, sanitize_key
-from flamingo.data.shards import write_shards
 
 MMC4_THRESHOLD = 0.24
 
@@ -191,14 +194,23 @@ def obelics_chunks(
     return chunks
 
 
-def make_encoder(source: str, args: argparse.Namespace, events: Counter):
+def images_for(images: Path | None, table: str) -> Path | None:
+    """The image folder of one input: ``{stem}`` in ``--images`` becomes the input's file
+    name without its suffix (``imgs/{stem}`` -> ``imgs/docs_shard_0_v2`` for MMC4's
+    per-shard image folders)."""
+    if images is None or "{stem}" not in str(images):
+        return images
+    return Path(str(images).replace("{stem}", Path(table).stem))
+
+
+def make_encoder(source: str, args: argparse.Namespace, images: Path | None, events: Counter):
     def encode(item: tuple[int, dict]) -> dict:
         index, row = item
         check_row(row)
         if source == "mmc4":
-            chunks = mmc4_chunks(row, args.images, args.threshold, events, args.max_image_pixels)
+            chunks = mmc4_chunks(row, images, args.threshold, events, args.max_image_pixels)
         else:
-            chunks = obelics_chunks(row, args.images, events, args.max_image_pixels)
+            chunks = obelics_chunks(row, images, events, args.max_image_pixels)
         if not any(isinstance(c, tuple) for c in chunks):
             raise SkipSample("no_images")
         if not any(isinstance(c, str) for c in chunks):
@@ -209,6 +221,14 @@ def make_encoder(source: str, args: argparse.Namespace, events: Counter):
     return encode
 
 
+def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
+    """Input j's documents (data_prep/corpus.py runs this per input)."""
+    table = inputs[j]
+    events: Counter = Counter()
+    encode = make_encoder(args.source, args, images_for(args.images, table), events)
+    return Work(enumerate(read_table(Path(table))), encode, count_rows(Path(table)), events)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.interleaved",
@@ -217,37 +237,39 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="source", required=True)
     mmc4 = sub.add_parser("mmc4", help="MMC4-style JSONL documents with a local image folder")
-    mmc4.add_argument("--jsonl", type=Path, required=True)
     mmc4.add_argument(
-        "--images", type=Path, required=True, help="folder holding image_info[].image_name"
+        "--jsonl", required=True, help="input files: a glob or brace list, e.g. 'docs/*.jsonl'"
+    )
+    mmc4.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="folder holding image_info[].image_name; {stem}: the input's name, for a folder "
+        "per input",
     )
     mmc4.add_argument(
         "--threshold", type=float, default=MMC4_THRESHOLD, help="minimum image-sentence similarity"
     )
     add_output_args(mmc4, "mmc4")
     obelics = sub.add_parser("obelics", help="OBELICS-style parquet rows (texts/images lists)")
-    obelics.add_argument("--parquet", type=Path, required=True)
     obelics.add_argument(
-        "--images", type=Path, default=None, help="folder that image paths are relative to"
+        "--parquet", required=True, help="input files: a glob or brace list, e.g. 'data/*.parquet'"
+    )
+    obelics.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder that image paths are relative to ({stem}: the input's name)",
     )
     add_output_args(obelics, "obelics")
     args = parser.parse_args(argv)
 
-    table = args.jsonl if args.source == "mmc4" else args.parquet
-    if not table.is_file():
-        parser.error(f"{table} does not exist")
-    events: Counter = Counter()
-    summary = write_shards(
-        enumerate(read_table(table)),
-        make_encoder(args.source, args, events),
-        args.out,
-        args.prefix,
-        args.items_per_shard,
-        count_rows(table),
-        args.source,
-        events=events,
-    )
-    finish(summary, args.out)
+    option = "jsonl" if args.source == "mmc4" else "parquet"
+    try:
+        inputs = expand_inputs(getattr(args, option))
+        convert(build, args, inputs, option, args.source)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Image-text pairs -> webdataset shards (schema: flamingo/data/schema.py, "pairs").
 
-Sources (pick one):
-  --folder DIR        images with a caption file beside each (cat.jpg + cat.txt)
-  --table FILE        .jsonl / .csv / .parquet rows naming an image path and a caption
-  --img2dataset SPEC  img2dataset-style shards (KEY.jpg + KEY.txt [+ KEY.json]), brace-expanded
+Sources (pick one; each takes a glob or a brace list of inputs):
+  --folder DIRS       images with a caption file beside each (cat.jpg + cat.txt)
+  --table FILES       .jsonl / .csv / .parquet rows naming an image path and a caption
+  --img2dataset TARS  img2dataset-style shards (KEY.jpg + KEY.txt [+ KEY.json])
 
 Every image is decoded once to validate it; broken, missing or oversized images, empty
 captions and malformed rows are skipped and counted in the summary. Re-running resumes:
-finished shards are kept.
+finished shards are kept. Many inputs, several processes or machines: data_prep/corpus.py.
 
     python -m data_prep.pairs --table captions.jsonl --image-root imgs --out shards/pairs
 """
@@ -25,14 +25,14 @@ from data_prep.common import (
     check_row,
     checked_image,
     count_rows,
-    finish,
     json_scalar,
     read_file,
     read_table,
     text_member,
 )
+from data_prep.corpus import Work, convert, expand_inputs
 from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_pair, sanitize_key, unique_keys
-from flamingo.data.shards import ShardError, expand_shards, read_shard, write_shards
+from flamingo.data.shards import ShardError, read_shard
 
 log = logging.getLogger("data_prep.pairs")
 
@@ -55,21 +55,20 @@ def table_items(table: Path, root: Path, image_column: str, caption_column: str)
         }
 
 
-def img2dataset_items(spec: str, events: Counter) -> Iterator[dict]:
-    """The samples of every input tar; a damaged tar gives its samples up to the damage (the
-    one cut off is counted as ``truncated_input``) and the next tar is read as usual."""
-    for url in expand_shards(spec):
-        try:
-            for raw in read_shard(url):
-                yield {"key": raw["__key__"], "raw": raw}
-        except ShardError as e:
-            events["input_tar_damaged"] += 1
-            log.warning("input %s is damaged; its samples after the damage are lost", e)
-            if e.partial is not None:
-                yield {"key": e.partial, "cut": e.detail}
-        except OSError as e:
-            events["input_tar_unreadable"] += 1
-            log.warning("cannot read input %s: %s", url, e)
+def img2dataset_items(url: str, events: Counter) -> Iterator[dict]:
+    """The samples of one input tar; a damaged tar gives its samples up to the damage (the
+    one cut off is counted as ``truncated_input``)."""
+    try:
+        for raw in read_shard(url):
+            yield {"key": raw["__key__"], "raw": raw}
+    except ShardError as e:
+        events["input_tar_damaged"] += 1
+        log.warning("input %s is damaged; its samples after the damage are lost", e)
+        if e.partial is not None:
+            yield {"key": e.partial, "cut": e.detail}
+    except OSError as e:
+        events["input_tar_unreadable"] += 1
+        log.warning("cannot read input %s: %s", url, e)
 
 
 def make_encoder(max_pixels: int):
@@ -119,6 +118,23 @@ def make_encoder(max_pixels: int):
     return encode
 
 
+SOURCES = ("folder", "table", "img2dataset")
+
+
+def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
+    """Input j's pairs (data_prep/corpus.py runs this per input)."""
+    source = inputs[j]
+    encode = make_encoder(args.max_image_pixels)
+    if args.folder:
+        return Work(folder_items(Path(source)), encode)
+    if args.table:
+        table = Path(source)
+        items = table_items(table, args.image_root, args.image_column, args.caption_column)
+        return Work(items, encode, count_rows(table))
+    input_events: Counter = Counter()
+    return Work(img2dataset_items(source, input_events), encode, input_events=input_events)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.pairs",
@@ -127,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--folder", type=Path, help="folder of images with .txt captions beside them"
+        "--folder", help="folders of images with .txt captions beside them (a glob or brace list)"
     )
     source.add_argument(
-        "--table", type=Path, help=".jsonl/.csv/.parquet of image paths and captions"
+        "--table", help=".jsonl/.csv/.parquet files of image paths and captions (glob, braces)"
     )
     source.add_argument("--img2dataset", help="img2dataset shards, e.g. 'in/{00000..00009}.tar'")
     parser.add_argument(
@@ -148,30 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     add_output_args(parser, "pairs")
     args = parser.parse_args(argv)
 
-    total = None
-    events: Counter = Counter()
-    if args.folder:
-        if not args.folder.is_dir():
-            parser.error(f"--folder {args.folder} is not a directory")
-        items = folder_items(args.folder)
-    elif args.table:
-        if not args.table.is_file():
-            parser.error(f"--table {args.table} does not exist")
-        items = table_items(args.table, args.image_root, args.image_column, args.caption_column)
-        total = count_rows(args.table)
-    else:
-        items = img2dataset_items(args.img2dataset, events)
-    summary = write_shards(
-        items,
-        make_encoder(args.max_image_pixels),
-        args.out,
-        args.prefix,
-        args.items_per_shard,
-        total,
-        "pairs",
-        events=events,
-    )
-    finish(summary, args.out)
+    option = next(name for name in SOURCES if getattr(args, name))
+    try:
+        inputs = expand_inputs(getattr(args, option), "dir" if option == "folder" else "file")
+        convert(build, args, inputs, option, "pairs")
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

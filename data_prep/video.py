@@ -1,9 +1,9 @@
 """Video-text clips -> webdataset shards (schema "video"): F frames sampled evenly + caption.
 
-Sources:
-  --videos DIR   video files (mp4, webm, avi, mkv, mov) decoded with PyAV, each with a caption
+Sources (each a glob or a brace list of folders; each folder is one input):
+  --videos DIRS  video files (mp4, webm, avi, mkv, mov) decoded with PyAV, each with a caption
                  file beside it (clip.mp4 + clip.txt), or captions from --captions
-  --frames DIR   one sub-folder per clip holding its frames (sorted by name) and caption.txt
+  --frames DIRS  one sub-folder per clip holding its frames (sorted by name) and caption.txt
 
 Frames are sampled evenly over the clip (first and last included) and stored as JPEG.
 Unreadable videos, clips with fewer frames than --num-frames and empty captions are skipped
@@ -15,16 +15,17 @@ and counted.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
-from data_prep.common import add_output_args, finish, read_file, read_table, text_member
+from data_prep.common import add_output_args, read_file, read_table, text_member
+from data_prep.corpus import Work, convert, expand_inputs
 from flamingo.data.images import decode_image
 from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_video, unique_keys
-from flamingo.data.shards import write_shards
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 
@@ -64,37 +65,26 @@ def jpeg(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.video",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--videos", type=Path, help="folder of video files")
-    source.add_argument("--frames", type=Path, help="folder of clip folders of frames")
-    parser.add_argument(
-        "--captions", type=Path, help="table (.jsonl/.csv/.parquet) with columns video, caption"
-    )
-    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip")
-    add_output_args(parser, "video")
-    args = parser.parse_args(argv)
-    if args.num_frames < 1:
-        parser.error("--num-frames must be >= 1")
-
+@functools.cache
+def read_captions(table: Path | None) -> tuple[dict[str, str], int]:
+    """A caption table's ``{video: caption}`` and how many rows it could not use (read once
+    per process)."""
     captions: dict[str, str] = {}
-    events: Counter = Counter()
-    if args.captions:
-        for row in read_table(args.captions):
-            video, caption = row.get("video"), row.get("caption")
-            if isinstance(video, str) and isinstance(caption, str):
-                captions[video] = caption
-            else:  # unreadable, or without a video name and caption string: counted
-                events["caption_rows_unusable"] += 1
-    root = args.videos or args.frames
-    if not root.is_dir():
-        parser.error(f"{root} is not a directory")
+    unusable = 0
+    for row in read_table(table) if table else ():
+        video, caption = row.get("video"), row.get("caption")
+        if isinstance(video, str) and isinstance(caption, str):
+            captions[video] = caption
+        else:  # unreadable, or without a video name and caption string: counted
+            unusable += 1
+    return captions, unusable
 
+
+def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
+    """Input j's clips (data_prep/corpus.py runs this per input). The caption table's
+    unusable rows are counted once, under the first input."""
+    root = Path(inputs[j])
+    captions, unusable = read_captions(args.captions)
     if args.videos:
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
         names = [str(p.relative_to(root).with_suffix("")) for p in paths]
@@ -108,8 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         path, key = item
         rel = str(path.relative_to(root))
         sidecar = path / "caption.txt" if args.frames else path.with_suffix(".txt")
-        caption = captions.get(rel) or (
-            text_member(sidecar.read_bytes()) if sidecar.is_file() else ""
+        caption = (
+            captions.get(f"{root.name}/{rel}")
+            or captions.get(rel)
+            or (text_member(sidecar.read_bytes()) if sidecar.is_file() else "")
         )
         caption = " ".join(caption.split())
         if not caption:
@@ -120,10 +112,38 @@ def main(argv: list[str] | None = None) -> None:
             frames = folder_frames(path, args.num_frames, args.max_image_pixels)
         return encode_video(key, [jpeg(f) for f in frames], "jpg", caption, {"source": rel})
 
-    summary = write_shards(
-        items, encode, args.out, args.prefix, args.items_per_shard, desc="video", events=events
+    input_events = Counter({"caption_rows_unusable": unusable} if unusable and j == 0 else {})
+    return Work(items, encode, len(items), input_events=input_events)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.video",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finish(summary, args.out)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--videos", help="folders of video files (a glob or brace list)")
+    source.add_argument("--frames", help="folders of clip folders of frames (glob, braces)")
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        help="table (.jsonl/.csv/.parquet) with columns video (the clip's path under its "
+        "input folder, or with the folder's name in front: several folders may share names) "
+        "and caption",
+    )
+    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip")
+    add_output_args(parser, "video")
+    args = parser.parse_args(argv)
+    if args.num_frames < 1:
+        parser.error("--num-frames must be >= 1")
+    if args.captions and not args.captions.is_file():
+        parser.error(f"--captions {args.captions} does not exist")
+    option = "videos" if args.videos else "frames"
+    try:
+        convert(build, args, expand_inputs(getattr(args, option), "dir"), option, "video")
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,341 @@
+"""Converting a corpus: many inputs, several processes, several machines, resumable.
+
+Every converter runs through :func:`convert`. Its inputs (a brace-expanded list or a glob,
+``docs/shard_{0..23098}.jsonl`` or ``'docs/*.jsonl'``) form one sorted list, and input ``j`` is
+converted by one process, on its own, into shards of its own:
+
+    OUT/PREFIX-JJJJJ-KKKKK.tar        input j's k-th shard (one input: PREFIX-KKKKK.tar)
+    OUT/PREFIX-JJJJJ-summary.json     input j is complete: what it wrote and skipped, by reason
+    OUT/PREFIX-summary.json           every input complete: the summaries merged
+    OUT/progress/*.tar.json           each finished shard's record (what resume reads)
+
+A shard's name and bytes depend only on the input list and the options, never on
+``--workers`` or on which process finishes first; a key holds its input's index
+(``JJJJJ_key``), so keys are unique across the output. ``--part I/N`` converts the inputs
+``j`` with ``j % N == I`` only, so N machines (or a scheduler's job array) split a corpus
+without talking to each other; whichever part completes the last input merges the
+summaries, and ``python -m data_prep.corpus --out OUT --prefix PREFIX`` merges (or says what
+is missing) at any time. A re-run skips complete inputs, keeps the finished shards of the
+others and writes the rest; a run with other options over the same output is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from flamingo.data.shards import RECORDS, expand_shards, write_json, write_shards
+
+
+@dataclass
+class Work:
+    """What a converter makes of one input: its items, in order, and how each is encoded."""
+
+    items: Iterable[Any]
+    encode: Callable[[Any], dict | list[dict]]
+    total: int | None = None
+    events: Counter = field(default_factory=Counter)
+    """Updated by ``encode`` (changes inside written samples, e.g. an image dropped)."""
+    input_events: Counter = field(default_factory=Counter)
+    """Updated while ``items`` are read (e.g. a damaged input file)."""
+
+
+Build = Callable[[argparse.Namespace, tuple[str, ...], int], Work]
+"""A converter's ``build(args, inputs, j)``, the work of input ``inputs[j]``: a module-level
+function (workers import it)."""
+
+RUN_OPTIONS = ("out", "workers", "part")
+"""Options that do not change what is written (``common.add_output_args`` adds them);
+every other one must match on resume."""
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--part {text!r}: needs N >= 1 and 0 <= I < N")
+    return index, count
+
+
+def expand_inputs(spec: str, what: str = "file") -> list[str]:
+    """The sorted, de-duplicated inputs a spec names; a local name that does not exist (or
+    is not a ``what``: ``file`` or ``dir``) is an error listing the first few. URLs and
+    ``pipe:`` commands (webdataset's) pass unchecked."""
+    inputs = sorted(set(expand_shards(spec)))
+    local = [p for p in inputs if "://" not in p and not p.startswith("pipe:")]
+    wrong = [p for p in local if not (Path(p).is_dir() if what == "dir" else Path(p).is_file())]
+    if wrong:
+        shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise ValueError(
+            f"{spec!r}: {len(wrong)} of {len(inputs)} inputs are not a {what}: {shown}"
+        )
+    return inputs
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a conversion's files go (the names in the module docstring)."""
+
+    out: Path
+    prefix: str
+    inputs: tuple[str, ...]
+
+    def input_prefix(self, j: int) -> str:
+        return self.prefix if len(self.inputs) == 1 else f"{self.prefix}-{j:05d}"
+
+    def key_tag(self, j: int) -> str:
+        return "" if len(self.inputs) == 1 else f"{j:05d}_"
+
+    def input_summary(self, j: int) -> Path:
+        return self.out / f"{self.input_prefix(j)}-summary.json"
+
+    @property
+    def merged(self) -> Path:
+        return self.out / f"{self.prefix}-summary.json"
+
+
+@dataclass(frozen=True)
+class Task:
+    build: Build
+    args: argparse.Namespace
+    layout: Layout
+    index: int
+    manifest: dict[str, Any]
+    desc: str
+    progress: bool
+
+
+def _tagged(encode: Callable, tag: str) -> Callable:
+    if not tag:
+        return encode
+
+    def tagged_encode(item: Any) -> dict | list[dict]:
+        samples = encode(item)
+        for sample in samples if isinstance(samples, list) else [samples]:
+            sample["__key__"] = tag + sample["__key__"]
+        return samples
+
+    return tagged_encode
+
+
+def _convert_one(task: Task) -> dict[str, Any]:
+    """Convert one input (in a worker, or in the main process)."""
+    layout, j = task.layout, task.index
+    work = task.build(task.args, layout.inputs, j)
+    summary = write_shards(
+        work.items,
+        _tagged(work.encode, layout.key_tag(j)),
+        layout.out,
+        layout.input_prefix(j),
+        task.args.items_per_shard,
+        work.total,
+        task.desc,
+        events=work.events,
+        input_events=work.input_events,
+        manifest=task.manifest,
+        progress=task.progress,
+    )
+    return {**task.manifest, **summary.to_dict()}
+
+
+def settings(args: argparse.Namespace, input_option: str) -> dict[str, Any]:
+    """The options that shape the output, as JSON values (paths as strings); the inputs
+    themselves are compared one by one instead (a glob and a brace list may name the same)."""
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in sorted(vars(args).items())
+        if k not in (*RUN_OPTIONS, input_option)
+    }
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-input summaries (in input order) -> one: totals, and each input's line."""
+    total: dict[str, Any] = {
+        "inputs": len(summaries),
+        "shards_written": [],
+        "shards_reused": [],
+        "samples_written": 0,
+        "samples_reused": 0,
+    }
+    skipped, events, per_input = Counter(), Counter(), []
+    for s in summaries:
+        total["shards_written"] += s["shards_written"]
+        total["shards_reused"] += s["shards_reused"]
+        total["samples_written"] += s["samples_written"]
+        total["samples_reused"] += s["samples_reused"]
+        skipped.update(s["skipped"])
+        events.update(s["events"])
+        per_input.append(
+            {
+                "input": s["input"],
+                "samples": s["samples_written"] + s["samples_reused"],
+                "skipped": s["skipped"],
+                "events": s["events"],
+            }
+        )
+    return {**total, "skipped": dict(skipped), "events": dict(events), "per_input": per_input}
+
+
+def report(summary: dict[str, Any]) -> str:
+    lines = [
+        f"inputs: {summary['inputs']}",
+        f"shards written: {len(summary['shards_written'])}, reused from an earlier run: "
+        f"{len(summary['shards_reused'])}",
+        f"samples written: {summary['samples_written']}, in reused shards: "
+        f"{summary['samples_reused']}",
+        f"samples skipped: {sum(summary['skipped'].values())}"
+        + "".join(f"\n  {r}: {n}" for r, n in sorted(summary["skipped"].items())),
+    ]
+    if summary["events"]:
+        lines.append("within written samples:")
+        lines += [f"  {e}: {n}" for e, n in sorted(summary["events"].items())]
+    return "\n".join(lines)
+
+
+def try_merge(layout: Layout) -> dict[str, Any] | None:
+    """Write the merged summary if every input is complete; None (and nothing written) if
+    one is not."""
+    summaries = [_read(layout.input_summary(j)) for j in range(len(layout.inputs))]
+    if any(s is None for s in summaries):
+        return None
+    merged = merge(summaries)
+    if len(layout.inputs) > 1:
+        write_json(layout.merged, merged)
+    return merged
+
+
+def _check_earlier(layout: Layout, manifest_of: Callable[[int], dict], mine: list[int]) -> None:
+    """Refuse an output that an earlier run with other inputs or options wrote."""
+    for j in mine:
+        earlier = _read(layout.input_summary(j))
+        if earlier is None:
+            continue
+        now = manifest_of(j)
+        if earlier.get("input") != now["input"] or earlier.get("settings") != now["settings"]:
+            changed = "input" if earlier.get("input") != now["input"] else "options"
+            raise ValueError(
+                f"{layout.input_summary(j)}: an earlier run converted input {j} with other "
+                f"{changed} ({earlier.get('input')!r}, {earlier.get('settings')}); this run: "
+                f"{now['input']!r}, {now['settings']}. Convert into a new --out, or delete "
+                "the old output first"
+            )
+
+
+def convert(
+    build: Build, args: argparse.Namespace, inputs: list[str], input_option: str, desc: str
+) -> dict[str, Any] | None:
+    """Convert ``inputs`` (named by the option ``input_option``; see the module docstring);
+    returns the merged summary, or None while other parts still have inputs to do. Prints
+    the report."""
+    if args.items_per_shard < 1:
+        raise ValueError(f"--items-per-shard must be >= 1, got {args.items_per_shard}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    part, parts = parse_part(args.part)
+    layout = Layout(Path(args.out), args.prefix, tuple(inputs))
+    options = settings(args, input_option)
+
+    def manifest_of(j: int) -> dict[str, Any]:
+        return {"input": inputs[j], "index": j, "inputs": len(inputs), "settings": options}
+
+    mine = [j for j in range(len(inputs)) if j % parts == part]
+    _check_earlier(layout, manifest_of, mine)
+    todo = [j for j in mine if _read(layout.input_summary(j)) is None]
+    print(
+        f"{len(inputs)} inputs; this part ({part}/{parts}): {len(mine)}, "
+        f"{len(mine) - len(todo)} complete from an earlier run, {len(todo)} to convert "
+        f"with {min(args.workers, max(len(todo), 1))} process(es)",
+        file=sys.stderr,
+    )
+    layout.out.mkdir(parents=True, exist_ok=True)
+    (layout.out / RECORDS).mkdir(exist_ok=True)
+
+    def task(j: int) -> Task:
+        return Task(build, args, layout, j, manifest_of(j), desc, progress=len(todo) == 1)
+
+    bar = tqdm(total=len(todo), desc=f"{desc}: inputs", unit="input", disable=len(todo) <= 1)
+    if args.workers == 1 or len(todo) == 1:
+        for j in todo:
+            _convert_one(task(j))
+            bar.update()
+    else:
+        _convert_in_workers([task(j) for j in todo], args.workers, bar)
+    bar.close()
+    merged = try_merge(layout)
+    if merged is None:
+        done = sum(layout.input_summary(j).exists() for j in range(len(inputs)))
+        print(
+            f"\n{layout.out}: part {part}/{parts} is complete; {done} of {len(inputs)} inputs "
+            f"are. Once the other parts are done, the last one merges the summaries (or run "
+            f"python -m data_prep.corpus --out {layout.out} --prefix {layout.prefix})"
+        )
+        return None
+    print(f"\n{layout.out}:\n{report(merged)}")
+    return merged
+
+
+def _convert_in_workers(tasks: list[Task], workers: int, bar: tqdm) -> None:
+    # spawn: the workers start clean (no copy of the parent's threads or open files); each
+    # imports the converter's module again to find its build function
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+        pending = {pool.submit(_convert_one, t) for t in tasks}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # a worker's bug stops the run, with its traceback
+                    bar.update()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.corpus",
+        description="Merge the per-input summaries of a conversion (run by several machines "
+        "or processes) into PREFIX-summary.json, or list the inputs still missing.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the converters' --out")
+    parser.add_argument("--prefix", required=True, help="the converters' --prefix")
+    args = parser.parse_args(argv)
+    found = sorted(args.out.glob(f"{args.prefix}-[0-9][0-9][0-9][0-9][0-9]-summary.json"))
+    summaries = [s for p in found if (s := _read(p)) is not None]
+    if not summaries:
+        parser.error(f"{args.out} holds no {args.prefix}-NNNNN-summary.json")
+    count = summaries[0]["inputs"]
+    by_index = {s["index"]: s for s in summaries}
+    missing = [j for j in range(count) if j not in by_index]
+    if missing:
+        shown = ", ".join(f"{j:05d}" for j in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        print(f"{len(missing)} of {count} inputs are not complete: {shown}{more}")
+        sys.exit(1)
+    merged = merge([by_index[j] for j in range(count)])
+    write_json(args.out / f"{args.prefix}-summary.json", merged)
+    print(f"{args.out}:\n{report(merged)}")
+
+
+if __name__ == "__main__":
+    main()
