@@ -3,7 +3,7 @@
     python -m bench [--skip NAME ...]
 
 On CPU: the training step (tiny; small at batch 2), the scaling sweep, generation against
-OpenFlamingo and against transformers' IDEFICS (tiny; small with 5 tokens), the loaders and the padding a step computes before and after packing; with a GPU, also the small and ~1B configs in bf16 under
+OpenFlamingo and against transformers' IDEFICS (tiny; small with 5 tokens), the loaders, the converter with 1 and 2 workers and the padding a step computes before and after packing; with a GPU, also the small and ~1B configs in bf16 under
 DeepSpeed ZeRO-2 and generation on the GPU. Each writes its JSON under ``bench/results``;
 ``bench.report`` then writes ``bench/results/README.md``. Takes about 20 minutes on 2 cores.
 """
@@ -37,6 +37,7 @@ CPU = {
         *("bench.generation", "--against", "idefics", "--config", "small", "--device", "cpu"),
     ],
     "data_throughput": ["bench.data_throughput"],
+    "convert": ["bench.convert"],
     "padding": ["bench.padding", "--config", "small"],
 }
 GPU = {

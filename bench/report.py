@@ -254,6 +254,25 @@ def report(results: Path) -> str:
         rows = json.loads(loader.read_text())
         small = [r for r in steps if r["config"] == "small" and r["device"] == "cpu"]
         out += ["", "## Data loader", "", *loader_table(rows, small[0] if small else None)]
+    convert = results / "convert-cpu.json"
+    if convert.is_file():
+        record = json.loads(convert.read_text())
+        corpus = record["corpus"]
+        out += [
+            "",
+            f"## Converter (MMC4-style, {corpus['docs']} documents, {corpus['images']} images, "
+            f"{record['machine']})",
+            "",
+            "| workers | seconds | start of the processes (s) | docs/s | docs/s after the start "
+            "| images/s after the start | docs/s a worker |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in record["rows"]:
+            out.append(
+                f"| {r['workers']} | {r['seconds']} | {r['startup_s']} | {r['docs_per_s']} | "
+                f"{r['docs_per_s_after_startup']} | {r['images_per_s_after_startup']} | "
+                f"{r['docs_per_s_per_worker']} |"
+            )
     return "\n".join(out) + "\n"
 
 

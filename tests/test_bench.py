@@ -313,3 +313,17 @@ def test_the_padding_bench_measures_less_padding_after_and_the_same_samples():
     record = {"config": "tiny", "machine": "cpu", "file": "padding-tiny-cpu.json"}
     lines = padding_table([record | {"results": {"laion": measured}}])
     assert len(lines) == 3 and "laion" in lines[2] and "x**" in lines[2]
+
+
+def test_the_converter_bench_times_each_worker_count_and_the_report_shows_it(tmp_path):
+    cmd = [sys.executable, "-m", "bench.convert", "--inputs", "2", "--docs", "2"]
+    cmd += ["--workers", "1", "2", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    record = json.loads((tmp_path / "convert-cpu.json").read_text())
+    assert record["corpus"] == {"inputs": 2, "docs": 4, "images": 12, "image_px": "256-512 JPEG"}
+    assert [r["workers"] for r in record["rows"]] == [1, 2]
+    assert all(r["seconds"] > 0 and r["startup_s"] > 0 for r in record["rows"])
+    assert "scaling_vs_1" in record["rows"][1]
+    from bench.report import report
+
+    assert "## Converter (MMC4-style, 4 documents, 12 images" in report(tmp_path)

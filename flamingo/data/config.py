@@ -18,7 +18,8 @@ class DatasetConfig(YamlConfig):
     kind: Literal["pairs", "interleaved", "video"]
     """Shard schema (flamingo/data/schema.py)."""
     shards: str
-    """Shard paths: brace expansion (``data/pairs-{00000..00099}.tar``) and ``::`` lists."""
+    """Shard paths: brace expansion (``data/pairs-{00000..00099}.tar``), ``::`` lists and globs
+    (``data/mmc4-*.tar``, sorted)."""
     batch_size: int = 8
     """Sequences per micro-batch."""
     seq_len: int = 32
