@@ -34,7 +34,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from flamingo.data.shards import RECORDS, expand_shards, write_json, write_shards
+from flamingo.data.shards import (
+    RECORDS,
+    WriteSummary,
+    expand_shards,
+    write_json,
+    write_shards,
+)
 
 
 @dataclass
@@ -196,19 +202,15 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any]) -> str:
-    lines = [
-        f"inputs: {summary['inputs']}",
-        f"shards written: {len(summary['shards_written'])}, reused from an earlier run: "
-        f"{len(summary['shards_reused'])}",
-        f"samples written: {summary['samples_written']}, in reused shards: "
-        f"{summary['samples_reused']}",
-        f"samples skipped: {sum(summary['skipped'].values())}"
-        + "".join(f"\n  {r}: {n}" for r, n in sorted(summary["skipped"].items())),
-    ]
-    if summary["events"]:
-        lines.append("within written samples:")
-        lines += [f"  {e}: {n}" for e, n in sorted(summary["events"].items())]
-    return "\n".join(lines)
+    totals = WriteSummary(
+        summary["shards_written"],
+        summary["shards_reused"],
+        summary["samples_written"],
+        summary["samples_reused"],
+        Counter(summary["skipped"]),
+        Counter(summary["events"]),
+    )
+    return f"inputs: {summary['inputs']}\n{totals.report()}"
 
 
 def try_merge(layout: Layout) -> dict[str, Any] | None:
