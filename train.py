@@ -147,9 +147,23 @@ def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
     return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides)
 
 
+def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
+    """Refuse, before the first step, a dataset the model cannot take."""
+    video = [d.name for d in cfg.datasets if d.kind == "video"]
+    if model_cfg.connector == "llava" and video:
+        raise ValueError(
+            f"datasets {video} are video, which connector: llava cannot take (one image per "
+            "<image>, no time embeddings): drop them, or train connector: flamingo"
+        )
+
+
 def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
     """The checkpoint ``init_from`` names, its frozen parts in the engine's precision."""
     model = Flamingo.from_pretrained(cfg.init_from)
+    for override in cfg.model_overrides:  # what trains (TRAINING_FIELDS): lm.trainable
+        key, value = override.split("=", 1)
+        assert key == "lm.trainable", key
+        model.set_lm_trainable(value)
     changes = cfg.engine.model_changes()
     frozen = changes.get("frozen_dtype", model.cfg.frozen_dtype)
     if frozen != model.cfg.frozen_dtype:  # the engine owns precision, as for a new model
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         processor = FlamingoProcessor.from_config(model_cfg)
         with model_construction(cfg.engine, cfg.optim, micro_batches):
             model = Flamingo.from_config(model_cfg, processor)
+    check_datasets(cfg, model_cfg)
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batches)
     eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(

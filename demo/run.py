@@ -13,6 +13,10 @@ Stages (each reused when its output exists, unless ``--force``):
             with one change, evaluated with random demos beside the main model:
             round robin, one dataset per step, as many samples in all -> OUT/flamingo-round-robin;
             no tanh gating (xattn.gating=none) -> OUT/flamingo-no-gating
+  llava     (not run by default; runs the stages before it as needed) the LLaVA connector on the
+            same tower, LM, data and steps as stage 3: LLaVA's stage 1 (projector only) for half
+            the steps -> OUT/llava-stage1, then its stage 2 (the LM unfrozen) for the other
+            half -> OUT/llava; evaluated beside the main model at the shots it fits
 
 The YAML files under configs/demo/ name paths under runs/demo/; the runner re-roots them under
 OUT (absolute, so the checkpoints load from anywhere) and writes each stage's effective config
@@ -35,10 +39,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "demo"
 DEFAULT_OUT = "runs/demo"
-STAGES = ("world", "clip", "lm", "flamingo", "ablation", "eval")
+STAGES = ("world", "clip", "lm", "flamingo", "ablation", "llava", "eval")
 """In the order they run."""
-DEFAULT_STAGES = tuple(s for s in STAGES if s != "ablation")
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ablation", "llava"))
 KINDS = ("interleaved", "pairs", "video")
+LLAVA_MODEL = {"connector": "llava", "vision": {"feature_layer": -2, "ln_post_on_tokens": False}}
+"""The demo's model config changed to LLaVA-1.5's connector: a 2-layer GELU projector over the
+second-to-last block's patch tokens."""
+LLAVA_KINDS = ("interleaved", "pairs")
+"""The LLaVA connector takes single images: no video."""
+LLAVA_SHOTS = [0, 4]
+"""The shots a LLaVA prompt fits in the toy LM's 512 positions: 64 tokens per image, so 8
+demonstrations and the query hold 576 image tokens alone."""
+LLAVA_TRAIN = ["optim.weight_decay=0.0", "datasets.1.packed_len=400"]
+"""LLaVA's optimiser has no weight decay; a pair is 80 tokens with its image's 64, so rows of
+400 tokens hold five, as the main run's 96-token rows do."""
 
 
 def rebase(value: Any, out: Path) -> Any:
@@ -52,11 +67,12 @@ def rebase(value: Any, out: Path) -> Any:
     return value
 
 
-def stage_config(name: str, out: Path, **replace: Any) -> Path:
-    """configs/demo/NAME.yaml re-rooted under ``out`` (plus ``replace``), saved in OUT/configs."""
+def stage_config(name: str, out: Path, filename: str | None = None, **replace: Any) -> Path:
+    """configs/demo/NAME.yaml re-rooted under ``out`` (plus ``replace``), saved in OUT/configs
+    (as ``filename``, default NAME.yaml)."""
     tree = rebase(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), out)
     tree.update(replace)
-    path = out / "configs" / f"{name}.yaml"
+    path = out / "configs" / (filename or f"{name}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
@@ -97,24 +113,41 @@ class Demo:
             print(json.dumps(pretrain(cfg)))
 
     def train(
-        self, stage: str, output_dir: Path, extra: list[str], model_extra: dict | None = None
+        self,
+        stage: str,
+        output_dir: Path,
+        extra: list[str],
+        model_extra: dict | None = None,
+        kinds: tuple[str, ...] = KINDS,
+        init_from: Path | None = None,
     ) -> None:
+        """Stage 3's training (configs/demo/train.yaml) into ``output_dir``, with ``extra``
+        overrides, the model config changed by ``model_extra`` (a section's keys, or a
+        top-level value), on the datasets of ``kinds`` only; or, with ``init_from``, going on
+        from that checkpoint."""
         import train
 
         if stage in self.force:
             shutil.rmtree(output_dir, ignore_errors=True)
         if not (output_dir / "model" / "config.json").is_file():
             model = stage_config("model", self.out)
-            if model_extra:  # an ablated model config beside the main one
+            if model_extra:  # a changed model config beside the main one
                 tree = yaml.safe_load(model.read_text())
                 for section, values in model_extra.items():
-                    tree[section] = {**tree[section], **values}
+                    changed = isinstance(values, dict)
+                    tree[section] = {**tree[section], **values} if changed else values
                 model = model.with_name(f"model-{output_dir.name}.yaml")
                 model.write_text(yaml.safe_dump(tree, sort_keys=False))
-            path = stage_config("train", self.out, model=str(model))
+            datasets = yaml.safe_load((CONFIGS / "train.yaml").read_text())["datasets"]
+            kept = [d for d in datasets if d["kind"] in kinds]
+            start = {"model": None, "init_from": str(init_from)} if init_from else {}
+            filename = None if stage == "flamingo" else f"train-{output_dir.name}.yaml"
+            path = stage_config(
+                "train", self.out, filename, model=str(model), datasets=kept, **start
+            )
             shards = [
-                f"datasets.{i}.shards={self.world['shards'][f'{kind}-train']}"
-                for i, kind in enumerate(KINDS)
+                f"datasets.{i}.shards={self.world['shards'][kind + '-train']}"
+                for i, kind in enumerate(d["kind"] for d in kept)
             ]
             overrides = [*shards, f"output_dir={output_dir}", *self.sets["flamingo"], *extra]
             train.main(["--config", str(path), *overrides])
@@ -140,6 +173,26 @@ class Demo:
         self.train("ablation", self.out / "flamingo-round-robin", extra)
         self.train("ablation", self.out / "flamingo-no-gating", [], {"xattn": {"gating": "none"}})
 
+    def run_llava(self) -> None:
+        """LLaVA's two stages on stage 3's budget: the projector alone for half the steps,
+        then the LM unfrozen with it for the other half (the toy world has no conversations:
+        stage 2 goes on with the same data)."""
+        from flamingo.training.config import TrainConfig
+
+        cfg = TrainConfig.from_yaml(CONFIGS / "train.yaml", self.sets["flamingo"])
+        half = cfg.steps // 2
+        steps = [f"steps={half}", f"checkpoint_every={half}"]
+        first = self.out / "llava-stage1"
+        self.train("llava", first, [*LLAVA_TRAIN, *steps], LLAVA_MODEL, LLAVA_KINDS)
+        second = ["model_overrides=[lm.trainable=full]", f"optim.warmup_steps={half // 10}"]
+        self.train(
+            "llava",
+            self.out / "llava",
+            [*LLAVA_TRAIN, *steps, *second],
+            kinds=LLAVA_KINDS,
+            init_from=first / "model",
+        )
+
     def run_eval(self, ablations: dict[str, Path]) -> str:
         from demo.report import kshot_plot, results_table, split_scores
         from eval.config import EvalConfig
@@ -154,6 +207,11 @@ class Demo:
             "blind (blank images)": (model, ["blank_images=true"]),
         }
         variants.update({name: (ckpt, []) for name, ckpt in ablations.items()})
+        llava = self.out / "llava" / "model"
+        if (llava / "config.json").is_file():
+            shots = f"shots=[{','.join(map(str, LLAVA_SHOTS))}]"
+            variants["LLaVA connector, random demos"] = (llava, [shots])
+            variants["LLaVA connector, blind"] = (llava, [shots, "blank_images=true"])
         results = {
             name: eval_main(
                 ["--config", str(path), "--checkpoint", str(ckpt), *self.sets["eval"], *extra]
@@ -200,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     selected = set(args.stages)
     if "ablation" in selected:
         selected.add("eval")  # an ablation is only worth its scores
+    if "llava" in selected:  # the same tower and LM, scored beside the main model
+        selected |= {"clip", "lm", "flamingo", "eval"}
     demo = Demo(out, selected if args.force else set(), args.scale, sets)
     ablations = {
         "round-robin ablation": out / "flamingo-round-robin" / "model",
@@ -221,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
             demo.run_flamingo()
         elif stage == "ablation":
             demo.run_ablation()
+        elif stage == "llava":
+            demo.run_llava()
         else:  # an ablation's scores are reported whenever it has been trained
             trained = {k: v for k, v in ablations.items() if (v / "config.json").is_file()}
             print("\n" + demo.run_eval(trained))

@@ -46,6 +46,10 @@ class VisionConfig(YamlConfig):
     paper's and OpenFlamingo's resampler reads the patch tokens only."""
     image_size: int = 224
     """Input resolution; must equal the tower's own."""
+    feature_layer: int = -1
+    """Which transformer block's output the tokens are, counted as Python indexes the blocks:
+    -1 the last (the paper, OpenFlamingo, IDEFICS), -2 the one before it (LLaVA-1.5, whose
+    last block is tuned for the contrastive objective, not for describing patches)."""
     resize: Literal["pad", "crop", "squash"] = "pad"
     """How images become squares, in training and inference alike: ``pad`` keeps the aspect
     ratio and pads with the mean colour (paper); ``crop`` resizes the short side and center
@@ -58,6 +62,17 @@ class VisionConfig(YamlConfig):
 
     def __post_init__(self) -> None:
         positive("image_size", self.image_size)
+        if self.feature_layer >= 0:
+            raise ValueError(
+                f"vision.feature_layer counts from the last block: -1 (the last), -2, ...; got "
+                f"{self.feature_layer}"
+            )
+        if self.feature_layer != -1 and self.ln_post_on_tokens:
+            raise ValueError(
+                f"vision.feature_layer={self.feature_layer} takes an inner block's output, "
+                "which the tower's final LayerNorm never sees: set vision.ln_post_on_tokens: "
+                "false (as LLaVA does)"
+            )
         if self.architecture is not None:
             missing = {"embed_dim", "vision_cfg"} - set(self.architecture)
             if missing:
@@ -104,6 +119,23 @@ class ResamplerConfig(YamlConfig):
             positive(key, getattr(self, key))
         if self.max_num_frames < 0:
             raise ValueError(f"max_num_frames must be >= 0, got {self.max_num_frames}")
+
+
+@dataclass(frozen=True)
+class ProjectorConfig(YamlConfig):
+    """LLaVA's connector (``connector: llava``): an MLP from each patch token of the tower to
+    the LM's input width; an image becomes that many tokens of the LM's input."""
+
+    layers: int = 2
+    """Linear layers: 1 is LLaVA-1.0's linear projection, 2 LLaVA-1.5's ``mlp2x_gelu``."""
+    activation: Literal["gelu", "relu", "quick_gelu"] = "gelu"
+    """The nonlinearity between the layers (LLaVA-1.5: GELU)."""
+    bias: bool = True
+    """The linear layers have biases (LLaVA-1.5 does)."""
+
+    def __post_init__(self) -> None:
+        if self.layers not in (1, 2):
+            raise ValueError(f"projector.layers must be 1 or 2, got {self.layers}")
 
 
 @dataclass(frozen=True)
@@ -191,12 +223,18 @@ class LanguageConfig(YamlConfig):
     disable_dropout: bool = True
     """Zero the frozen LM's dropout probabilities so its output does not depend on train/eval
     mode (Chinchilla, the paper's LM, has none)."""
-    special_tokens: Literal["flamingo", "idefics"] = "flamingo"
+    special_tokens: Literal["flamingo", "idefics", "llava"] = "flamingo"
     """How images are marked in the text: ``flamingo`` adds ``<image>`` and ``<|endofchunk|>``
     (OpenFlamingo's order) to the tokenizer; ``idefics`` uses the tokenizer's own
     ``<fake_token_around_image>``, ``<image>`` and, when it has one, ``<end_of_utterance>``
     (which then ends a chunk), each image written ``<fake_token_around_image><image>`` with a
-    closing fake token shared by consecutive images (IDEFICS's prompt form)."""
+    closing fake token shared by consecutive images (IDEFICS's prompt form); ``llava`` uses
+    the tokenizer's own ``<image>`` (an ``llava-hf`` tokenizer, whose LM has a row for it), adds
+    nothing else, and ends a chunk with the end-of-sequence token."""
+    trainable: Literal["none", "full"] = "none"
+    """Which of the LM's own weights train: ``none`` (Flamingo; LLaVA's stage 1) or ``full``
+    (LLaVA's stage 2, instruction tuning with the LM unfrozen; under ZeRO-3 for a large LM).
+    A trained LM's weights are in the checkpoint."""
     save_input_embeddings: bool = False
     """Checkpoints carry the LM's whole input embedding matrix, not only the new rows: set by
     the OpenFlamingo import, whose training updated every row."""
@@ -230,8 +268,28 @@ class FlamingoConfig(YamlConfig):
     """Gated cross-attention blocks."""
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     """Language model and tokenizer."""
+    connector: Literal["flamingo", "llava"] = "flamingo"
+    """How the LM sees an image: ``flamingo``, the resampler's latents through gated
+    cross-attention blocks (``resampler``, ``xattn``); ``llava``, each patch token projected
+    (``projector``) into the LM's input, in place of the image's ``<image>`` tokens (one per
+    patch token; ARCHITECTURE.md, "Connectors")."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """LLaVA's projector (``connector: llava``)."""
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen vision tower and LM; trainable parameters stay float32 (paper)."""
+
+    def __post_init__(self) -> None:
+        if self.connector == "llava" and self.lm.special_tokens == "idefics":
+            raise ValueError(
+                "connector: llava writes each image as a run of <image> tokens; "
+                "lm.special_tokens: idefics is IDEFICS's prompt form (a Flamingo): use flamingo "
+                "or llava"
+            )
+        if self.connector == "flamingo" and self.lm.trainable != "none":
+            raise ValueError(
+                "lm.trainable: full trains the LM itself, which the Flamingo connector keeps "
+                "frozen (the paper); it is LLaVA's stage 2 (connector: llava)"
+            )
 
 
 def library_version() -> str:

@@ -6,8 +6,8 @@ the logits, their log-softmax saved for backward, and the gradient. Here, for a 
 the head matmul, the log-sum-exp, the loss and the gradient with respect to the hidden states
 (and to the new-token rows) are computed together *during the forward*; the backward only
 scales what was stored by the incoming gradient. The loss needs O(chunk * V) memory instead of
-O(B * T * V), with no extra FLOPs: the base head is frozen, so the gradient matmul that the
-plain backward would do is the one done here.
+O(B * T * V), with no extra FLOPs: with a frozen base head the gradient matmul that the plain
+backward would do is the one done here (a trained head, LLaVA's stage 2, adds its own).
 
 By default only rows with a target are computed at all, so padding and masked text cost no head
 FLOPs; gathering them needs their count on the host. With ``compact=False`` (sync-free
@@ -62,10 +62,9 @@ def fused_summed_nll(
     output rows, placed at columns ``new_ids (k,)``; ``vocab_size``: the columns of the
     assembled logits; ``compact``: gather the rows with a target first (the host reads their
     count) or mask the others (module docstring). Returns a float32 scalar, differentiable with
-    respect to ``hidden`` and ``new_weight`` (not ``base_weight``, which must be frozen).
+    respect to ``hidden``, ``new_weight`` and, when it trains (an LM fine-tuned whole, LLaVA's
+    stage 2), ``base_weight``: its gradient costs one more matrix product per chunk.
     """
-    if base_weight.requires_grad:
-        raise ValueError("fused_summed_nll: the base output matrix must be frozen")
     targets = labels[:, 1:]
     valid = targets != ignore_index
     if compact:
@@ -76,7 +75,9 @@ def fused_summed_nll(
         targets = targets.reshape(-1).masked_fill(~weights, 0)  # any valid id: masked below
     if chunk_rows is None:
         chunk_rows = chunk_rows_for(rows.shape[0], vocab_size, rows.device.type)
-    need_grad = torch.is_grad_enabled() and (rows.requires_grad or new_weight.requires_grad)
+    need_grad = torch.is_grad_enabled() and (
+        rows.requires_grad or new_weight.requires_grad or base_weight.requires_grad
+    )
     return _FusedHeadNLL.apply(
         rows, new_weight, targets, weights, base_weight, new_ids, vocab_size, chunk_rows, need_grad
     )
@@ -110,6 +111,8 @@ class _FusedHeadNLL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if need_grad else None
         grad_new = torch.zeros_like(new_weight, dtype=torch.float32) if need_grad else None
+        trains_base = need_grad and base_weight.requires_grad
+        grad_base = torch.zeros_like(base_weight, dtype=torch.float32) if trains_base else None
         for start in range(0, rows.shape[0], chunk_rows):
             h = rows[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
@@ -148,12 +151,26 @@ class _FusedHeadNLL(torch.autograd.Function):
             grad_h += (new.to(new_weight.dtype) @ new_weight).to(rows.dtype)
             grad_rows[start : start + chunk_rows] = grad_h
             grad_new += new.t() @ h.to(new_weight.dtype).float()
+            if trains_base:
+                grad_base += base.t() @ h.float()
         if need_grad:  # otherwise the output has no graph and backward never runs
-            ctx.save_for_backward(grad_rows, grad_new.to(new_weight.dtype))
+            ctx.trains_base = trains_base
+            saved = [grad_rows, grad_new.to(new_weight.dtype)]
+            ctx.save_for_backward(
+                *saved, *([grad_base.to(base_weight.dtype)] if trains_base else [])
+            )
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        grad_rows, grad_new = ctx.saved_tensors
-        return grad_rows * grad_out.to(grad_rows.dtype), grad_new * grad_out, *(None,) * 7
+        grad_rows, grad_new, *grad_base = ctx.saved_tensors
+        base = grad_base[0] * grad_out.to(grad_base[0].dtype) if ctx.trains_base else None
+        return (
+            grad_rows * grad_out.to(grad_rows.dtype),
+            grad_new * grad_out,
+            None,
+            None,
+            base,
+            *(None,) * 4,
+        )

@@ -3,7 +3,8 @@
 Per call, the vision tower and the resampler run once; every gated block computes its
 cross-attention keys/values once (:class:`~flamingo.xattn.MediaKV`); beams share them by
 indexing rather than re-encoding (OpenFlamingo re-encodes the media per beam and recomputes the
-keys/values at every token). The LM decodes with its own KV cache.
+keys/values at every token). The LM decodes with its own KV cache. With the LLaVA connector the
+projected media enter once, with the prompt, and the LM's cache carries them from there.
 
 ``generate`` returns full sequences (prompt + new tokens) like Hugging Face; finished rows are
 padded with the pad token. ``<image>``, ``<PAD>`` and ids beyond the tokenizer are never
@@ -65,7 +66,8 @@ def _prepare(
         media_latents = model.encode_media(pixel_values, media_slots)
     elif media_slots is not None:
         raise ValueError("media_slots were given without pixel_values")
-    media_kv = model.lm.media_kv(media_latents) if media_latents is not None and use_cache else None
+    cross_attends = media_latents is not None and use_cache and not model.splices_media
+    media_kv = model.lm.media_kv(media_latents) if cross_attends else None
     media_index = model.media_index(input_ids)
     return _Prompt(input_ids, attention_mask, media_kv, media_latents, media_index)
 
@@ -85,7 +87,7 @@ class _Decoder:
 
     def first_logits(self) -> torch.Tensor:
         """Next-token logits after the prompt: (B, V)."""
-        return self._run(self.ids, self.media_index)
+        return self._run(self.ids, self.media_index, first=True)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` (B,) and return the next-token logits (B, V)."""
@@ -121,12 +123,13 @@ class _Decoder:
         if self.cache is not None:
             self.cache.reorder_cache(index)
 
-    def _run(self, ids: torch.Tensor, media_index: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self, ids: torch.Tensor, media_index: torch.Tensor, first: bool = False
+    ) -> torch.Tensor:
         out = self.model(
             ids,
             self.mask,
-            media_latents=None if self.use_cache else self.media_latents,
-            media_kv=self.media_kv if self.use_cache else None,
+            **_media(self.model, self.media_latents, self.media_kv, self.use_cache, first),
             media_index=media_index,
             cache=self.cache,
             use_cache=self.use_cache,
@@ -134,6 +137,23 @@ class _Decoder:
         )
         self.cache = out.cache
         return out.logits[:, -1]
+
+
+def _media(
+    model: Flamingo,
+    media_latents: torch.Tensor | None,
+    media_kv: list[MediaKV] | None,
+    use_cache: bool,
+    first: bool,
+) -> dict[str, Any]:
+    """The media arguments of one forward: without a cache, the latents every time; with
+    one, the gated blocks' keys/values (Flamingo), or the latents for the call that holds the
+    prompt's ``<image>`` tokens and nothing later (LLaVA: the cache holds them)."""
+    if not use_cache:
+        return {"media_latents": media_latents}
+    if model.splices_media:
+        return {"media_latents": media_latents if first else None}
+    return {"media_kv": media_kv}
 
 
 def _banned_tokens(model: Flamingo, logits: torch.Tensor) -> torch.Tensor:
@@ -381,7 +401,7 @@ def score(
         first = model(
             prompt.input_ids,
             prompt.attention_mask,
-            media_kv=prompt.media_kv,
+            **_media(model, prompt.media_latents, prompt.media_kv, True, True),
             media_index=prompt.media_index,
             use_cache=True,
             logits_to_keep=1,
@@ -425,7 +445,7 @@ def _score_chunk(model, prompt, first, first_logprobs, candidates, last: bool) -
     out = model(
         cand[:, :-1],
         mask,
-        media_kv=shared.media_kv,
+        **_media(model, shared.media_latents, shared.media_kv, True, False),
         media_index=media_index,
         cache=cache,
         use_cache=True,

@@ -7,9 +7,9 @@ through ``huggingface_hub`` and its cache (``HF_HUB_OFFLINE=1``: only what the c
   model config this project keeps for it (``configs/model/openflamingo-*.yaml``): the
   checkpoint is fetched (:func:`download`), converted once by ``Flamingo.from_pretrained``
   and the result kept in :func:`converted_dir`, per commit, for the next load.
-- An IDEFICS repo (``config.json`` says ``"model_type": "idefics"``, :func:`foreign_type`)
-  is fetched without duplicate weight formats (:data:`IDEFICS_FILES`), converted once and
-  kept the same way.
+- An IDEFICS or a LLaVA repo (``config.json`` says ``"model_type": "idefics"`` or
+  ``"llava"``, :func:`foreign_type`) is fetched without duplicate weight formats
+  (:data:`TRANSFORMERS_FILES`), converted once and kept the same way.
 
 The frozen tower and LM of any of them come from their own sources, through open_clip's and
 transformers' loaders and the same cache.
@@ -90,14 +90,14 @@ def is_repo_id(name: str | Path) -> bool:
     return bool(REPO_ID.match(text)) and ".." not in text and "--" not in text
 
 
-IDEFICS_FILES = ["*.json", "*.model", "*.txt", "*.safetensors"]
-"""What an IDEFICS snapshot fetches: configs, tokenizer, weights as safetensors (its repos
-hold each weight twice, also as ``pytorch_model*.bin``, fetched only where no safetensors
-are)."""
+TRANSFORMERS_FILES = ["*.json", "*.model", "*.txt", "*.safetensors"]
+"""What the snapshot of a repo in transformers' format (IDEFICS, LLaVA) fetches: configs,
+tokenizer, weights as safetensors (such repos often hold each weight twice, also as
+``pytorch_model*.bin``, fetched only where no safetensors are)."""
 
 
 def foreign_type(name: str | Path, revision: str | None = None) -> str | None:
-    """The ``model_type`` of a foreign checkpoint's ``config.json`` (``idefics``), or None
+    """The ``model_type`` of a foreign checkpoint's ``config.json`` (``idefics``, ``llava``), or None
     for ours and for names with no ``config.json`` here or on the Hub (reads that one file)."""
     path = Path(name) / "config.json"
     if not Path(name).is_dir():
@@ -141,12 +141,13 @@ def snapshot(
     )
 
 
-def idefics_snapshot(name: str | Path, revision: str | None = None) -> Path:
-    """An IDEFICS checkpoint directory: a local one as it is, else the Hub snapshot of its
-    configs, tokenizer and weights (safetensors; ``pytorch_model*.bin`` where it has none)."""
-    snap = snapshot(name, revision, IDEFICS_FILES)
+def transformers_snapshot(name: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory in transformers' format (IDEFICS, LLaVA): a local one as it is,
+    else the Hub snapshot of its configs, tokenizer and weights (safetensors;
+    ``pytorch_model*.bin`` where it has none)."""
+    snap = snapshot(name, revision, TRANSFORMERS_FILES)
     if not any(snap.glob("*.safetensors")):
-        snap = snapshot(name, revision, [*IDEFICS_FILES, "pytorch_model*.bin"])
+        snap = snapshot(name, revision, [*TRANSFORMERS_FILES, "pytorch_model*.bin"])
     return snap
 
 

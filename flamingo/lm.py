@@ -196,7 +196,7 @@ class FlamingoLM(nn.Module):
     def __init__(
         self,
         hf_model: nn.Module,
-        xattn_cfg: CrossAttentionConfig,
+        xattn_cfg: CrossAttentionConfig | None,
         dim_media: int,
         special_tokens: SpecialTokens,
         tokenizer_size: int,
@@ -228,12 +228,13 @@ class FlamingoLM(nn.Module):
                 special_tokens.new_ids, embed.weight, head.weight, tied
             )
         ids = list(special_tokens.new_ids)
-        self.vocab_size = max(self.base_vocab, max(ids) + 1)
+        self.vocab_size = max(self.base_vocab, max(ids, default=-1) + 1)
         # Usual case (GPT-2, Llama): the new ids directly follow the LM's rows -> concatenate.
         self._append_new_logits = ids == list(range(self.base_vocab, self.base_vocab + len(ids)))
 
         layers = hf_model.get_submodule(self.layout.layers)
-        self.layer_indices = xattn_cfg.layer_indices(len(layers))
+        # no gated blocks without a cross-attention config (connector: llava)
+        self.layer_indices = [] if xattn_cfg is None else xattn_cfg.layer_indices(len(layers))
         self.gated_blocks = nn.ModuleList(
             GatedCrossAttentionBlock(xattn_cfg, config.hidden_size, dim_media)
             for _ in self.layer_indices
@@ -326,6 +327,22 @@ class FlamingoLM(nn.Module):
         new = (is_new.to(rows.dtype) @ rows).to(embeds.dtype)
         return torch.where(is_new.any(-1, keepdim=True), new, embeds)
 
+    def splice(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, media: torch.Tensor
+    ) -> torch.Tensor:
+        """Put ``media (B, N, V, E)`` in place of the ``<image>`` tokens' embeddings (the LLaVA
+        connector): row b's k-th ``<image>`` token takes ``media[b]``'s k-th token, counting
+        its N items' V tokens in order. A gather: no host sync, and each media token's
+        gradient comes back from the one position it took."""
+        b, n, v, e = media.shape
+        is_image = input_ids == self.special_tokens.image_id
+        if n * v == 0:
+            return embeds
+        flat = media.reshape(b, n * v, e).to(embeds.dtype)
+        index = (is_image.long().cumsum(1) - 1).clamp(0, n * v - 1)
+        picked = flat.gather(1, index.unsqueeze(-1).expand(-1, -1, e))
+        return torch.where(is_image.unsqueeze(-1), picked, embeds)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, D) -> float32 logits (B, T, vocab_size)."""
         base = self.hf.get_output_embeddings()(hidden).float()
@@ -366,12 +383,14 @@ class FlamingoLM(nn.Module):
         logits_to_keep: int = 0,
         document_ids: torch.Tensor | None = None,
         across_documents: bool = False,
+        spliced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Returns ``(logits (B, T, vocab_size), cache)``; with ``labels``, ``(summed NLL,
         cache)`` instead, without computing the logits (:meth:`summed_nll`). ``cache`` is the
         HF model's own (a ``transformers.Cache``), None unless ``use_cache``. With
         ``document_ids`` (packed rows, :mod:`flamingo.packing`) self-attention stays inside
-        each document and positions restart, unless ``across_documents``."""
+        each document and positions restart, unless ``across_documents``. ``spliced (B, N, V,
+        E)`` takes the place of the ``<image>`` tokens' embeddings (:meth:`splice`)."""
         if document_ids is not None and not across_documents:
             if position_ids is None and self.layout.position_ids:
                 position_ids = document_positions(document_ids)
@@ -392,9 +411,12 @@ class FlamingoLM(nn.Module):
                 positions = attention_mask.long().cumsum(-1) - 1
                 position_ids = positions.clamp(min=0)[:, -input_ids.shape[1] :]
             kwargs["position_ids"] = position_ids
+        embeds = self.embed(input_ids)
+        if spliced is not None:
+            embeds = self.splice(embeds, input_ids, spliced)
         with self.media_context(media, media_index, media_first):
             out = self.hf.base_model(
-                inputs_embeds=self.embed(input_ids),
+                inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 use_cache=use_cache,
                 **kwargs,

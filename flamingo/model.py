@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
+import flamingo.convert.llava as llava
 import flamingo.hub as hub
 from flamingo.checkpoint import (
     FROZEN_NAME,
@@ -36,10 +37,14 @@ from flamingo.generation import generate, score
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.processing import FlamingoProcessor, place_in_slots
+from flamingo.projector import LlavaProjector
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
 from flamingo.tokens import SpecialTokens
 from flamingo.vision import VisionEncoder
 from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, media_index_from_ids
+
+FOREIGN_FORMATS = {"idefics": "from_idefics", "llava": "from_llava"}
+"""Checkpoints in transformers' format that load by converting: ``model_type`` -> the builder."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,15 +116,33 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 class Flamingo(nn.Module):
-    """Frozen vision tower + Perceiver Resampler + frozen LM with gated cross-attention."""
+    """Frozen vision tower + a connector + an LM: the Perceiver Resampler and gated
+    cross-attention in the frozen LM (``connector: flamingo``), or LLaVA's projector, whose
+    tokens take the place of the ``<image>`` tokens (``connector: llava``)."""
 
     def __init__(self, cfg: FlamingoConfig, vision: VisionEncoder, lm: FlamingoLM) -> None:
         super().__init__()
         self.cfg = cfg
         self.vision = vision
-        self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
+        if cfg.connector == "llava":
+            self.projector = LlavaProjector(cfg.projector, vision.width, lm.hf.config.hidden_size)
+        else:
+            self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
         self.lm = lm
+        if cfg.lm.trainable == "full":  # LLaVA's stage 2
+            lm.hf.requires_grad_(True)
         self.policy = DEFAULT_POLICY
+
+    @property
+    def splices_media(self) -> bool:
+        """Whether the media enter the LM's input in place of the ``<image>`` tokens (LLaVA)
+        rather than through cross-attention: a prompt's media are then read once, by the call
+        that holds its ``<image>`` tokens, and later tokens need none."""
+        return self.cfg.connector == "llava"
+
+    def connector(self) -> nn.Module:
+        """The module from the tower's tokens to what the LM reads."""
+        return self.projector if self.splices_media else self.resampler
 
     @classmethod
     def from_config(
@@ -134,7 +157,8 @@ class Flamingo(nn.Module):
         vision = VisionEncoder(cfg.vision).to(dtype)
         hf_model = build_causal_lm(cfg.lm, dtype)
         special, size = processor.special_tokens, len(processor.tokenizer)
-        return cls(cfg, vision, FlamingoLM(hf_model, cfg.xattn, vision.width, special, size))
+        xattn = None if cfg.connector == "llava" else cfg.xattn
+        return cls(cfg, vision, FlamingoLM(hf_model, xattn, vision.width, special, size))
 
     @classmethod
     def from_pretrained(
@@ -147,15 +171,17 @@ class Flamingo(nn.Module):
         """Rebuild a model from a checkpoint written by :meth:`save_pretrained`: frozen parts
         from their sources, the rest from the checkpoint, loaded strictly. ``directory`` is a
         local directory or a Hub repo id (at ``revision``; :mod:`flamingo.hub`): a repo in our
-        format, or an OpenFlamingo v2 release or an IDEFICS repo, converted on first use and
-        kept converted (an IDEFICS directory is converted in memory, each time).
+        format, or an OpenFlamingo v2 release or an IDEFICS or LLaVA repo, converted on first
+        use and kept converted (an IDEFICS or LLaVA directory is converted in memory, each
+        time).
         ``dtype``/``device`` cast and move it all."""
         if str(directory) in hub.OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
             directory = cls._converted_release(str(directory), revision)
-        elif hub.foreign_type(directory, revision) == "idefics":
+        elif (kind := hub.foreign_type(directory, revision)) in FOREIGN_FORMATS:
             if Path(directory).is_dir():  # converted in memory, each time
-                return cls.from_idefics(directory).to(device=device, dtype=_dtype(dtype)).eval()
-            directory = cls._converted_idefics(str(directory), revision)
+                model = getattr(cls, FOREIGN_FORMATS[kind])(directory)
+                return model.to(device=device, dtype=_dtype(dtype)).eval()
+            directory = cls._converted_foreign(kind, str(directory), revision)
         directory = hub.snapshot(directory, revision)
         cfg, meta = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
@@ -206,12 +232,25 @@ class Flamingo(nn.Module):
         return load_idefics(model, state)
 
     @classmethod
-    def _converted_idefics(cls, repo_id: str, revision: str | None) -> Path:
-        """An IDEFICS Hub repo converted to our format, once per commit."""
-        snap = hub.idefics_snapshot(repo_id, revision)
+    def from_llava(cls, directory: str | Path) -> Flamingo:
+        """Our model with the LLaVA connector and a LLaVA checkpoint directory (transformers'
+        ``LlavaForConditionalGeneration`` format, ``llava-hf/*``) loaded into it, its config
+        made by :func:`flamingo.convert.llava.llava_config`."""
+        cfg = llava.directory_config(directory)
+        _, state = llava.read_llava(directory)
+        # as from_idefics: no random initialisation, no second copy; but an LM that ties its
+        # embeddings is built with storage (built without, the tie would be lost)
+        with _storage_free() if _weights_all_in_files(cfg) else contextlib.nullcontext():
+            model = cls.from_config(cfg)
+        return llava.load_llava(model, state)
+
+    @classmethod
+    def _converted_foreign(cls, kind: str, repo_id: str, revision: str | None) -> Path:
+        """An IDEFICS or LLaVA Hub repo converted to our format, once per commit."""
+        snap = hub.transformers_snapshot(repo_id, revision)
         out = hub.converted_dir(repo_id, commit=snap.name)
         if not (out / "config.json").is_file():  # written last: a complete conversion
-            cls.from_idefics(snap).save_pretrained(out)
+            getattr(cls, FOREIGN_FORMATS[kind])(snap).save_pretrained(out)
         return out
 
     @classmethod
@@ -258,7 +297,8 @@ class Flamingo(nn.Module):
     # -- what a checkpoint carries ----------------------------------------------------------------
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors: resampler, gated blocks, new token rows."""
+        """The trained tensors: resampler, gated blocks, new token rows (or the projector, and
+        the LM when it trains)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def frozen_state_dict(self) -> dict[str, torch.Tensor]:
@@ -326,7 +366,9 @@ class Flamingo(nn.Module):
     def encode_media(
         self, pixel_values: torch.Tensor, media_slots: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Media -> media_latents (B, N, R, Dv), in one of two layouts:
+        """Media -> media_latents (B, N, R, D): the resampler's R latents of the tower's width
+        (Flamingo), or the projector's tokens of the LM's width, one per tower token (LLaVA).
+        The media come in one of two layouts:
 
         - flat (what :class:`FlamingoProcessor` and the training loader give):
           ``pixel_values (M, F, C, H, W)``, the batch's real media only, with ``media_slots
@@ -341,7 +383,7 @@ class Flamingo(nn.Module):
                     "media_slots go with flat pixel_values (M, F, C, H, W), not padded "
                     f"(B, N, F, C, H, W) ones; got pixel_values {tuple(pixel_values.shape)}"
                 )
-            return self.resampler(self.vision(pixel_values))
+            return self.connector()(self.vision(pixel_values))
         if pixel_values.ndim != 5:
             raise ValueError(
                 "pixel_values must be flat (M, F, C, H, W) with media_slots, or padded "
@@ -353,7 +395,7 @@ class Flamingo(nn.Module):
                 "sequence's n-th media item in them, -1 for none (FlamingoProcessor gives both)"
             )
         _check_slots(media_slots, pixel_values.shape[0], self.policy.sync_free)
-        latents = self.resampler(self.vision(pixel_values.unsqueeze(0))).squeeze(0)
+        latents = self.connector()(self.vision(pixel_values.unsqueeze(0))).squeeze(0)
         return place_in_slots(latents, media_slots)
 
     # -- forward ----------------------------------------------------------------------------------
@@ -419,6 +461,15 @@ class Flamingo(nn.Module):
             media_latents = self.encode_media(pixel_values, media_slots)
         elif media_slots is not None:
             raise ValueError("media_slots were given without pixel_values")
+        if self.splices_media:
+            if media_kv is not None:
+                raise ValueError(
+                    "connector: llava has no cross-attention keys/values (media_kv): its media "
+                    "take the place of the <image> tokens; pass pixel_values or media_latents"
+                )
+            media_latents = self._takes_part(input_ids, media_latents)
+            self._check_spliced(input_ids, media_latents, self.policy.sync_free)
+            self._check_length(input_ids, attention_mask, cache)
         if document_ids is not None:
             self._check_packed(input_ids, document_ids, cache, use_cache)
         if media_index is None:
@@ -429,7 +480,11 @@ class Flamingo(nn.Module):
                 )
             media_index = self.media_index(input_ids, document_ids)
         media = media_kv if media_kv is not None else media_latents
-        self._check_media(input_ids, media, media_index, self.policy.sync_free)
+        if self.splices_media:
+            spliced, media = media_latents, None
+        else:
+            spliced = None
+            self._check_media(input_ids, media, media_index, self.policy.sync_free)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
@@ -446,6 +501,7 @@ class Flamingo(nn.Module):
             logits_to_keep=logits_to_keep,
             document_ids=document_ids,
             across_documents=across_documents,
+            spliced=spliced,
         )
         if labels is not None:
             return FlamingoOutput(cache=new_cache, media_latents=media_latents, nll_sum=result)
@@ -461,6 +517,58 @@ class Flamingo(nn.Module):
             )
         if cache is not None or use_cache:
             raise ValueError("document_ids (packed rows) are for training: not with a cache")
+
+    def _takes_part(
+        self, input_ids: torch.Tensor, media_latents: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The LLaVA connector's media, or, in a training step without images where every
+        parameter must take part (ZeRO-3, :class:`~flamingo.layers.ExecutionPolicy`), the
+        projection of one zero token that no ``<image>`` takes: the projector gets zero
+        gradients instead of none."""
+        if media_latents is not None or not (
+            self.training and self.policy.every_parameter_takes_part
+        ):
+            return media_latents
+        weight = self.projector.linear_1.weight
+        zero = weight.new_zeros(input_ids.shape[0], 1, 1, 1, self.vision.width)
+        return self.projector(zero)
+
+    def _check_spliced(
+        self, input_ids: torch.Tensor, media: torch.Tensor | None, sync_free: bool
+    ) -> None:
+        """Every ``<image>`` token of a row has a media token to take its place."""
+        if media is not None and media.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"media batch size {media.shape[0]} != text batch size {input_ids.shape[0]}"
+            )
+        available = 0 if media is None else media.shape[1] * media.shape[2]
+        counts = (input_ids == self.special_tokens.image_id).sum(-1)
+        if sync_free:  # the device checks it when it gets there; the host does not wait
+            if counts.numel():
+                torch._assert_async(counts.max() <= available)
+            return
+        needed = int(counts.max()) if counts.numel() else 0
+        if needed > available:
+            raise ValueError(
+                f"the text holds {needed} <image> tokens in a row but the media give "
+                f"{available} (connector: llava: {self.vision.num_tokens} <image> tokens per "
+                "image, which FlamingoProcessor writes): pass the images of every <image> run"
+            )
+
+    def _check_length(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any
+    ) -> None:
+        """A LLaVA sequence fits the LM's positions: each image costs its tokens (LLaVA-1.5:
+        576), so a few-shot prompt with many images can outgrow them."""
+        limit = getattr(self.lm.hf.config, "max_position_embeddings", None)
+        past = cache.get_seq_length() if cache is not None else 0
+        total = attention_mask.shape[1] if attention_mask is not None else past + input_ids.shape[1]
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"the sequence holds {total} tokens but the LM takes {limit} positions "
+                f"(connector: llava writes {self.vision.num_tokens} <image> tokens per image): "
+                "give fewer images or shots"
+            )
 
     @staticmethod
     def _check_media(
@@ -499,12 +607,33 @@ class Flamingo(nn.Module):
         self.lm.set_execution_policy(policy)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """The parts that train (paper Sec. 2): everything else is frozen."""
-        return {
-            "resampler": self.resampler,
-            "gated_blocks": self.lm.gated_blocks,
-            "new_tokens": self.lm.new_tokens,
-        }
+        """The parts that train: the resampler, the gated blocks and the new token rows (paper
+        Sec. 2), or the projector and the new rows (LLaVA), and the LM itself with
+        ``lm.trainable: full``; everything else is frozen."""
+        if not self.splices_media:
+            return {
+                "resampler": self.resampler,
+                "gated_blocks": self.lm.gated_blocks,
+                "new_tokens": self.lm.new_tokens,
+            }
+        parts: dict[str, nn.Module] = {"projector": self.projector}
+        if self.cfg.lm.trainable == "full":
+            parts["lm"] = self.lm.hf
+        parts["new_tokens"] = self.lm.new_tokens
+        return parts
+
+    def set_lm_trainable(self, trainable: str) -> None:
+        """Train the LM's own weights (``full``) or freeze them (``none``): LLaVA's stage 2
+        starts from stage 1's checkpoint with the LM unfrozen (``lm.trainable``)."""
+        self.cfg = self.cfg.replace({"lm.trainable": trainable})  # validated: llava only
+        self.lm.hf.requires_grad_(trainable == "full")
+
+    def decayed_modules(self) -> list[nn.Module]:
+        """The trainable modules whose matrices take weight decay: the gated blocks (the
+        paper: none on the resampler); the projector and a trained LM (LLaVA)."""
+        if not self.splices_media:
+            return [self.lm.gated_blocks]
+        return [m for name, m in self.trainable_modules().items() if name != "new_tokens"]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         params = self.parameters()
@@ -519,6 +648,8 @@ class Flamingo(nn.Module):
 
     def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes a distributed engine may shard or checkpoint as units."""
+        if self.splices_media:
+            return (self.lm.decoder_layer_class(),)
         return (self.lm.decoder_layer_class(), GatedCrossAttentionBlock, PerceiverLayer)
 
     def compile_blocks(self, **options: Any) -> int:

@@ -32,14 +32,25 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+import flamingo.convert.idefics as idefics
+import flamingo.convert.llava as llava
 from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
-from flamingo.convert.idefics import directory_config
-from flamingo.hub import IDEFICS_FILES, OPENFLAMINGO_RELEASES, foreign_type, snapshot
-from flamingo.tokens import END_OF_UTTERANCE, IMAGE, SpecialTokens, idefics_prompt, load_tokenizer
-from flamingo.vision import image_transform
+from flamingo.hub import OPENFLAMINGO_RELEASES, TRANSFORMERS_FILES, foreign_type, snapshot
+from flamingo.tokens import (
+    END_OF_UTTERANCE,
+    IMAGE,
+    SpecialTokens,
+    chunk_ends,
+    idefics_prompt,
+    load_tokenizer,
+)
+from flamingo.vision import image_transform, tokens_per_image
 
 Media = Image.Image | Sequence[Image.Image]
+FOREIGN_CONFIGS = {"idefics": idefics.directory_config, "llava": llava.directory_config}
+"""Foreign formats whose processor comes from their own files: ``model_type`` -> the reader
+of our config from a checkpoint directory."""
 PROCESSOR_CONFIG = "processor_config.json"
 
 
@@ -72,8 +83,12 @@ class FlamingoProcessor:
         special_tokens: SpecialTokens,
         vision_cfg: VisionConfig,
         padding_side: Literal["left", "right"] = "left",
+        image_tokens: int = 1,
     ) -> None:
         self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        """``<image>`` tokens per image in the tokenized text: 1 (Flamingo), or the tower's
+        tokens per image (the LLaVA connector, whose projected tokens take their places)."""
         self.special_tokens = special_tokens
         self.vision_cfg = vision_cfg
         self.image_transform = image_transform(vision_cfg)
@@ -89,23 +104,26 @@ class FlamingoProcessor:
             cfg.lm.trust_remote_code,
             cfg.lm.special_tokens,
         )
-        return cls(tokenizer, special, cfg.vision, padding_side)
+        image_tokens = tokens_per_image(cfg.vision) if cfg.connector == "llava" else 1
+        return cls(tokenizer, special, cfg.vision, padding_side, image_tokens)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, revision: str | None = None
     ) -> FlamingoProcessor:
         """The processor saved with a checkpoint (its tokenizer and settings): a directory or
-        a Hub repo id in our format (:func:`flamingo.hub.snapshot`), or IDEFICS's."""
+        a Hub repo id in our format (:func:`flamingo.hub.snapshot`), or IDEFICS's or LLaVA's."""
         if str(directory) in OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
             raise ValueError(
                 f"{directory} is an OpenFlamingo release, converted by "
                 f"Flamingo.from_pretrained({str(directory)!r}); its processor is "
                 "FlamingoProcessor.from_config(model.cfg)"
             )
-        if foreign_type(directory, revision) == "idefics":  # its tokenizer and settings
-            files = [p for p in IDEFICS_FILES if not p.endswith(".safetensors")]
-            return cls.from_config(directory_config(snapshot(directory, revision, files)))
+        kind = foreign_type(directory, revision)
+        if kind in FOREIGN_CONFIGS:  # IDEFICS's or LLaVA's: its tokenizer and settings
+            files = [p for p in TRANSFORMERS_FILES if not p.endswith(".safetensors")]
+            config = FOREIGN_CONFIGS[kind](snapshot(directory, revision, files))
+            return cls.from_config(config)
         directory = snapshot(directory, revision)
         cfg, _ = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})
@@ -157,10 +175,14 @@ class FlamingoProcessor:
 
     def prompt_text(self, text: str) -> str:
         """``text`` (``<image>`` markers, ``<|endofchunk|>``) as the tokenizer is given it: as
-        it is, or in IDEFICS's prompt form (:func:`flamingo.tokens.idefics_prompt`)."""
-        if not self.idefics_form:
-            return text
-        return idefics_prompt(text, self.tokenizer, self.special_tokens)
+        it is, in IDEFICS's prompt form (:func:`flamingo.tokens.idefics_prompt`), or with
+        ``<|endofchunk|>`` written as the token that ends a chunk where the tokenizer has no
+        such token of its own (``lm.special_tokens: llava``); each ``<image>`` written
+        :attr:`image_tokens` times."""
+        if self.idefics_form:
+            return idefics_prompt(text, self.tokenizer, self.special_tokens)
+        text = chunk_ends(text, self.tokenizer, self.special_tokens)
+        return text.replace(IMAGE, IMAGE * self.image_tokens)
 
     def interleaved(
         self,
@@ -230,7 +252,7 @@ class FlamingoProcessor:
         if max_length is not None:
             kept = (batch["input_ids"] == self.special_tokens.image_id).sum(-1).tolist()
             for i, t in enumerate(texts):
-                if kept[i] != t.count(IMAGE):
+                if kept[i] != t.count(IMAGE) * self.image_tokens:
                     raise ValueError(
                         f"sequence {i}: max_length={max_length} truncates away {IMAGE} markers; "
                         "raise max_length or give fewer images"

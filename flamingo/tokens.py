@@ -5,6 +5,9 @@ the text that belongs to an image) to the LM's tokenizer, plus ``<PAD>`` when th
 no pad token. They are added in OpenFlamingo's order (``<|endofchunk|>``, ``<image>``, then
 ``<PAD>``) so that converted OpenFlamingo checkpoints keep their token ids.
 
+LLaVA's (``llava-hf/*``, ``lm.special_tokens: llava``) bring ``<image>``, whose row their LM
+already has; the end-of-sequence token ends a chunk.
+
 IDEFICS's tokenizers bring their own (``lm.special_tokens: idefics``):
 ``<fake_token_around_image>`` and ``<image>`` and, in the instruct releases,
 ``<end_of_utterance>``, which then plays ``<|endofchunk|>``'s part (else the end-of-sequence
@@ -27,7 +30,7 @@ END_OF_CHUNK = "<|endofchunk|>"
 PAD = "<PAD>"
 AROUND_IMAGE = "<fake_token_around_image>"
 END_OF_UTTERANCE = "<end_of_utterance>"
-SCHEMES = ("flamingo", "idefics")
+SCHEMES = ("flamingo", "idefics", "llava")
 IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE)})+")
 
 TINY_TOKENIZER = "tiny"
@@ -76,6 +79,8 @@ def add_special_tokens(
     """
     if scheme == "idefics":
         return idefics_tokens(tokenizer)
+    if scheme == "llava":
+        return llava_tokens(tokenizer)
     if scheme != "flamingo":
         raise ValueError(f"lm.special_tokens must be one of {SCHEMES}, got {scheme!r}")
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE]})
@@ -118,6 +123,48 @@ def idefics_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
         around_image_id=ids[AROUND_IMAGE],
         eos_id=tokenizer.eos_token_id,
     )
+
+
+def llava_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    """The ids of an ``llava-hf`` tokenizer's tokens: its own ``<image>`` (whose row the LM's
+    embedding has: nothing is new), the end-of-sequence token ending a chunk, its pad token
+    (``<PAD>`` added, and then owned, where it has none)."""
+    if IMAGE not in tokenizer.get_vocab():
+        raise ValueError(
+            f"lm.special_tokens: llava needs a LLaVA tokenizer, with {IMAGE} in its vocabulary "
+            "(llava-hf/*); use lm.special_tokens: flamingo to add the tokens to any other"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("lm.special_tokens: llava needs a tokenizer with an end-of-sequence token")
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    new_ids = (tokenizer.pad_token_id,) if tokenizer.pad_token == PAD else ()
+    return SpecialTokens(
+        image_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        end_of_chunk_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        new_ids=new_ids,
+        eos_id=tokenizer.eos_token_id,
+    )
+
+
+def chunk_ends(text: str, tokenizer: PreTrainedTokenizerBase, special: SpecialTokens) -> str:
+    """``<|endofchunk|>`` written as the token that ends a chunk, where that is another token
+    (``lm.special_tokens: llava``: the end-of-sequence token); else ``text`` unchanged."""
+    if tokenizer.convert_tokens_to_ids(END_OF_CHUNK) == special.end_of_chunk_id:
+        return text
+    return text.replace(END_OF_CHUNK, tokenizer.convert_ids_to_tokens(special.end_of_chunk_id))
+
+
+def expand_images(ids: list[int], image_id: int, count: int) -> list[int]:
+    """Each ``<image>`` of ``ids`` written ``count`` times: the LLaVA connector's input, one
+    ``<image>`` token per token of the image (1: unchanged)."""
+    if count == 1:
+        return ids
+    out: list[int] = []
+    for token in ids:
+        out.extend([token] * count if token == image_id else [token])
+    return out
 
 
 def idefics_prompt(text: str, tokenizer: PreTrainedTokenizerBase, special: SpecialTokens) -> str:

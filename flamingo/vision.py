@@ -66,6 +66,25 @@ class VisionOnly(nn.Module):
         )
 
 
+def tokens_per_image(cfg: VisionConfig) -> int:
+    """How many tokens the tower gives per image (patches, plus the CLS token with
+    ``vision.cls_token``), from the config alone: the processor writes that many ``<image>``
+    tokens per image for the LLaVA connector without building the tower."""
+    if cfg.architecture is not None:
+        vision_cfg = cfg.architecture["vision_cfg"]
+    else:
+        known = open_clip.get_model_config(cfg.model_name)
+        if known is None:
+            raise ValueError(
+                f"vision.model_name {cfg.model_name!r} is not an open_clip architecture; "
+                f"choose one of open_clip.list_models() or give vision.architecture inline"
+            )
+        vision_cfg = known["vision_cfg"]
+    patch = vision_cfg["patch_size"]
+    grid = cfg.image_size // (patch if isinstance(patch, int) else patch[0])
+    return grid * grid + int(cfg.cls_token)
+
+
 def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
     """Resize so the longer side is ``size`` (aspect kept), pad to ``size`` x ``size``."""
     scale = size / max(image.size)
@@ -160,7 +179,23 @@ class VisionEncoder(nn.Module):
             )
         self.visual = visual.requires_grad_(False).eval()
         self.width = visual.transformer.width
+        depth = len(visual.transformer.resblocks)
+        if -cfg.feature_layer > depth:
+            raise ValueError(
+                f"vision.feature_layer={cfg.feature_layer} but the tower has {depth} blocks"
+            )
         self.num_tokens = visual.grid_size[0] * visual.grid_size[1] + int(cfg.cls_token)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's blocks up to ``vision.feature_layer`` (all of them at -1)."""
+        transformer = self.visual.transformer
+        if self.cfg.feature_layer == -1:
+            return transformer(x)
+        batch_first = getattr(transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in transformer.resblocks[: self.cfg.feature_layer + 1]:
+            x = block(x)
+        return x if batch_first else x.transpose(0, 1)
 
     def block_class(self) -> type[nn.Module]:
         """The class of the tower's transformer blocks (compiled one by one)."""
@@ -188,7 +223,7 @@ class VisionEncoder(nn.Module):
         x = rearrange(v.conv1(x), "m d gh gw -> m (gh gw) d")
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        x = v.transformer(v.ln_pre(x))
+        x = self._blocks(v.ln_pre(x))
         if self.cfg.ln_post_on_tokens:
             x = v.ln_post(x)
         tokens = x if self.cfg.cls_token else x[:, 1:]

@@ -30,18 +30,22 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("base_trains", [False, True], ids=["frozen_head", "trained_head"])
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("chunk_rows", [1, 4, None, "default split"])
-def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, compact, monkeypatch):
+def test_loss_and_gradients_equal_the_plain_path(
+    layout, chunk_rows, compact, base_trains, monkeypatch
+):
     if chunk_rows == "default split":  # the default chunking, with chunks of 3 or 4 rows
         monkeypatch.setattr(fused_nll, "CHUNK_ELEMENTS", 64)
         chunk_rows = None
     base_vocab, ids, vocab = LAYOUTS[layout]
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
-    base_weight = torch.randn(base_vocab, 16, generator=g)
+    base_weight = torch.randn(base_vocab, 16, generator=g).requires_grad_(base_trains)
     new_weight = torch.randn(len(ids), 16, generator=g, requires_grad=True)
+    wrt = (hidden, new_weight, base_weight) if base_trains else (hidden, new_weight)
     new_ids = torch.tensor(ids)
     labels = torch.randint(0, vocab, (3, 7), generator=g)
     labels[0, :4] = IGNORE
@@ -51,14 +55,14 @@ def test_loss_and_gradients_equal_the_plain_path(layout, chunk_rows, compact, mo
         labels[2, 3] = 14  # a zero column is a valid target too
 
     plain = summed_nll(assembled_logits(hidden, base_weight, new_weight, new_ids, vocab), labels)
-    plain_grads = torch.autograd.grad(plain, (hidden, new_weight))
+    plain_grads = torch.autograd.grad(plain, wrt)
 
     def fused_loss():
         args = (hidden, labels, base_weight, new_weight, new_ids, vocab)
         return fused_summed_nll(*args, chunk_rows=chunk_rows, compact=compact)
 
     fused = fused_loss()
-    fused_grads = torch.autograd.grad(fused, (hidden, new_weight))
+    fused_grads = torch.autograd.grad(fused, wrt)
     torch.testing.assert_close(fused, plain)
     for got, want in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want)
@@ -90,19 +94,6 @@ def test_all_masked_rows_give_zero_and_zero_gradients(compact):
     assert loss.item() == 0.0
     loss.backward()
     assert hidden.grad.abs().sum() == 0 and new.grad.abs().sum() == 0
-
-
-def test_a_trainable_base_matrix_is_refused():
-    weight = torch.randn(10, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="frozen"):
-        fused_summed_nll(
-            torch.randn(1, 3, 8),
-            torch.zeros(1, 3, dtype=torch.long),
-            weight,
-            torch.randn(1, 8),
-            torch.tensor([10]),
-            11,
-        )
 
 
 @pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])

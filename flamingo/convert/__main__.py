@@ -3,11 +3,13 @@
     python -m flamingo.convert openflamingo checkpoint.pt out_dir --config configs/model/openflamingo-4b.yaml
     python -m flamingo.convert openflamingo openflamingo/OpenFlamingo-9B-vitl-mpt7b out_dir
     python -m flamingo.convert idefics HuggingFaceM4/idefics-9b-instruct out_dir
+    python -m flamingo.convert llava llava-hf/llava-1.5-7b-hf out_dir
 
 An OpenFlamingo checkpoint is a ``checkpoint.pt`` file or a Hub repo id holding one
 (``--revision``); a release of ``flamingo.hub.OPENFLAMINGO_RELEASES`` needs no ``--config``.
-An IDEFICS checkpoint is a directory in transformers' format or a Hub repo id; its config
-comes from its own ``config.json`` (``flamingo.convert.idefics``). The result loads with
+An IDEFICS or LLaVA checkpoint is a directory in transformers' format or a Hub repo id; its
+config comes from its own ``config.json`` (``flamingo.convert.idefics``,
+``flamingo.convert.llava``). The result loads with
 ``Flamingo.from_pretrained(out_dir)``.
 """
 
@@ -44,10 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     ide.add_argument("checkpoint", help="IDEFICS checkpoint directory, or its Hub repo id")
     ide.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
     ide.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
+    lla = sub.add_parser("llava", help="a LLaVA checkpoint (transformers' format, llava-hf/*)")
+    lla.add_argument("checkpoint", help="LLaVA checkpoint directory, or its Hub repo id")
+    lla.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
+    lla.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
     args = parser.parse_args(argv)
 
-    if args.source == "idefics":
-        model = Flamingo.from_idefics(hub.idefics_snapshot(args.checkpoint, args.revision))
+    if args.source in ("idefics", "llava"):
+        build = Flamingo.from_idefics if args.source == "idefics" else Flamingo.from_llava
+        model = build(hub.transformers_snapshot(args.checkpoint, args.revision))
         model.save_pretrained(args.out_dir)
         total = model.num_parameters()
         print(f"wrote {args.out_dir}: {total:,} parameters from {args.checkpoint}")

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
 from flamingo.config import OPENAI_MEAN, OPENAI_STD, FlamingoConfig
+from flamingo.convert.mapping import assign_mapped, clip_tower_names, read_tensors
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -254,47 +254,7 @@ def read_idefics(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     if not is_idefics(directory):
         raise ValueError(f"{directory} is not an IDEFICS checkpoint (config.json model_type)")
     config = json.loads((directory / "config.json").read_text())
-    files = sorted(directory.glob("*.safetensors"))
-    loader = lambda f: load_file(str(f))  # noqa: E731
-    if not files:
-        files = sorted(directory.glob("pytorch_model*.bin"))
-        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
-    if not files:
-        raise FileNotFoundError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(loader(f))
-    return config, state
-
-
-def _vision_names(layers: int) -> dict[str, tuple[str, ...]]:
-    """Our tower's tensor -> the HF-CLIP tensors it is made of (q, k, v packed in one)."""
-    hf, ours = "model.vision_model.", "vision.visual."
-    names = {
-        ours + "class_embedding": (hf + "embeddings.class_embedding",),
-        ours + "conv1.weight": (hf + "embeddings.patch_embedding.weight",),
-        ours + "positional_embedding": (hf + "embeddings.position_embedding.weight",),
-    }
-    for theirs, mine in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
-        for p in ("weight", "bias"):
-            names[f"{ours}{mine}.{p}"] = (f"{hf}{theirs}.{p}",)
-    pairs = {
-        "ln_1": "layer_norm1",
-        "ln_2": "layer_norm2",
-        "attn.out_proj": "self_attn.out_proj",
-        "mlp.c_fc": "mlp.fc1",
-        "mlp.c_proj": "mlp.fc2",
-    }
-    for i in range(layers):
-        theirs, mine = f"{hf}encoder.layers.{i}.", f"{ours}transformer.resblocks.{i}."
-        for m, t in pairs.items():
-            for p in ("weight", "bias"):
-                names[f"{mine}{m}.{p}"] = (f"{theirs}{t}.{p}",)
-        for p in ("weight", "bias"):
-            names[f"{mine}attn.in_proj_{p}"] = tuple(
-                f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv"
-            )
-    return names
+    return config, read_tensors(directory, "IDEFICS")
 
 
 def _connector_names(model: Flamingo) -> dict[str, tuple[str, ...]]:
@@ -357,46 +317,14 @@ def load_idefics(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
             f"additional_vocab_size={rows} gives rows for ids {vocab}..{vocab + rows - 1}: "
             "the tokenizer does not match the checkpoint"
         )
-    names = _vision_names(len(model.vision.visual.transformer.resblocks))
+    layers = len(model.vision.visual.transformer.resblocks)
+    names = clip_tower_names(layers, "model.vision_model.")
     names.update(_connector_names(model))
     for name, _ in lm.hf.named_parameters():  # transformers' Llama names are IDEFICS's
         names["lm.hf." + name] = (name,)
     names["lm.new_tokens.input_rows"] = ("model.embed_tokens.additional_embedding.weight",)
     if lm.new_tokens.output_rows is not None:
         names["lm.new_tokens.output_rows"] = ("lm_head.additional_fc.weight",)
-    params = dict(model.named_parameters())
-    absent = {"vision.visual.proj"}  # the contrastive projection: IDEFICS's tower has none
-    missing = sorted(n for n in params if n not in names and n not in absent)
-    if missing:
-        raise ValueError(f"no IDEFICS tensor is mapped to {missing[:10]}")
-    used: set[str] = set()
-    values: dict[str, torch.Tensor] = {}
-    for ours, theirs in names.items():
-        lacking = [t for t in theirs if t not in state]
-        if lacking:
-            raise ValueError(f"the IDEFICS checkpoint lacks {lacking} (for our {ours})")
-        used.update(theirs)
-        tensor = torch.cat([state[t] for t in theirs]) if len(theirs) > 1 else state[theirs[0]]
-        target = params[ours]
-        if tensor.numel() != target.numel():
-            raise ValueError(
-                f"{theirs[0]} has shape {tuple(tensor.shape)}; our {ours} is "
-                f"{tuple(target.shape)}: the config does not match the checkpoint"
-            )
-        values[ours] = tensor.reshape(target.shape)
-    unused = sorted(k for k in state if k not in used and not k.endswith(IGNORED_BUFFERS))
-    if unused:
-        raise ValueError(f"IDEFICS tensors with no place in our model: {unused[:10]}")
-    # assigned, not copied: the model may have been built without storage
-    # (Flamingo.from_idefics builds it on the meta device), and a copy would hold it twice
-    device = next((p.device for p in params.values() if not p.is_meta), torch.device("cpu"))
-    cast = {n: t.to(device=device, dtype=params[n].dtype) for n, t in values.items()}
-    model.load_state_dict(cast, strict=False, assign=True)
-    for name, param in list(model.named_parameters()):
-        if param.is_meta:  # only what IDEFICS has no tensor for (the unused projection)
-            owner, _, attr = name.rpartition(".")
-            empty = torch.zeros(param.shape, dtype=param.dtype, device=device)
-            setattr(
-                model.get_submodule(owner), attr, torch.nn.Parameter(empty, param.requires_grad)
-            )
+    # the contrastive projection: IDEFICS's tower has none
+    assign_mapped(model, state, names, "IDEFICS", ("vision.visual.proj",), IGNORED_BUFFERS)
     return model

@@ -22,22 +22,37 @@ from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor, decode_image
 from flamingo.data.schema import DECODERS, InterleavedSample, PairSample, SkipSample, VideoSample
 from flamingo.processing import media_slots
-from flamingo.tokens import END_OF_CHUNK, IMAGE, SpecialTokens, idefics_prompt
+from flamingo.tokens import (
+    END_OF_CHUNK,
+    IMAGE,
+    SpecialTokens,
+    chunk_ends,
+    expand_images,
+    idefics_prompt,
+)
 
 
 class Preprocessor:
     """Raw shard sample -> (input_ids, pixel_values (N, F, C, H, W)) for one dataset."""
 
     def __init__(
-        self, cfg: DatasetConfig, tokenizer: Any, special: SpecialTokens, images: ImagePreprocessor
+        self,
+        cfg: DatasetConfig,
+        tokenizer: Any,
+        special: SpecialTokens,
+        images: ImagePreprocessor,
+        image_tokens: int = 1,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.special = special
         self.images = images
+        self.image_tokens = image_tokens
+        """``<image>`` tokens per image (the LLaVA connector: one per token of the image),
+        written after the ``seq_len`` window is taken: ``seq_len`` counts an image once."""
         self.eos = tokenizer.eos_token or ""
-        if special.around_image_id is not None and special.end_of_chunk_id == special.eos_id:
-            self.eos = ""  # IDEFICS's form without <end_of_utterance>: a chunk ends on the eos
+        if special.end_of_chunk_id == special.eos_id:
+            self.eos = ""  # a chunk ends on the eos (IDEFICS without <end_of_utterance>, LLaVA)
         self.markers = special_strings(tokenizer)
 
     def __call__(
@@ -57,7 +72,10 @@ class Preprocessor:
         if self.special.around_image_id is not None:  # lm.special_tokens: idefics
             text = idefics_prompt(text, self.tokenizer, self.special)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(text)["input_ids"]
+        return self.tokenizer(chunk_ends(text, self.tokenizer, self.special))["input_ids"]
+
+    def _expanded(self, ids: list[int]) -> list[int]:
+        return expand_images(ids, self.special.image_id, self.image_tokens)
 
     def clean(self, text: str, counters: Counter) -> str:
         """Data text may hold special-token strings literally (``<image>``, ``<PAD>``, the
@@ -85,7 +103,7 @@ class Preprocessor:
             raise SkipSample("no_images", "the <image> token fell outside seq_len")
         flip = rng.random() < self.cfg.p_flip  # one decision per clip: frames stay consistent
         pixels = torch.stack([self.images(self._decode(f, counters), flip) for f in frames])
-        return ids, pixels[None]  # (N=1, F, C, H, W)
+        return self._expanded(ids), pixels[None]  # (N=1, F, C, H, W)
 
     def _interleaved(self, doc: InterleavedSample, rng: random.Random, counters: Counter):
         # Validate every image first: a bad one is dropped with its <image> (meaning kept).
@@ -106,7 +124,7 @@ class Preprocessor:
         self._check_markers(ids, len(images))
         ids, kept = self._window(ids, rng)
         pixels = torch.stack([self.images(images[k], rng.random() < self.cfg.p_flip) for k in kept])
-        return ids, pixels[:, None]  # (N, F=1, C, H, W)
+        return self._expanded(ids), pixels[:, None]  # (N, F=1, C, H, W)
 
     def _check_markers(self, ids: list[int], images: int) -> None:
         """One ``<image>`` token per image: the last line of defence behind :meth:`clean`

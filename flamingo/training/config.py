@@ -96,6 +96,11 @@ class EngineConfig(YamlConfig):
         return {"frozen_dtype": "bfloat16"} if self.precision == "bf16" else {}
 
 
+TRAINING_FIELDS = ("lm.trainable",)
+"""Model config fields that say what trains, not what the model is: a checkpoint's may change
+(``model_overrides`` with ``init_from``)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig(YamlConfig):
     """A pretraining run: model, datasets, optimisation, engine, checkpoints, logging."""
@@ -116,7 +121,9 @@ class TrainConfig(YamlConfig):
     an IDEFICS checkpoint; ``Flamingo.from_pretrained``). Its config is the model's, its
     trained weights the start; ``model`` and ``model_overrides`` are then not given."""
     model_overrides: list[str] = field(default_factory=list)
-    """Dotted overrides applied to the model config."""
+    """Dotted overrides applied to the model config. With ``init_from``, only those of
+    :data:`TRAINING_FIELDS` (``lm.trainable=full``: LLaVA's stage 2 from stage 1's
+    checkpoint)."""
     output_dir: str = "runs/train"
     """Checkpoints, logs, plots and the exported model go here."""
     steps: int = 1000
@@ -160,10 +167,12 @@ class TrainConfig(YamlConfig):
                 "give model (a model config YAML: train from initialisation) or init_from (a "
                 "checkpoint to fine-tune), exactly one"
             )
-        if self.init_from is not None and self.model_overrides:
+        fixed = [o for o in self.model_overrides if o.split("=", 1)[0] not in TRAINING_FIELDS]
+        if self.init_from is not None and fixed:
             raise ValueError(
-                "model_overrides cannot change a checkpoint's model (init_from): its weights "
-                "fix the architecture"
+                f"model_overrides {fixed} cannot change a checkpoint's model (init_from): its "
+                f"weights fix the architecture; only {list(TRAINING_FIELDS)} (what trains) may "
+                "change"
             )
         if self.init_from is not None and self.engine.frozen_weights == "partitioned":
             raise ValueError(

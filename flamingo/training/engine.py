@@ -60,10 +60,11 @@ class StepInfo:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters only; weight decay on the gated blocks' matrices alone (paper:
-    none on the resampler), never on gates, norms, biases or token rows. The parts come from
-    the model (``trainable_modules``), not from parameter names."""
-    blocks = {id(p) for p in model.trainable_modules()["gated_blocks"].parameters()}
+    """Trainable parameters only; weight decay on the matrices of the model's
+    ``decayed_modules`` (the gated blocks: the paper has none on the resampler), never on
+    gates, norms, biases or token rows. The parts come from the model, not from parameter
+    names."""
+    blocks = {id(p) for m in model.decayed_modules() for p in m.parameters()}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:

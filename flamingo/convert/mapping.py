@@ -1,0 +1,115 @@
+"""What the transformers-format imports share: the HF CLIP tower's tensor names on our
+open_clip tower, safetensors (or ``pytorch_model*.bin``) reading, and the strict assignment of
+mapped tensors into a built model.
+
+A mapping is ``our name -> the foreign tensors it is made of`` (several are concatenated: HF's
+separate q, k and v projections are open_clip's packed ``in_proj``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Names = dict[str, tuple[str, ...]]
+
+
+def read_tensors(directory: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers checkpoint directory: its safetensors files, sharded or
+    not, else its ``pytorch_model*.bin`` files read with ``weights_only=True``."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    loader = lambda f: load_file(str(f))  # noqa: E731
+    if not files:
+        files = sorted(Path(directory).glob("pytorch_model*.bin"))
+        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+    if not files:
+        raise FileNotFoundError(
+            f"{directory} has no *.safetensors or pytorch_model*.bin weights ({what})"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(loader(f))
+    return state
+
+
+def clip_tower_names(layers: int, theirs: str, ours: str = "vision.visual.") -> Names:
+    """Our open_clip tower's tensors -> an HF ``CLIPVisionTransformer``'s under ``theirs``
+    (e.g. ``model.vision_model.``): the two compute the same ViT."""
+    names: Names = {
+        ours + "class_embedding": (theirs + "embeddings.class_embedding",),
+        ours + "conv1.weight": (theirs + "embeddings.patch_embedding.weight",),
+        ours + "positional_embedding": (theirs + "embeddings.position_embedding.weight",),
+    }
+    for hf, mine in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
+        for p in ("weight", "bias"):
+            names[f"{ours}{mine}.{p}"] = (f"{theirs}{hf}.{p}",)
+    pairs = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "attn.out_proj": "self_attn.out_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
+    for i in range(layers):
+        hf, mine = f"{theirs}encoder.layers.{i}.", f"{ours}transformer.resblocks.{i}."
+        for m, t in pairs.items():
+            for p in ("weight", "bias"):
+                names[f"{mine}{m}.{p}"] = (f"{hf}{t}.{p}",)
+        for p in ("weight", "bias"):
+            names[f"{mine}attn.in_proj_{p}"] = tuple(f"{hf}self_attn.{x}_proj.{p}" for x in "qkv")
+    return names
+
+
+def assign_mapped(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    names: Names,
+    source: str,
+    absent: tuple[str, ...] = (),
+    ignored: tuple[str, ...] = (),
+) -> None:
+    """Give ``model`` the tensors of ``state`` that ``names`` maps to each of its parameters.
+    Strict: every parameter is mapped (but those named in ``absent``, which the format has no
+    tensor for: they get zeros), every tensor of ``state`` used (but those whose names end
+    with one of ``ignored``, buffers the model rebuilds); a missing, unused or mis-shaped one
+    is an error naming it and the ``source`` format. Tensors are assigned, not copied: the
+    model may have been built without storage (on the meta device), and a copy would hold
+    the weights twice."""
+    params = dict(model.named_parameters())
+    missing = sorted(n for n in params if n not in names and n not in absent)
+    if missing:
+        raise ValueError(f"no {source} tensor is mapped to {missing[:10]}")
+    used: set[str] = set()
+    values: dict[str, torch.Tensor] = {}
+    for ours, theirs in names.items():
+        lacking = [t for t in theirs if t not in state]
+        if lacking:
+            raise ValueError(f"the {source} checkpoint lacks {lacking} (for our {ours})")
+        used.update(theirs)
+        tensor = torch.cat([state[t] for t in theirs]) if len(theirs) > 1 else state[theirs[0]]
+        target = params[ours]
+        if tensor.numel() != target.numel():
+            raise ValueError(
+                f"{theirs[0]} has shape {tuple(tensor.shape)}; our {ours} is "
+                f"{tuple(target.shape)}: the config does not match the checkpoint"
+            )
+        values[ours] = tensor.reshape(target.shape)
+    unused = sorted(k for k in state if k not in used and not k.endswith(ignored))
+    if unused:
+        raise ValueError(f"{source} tensors with no place in our model: {unused[:10]}")
+    device = next((p.device for p in params.values() if not p.is_meta), torch.device("cpu"))
+    cast = {n: t.to(device=device, dtype=params[n].dtype) for n, t in values.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:  # only what the format has no tensor for (``absent``)
+            owner, _, attr = name.rpartition(".")
+            empty = torch.zeros(param.shape, dtype=param.dtype, device=device)
+            setattr(
+                model.get_submodule(owner), attr, torch.nn.Parameter(empty, param.requires_grad)
+            )
