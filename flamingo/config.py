@@ -287,8 +287,8 @@ class FlamingoConfig(YamlConfig):
             )
         if self.connector == "flamingo" and self.lm.trainable != "none":
             raise ValueError(
-                "lm.trainable: full trains the LM itself, which the Flamingo connector keeps "
-                "frozen (the paper); it is LLaVA's stage 2 (connector: llava)"
+                f"lm.trainable: {self.lm.trainable} trains the LM itself, which the Flamingo "
+                "connector keeps frozen (the paper); it is LLaVA's stage 2 (connector: llava)"
             )
 
 

@@ -28,11 +28,20 @@ def make_labels(
     attention_mask: torch.Tensor,
     special: SpecialTokens,
     document_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """input_ids, attention_mask (B, T) -> labels (B, T), ``IGNORE`` where no loss is taken.
     In a packed row (``document_ids``, :mod:`flamingo.packing`) each document counts on its
     own: its text before its own first image is no target, and its first token (an image, or
-    such text) is never predicted from the document before it."""
+    such text) is never predicted from the document before it. ``targets (B, T)`` (bool, a
+    conversation's: the assistant's replies, :mod:`flamingo.chat`) replaces the image-and-chunk
+    rule: exactly those tokens are targets (never padding, never an image token), and a packed
+    document's first token still is not."""
+    if targets is not None:
+        start = 0 if document_ids is None else document_starts(document_ids)
+        first = torch.arange(input_ids.shape[1], device=input_ids.device) == start
+        ignore = ~attention_mask.bool() | ~targets | (input_ids == special.image_id) | first
+        return input_ids.masked_fill(ignore, IGNORE)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     is_image = input_ids == special.image_id
     is_eoc = input_ids == special.end_of_chunk_id

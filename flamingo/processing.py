@@ -34,6 +34,7 @@ from PIL import Image
 
 import flamingo.convert.idefics as idefics
 import flamingo.convert.llava as llava
+from flamingo.chat import render
 from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.hub import OPENFLAMINGO_RELEASES, TRANSFORMERS_FILES, foreign_type, snapshot
@@ -260,6 +261,29 @@ class FlamingoProcessor:
         if images is not None and any(len(seq) for seq in images):
             batch["pixel_values"], batch["media_slots"] = self.preprocess_images(images)
         return batch
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        images: Sequence[Image.Image | None] | None = None,
+        template: str = "vicuna_v1",
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """A batch of conversations, each ending with a user turn, written in ``template``
+        (:mod:`flamingo.chat`) with an open assistant turn to generate the reply; its image
+        (one or None per conversation) opens the first user turn, as in training. Generate
+        with ``eos_token_id=processor.tokenizer.eos_token_id``: a reply ends there. ``kwargs``
+        go to :meth:`__call__`."""
+        images = list(images) if images is not None else [None] * len(conversations)
+        if len(images) != len(conversations):
+            raise ValueError(f"got {len(conversations)} conversations but {len(images)} images")
+        eos = self.tokenizer.eos_token or ""
+        texts = [
+            render(turns, template, eos, image is not None, generation_prompt=True)[0]
+            for turns, image in zip(conversations, images, strict=True)
+        ]
+        media = [[image] if image is not None else [] for image in images]
+        return self(texts, media, **kwargs)
 
     def decode(
         self, token_ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = False

@@ -65,10 +65,10 @@ def test_the_data_path_writes_the_same_runs(processor):
     images = ImagePreprocessor(processor.vision_cfg)
     special, tokenizer = processor.special_tokens, processor.tokenizer
     raw = encode_pair("k", solid((200, 10, 10)), "png", "a red square")
-    ids, pixels = Preprocessor(cfg, tokenizer, special, images, TOKENS)(
+    ids, pixels, _ = Preprocessor(cfg, tokenizer, special, images, TOKENS)(
         raw, random.Random(0), Counter()
     )
-    once, _ = Preprocessor(cfg, tokenizer, special, images)(raw, random.Random(0), Counter())
+    once, _, _ = Preprocessor(cfg, tokenizer, special, images)(raw, random.Random(0), Counter())
     assert pixels.shape[0] == 1 and ids.count(special.image_id) == TOKENS
     at = once.index(special.image_id)
     assert ids == once[:at] + [special.image_id] * TOKENS + once[at + 1 :]
@@ -279,3 +279,67 @@ def test_a_prompt_past_the_lms_positions_is_a_clear_error(processor):
     enc = batch(processor)  # two images: 32 <image> tokens and the text
     with pytest.raises(ValueError, match="LM takes 40 positions"):
         model(**enc)
+
+
+def test_eval_runs_every_task_on_a_llava_connector(tmp_path, capsys):
+    import yaml
+
+    from eval.run import main as eval_main
+    from tests.eval_fixtures import write_all
+    from tests.test_eval import BENCHMARKS
+
+    llava(seed=4).save_pretrained(tmp_path / "ckpt")
+    cfg = {
+        "tasks": write_all(tmp_path / "data"),
+        "shots": [0, 2],
+        "trials": 1,
+        "num_beams": 2,
+        "batch_size": 2,
+        "query_set_size": 4,
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(tmp_path / "ckpt")]
+    results = eval_main([*args, "demos=rices"])["results"]
+    assert set(results) == BENCHMARKS
+    for task, by_shots in results.items():
+        assert set(by_shots) == {"0", "2"}, task
+        for entry in by_shots.values():
+            assert all(0 <= m["mean"] <= 100 + 1e-6 for m in entry["scores"].values()), task
+    assert "| coco | CIDEr | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+def test_stage_2_under_zero2_and_zero3_gives_the_same_model(tmp_path):
+    """The trainable LM is the case ZeRO-3 exists for: LLaVA's stage 2 on two processes under
+    ZeRO-2 and ZeRO-3 (LM partitioned with the projector) ends with the same weights."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import free_port
+    from tests.test_train import check, deepspeed
+
+    shards = write_tiny_shards(tmp_path / "shards")
+    stage2 = f"model_overrides={json.dumps([*LLAVA, 'lm.trainable=full'])}"
+    weights = {}
+    for stage in ("zero2", "zero3"):
+        out = tmp_path / stage
+        args = [
+            "train.py",
+            "--config",
+            str(ROOT / "configs" / "train" / "tiny-llava.yaml"),
+            f"datasets.0.shards={shards['interleaved']}",
+            f"datasets.1.shards={shards['pairs']}",
+            f"engine.deepspeed=configs/deepspeed/{stage}.json",
+            f"output_dir={out}",
+            "num_workers=0",
+            "tensorboard=false",
+            "steps=3",
+            "checkpoint_every=3",
+            stage2,
+        ]
+        check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
+        weights[stage] = load_file(str(out / "model" / "model.safetensors"))
+    assert any(n.startswith("lm.hf.model.layers.") for n in weights["zero3"])
+    for name, want in weights["zero2"].items():
+        torch.testing.assert_close(weights["zero3"][name], want, rtol=1e-5, atol=1e-6, msg=name)

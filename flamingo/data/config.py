@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from flamingo.chat import TEMPLATES
 from flamingo.typed_config import YamlConfig, positive
 
 
@@ -15,7 +16,7 @@ class DatasetConfig(YamlConfig):
 
     name: str
     """Name used in logs, counters and per-dataset losses."""
-    kind: Literal["pairs", "interleaved", "video"]
+    kind: Literal["pairs", "interleaved", "video", "conversation"]
     """Shard schema (flamingo/data/schema.py)."""
     shards: str
     """Shard paths: brace expansion (``data/pairs-{00000..00099}.tar``), ``::`` lists and globs
@@ -41,6 +42,9 @@ class DatasetConfig(YamlConfig):
     """Images per interleaved sequence (paper: 5); pairs and video always have one."""
     num_frames: int = 8
     """Frames per video clip, sampled evenly from the stored ones."""
+    template: str = "vicuna_v1"
+    """Conversations: how the turns are written (``flamingo.chat.TEMPLATES``: ``vicuna_v1``,
+    LLaVA-1.5's; ``plain``); the loss is on the assistant's replies only."""
     loss_weight: float = 1.0
     """lambda_m of this dataset in the weighted loss (paper: interleaved 1.0, pairs 0.2, video
     0.03)."""
@@ -98,6 +102,10 @@ class DatasetConfig(YamlConfig):
                     f"dataset {self.name}: packed_len {self.packed_len} < seq_len "
                     f"{self.seq_len}: a row must hold at least one whole sample"
                 )
+        if self.template not in TEMPLATES:
+            raise ValueError(
+                f"dataset {self.name}: template {self.template!r} is not one of {sorted(TEMPLATES)}"
+            )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
         if self.shuffle_buffer < 0:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor
-from flamingo.data.preprocess import Preprocessor, collate, collate_packed
+from flamingo.data.preprocess import Item, Preprocessor, collate, collate_packed
 from flamingo.data.schema import SkipSample
 from flamingo.data.shards import ShardError, expand_shards, read_shard
 from flamingo.tokens import SpecialTokens
@@ -52,10 +52,6 @@ class StreamState:
 
 
 # -- streams --------------------------------------------------------------------------------
-
-
-Item = tuple[str, list[int], torch.Tensor]
-"""A preprocessed sample: its key, token ids and uint8 pixels (M, F, C, H, W)."""
 
 
 def pack_rows(items: list[Item], length: int) -> list[list[Item]]:
@@ -246,7 +242,7 @@ class ShardStream:
             f"{self.state.shard_pos}"
         )
         try:
-            ids, pixels = self.preprocess(raw, rng, counters)
+            ids, pixels, targets = self.preprocess(raw, rng, counters)
         except SkipSample as e:
             counters[f"skip/{e.reason}"] += 1
             if counters[f"skip/{e.reason}"] == 1:
@@ -260,7 +256,7 @@ class ShardStream:
             self._check_skip_rate(url)
             return None
         counters["ok"] += 1
-        return key, ids, pixels
+        return key, ids, pixels, targets
 
     def _check_skip_rate(self, url: str) -> None:
         seen = self.counters["seen"]

@@ -18,9 +18,17 @@ from typing import Any
 
 import torch
 
+from flamingo.chat import render, target_tokens
 from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor, decode_image
-from flamingo.data.schema import DECODERS, InterleavedSample, PairSample, SkipSample, VideoSample
+from flamingo.data.schema import (
+    DECODERS,
+    ConversationSample,
+    InterleavedSample,
+    PairSample,
+    SkipSample,
+    VideoSample,
+)
 from flamingo.processing import media_slots
 from flamingo.tokens import (
     END_OF_CHUNK,
@@ -31,9 +39,15 @@ from flamingo.tokens import (
     idefics_prompt,
 )
 
+Processed = tuple[list[int], torch.Tensor, list[bool] | None]
+Item = tuple[str, list[int], torch.Tensor, list[bool] | None]
+"""A preprocessed sample with its key, as the loader batches it."""
+"""A sample's token ids, its uint8 pixels (N, F, C, H, W), and which tokens are targets
+(conversations: the assistant's replies; None: the default rule, ``flamingo.losses``)."""
+
 
 class Preprocessor:
-    """Raw shard sample -> (input_ids, pixel_values (N, F, C, H, W)) for one dataset."""
+    """Raw shard sample -> (input_ids, pixel_values (N, F, C, H, W), targets) for one dataset."""
 
     def __init__(
         self,
@@ -54,15 +68,20 @@ class Preprocessor:
         if special.end_of_chunk_id == special.eos_id:
             self.eos = ""  # a chunk ends on the eos (IDEFICS without <end_of_utterance>, LLaVA)
         self.markers = special_strings(tokenizer)
+        if cfg.kind == "conversation" and special.around_image_id is not None:
+            raise ValueError(
+                f"dataset {cfg.name}: conversations are written in a chat template "
+                "(flamingo.chat), not in IDEFICS's prompt form (lm.special_tokens: idefics)"
+            )
 
-    def __call__(
-        self, raw: dict, rng: random.Random, counters: Counter
-    ) -> tuple[list[int], torch.Tensor]:
+    def __call__(self, raw: dict, rng: random.Random, counters: Counter) -> Processed:
         sample = DECODERS[self.cfg.kind](raw, self.cfg.max_text_chars)
         if isinstance(sample, PairSample):
             return self._caption(sample.caption, [sample.image], rng, counters)
         if isinstance(sample, VideoSample):
             return self._caption(sample.caption, self._pick_frames(sample.frames), rng, counters)
+        if isinstance(sample, ConversationSample):
+            return self._conversation(sample, rng, counters)
         return self._interleaved(sample, rng, counters)
 
     def _decode(self, data: bytes, counters: Counter):
@@ -103,7 +122,7 @@ class Preprocessor:
             raise SkipSample("no_images", "the <image> token fell outside seq_len")
         flip = rng.random() < self.cfg.p_flip  # one decision per clip: frames stay consistent
         pixels = torch.stack([self.images(self._decode(f, counters), flip) for f in frames])
-        return self._expanded(ids), pixels[None]  # (N=1, F, C, H, W)
+        return self._expanded(ids), pixels[None], None  # (N=1, F, C, H, W)
 
     def _interleaved(self, doc: InterleavedSample, rng: random.Random, counters: Counter):
         # Validate every image first: a bad one is dropped with its <image> (meaning kept).
@@ -124,7 +143,30 @@ class Preprocessor:
         self._check_markers(ids, len(images))
         ids, kept = self._window(ids, rng)
         pixels = torch.stack([self.images(images[k], rng.random() < self.cfg.p_flip) for k in kept])
-        return self._expanded(ids), pixels[:, None]  # (N, F=1, C, H, W)
+        return self._expanded(ids), pixels[:, None], None  # (N, F=1, C, H, W)
+
+    def _conversation(self, sample: ConversationSample, rng: random.Random, counters: Counter):
+        """A conversation in the dataset's template, the assistant's replies its targets
+        (:mod:`flamingo.chat`), cut to ``seq_len``; its image (if any) opens it."""
+        turns = [{**t, "text": self.clean(t["text"], counters)} for t in sample.turns]
+        eos = self.tokenizer.eos_token or ""
+        has_image = sample.image is not None
+        text, spans = render(turns, self.cfg.template, eos, has_image)
+        ids, targets = target_tokens(self.tokenizer, text, spans)
+        self._check_markers(ids, int(has_image))
+        ids, targets = ids[: self.cfg.seq_len], targets[: self.cfg.seq_len]
+        if has_image and self.special.image_id not in ids:
+            raise SkipSample("no_images", "the <image> token fell outside seq_len")
+        if not any(targets[1:]):
+            raise SkipSample("no_targets", "no assistant reply within seq_len")
+        size = self.images.cfg.image_size
+        pixels = torch.zeros(0, 1, 3, size, size, dtype=torch.uint8)
+        if has_image:
+            flip = rng.random() < self.cfg.p_flip
+            pixels = self.images(self._decode(sample.image, counters), flip)[None, None]
+        runs = [self.image_tokens if t == self.special.image_id else 1 for t in ids]
+        expanded = [target for target, n in zip(targets, runs, strict=True) for _ in range(n)]
+        return self._expanded(ids), pixels, expanded
 
     def _check_markers(self, ids: list[int], images: int) -> None:
         """One ``<image>`` token per image: the last line of defence behind :meth:`clean`
@@ -197,53 +239,74 @@ def strip_markers(text: str, markers: tuple[str, ...] = (IMAGE, END_OF_CHUNK)) -
         text = cleaned
 
 
-def collate(
-    samples: list[tuple[str, list[int], torch.Tensor]], pad_id: int, name: str
-) -> dict[str, Any]:
+def _targets(samples: list[Item], width: int, rows: list[list[Item]] | None = None):
+    """``targets (B, T)`` of samples that say which tokens are targets (conversations), laid
+    out as their ids are; None when none do (the default rule of ``flamingo.losses``)."""
+    if all(s[3] is None for s in samples):
+        return None
+    rows = rows if rows is not None else [[s] for s in samples]
+    out = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        at = 0
+        for _, ids, _, targets in row:
+            out[b, at : at + len(ids)] = torch.tensor(
+                targets if targets is not None else [True] * len(ids)
+            )
+            at += len(ids)
+    return out
+
+
+def collate(samples: list[Item], pad_id: int, name: str) -> dict[str, Any]:
     """Right-padded ids and mask (B, T); the samples' media flat, in order, as uint8
     ``pixel_values (M, F, C, H, W)`` with ``media_slots (B, N)`` (``Flamingo.encode_media``):
-    no padding image is ever decoded, shipped or encoded."""
-    width = max(len(ids) for _, ids, _ in samples)
+    no padding image is ever decoded, shipped or encoded. Conversations add ``targets (B, T)``."""
+    width = max(len(ids) for _, ids, _, _ in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for b, (_, ids, _) in enumerate(samples):
+    for b, (_, ids, _, _) in enumerate(samples):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "pixel_values": torch.cat([pix for _, _, pix in samples]),
-        "media_slots": media_slots([pix.shape[0] for _, _, pix in samples]),
-        "keys": [k for k, _, _ in samples],
+        "pixel_values": torch.cat([pix for _, _, pix, _ in samples]),
+        "media_slots": media_slots([pix.shape[0] for _, _, pix, _ in samples]),
+        "keys": [k for k, _, _, _ in samples],
         "dataset": name,
     }
+    targets = _targets(samples, width)
+    if targets is not None:
+        batch["targets"] = targets
+    return batch
 
 
-def collate_packed(
-    rows: list[list[tuple[str, list[int], torch.Tensor]]], pad_id: int, name: str
-) -> dict[str, Any]:
+def collate_packed(rows: list[list[Item]], pad_id: int, name: str) -> dict[str, Any]:
     """Packed rows (several samples each, :mod:`flamingo.packing`): their ids concatenated and
     right-padded (B, T), ``document_ids (B, T)`` (each sample of a row numbered in order;
     padding takes the next number), and the media flat as in :func:`collate`."""
-    width = max(sum(len(ids) for _, ids, _ in row) for row in rows)
+    width = max(sum(len(ids) for _, ids, _, _ in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     documents = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
         at = 0
-        for d, (_, ids, _) in enumerate(row):
+        for d, (_, ids, _, _) in enumerate(row):
             input_ids[b, at : at + len(ids)] = torch.tensor(ids)
             documents[b, at : at + len(ids)] = d
             at += len(ids)
         mask[b, :at] = 1
         documents[b, at:] = len(row)
     samples = [sample for row in rows for sample in row]
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
         "document_ids": documents,
-        "pixel_values": torch.cat([pix for _, _, pix in samples]),
-        "media_slots": media_slots([sum(pix.shape[0] for _, _, pix in row) for row in rows]),
-        "keys": [k for k, _, _ in samples],
+        "pixel_values": torch.cat([pix for _, _, pix, _ in samples]),
+        "media_slots": media_slots([sum(pix.shape[0] for _, _, pix, _ in row) for row in rows]),
+        "keys": [k for k, _, _, _ in samples],
         "dataset": name,
     }
+    targets = _targets(samples, width, rows)
+    if targets is not None:
+        batch["targets"] = targets
+    return batch

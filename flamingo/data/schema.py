@@ -10,6 +10,10 @@ first dot, webdataset's convention), so keys never contain dots.
   its chunk: images are encoded bytes in the tar, not base64 in JSON.
 * **video**: ``KEY.frame0000.jpg``, ``KEY.frame0001.jpg``, ... (the clip's frames in time
   order), ``KEY.txt`` (caption), optional ``KEY.json`` (metadata: fps, source, ...).
+* **conversation**: ``KEY.json`` = ``{"turns": [{"role": "user", "text": "..."}, {"role":
+  "assistant", "text": "..."}, ...], "image": "img0.jpg"}`` (plus metadata; no ``image`` for a
+  text-only conversation) and its image member ``KEY.img0.jpg`` (LLaVA's instruction data;
+  :mod:`flamingo.chat` writes it in a template).
 
 Readers raise :class:`SkipSample` with a reason; the pipeline counts reasons and moves on.
 """
@@ -22,8 +26,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from flamingo.chat import check_turns
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-KINDS = ("pairs", "interleaved", "video")
+KINDS = ("pairs", "interleaved", "video", "conversation")
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-/]+$")
 
 
@@ -92,6 +98,15 @@ class VideoSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ConversationSample:
+    key: str
+    turns: list[dict[str, str]]
+    """``{"role": "user" | "assistant", "text": ...}``, alternating, the user first."""
+    image: bytes | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 
@@ -141,6 +156,23 @@ def encode_video(
     for i, frame in enumerate(frames):
         sample[f"frame{i:04d}.{ext}"] = frame
     sample["json"] = json.dumps({**(meta or {}), "num_frames": len(frames)}).encode("utf-8")
+    return sample
+
+
+def encode_conversation(
+    key: str,
+    turns: list[dict[str, str]],
+    image: tuple[bytes, str] | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """``turns``: alternating user and assistant turns; ``image``: (bytes, extension) or None."""
+    check_turns(turns)
+    sample: dict[str, Any] = {"__key__": check_key(key)}
+    doc: dict[str, Any] = {**(meta or {}), "turns": [dict(t) for t in turns]}
+    if image is not None:
+        name = f"img0.{_image_ext(image[1])}"
+        sample[name], doc["image"] = image[0], name
+    sample["json"] = json.dumps(doc).encode("utf-8")
     return sample
 
 
@@ -230,4 +262,31 @@ def decode_video(raw: dict, max_chars: int) -> VideoSample:
     )
 
 
-DECODERS = {"pairs": decode_pair, "interleaved": decode_interleaved, "video": decode_video}
+def decode_conversation(raw: dict, max_chars: int) -> ConversationSample:
+    _check_members(raw)
+    doc = _json(raw, True)
+    turns = doc.pop("turns", None)
+    if not isinstance(turns, list):
+        raise SkipSample("missing_key", 'no "turns" list')
+    try:
+        check_turns(turns)
+    except ValueError as e:
+        raise SkipSample("bad_json", str(e)) from e
+    total = sum(len(t["text"]) for t in turns)
+    if total > max_chars:
+        raise SkipSample("text_too_long", f"{total} > {max_chars} characters")
+    if not any(t["text"].strip() for t in turns if t["role"] == "assistant"):
+        raise SkipSample("empty_text", "no assistant reply")
+    name = doc.pop("image", None)
+    if name is not None and (not isinstance(name, str) or name.lower() not in raw):
+        raise SkipSample("missing_key", f"image member {name!r} not in the sample")
+    image = raw[name.lower()] if name is not None else None
+    return ConversationSample(raw["__key__"], turns, image, doc)
+
+
+DECODERS = {
+    "pairs": decode_pair,
+    "interleaved": decode_interleaved,
+    "video": decode_video,
+    "conversation": decode_conversation,
+}

@@ -109,7 +109,11 @@ class Batches:
             out.micro, ran_out = [], e.name
         for _, batch in out.micro:
             labels = make_labels(
-                batch["input_ids"], batch["attention_mask"], self.special, batch.get("document_ids")
+                batch["input_ids"],
+                batch["attention_mask"],
+                self.special,
+                batch.get("document_ids"),
+                batch.get("targets"),
             )
             pinned = batch["input_ids"].is_pinned()  # as the loader delivered the rest
             batch["labels"] = labels.pin_memory() if pinned else labels

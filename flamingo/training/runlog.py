@@ -58,7 +58,7 @@ class RunLogger:
             self.writer.flush()
 
     def plot(self) -> Path | None:
-        """Loss per dataset and |tanh(gate)| per layer over steps -> ``curves.png``."""
+        """Loss per dataset and |tanh(gate)| per layer (if any) over steps -> ``curves.png``."""
         if not self.enabled or not self.history:
             return None
         import matplotlib
@@ -67,15 +67,19 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         steps = [r["step"] for r in self.history]
-        fig, (ax_loss, ax_gate) = plt.subplots(1, 2, figsize=(11, 4))
+        gates = sorted({k for r in self.history for k in r if k.startswith("gate/")})
+        # a panel for the gates when the model has them (the LLaVA connector has none)
+        fig, axes = plt.subplots(1, 2 if gates else 1, figsize=(11 if gates else 6, 4))
+        ax_loss = axes[0] if gates else axes
         for key in sorted({k for r in self.history for k in r if k.startswith("loss/")}):
             ax_loss.plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
         ax_loss.set(xlabel="step", ylabel="NLL per target token", title="loss")
         ax_loss.legend()
-        for key in sorted({k for r in self.history for k in r if k.startswith("gate/")}):
-            ax_gate.plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
-        ax_gate.set(xlabel="step", ylabel="|tanh(gate)|", title="gates")
-        ax_gate.legend(fontsize=6, ncol=2)
+        if gates:
+            for key in gates:
+                axes[1].plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
+            axes[1].set(xlabel="step", ylabel="|tanh(gate)|", title="gates")
+            axes[1].legend(fontsize=6, ncol=2)
         fig.tight_layout()
         path = self.output_dir / "curves.png"
         fig.savefig(path, dpi=100)
