@@ -140,11 +140,11 @@ class Demo:
                 model.write_text(yaml.safe_dump(tree, sort_keys=False))
             datasets = yaml.safe_load((CONFIGS / "train.yaml").read_text())["datasets"]
             kept = [d for d in datasets if d["kind"] in kinds]
-            start = {"model": None, "init_from": str(init_from)} if init_from else {}
+            fields = {"model": str(model), "datasets": kept}
+            if init_from is not None:
+                fields.update(model=None, init_from=str(init_from))
             filename = None if stage == "flamingo" else f"train-{output_dir.name}.yaml"
-            path = stage_config(
-                "train", self.out, filename, model=str(model), datasets=kept, **start
-            )
+            path = stage_config("train", self.out, filename, **fields)
             shards = [
                 f"datasets.{i}.shards={self.world['shards'][kind + '-train']}"
                 for i, kind in enumerate(d["kind"] for d in kept)
