@@ -138,7 +138,8 @@ class Demo:
                     tree[section] = {**tree[section], **values} if changed else values
                 model = model.with_name(f"model-{output_dir.name}.yaml")
                 model.write_text(yaml.safe_dump(tree, sort_keys=False))
-            datasets = yaml.safe_load((CONFIGS / "train.yaml").read_text())["datasets"]
+            datasets = rebase(yaml.safe_load((CONFIGS / "train.yaml").read_text()), self.out)
+            datasets = datasets["datasets"]
             kept = [d for d in datasets if d["kind"] in kinds]
             fields = {"model": str(model), "datasets": kept}
             if init_from is not None:
