@@ -35,6 +35,7 @@ from flamingo.training.checkpoints import Checkpointer
 from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine, build_engine, model_construction
 from flamingo.training.runlog import RunLogger
+from flamingo.typed_config import apply_overrides
 
 log = logging.getLogger("flamingo.train")
 
@@ -160,10 +161,14 @@ def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
 def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
     """The checkpoint ``init_from`` names, its frozen parts in the engine's precision."""
     model = Flamingo.from_pretrained(cfg.init_from)
-    for override in cfg.model_overrides:  # what trains (TRAINING_FIELDS): lm.trainable
-        key, value = override.split("=", 1)
-        assert key == "lm.trainable", key
-        model.set_lm_trainable(value)
+    if cfg.model_overrides:  # what trains (TRAINING_FIELDS): lm.trainable, the adapters
+        wanted = FlamingoConfig.from_dict(apply_overrides(model.cfg.to_dict(), cfg.model_overrides))
+        if wanted.lm.lora != model.cfg.lm.lora and model.cfg.lm.trainable == "lora":
+            raise ValueError(
+                f"{cfg.init_from} has LoRA adapters already: their settings (lm.lora) stay"
+            )
+        model.cfg = model.cfg.replace({"lm.lora": wanted.lm.lora.to_dict()})
+        model.set_lm_trainable(wanted.lm.trainable)
     changes = cfg.engine.model_changes()
     frozen = changes.get("frozen_dtype", model.cfg.frozen_dtype)
     if frozen != model.cfg.frozen_dtype:  # the engine owns precision, as for a new model

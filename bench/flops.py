@@ -25,6 +25,15 @@ the loss and the optimiser are left out (a few percent). With F a part's forward
 * the LM head: **2F** with ``F = 2 T D V``, every position (model FLOPs: what the model
   needs, the same figure for any implementation; ours computes target rows only).
 
+The LLaVA connector (``connector: llava``) has no resampler and no gated blocks; its tower runs
+to ``vision.feature_layer`` (the blocks counted are those run), its projector is ``2 V W D``
+per image over its ``V`` tokens, **2F** (its input, the frozen tower's, needs no gradient),
+plus ``2 V D D`` for the second layer, **3F**, and ``T`` counts the image tokens the LM reads. With the LM trained (``lm.trainable:
+full``, LLaVA's stage 2) the LM, its attention and the head are **3F** (weight gradients too).
+LoRA's adapters are not counted. The ``k`` new token rows, when given (``new_tokens``), add
+their head columns, **3F**, and their embedding's one-hot product, **2F** (``2 T D k``
+each).
+
 MFU is these model FLOPs per second over the device's dense peak (:data:`PEAK_TFLOPS`); on a
 CPU, over the fp32 rate of a large matrix product measured on the same threads
 (:func:`matmul_peak_tflops`). The benchmarks also report the conventional figure,
@@ -108,6 +117,11 @@ class StepShape:
     frames: int = 1  # F per media item (video)
     lm_kv_width: int = 0  # D_kv, the keys' and values' width (0: D, no grouped-query attention)
     lm_mlp_matrices: int = 2  # k: 3 for a gated (SwiGLU) MLP
+    connector: str = "flamingo"  # or "llava": a projector, no resampler and gated blocks
+    projector_layers: int = 2
+    image_tokens: int = 0  # V of the projector: the tower's tokens an image (CLS included if kept)
+    lm_trains: bool = False  # the LM's weights train (LLaVA's stage 2)
+    new_tokens: int = 0  # k, the new token rows (their embedding product and head columns)
 
 
 def forward_flops(s: StepShape) -> dict[str, float]:
@@ -137,7 +151,7 @@ def forward_flops(s: StepShape) -> dict[str, float]:
     lm_attention = s.lm_layers * 4 * t * t * d
     head = 2 * t * d * s.vocab
     items = s.batch * s.images
-    return {
+    parts = {
         "vision": float(vision * items * s.frames),
         "resampler": float(resampler * items),
         "gated_blocks": float(gated * s.batch),
@@ -145,6 +159,18 @@ def forward_flops(s: StepShape) -> dict[str, float]:
         "lm_attention": float(lm_attention * s.batch),
         "head": float(head * s.batch),
     }
+    if s.new_tokens:  # the head's k columns and the embedding's one-hot product of k rows
+        parts["new_tokens"] = float(4 * t * d * s.new_tokens * s.batch)
+    if s.connector == "llava":
+        first = 2 * s.image_tokens * w * d
+        second = (s.projector_layers == 2) * 2 * s.image_tokens * d * d
+        parts.update(
+            resampler=0.0,
+            gated_blocks=0.0,
+            projector_in=float(first * items),
+            projector_out=float(second * items),
+        )
+    return parts
 
 
 BACKWARD_FACTOR = {
@@ -166,5 +192,10 @@ def conventional_flops(num_parameters: int, tokens: int) -> float:
 
 def train_step_flops(s: StepShape) -> dict[str, float]:
     """Training-step FLOPs of each part (forward and backward) and their ``total``."""
-    parts = {k: f * BACKWARD_FACTOR[k] for k, f in forward_flops(s).items()}
+    # new tokens: the columns' input and weight gradients (3F), the rows' weight gradient (2F)
+    # the projector's first layer reads the frozen tower: no input gradient (2F); its second 3F
+    factor = {**BACKWARD_FACTOR, "projector_in": 2, "projector_out": 3, "new_tokens": 2.5}
+    if s.lm_trains:  # weight gradients too
+        factor.update(lm=3, head=3)
+    parts = {k: f * factor[k] for k, f in forward_flops(s).items()}
     return {**parts, "total": sum(parts.values())}

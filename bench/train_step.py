@@ -85,8 +85,11 @@ def make_batch(batch: int, seq_len: int, image_size: int, special, num_images: i
     return ids, mask, pixels
 
 
-def step_shape(cfg, batch: int, seq_len: int, images: int, frames: int = 1) -> StepShape:
-    """The dimensions the FLOP count of a step needs, from the model config."""
+def step_shape(
+    cfg, batch: int, seq_len: int, images: int, frames: int = 1, new_tokens: int = 0
+) -> StepShape:
+    """The dimensions the FLOP count of a step needs, from the model config (and the
+    tokenizer's count of new token rows, when given)."""
     import open_clip
     from transformers import AutoConfig
 
@@ -110,12 +113,13 @@ def step_shape(cfg, batch: int, seq_len: int, images: int, frames: int = 1) -> S
     heads = lm.num_attention_heads
     head_dim = getattr(lm, "head_dim", None) or lm.hidden_size // heads
     kv_heads = getattr(lm, "num_key_value_heads", None) or heads
+    layers = vision_cfg["layers"] + cfg.vision.feature_layer + 1  # the blocks that run
     return StepShape(
         batch=batch,
         seq_len=seq_len,
         images=images,
         vision_width=width,
-        vision_layers=vision_cfg["layers"],
+        vision_layers=layers,
         vision_mlp=int(width * vision_cfg.get("mlp_ratio", 4.0)),
         patch=patch,
         patches=(size // patch) ** 2,
@@ -133,6 +137,11 @@ def step_shape(cfg, batch: int, seq_len: int, images: int, frames: int = 1) -> S
         frames=frames,
         lm_kv_width=kv_heads * head_dim,
         lm_mlp_matrices=3 if decoder_layout(lm.model_type).gated_mlp else 2,
+        connector=cfg.connector,
+        projector_layers=cfg.projector.layers,
+        image_tokens=(size // patch) ** 2 + int(cfg.vision.cls_token),
+        lm_trains=cfg.lm.trainable == "full",
+        new_tokens=new_tokens,
     )
 
 

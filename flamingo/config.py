@@ -203,6 +203,28 @@ class CrossAttentionConfig(YamlConfig):
 
 
 @dataclass(frozen=True)
+class LoRAConfig(YamlConfig):
+    """Low-rank adapters on the LM's linear layers (``lm.trainable: lora``, through ``peft``);
+    the defaults are LLaVA-1.5's LoRA fine-tuning (``finetune_lora.sh``)."""
+
+    rank: int = 128
+    """r: the adapters' rank."""
+    alpha: float = 256.0
+    """lora_alpha: the adapters' output is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+    targets: list[str] | str = "all-linear"
+    """The LM's modules that get adapters: module names (``[q_proj, v_proj]``) or
+    ``all-linear`` (every linear layer but the LM head, as LLaVA-1.5)."""
+
+    def __post_init__(self) -> None:
+        positive("rank", self.rank)
+        positive("alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
 class LanguageConfig(YamlConfig):
     """The frozen Hugging Face causal LM and its tokenizer (ARCHITECTURE.md: lm.py, tokens.py)."""
 
@@ -231,10 +253,13 @@ class LanguageConfig(YamlConfig):
     closing fake token shared by consecutive images (IDEFICS's prompt form); ``llava`` uses
     the tokenizer's own ``<image>`` (an ``llava-hf`` tokenizer, whose LM has a row for it), adds
     nothing else, and ends a chunk with the end-of-sequence token."""
-    trainable: Literal["none", "full"] = "none"
-    """Which of the LM's own weights train: ``none`` (Flamingo; LLaVA's stage 1) or ``full``
-    (LLaVA's stage 2, instruction tuning with the LM unfrozen; under ZeRO-3 for a large LM).
-    A trained LM's weights are in the checkpoint."""
+    trainable: Literal["none", "full", "lora"] = "none"
+    """Which of the LM's own weights train: ``none`` (Flamingo; LLaVA's stage 1), ``full``
+    (LLaVA's stage 2, instruction tuning with the LM unfrozen; under ZeRO-3 for a large LM) or
+    ``lora`` (stage 2 with low-rank adapters, ``lora``, the LM's weights frozen). A trained
+    LM's weights, or its adapters, are in the checkpoint."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """The adapters of ``trainable: lora``."""
     save_input_embeddings: bool = False
     """Checkpoints carry the LM's whole input embedding matrix, not only the new rows: set by
     the OpenFlamingo import, whose training updated every row."""

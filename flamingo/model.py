@@ -36,6 +36,7 @@ from flamingo.convert.openflamingo import check_config, load_openflamingo
 from flamingo.generation import generate, score
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
+from flamingo.lora import adapter_modules, add_adapters
 from flamingo.processing import FlamingoProcessor, place_in_slots
 from flamingo.projector import LlavaProjector
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
@@ -131,6 +132,8 @@ class Flamingo(nn.Module):
         self.lm = lm
         if cfg.lm.trainable == "full":  # LLaVA's stage 2
             lm.hf.requires_grad_(True)
+        elif cfg.lm.trainable == "lora":  # LLaVA's stage 2, the LM frozen, adapters in it
+            add_adapters(lm.hf, cfg.lm.lora)
         self.policy = DEFAULT_POLICY
 
     @property
@@ -619,13 +622,26 @@ class Flamingo(nn.Module):
         parts: dict[str, nn.Module] = {"projector": self.projector}
         if self.cfg.lm.trainable == "full":
             parts["lm"] = self.lm.hf
+        elif self.cfg.lm.trainable == "lora":
+            parts["lora"] = adapter_modules(self.lm.hf)
         parts["new_tokens"] = self.lm.new_tokens
         return parts
 
     def set_lm_trainable(self, trainable: str) -> None:
-        """Train the LM's own weights (``full``) or freeze them (``none``): LLaVA's stage 2
-        starts from stage 1's checkpoint with the LM unfrozen (``lm.trainable``)."""
+        """Train the LM's own weights (``full``), adapters in it (``lora``) or neither
+        (``none``): LLaVA's stage 2 starts from stage 1's checkpoint with the LM unfrozen or
+        adapted (``lm.trainable``)."""
+        before = self.cfg.lm.trainable
+        if before == "lora" and trainable != "lora":
+            raise ValueError(
+                "this model's LM has LoRA adapters (lm.trainable: lora): they stay; train on "
+                "with lm.trainable: lora"
+            )
         self.cfg = self.cfg.replace({"lm.trainable": trainable})  # validated: llava only
+        if trainable == "lora":
+            if before != "lora":
+                add_adapters(self.lm.hf, self.cfg.lm.lora)
+            return
         self.lm.hf.requires_grad_(trainable == "full")
 
     def decayed_modules(self) -> list[nn.Module]:

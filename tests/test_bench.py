@@ -327,3 +327,36 @@ def test_the_converter_bench_times_each_worker_count_and_the_report_shows_it(tmp
     from bench.report import report
 
     assert "## Converter (MMC4-style, 4 documents, 12 images" in report(tmp_path)
+
+
+@pytest.mark.parametrize("stage", ["none", "full"])
+def test_the_flop_formula_counts_the_llava_connector(counted_vision_attention, stage):
+    """The LLaVA connector: the tower to its feature layer, the projector, the LM over the
+    image tokens; with the LM trained (stage 2) its weight gradients too."""
+    from bench.flops import forward_flops, train_step_flops
+    from bench.train_step import step_shape
+    from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+    from flamingo.losses import make_labels, summed_nll
+
+    llava = ["connector=llava", "vision.feature_layer=-2", "vision.ln_post_on_tokens=false"]
+    cfg = FlamingoConfig.from_yaml(
+        ROOT / "configs/model/tiny.yaml", [*llava, f"lm.trainable={stage}"]
+    )
+    torch.manual_seed(0)
+    model = Flamingo.from_config(cfg).train()
+    processor = FlamingoProcessor.from_config(cfg)
+    special = processor.special_tokens
+    batch, images, seq_len = 2, 2, 48
+    ids = torch.randint(3, 800, (batch, seq_len))
+    ids[:, 2:18], ids[:, 24:40] = special.image_id, special.image_id  # 16 tokens an image
+    pixels = torch.randn(batch, images, 1, 3, 32, 32)
+    mask = torch.ones_like(ids)
+    shape = step_shape(cfg, batch, seq_len, images, new_tokens=len(special.new_ids))
+    assert (shape.vision_layers, shape.image_tokens, shape.lm_trains) == (1, 16, stage == "full")
+    with torch.no_grad(), MatmulFlops() as forward:
+        model(ids, mask, pixel_values=pixels)
+    assert sum(forward_flops(shape).values()) == pytest.approx(forward.total, 1e-6)
+    labels = make_labels(ids, mask, special)
+    with MatmulFlops() as train:
+        summed_nll(model(ids, mask, pixel_values=pixels).logits, labels).backward()
+    assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-6)

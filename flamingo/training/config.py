@@ -96,9 +96,10 @@ class EngineConfig(YamlConfig):
         return {"frozen_dtype": "bfloat16"} if self.precision == "bf16" else {}
 
 
-TRAINING_FIELDS = ("lm.trainable",)
-"""Model config fields that say what trains, not what the model is: a checkpoint's may change
-(``model_overrides`` with ``init_from``)."""
+TRAINING_FIELDS = ("lm.trainable", "lm.lora.")
+"""Model config fields (and prefixes) that say what trains, not what the model is: a
+checkpoint's may change (``model_overrides`` with ``init_from``), e.g. LLaVA's stage 2 from
+stage 1's checkpoint with ``lm.trainable=lora lm.lora.rank=64``."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,9 @@ class TrainConfig(YamlConfig):
                 "give model (a model config YAML: train from initialisation) or init_from (a "
                 "checkpoint to fine-tune), exactly one"
             )
-        fixed = [o for o in self.model_overrides if o.split("=", 1)[0] not in TRAINING_FIELDS]
+        fixed = [
+            o for o in self.model_overrides if not o.split("=", 1)[0].startswith(TRAINING_FIELDS)
+        ]
         if self.init_from is not None and fixed:
             raise ValueError(
                 f"model_overrides {fixed} cannot change a checkpoint's model (init_from): its "
