@@ -524,13 +524,12 @@ class Flamingo(nn.Module):
     def _takes_part(
         self, input_ids: torch.Tensor, media_latents: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """The LLaVA connector's media, or, in a training step without images where every
-        parameter must take part (ZeRO-3, :class:`~flamingo.layers.ExecutionPolicy`), the
-        projection of one zero token that no ``<image>`` takes: the projector gets zero
-        gradients instead of none."""
-        if media_latents is not None or not (
-            self.training and self.policy.every_parameter_takes_part
-        ):
+        """The LLaVA connector's media, or, in a training step without images (none given, or
+        a batch of text-only conversations: no media items) where every parameter must take
+        part (ZeRO-3, :class:`~flamingo.layers.ExecutionPolicy`), the projection of one zero
+        token that no ``<image>`` takes: the projector gets zero gradients instead of none."""
+        has_media = media_latents is not None and media_latents.numel() > 0
+        if has_media or not (self.training and self.policy.every_parameter_takes_part):
             return media_latents
         weight = self.projector.linear_1.weight
         zero = weight.new_zeros(input_ids.shape[0], 1, 1, 1, self.vision.width)

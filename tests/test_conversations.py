@@ -222,3 +222,30 @@ def test_stage_2_on_conversations_lowers_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     model = Flamingo.from_pretrained(out / "model")
     assert model.cfg.lm.trainable == "full"
+
+
+def test_a_batch_of_text_only_conversations_still_reaches_the_projector(processor):
+    """A batch with no media item at all (its pixel_values (0, F, C, H, W)) trains the LM and
+    gives the projector zero gradients, not none (ZeRO-3's every-parameter contract)."""
+    from flamingo.data.preprocess import collate
+    from tests.test_connectors import llava
+
+    pre = preprocessor(processor)
+    raw = encode_conversation("k", TURNS[:2])
+    items = [(f"k{i}", *pre(raw, random.Random(i), Counter())) for i in range(2)]
+    batch = collate(items, processor.special_tokens.pad_id, "chat")
+    assert batch["pixel_values"].shape[0] == 0 and batch["media_slots"].shape == (2, 0)
+    model = llava().train()
+    labels = make_labels(
+        batch["input_ids"],
+        batch["attention_mask"],
+        processor.special_tokens,
+        None,
+        batch["targets"],
+    )
+    media = {k: batch[k] for k in ("pixel_values", "media_slots")}
+    out = model(batch["input_ids"], batch["attention_mask"], labels=labels, **media)
+    out.nll_sum.backward()
+    assert torch.isfinite(out.nll_sum) and out.nll_sum > 0
+    grad = model.projector.linear_1.weight.grad
+    assert grad is not None and not grad.any()
