@@ -211,6 +211,8 @@ class Demo:
         llava = self.out / "llava" / "model"
         if (llava / "config.json").is_file():
             shots = f"shots=[{','.join(map(str, LLAVA_SHOTS))}]"
+            first = self.out / "llava-stage1" / "model"
+            variants["LLaVA connector, stage 1 only, random demos"] = (first, [shots])
             variants["LLaVA connector, random demos"] = (llava, [shots])
             variants["LLaVA connector, blind"] = (llava, [shots, "blank_images=true"])
         results = {
