@@ -72,3 +72,27 @@ def test_finished_stages_are_reused(demo_dir, capsys):
 def test_bad_set_names_the_expected_form():
     with pytest.raises(SystemExit, match="STAGE.KEY=VALUE"):
         demo_run.parse_sets(["flamingo:steps=3"])
+
+
+def test_the_llava_stage_trains_both_stages_and_scores_beside_flamingo(demo_dir):
+    """``--stages llava`` reuses the world, tower, LM and Flamingo model, trains LLaVA's two
+    stages on half the steps each, and adds its rows at the shots its prompts fit."""
+    from flamingo import FlamingoConfig
+    from flamingo.checkpoint import read_checkpoint_config
+
+    clip = demo_dir / "clip" / "toy-clip.pt"
+    before = clip.stat().st_mtime_ns
+    args = [*SHORT, "--set", "flamingo.steps=200"]  # 100 steps a LLaVA stage
+    demo_run.main(["--out", str(demo_dir), "--stages", "llava", *args])
+    assert clip.stat().st_mtime_ns == before
+    first, _ = read_checkpoint_config(demo_dir / "llava-stage1" / "model")
+    second, _ = read_checkpoint_config(demo_dir / "llava" / "model")
+    assert isinstance(first, FlamingoConfig)
+    assert (first.connector, first.lm.trainable) == ("llava", "none")
+    assert (second.connector, second.lm.trainable) == ("llava", "full")
+    train = (demo_dir / "configs" / "train-llava.yaml").read_text()
+    assert "video" not in train and "runs/demo" not in train
+    scores = json.loads((demo_dir / "scores.json").read_text())
+    for setting in ("LLaVA connector, random demos", "LLaVA connector, blind"):
+        assert set(scores[setting]["coco"]) == {"0", "4"}, setting
+    assert "random demos" in scores and "RICES demos" in scores  # Flamingo's rows stay
