@@ -30,7 +30,12 @@ to ``vision.feature_layer`` (the blocks counted are those run), its projector is
 per image over its ``V`` tokens, **2F** (its input, the frozen tower's, needs no gradient),
 plus ``2 V D D`` for the second layer, **3F**, and ``T`` counts the image tokens the LM reads. With the LM trained (``lm.trainable:
 full``, LLaVA's stage 2) the LM, its attention and the head are **3F** (weight gradients too).
-LoRA's adapters are not counted. The ``k`` new token rows, when given (``new_tokens``), add
+The Q-Former connector (``connector: qformer``), per image over ``Q`` queries of width ``H``
+and the tower's ``V`` tokens: per layer self-attention ``8 Q H^2 + 4 Q^2 H`` and feed-forward
+``4 Q H I``, in its cross-attention layers queries and output ``4 Q H^2``, attention
+``4 Q V H``, all **3F**, and keys and values of the tower's tokens ``4 V W H``, **2F** (their
+input needs no gradient); the projection into the LM ``2 Q H D``, **3F**. LoRA's adapters are
+not counted. The ``k`` new token rows, when given (``new_tokens``), add
 their head columns, **3F**, and their embedding's one-hot product, **2F** (``2 T D k``
 each).
 
@@ -122,6 +127,11 @@ class StepShape:
     image_tokens: int = 0  # V of the projector: the tower's tokens an image (CLS included if kept)
     lm_trains: bool = False  # the LM's weights train (LLaVA's stage 2)
     new_tokens: int = 0  # k, the new token rows (their embedding product and head columns)
+    qformer_layers: int = 0  # the Q-Former's (connector: qformer)
+    qformer_width: int = 0  # H
+    qformer_intermediate: int = 0
+    qformer_cross_every: int = 2
+    queries: int = 0  # Q
 
 
 def forward_flops(s: StepShape) -> dict[str, float]:
@@ -161,6 +171,17 @@ def forward_flops(s: StepShape) -> dict[str, float]:
     }
     if s.new_tokens:  # the head's k columns and the embedding's one-hot product of k rows
         parts["new_tokens"] = float(4 * t * d * s.new_tokens * s.batch)
+    if s.connector == "qformer":
+        h, q, kv = s.qformer_width, s.queries, s.image_tokens  # kv: the tower's tokens it reads
+        crossing = len(range(0, s.qformer_layers, s.qformer_cross_every))
+        layer = 8 * q * h * h + 4 * q * q * h + 4 * q * h * s.qformer_intermediate
+        cross = 4 * q * h * h + 4 * q * kv * h  # queries, output, attention
+        parts.update(
+            resampler=0.0,
+            gated_blocks=0.0,
+            qformer=float((s.qformer_layers * layer + crossing * cross + 2 * q * h * d) * items),
+            qformer_tower_kv=float(crossing * 4 * kv * w * h * items),
+        )
     if s.connector == "llava":
         first = 2 * s.image_tokens * w * d
         second = (s.projector_layers == 2) * 2 * s.image_tokens * d * d
@@ -195,6 +216,7 @@ def train_step_flops(s: StepShape) -> dict[str, float]:
     # new tokens: the columns' input and weight gradients (3F), the rows' weight gradient (2F)
     # the projector's first layer reads the frozen tower: no input gradient (2F); its second 3F
     factor = {**BACKWARD_FACTOR, "projector_in": 2, "projector_out": 3, "new_tokens": 2.5}
+    factor.update(qformer=3, qformer_tower_kv=2)  # keys and values of the frozen tower: 2F
     if s.lm_trains:  # weight gradients too
         factor.update(lm=3, head=3)
     parts = {k: f * factor[k] for k, f in forward_flops(s).items()}

@@ -140,6 +140,11 @@ def step_shape(
         connector=cfg.connector,
         projector_layers=cfg.projector.layers,
         image_tokens=(size // patch) ** 2 + int(cfg.vision.cls_token),
+        qformer_layers=cfg.qformer.layers,
+        qformer_width=cfg.qformer.width,
+        qformer_intermediate=cfg.qformer.intermediate,
+        qformer_cross_every=cfg.qformer.cross_attention_every,
+        queries=cfg.qformer.queries,
         lm_trains=cfg.lm.trainable == "full",
         new_tokens=new_tokens,
     )

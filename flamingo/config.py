@@ -46,6 +46,9 @@ class VisionConfig(YamlConfig):
     paper's and OpenFlamingo's resampler reads the patch tokens only."""
     image_size: int = 224
     """Input resolution; must equal the tower's own."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of the tower's LayerNorms: open_clip's 1e-5, or the imported tower's own (EVA's,
+    BLIP-2's: 1e-6), set on the built tower."""
     feature_layer: int = -1
     """Which transformer block's output the tokens are, counted as Python indexes the blocks:
     -1 the last (the paper, OpenFlamingo, IDEFICS), -2 the one before it (LLaVA-1.5, whose
@@ -136,6 +139,44 @@ class ProjectorConfig(YamlConfig):
     def __post_init__(self) -> None:
         if self.layers not in (1, 2):
             raise ValueError(f"projector.layers must be 1 or 2, got {self.layers}")
+
+
+@dataclass(frozen=True)
+class QFormerConfig(YamlConfig):
+    """BLIP-2's connector (``connector: qformer``): learned queries that read the tower's tokens
+    through a BERT-style transformer, projected into the LM's input; an image becomes
+    ``queries`` tokens of the LM's input. The defaults are BLIP-2's (BERT-base)."""
+
+    queries: int = 32
+    """Learned query tokens, and so the LM's tokens per image."""
+    layers: int = 12
+    """Transformer layers."""
+    width: int = 768
+    """Hidden width."""
+    heads: int = 12
+    """Attention heads."""
+    intermediate: int = 3072
+    """Feed-forward width."""
+    cross_attention_every: int = 2
+    """Layers 0, k, 2k, ... also attend to the tower's tokens (BLIP-2: every other layer)."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """The feed-forward's nonlinearity (BERT: GELU)."""
+    layer_norm_eps: float = 1e-12
+    """Epsilon of the LayerNorms (BERT's)."""
+    dropout: float = 0.1
+    """Dropout after the embeddings' norm and in each residual output while training (BERT's
+    ``hidden_dropout_prob``)."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention weights while training."""
+
+    def __post_init__(self) -> None:
+        for key in ("queries", "layers", "width", "heads", "intermediate", "cross_attention_every"):
+            positive(key, getattr(self, key))
+        if self.width % self.heads:
+            raise ValueError(f"qformer.width {self.width} is not divisible by heads {self.heads}")
+        for key in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"qformer.{key} must be in [0, 1), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -293,20 +334,23 @@ class FlamingoConfig(YamlConfig):
     """Gated cross-attention blocks."""
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     """Language model and tokenizer."""
-    connector: Literal["flamingo", "llava"] = "flamingo"
+    connector: Literal["flamingo", "llava", "qformer"] = "flamingo"
     """How the LM sees an image: ``flamingo``, the resampler's latents through gated
     cross-attention blocks (``resampler``, ``xattn``); ``llava``, each patch token projected
     (``projector``) into the LM's input, in place of the image's ``<image>`` tokens (one per
-    patch token; ARCHITECTURE.md, "Connectors")."""
+    patch token; ARCHITECTURE.md, "Connectors"); ``qformer``, BLIP-2's queries (``qformer``),
+    projected into the LM's input in place of ``qformer.queries`` ``<image>`` tokens."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     """LLaVA's projector (``connector: llava``)."""
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    """BLIP-2's Q-Former (``connector: qformer``)."""
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen vision tower and LM; trainable parameters stay float32 (paper)."""
 
     def __post_init__(self) -> None:
-        if self.connector == "llava" and self.lm.special_tokens == "idefics":
+        if self.connector != "flamingo" and self.lm.special_tokens == "idefics":
             raise ValueError(
-                "connector: llava writes each image as a run of <image> tokens; "
+                f"connector: {self.connector} writes each image as a run of <image> tokens; "
                 "lm.special_tokens: idefics is IDEFICS's prompt form (a Flamingo): use flamingo "
                 "or llava"
             )

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
+import flamingo.convert.blip2 as blip2
 import flamingo.convert.llava as llava
 import flamingo.hub as hub
 from flamingo.checkpoint import (
@@ -39,12 +40,16 @@ from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.lora import adapter_modules, add_adapters
 from flamingo.processing import FlamingoProcessor, place_in_slots
 from flamingo.projector import LlavaProjector
+from flamingo.qformer import QFormer, QFormerLayer
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
 from flamingo.tokens import SpecialTokens
 from flamingo.vision import VisionEncoder
 from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, media_index_from_ids
 
-FOREIGN_FORMATS = {"idefics": "from_idefics", "llava": "from_llava"}
+CONNECTORS = {"flamingo": "resampler", "llava": "projector", "qformer": "qformer"}
+"""``connector:`` -> the attribute holding its module (and its name in ``trainable_modules``)."""
+
+FOREIGN_FORMATS = {"idefics": "from_idefics", "llava": "from_llava", "blip-2": "from_blip2"}
 """Checkpoints in transformers' format that load by converting: ``model_type`` -> the builder."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,6 +132,8 @@ class Flamingo(nn.Module):
         self.vision = vision
         if cfg.connector == "llava":
             self.projector = LlavaProjector(cfg.projector, vision.width, lm.hf.config.hidden_size)
+        elif cfg.connector == "qformer":
+            self.qformer = QFormer(cfg.qformer, vision.width, lm.hf.config.hidden_size)
         else:
             self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
         self.lm = lm
@@ -138,14 +145,14 @@ class Flamingo(nn.Module):
 
     @property
     def splices_media(self) -> bool:
-        """Whether the media enter the LM's input in place of the ``<image>`` tokens (LLaVA)
-        rather than through cross-attention: a prompt's media are then read once, by the call
-        that holds its ``<image>`` tokens, and later tokens need none."""
-        return self.cfg.connector == "llava"
+        """Whether the media enter the LM's input in place of the ``<image>`` tokens (LLaVA,
+        BLIP-2) rather than through cross-attention: a prompt's media are then read once, by
+        the call that holds its ``<image>`` tokens, and later tokens need none."""
+        return self.cfg.connector != "flamingo"
 
     def connector(self) -> nn.Module:
         """The module from the tower's tokens to what the LM reads."""
-        return self.projector if self.splices_media else self.resampler
+        return getattr(self, CONNECTORS[self.cfg.connector])
 
     @classmethod
     def from_config(
@@ -160,7 +167,7 @@ class Flamingo(nn.Module):
         vision = VisionEncoder(cfg.vision).to(dtype)
         hf_model = build_causal_lm(cfg.lm, dtype)
         special, size = processor.special_tokens, len(processor.tokenizer)
-        xattn = None if cfg.connector == "llava" else cfg.xattn
+        xattn = cfg.xattn if cfg.connector == "flamingo" else None
         return cls(cfg, vision, FlamingoLM(hf_model, xattn, vision.width, special, size))
 
     @classmethod
@@ -248,8 +255,19 @@ class Flamingo(nn.Module):
         return llava.load_llava(model, state)
 
     @classmethod
+    def from_blip2(cls, directory: str | Path) -> Flamingo:
+        """Our model with the Q-Former connector and a BLIP-2 checkpoint directory
+        (transformers' ``Blip2ForConditionalGeneration`` format, ``Salesforce/blip2-opt-*``)
+        loaded into it, its config made by :func:`flamingo.convert.blip2.blip2_config`."""
+        cfg = blip2.directory_config(directory)
+        _, state = blip2.read_blip2(directory)
+        with _storage_free() if _weights_all_in_files(cfg) else contextlib.nullcontext():
+            model = cls.from_config(cfg)
+        return blip2.load_blip2(model, state)
+
+    @classmethod
     def _converted_foreign(cls, kind: str, repo_id: str, revision: str | None) -> Path:
-        """An IDEFICS or LLaVA Hub repo converted to our format, once per commit."""
+        """An IDEFICS, LLaVA or BLIP-2 Hub repo converted to our format, once per commit."""
         snap = hub.transformers_snapshot(repo_id, revision)
         out = hub.converted_dir(repo_id, commit=snap.name)
         if not (out / "config.json").is_file():  # written last: a complete conversion
@@ -531,9 +549,10 @@ class Flamingo(nn.Module):
         has_media = media_latents is not None and media_latents.numel() > 0
         if has_media or not (self.training and self.policy.every_parameter_takes_part):
             return media_latents
-        weight = self.projector.linear_1.weight
+        connector = self.connector()
+        weight = next(connector.parameters())
         zero = weight.new_zeros(input_ids.shape[0], 1, 1, 1, self.vision.width)
-        return self.projector(zero)
+        return connector(zero)
 
     def _check_spliced(
         self, input_ids: torch.Tensor, media: torch.Tensor | None, sync_free: bool
@@ -610,15 +629,16 @@ class Flamingo(nn.Module):
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The parts that train: the resampler, the gated blocks and the new token rows (paper
-        Sec. 2), or the projector and the new rows (LLaVA), and the LM itself with
-        ``lm.trainable: full``; everything else is frozen."""
+        Sec. 2), or the projector (LLaVA) or the Q-Former (BLIP-2) and the new rows, and the
+        LM itself with ``lm.trainable: full`` (its adapters with ``lora``); everything else is
+        frozen."""
         if not self.splices_media:
             return {
                 "resampler": self.resampler,
                 "gated_blocks": self.lm.gated_blocks,
                 "new_tokens": self.lm.new_tokens,
             }
-        parts: dict[str, nn.Module] = {"projector": self.projector}
+        parts: dict[str, nn.Module] = {CONNECTORS[self.cfg.connector]: self.connector()}
         if self.cfg.lm.trainable == "full":
             parts["lm"] = self.lm.hf
         elif self.cfg.lm.trainable == "lora":
@@ -663,6 +683,8 @@ class Flamingo(nn.Module):
 
     def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes a distributed engine may shard or checkpoint as units."""
+        if self.cfg.connector == "qformer":
+            return (self.lm.decoder_layer_class(), QFormerLayer)
         if self.splices_media:
             return (self.lm.decoder_layer_class(),)
         return (self.lm.decoder_layer_class(), GatedCrossAttentionBlock, PerceiverLayer)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+import flamingo.convert.blip2 as blip2
 import flamingo.convert.idefics as idefics
 import flamingo.convert.llava as llava
 from flamingo.chat import render
@@ -49,7 +50,11 @@ from flamingo.tokens import (
 from flamingo.vision import image_transform, tokens_per_image
 
 Media = Image.Image | Sequence[Image.Image]
-FOREIGN_CONFIGS = {"idefics": idefics.directory_config, "llava": llava.directory_config}
+FOREIGN_CONFIGS = {
+    "idefics": idefics.directory_config,
+    "llava": llava.directory_config,
+    "blip-2": blip2.directory_config,
+}
 """Foreign formats whose processor comes from their own files: ``model_type`` -> the reader
 of our config from a checkpoint directory."""
 PROCESSOR_CONFIG = "processor_config.json"
@@ -105,7 +110,8 @@ class FlamingoProcessor:
             cfg.lm.trust_remote_code,
             cfg.lm.special_tokens,
         )
-        image_tokens = tokens_per_image(cfg.vision) if cfg.connector == "llava" else 1
+        image_tokens = {"llava": tokens_per_image(cfg.vision), "qformer": cfg.qformer.queries}
+        image_tokens = image_tokens.get(cfg.connector, 1)
         return cls(tokenizer, special, cfg.vision, padding_side, image_tokens)
 
     @classmethod

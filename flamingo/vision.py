@@ -178,6 +178,9 @@ class VisionEncoder(nn.Module):
                 f"vision.image_size={cfg.image_size} but {cfg.model_name!r} expects {tuple(size)}"
             )
         self.visual = visual.requires_grad_(False).eval()
+        for module in visual.modules():  # open_clip builds them with its default, 1e-5
+            if isinstance(module, nn.LayerNorm):
+                module.eps = cfg.layer_norm_eps
         self.width = visual.transformer.width
         depth = len(visual.transformer.resblocks)
         if -cfg.feature_layer > depth:

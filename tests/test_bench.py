@@ -360,3 +360,33 @@ def test_the_flop_formula_counts_the_llava_connector(counted_vision_attention, s
     with MatmulFlops() as train:
         summed_nll(model(ids, mask, pixel_values=pixels).logits, labels).backward()
     assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-6)
+
+
+def test_the_flop_formula_counts_the_qformer_connector(counted_vision_attention):
+    """BLIP-2's connector: queries, the tower's keys and values in the cross-attention layers
+    (no gradient into the frozen tower), the projection into the frozen LM."""
+    from bench.flops import forward_flops, train_step_flops
+    from bench.train_step import step_shape
+    from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+    from flamingo.losses import make_labels, summed_nll
+    from tests.test_blip2 import QFORMER
+
+    overrides = [*QFORMER, "qformer.layers=3", "qformer.dropout=0", "qformer.attention_dropout=0"]
+    cfg = FlamingoConfig.from_yaml(ROOT / "configs/model/tiny.yaml", overrides)
+    torch.manual_seed(0)
+    model = Flamingo.from_config(cfg).train()
+    special = FlamingoProcessor.from_config(cfg).special_tokens
+    batch, images, seq_len = 2, 2, 24
+    ids = torch.randint(3, 800, (batch, seq_len))
+    ids[:, 2:6], ids[:, 10:14] = special.image_id, special.image_id  # 4 queries an image
+    pixels = torch.randn(batch, images, 1, 3, 32, 32)
+    mask = torch.ones_like(ids)
+    shape = step_shape(cfg, batch, seq_len, images, new_tokens=len(special.new_ids))
+    assert (shape.image_tokens, shape.queries) == (17, 4)  # 16 patches and the CLS token
+    with torch.no_grad(), MatmulFlops() as forward:
+        model(ids, mask, pixel_values=pixels)
+    assert sum(forward_flops(shape).values()) == pytest.approx(forward.total, 1e-6)
+    labels = make_labels(ids, mask, special)
+    with MatmulFlops() as train:
+        summed_nll(model(ids, mask, pixel_values=pixels).logits, labels).backward()
+    assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-6)

@@ -4,12 +4,13 @@
     python -m flamingo.convert openflamingo openflamingo/OpenFlamingo-9B-vitl-mpt7b out_dir
     python -m flamingo.convert idefics HuggingFaceM4/idefics-9b-instruct out_dir
     python -m flamingo.convert llava llava-hf/llava-1.5-7b-hf out_dir
+    python -m flamingo.convert blip2 Salesforce/blip2-opt-2.7b out_dir
 
 An OpenFlamingo checkpoint is a ``checkpoint.pt`` file or a Hub repo id holding one
 (``--revision``); a release of ``flamingo.hub.OPENFLAMINGO_RELEASES`` needs no ``--config``.
-An IDEFICS or LLaVA checkpoint is a directory in transformers' format or a Hub repo id; its
-config comes from its own ``config.json`` (``flamingo.convert.idefics``,
-``flamingo.convert.llava``). The result loads with
+An IDEFICS, LLaVA or BLIP-2 checkpoint is a directory in transformers' format or a Hub repo
+id; its config comes from its own ``config.json`` (``flamingo.convert.idefics``,
+``flamingo.convert.llava``, ``flamingo.convert.blip2``). The result loads with
 ``Flamingo.from_pretrained(out_dir)``.
 """
 
@@ -50,10 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     lla.add_argument("checkpoint", help="LLaVA checkpoint directory, or its Hub repo id")
     lla.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
     lla.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
+    bl = sub.add_parser("blip2", help="a BLIP-2 checkpoint (transformers' format, decoder LM)")
+    bl.add_argument("checkpoint", help="BLIP-2 checkpoint directory, or its Hub repo id")
+    bl.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
+    bl.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
     args = parser.parse_args(argv)
 
-    if args.source in ("idefics", "llava"):
-        build = Flamingo.from_idefics if args.source == "idefics" else Flamingo.from_llava
+    builders = {"idefics": Flamingo.from_idefics, "llava": Flamingo.from_llava}
+    builders["blip2"] = Flamingo.from_blip2
+    if args.source in builders:
+        build = builders[args.source]
         model = build(hub.transformers_snapshot(args.checkpoint, args.revision))
         model.save_pretrained(args.out_dir)
         total = model.num_parameters()

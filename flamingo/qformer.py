@@ -1,0 +1,139 @@
+"""BLIP-2's connector: the Q-Former's learned queries read the tower's tokens, and a linear
+projection puts them into the LM's input (Li et al. 2023, Sec. 3).
+
+A BERT-style transformer over ``queries`` learned query tokens (32 in BLIP-2): every layer
+lets them attend to each other; every ``cross_attention_every``-th layer (from the first) also
+to the frozen tower's tokens (all of them, CLS included, after the tower's final LayerNorm);
+each sub-layer is post-norm (BERT's: ``LayerNorm(x + f(x))``). The queries' outputs, projected
+to the LM's width, take the place of an image's ``<image>`` tokens (``queries`` of them), as
+LLaVA's projected patches do (``FlamingoLM.splice``): a soft visual prompt of a fixed length.
+
+Shapes: ``vision_tokens (B, N, F, V, Dv) -> media_latents (B, N, Q, D)`` (one frame per image).
+The attribute names are transformers' ``Blip2QFormerModel``'s (``encoder.layer.{i}.attention.
+attention.query``, ``crossattention``, ``intermediate_query``, ``output_query``, ...) and its
+``query_tokens`` and ``language_projection``, so ``Salesforce/blip2-*`` checkpoints load by name
+(``flamingo/convert/blip2.py``). Only the image-grounded (query) path is here; the text side that
+BLIP-2's stage 1 trains is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo.config import QFormerConfig
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class MultiHeadAttention(nn.Module):
+    """Queries from ``hidden``; keys and values from ``context`` (width ``dim_context``)."""
+
+    def __init__(self, cfg: QFormerConfig, dim_context: int) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.query = nn.Linear(cfg.width, cfg.width)
+        self.key = nn.Linear(dim_context, cfg.width)
+        self.value = nn.Linear(dim_context, cfg.width)
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+
+        q, k, v = split(self.query(hidden)), split(self.key(context)), split(self.value(context))
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return out.transpose(1, 2).flatten(-2)
+
+
+class Residual(nn.Module):
+    """BERT's output sub-layer: ``LayerNorm(x + dropout(dense(h)))``."""
+
+    def __init__(self, cfg: QFormerConfig, dim_in: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim_in, cfg.width)
+        self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)  # noqa: N815 (BERT's name)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(x + self.dropout(self.dense(h)))
+
+
+class Attention(nn.Module):
+    """An attention sub-layer and its residual output."""
+
+    def __init__(self, cfg: QFormerConfig, dim_context: int) -> None:
+        super().__init__()
+        self.attention = MultiHeadAttention(cfg, dim_context)
+        self.output = Residual(cfg, cfg.width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.attention(x, x if context is None else context), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.intermediate)
+        self.act = ACTIVATIONS[cfg.activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention among the queries, cross-attention to the tower's tokens (in every
+    ``cross_attention_every``-th layer), the queries' feed-forward."""
+
+    def __init__(self, cfg: QFormerConfig, index: int, dim_vision: int) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, cfg.width)
+        if index % cfg.cross_attention_every == 0:
+            self.crossattention = Attention(cfg, dim_vision)
+        self.intermediate_query = Intermediate(cfg)
+        self.output_query = Residual(cfg, cfg.intermediate)
+
+    def forward(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        x = self.attention(queries)
+        if hasattr(self, "crossattention"):
+            x = self.crossattention(x, vision)
+        return self.output_query(self.intermediate_query(x), x)
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, cfg: QFormerConfig, dim_vision: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(QFormerLayer(cfg, i, dim_vision) for i in range(cfg.layers))
+
+
+class QFormer(nn.Module):
+    """Learned queries -> the tower's tokens, read -> the LM's input width."""
+
+    def __init__(self, cfg: QFormerConfig, dim_vision: int, dim_lm: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.queries, cfg.width) * 0.02)
+        self.layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = QFormerEncoder(cfg, dim_vision)
+        self.language_projection = nn.Linear(cfg.width, dim_lm)
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        if vision_tokens.ndim != 5:
+            raise ValueError(
+                f"vision_tokens must be (B, N, F, V, Dv), got shape {tuple(vision_tokens.shape)}"
+            )
+        b, n, f = vision_tokens.shape[:3]
+        if f != 1:
+            raise ValueError(
+                f"connector: qformer takes single images, got media of {f} frames (video needs "
+                "the resampler's time embeddings: connector: flamingo)"
+            )
+        weight = self.query_tokens
+        vision = vision_tokens[:, :, 0].flatten(0, 1).to(weight.dtype)  # (B N, V, Dv)
+        x = self.dropout(self.layernorm(weight.expand(vision.shape[0], -1, -1)))
+        for layer in self.encoder.layer:
+            x = layer(x, vision)
+        return self.language_projection(x).unflatten(0, (b, n))  # (B, N, Q, D)

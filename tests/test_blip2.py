@@ -1,0 +1,278 @@
+"""BLIP-2 import: transformers' ``Blip2ForConditionalGeneration`` (OPT) on tiny random configs,
+saved by transformers itself, converted, and compared logit for logit, token for token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+
+from flamingo import hub
+from flamingo.convert.__main__ import main as convert_main
+from flamingo.convert.blip2 import blip2_config
+from flamingo.model import Flamingo
+from flamingo.processing import FlamingoProcessor
+from flamingo.tokens import IMAGE, TINY_TOKENIZER_DIR
+from tests.conftest import COMMIT, lay_out, noise_image
+
+IMAGE_SIZE, PATCH, QUERIES = 28, 7, 4
+
+CASES = {  # (Q-Former layers, cross-attention frequency, tied LM embeddings)
+    "every_other_layer": (3, 2, False),
+    "every_layer_tied": (2, 1, True),
+}
+
+
+def blip2_tokenizer():
+    """The packaged tiny tokenizer with ``<image>`` and ``<pad>``, as BLIP-2's repos add them."""
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE], "pad_token": "<pad>"})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0):
+    """A random BLIP-2, its norms and biases set away from their initial values, written by
+    transformers with its tokenizer: (model, directory)."""
+    layers, every, tie = CASES[case]
+    tokenizer = blip2_tokenizer()
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=52,  # not a multiple of the width, as ViT-g's 6144 / 1408
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH,
+        ),
+        qformer_config=dict(
+            hidden_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=40,
+            cross_attention_frequency=every,
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            tie_word_embeddings=tie,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        num_query_tokens=QUERIES,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+    )
+    torch.manual_seed(seed)
+    reference = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))  # q/v and patch-embedding biases too
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.2)  # large enough that the images move the logits by > 1e-4
+    directory = tmp_path / case
+    reference.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return reference, directory
+
+
+def batch_of(processor: FlamingoProcessor):
+    """Two sequences of different lengths (left padding), three images, two in one row."""
+    a, b, c = (noise_image(s, (IMAGE_SIZE + 6, IMAGE_SIZE)) for s in range(3))
+    return processor(["<image>a cat and<image>a dog, and", "<image> one"], [[a, b], [c]])
+
+
+def reference_inputs(batch):
+    mask = batch["attention_mask"]
+    return dict(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        pixel_values=batch["pixel_values"][:, 0],
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converted_logits_equal_transformers_blip2(tmp_path, case):
+    reference, directory = save_reference(tmp_path, case)
+    ours = Flamingo.from_pretrained(directory)  # a BLIP-2 directory: converted in memory
+    processor = FlamingoProcessor.from_pretrained(directory)
+    batch = batch_of(processor)
+    assert processor.image_tokens == QUERIES
+    assert batch["attention_mask"][1, 0] == 0  # the second sequence is left padded
+    with torch.no_grad():
+        expected = reference(**reference_inputs(batch)).logits
+        got = ours(**batch).logits
+        other = ours(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).logits
+    assert not any(p.is_meta for p in ours.parameters())
+    real = batch["attention_mask"].bool()
+    assert got.shape == expected.shape
+    assert (got - expected)[real].abs().max().item() <= 1e-4
+    assert (other - got)[real].abs().max().item() > 1e-2  # the images matter
+
+
+def test_greedy_generation_gives_transformers_tokens(tmp_path):
+    reference, directory = save_reference(tmp_path)
+    ours = Flamingo.from_pretrained(directory)
+    processor = FlamingoProcessor.from_pretrained(directory)
+    batch = batch_of(processor)
+    banned = [[processor.special_tokens.image_id]]
+    with torch.no_grad():
+        expected = reference.generate(
+            **reference_inputs(batch),
+            max_new_tokens=6,
+            do_sample=False,
+            bad_words_ids=banned,
+            eos_token_id=None,
+        )[:, -6:]
+        for use_cache in (True, False):
+            got = ours.generate(**batch, max_new_tokens=6, eos_token_id=-1, use_cache=use_cache)
+            assert torch.equal(got[:, -6:], expected), use_cache
+
+
+def test_hub_repo_and_cli_convert_offline(tmp_path, offline_cache):
+    reference, directory = save_reference(tmp_path)
+    lay_out(offline_cache, "Salesforce/tiny-blip2", directory)
+    by_id = Flamingo.from_pretrained("Salesforce/tiny-blip2")
+    assert (hub.converted_dir("Salesforce/tiny-blip2", COMMIT) / "config.json").is_file()
+    out = tmp_path / "converted"
+    convert_main(["blip2", "Salesforce/tiny-blip2", str(out)])
+    again = Flamingo.from_pretrained(out)
+    batch = batch_of(FlamingoProcessor.from_pretrained("Salesforce/tiny-blip2"))
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**reference_inputs(batch)).logits
+        for model in (by_id, again):
+            assert (model(**batch).logits - expected)[real].abs().max().item() <= 1e-4
+    assert again.cfg.connector == "qformer" and again.cfg.vision.layer_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"qformer_config": {"use_qformer_text_input": True}}, "text input"),
+        ({"text_config": {"model_type": "t5"}}, "decoder-only"),
+        ({"vision_config": {"hidden_act": "silu"}}, "hidden_act"),
+    ],
+)
+def test_what_cannot_be_reproduced_is_refused(tmp_path, change, message):
+    _, directory = save_reference(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    for key, values in change.items():
+        config[key] = {**config[key], **values}
+    with pytest.raises(ValueError, match=message):
+        blip2_config(config, directory)
+
+
+# -- the Q-Former connector on the tiny config: the properties the other connectors hold -----
+
+QFORMER = (
+    "connector=qformer",
+    "vision.cls_token=true",
+    "qformer.queries=4",
+    "qformer.layers=2",
+    "qformer.width=32",
+    "qformer.heads=2",
+    "qformer.intermediate=64",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_processor() -> FlamingoProcessor:
+    from tests.conftest import tiny_config
+
+    return FlamingoProcessor.from_config(tiny_config(*QFORMER))
+
+
+def tiny_batch(processor):
+    images = [[noise_image(1), noise_image(2)], [noise_image(3)]]
+    return processor(["hello <image>a red circle<|endofchunk|><image>a", "<image>short"], images)
+
+
+def test_stage_2_trains_the_qformer_and_new_rows_only(tiny_processor):
+    from flamingo.losses import make_labels
+    from flamingo.training.engine import param_groups
+    from tests.conftest import build
+
+    model = build(*QFORMER).train()
+    assert set(model.trainable_modules()) == {"qformer", "new_tokens"}
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"qformer", "lm"}  # lm: its new token rows only
+    assert all(
+        n.startswith("lm.new_tokens.")
+        for n, p in model.named_parameters()
+        if p.requires_grad and n.startswith("lm.")
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    enc = tiny_batch(tiny_processor)
+    labels = make_labels(enc["input_ids"], enc["attention_mask"], tiny_processor.special_tokens)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
+    before = model.qformer.query_tokens.detach().clone()
+    model(**enc, labels=labels).nll_sum.backward()
+    optimizer.step()
+    assert not torch.equal(before, model.qformer.query_tokens)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(t, after[n]) for n, t in frozen.items())
+
+
+def test_cached_decoding_locality_and_round_trip(tiny_processor, tmp_path):
+    from tests.conftest import build
+
+    model = build(*QFORMER, seed=3)
+    enc = tiny_batch(tiny_processor)
+    image_id = tiny_processor.special_tokens.image_id
+    assert (enc["input_ids"][0] == image_id).sum() == 2 * QUERIES
+    for beams in (1, 2):
+        cached = model.generate(**enc, max_new_tokens=4, num_beams=beams, eos_token_id=-1)
+        full = model.generate(
+            **enc, max_new_tokens=4, num_beams=beams, eos_token_id=-1, use_cache=False
+        )
+        assert torch.equal(cached, full), beams
+    # the second image changes nothing before its tokens
+    other = {**enc, "pixel_values": enc["pixel_values"].clone()}
+    other["pixel_values"][1] = tiny_processor(["<image>"], [[noise_image(9)]])["pixel_values"][0]
+    with torch.no_grad():
+        diff = (model(**enc).logits - model(**other).logits).abs().amax(-1)[0]
+    second = (enc["input_ids"][0] == image_id).nonzero()[QUERIES, 0]
+    assert diff[:second].max() == 0 and diff[second:].max() > 1e-6
+    model.save_pretrained(tmp_path / "ckpt", tiny_processor)
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**enc).logits, model(**enc).logits)
+
+
+def test_train_py_trains_the_qformer(tmp_path):
+    import train
+    from tests.conftest import ROOT
+    from tests.tiny_shards import write_tiny_shards
+
+    shards = write_tiny_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    train.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "train" / "tiny-llava.yaml"),
+            f"datasets.0.shards={shards['interleaved']}",
+            f"datasets.1.shards={shards['pairs']}",
+            f"model_overrides={json.dumps(list(QFORMER))}",
+            f"output_dir={out}",
+            "num_workers=0",
+            "tensorboard=false",
+            "log_every=1",
+            "steps=30",
+            "checkpoint_every=30",
+        ]
+    )
+    losses = [
+        json.loads(line)["loss/total"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+    assert Flamingo.from_pretrained(out / "model").cfg.connector == "qformer"
