@@ -156,3 +156,16 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("FLAMINGO_CACHE", str(tmp_path / "flamingo-cache"))
     return cache
+
+
+def tokenizer_with_image():
+    """The packaged tiny tokenizer with ``<image>`` and ``<pad>`` added, as the ``llava-hf`` and
+    BLIP-2 repos' tokenizers have them (their LMs hold the rows), padding on the left."""
+    from transformers import AutoTokenizer
+
+    from flamingo.tokens import IMAGE, TINY_TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE], "pad_token": "<pad>"})
+    tokenizer.padding_side = "left"
+    return tokenizer

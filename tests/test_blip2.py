@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from flamingo import hub
 from flamingo.convert.__main__ import main as convert_main
 from flamingo.convert.blip2 import blip2_config
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
-from flamingo.tokens import IMAGE, TINY_TOKENIZER_DIR
-from tests.conftest import COMMIT, lay_out, noise_image
+from flamingo.tokens import IMAGE
+from tests.conftest import COMMIT, lay_out, noise_image, tokenizer_with_image
 
 IMAGE_SIZE, PATCH, QUERIES = 28, 7, 4
 
@@ -25,19 +25,11 @@ CASES = {  # (Q-Former layers, cross-attention frequency, tied LM embeddings)
 }
 
 
-def blip2_tokenizer():
-    """The packaged tiny tokenizer with ``<image>`` and ``<pad>``, as BLIP-2's repos add them."""
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE], "pad_token": "<pad>"})
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
 def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0):
     """A random BLIP-2, its norms and biases set away from their initial values, written by
     transformers with its tokenizer: (model, directory)."""
     layers, every, tie = CASES[case]
-    tokenizer = blip2_tokenizer()
+    tokenizer = tokenizer_with_image()
     config = Blip2Config(
         vision_config=dict(
             hidden_size=24,

@@ -24,6 +24,7 @@ from tests.tiny_shards import write_tiny_shards
 
 LLAVA = ("connector=llava", "vision.feature_layer=-2", "vision.ln_post_on_tokens=false")
 TOKENS = 16  # the tiny tower's 4 x 4 patches, the CLS token dropped
+TRAIN_CONFIG = str(ROOT / "configs" / "train" / "tiny-llava.yaml")
 TEXT = "hello <image>a red circle<|endofchunk|><image>a blue square<|endofchunk|>"
 
 
@@ -58,7 +59,7 @@ def test_the_data_path_writes_the_same_runs(processor):
     """Training samples: ``seq_len`` counts an image once, and the run of its tokens is
     written after the window is taken (no window cuts an image's tokens in half)."""
     cfg = train.TrainConfig.from_yaml(
-        ROOT / "configs" / "train" / "tiny-llava.yaml",
+        TRAIN_CONFIG,
         ["datasets.1.shards=x.tar", "datasets.0.shards=x.tar"],
     ).datasets[1]
     images = ImagePreprocessor(processor.vision_cfg)
@@ -213,16 +214,20 @@ def test_connector_settings_are_checked(overrides, message):
         tiny_config(*overrides)
 
 
-def test_train_stage_1_then_stage_2(tmp_path):
+def train_args(tmp_path) -> list[str]:
+    """configs/train/tiny-llava.yaml's overrides for a quick run on fresh tiny shards."""
     shards = write_tiny_shards(tmp_path / "shards")
-    config = str(ROOT / "configs" / "train" / "tiny-llava.yaml")
-    common = [
+    return [
         f"datasets.0.shards={shards['interleaved']}",
         f"datasets.1.shards={shards['pairs']}",
         "num_workers=0",
         "tensorboard=false",
         "log_every=1",
     ]
+
+
+def test_train_stage_1_then_stage_2(tmp_path):
+    config, common = TRAIN_CONFIG, train_args(tmp_path)
     one = tmp_path / "stage1"
     train.main(
         ["--config", config, *common, f"output_dir={one}", "steps=30", "checkpoint_every=30"]
@@ -267,7 +272,7 @@ def test_train_stage_1_then_stage_2(tmp_path):
 def test_a_checkpoints_architecture_cannot_change_with_init_from():
     with pytest.raises(ValueError, match="what trains"):
         train.TrainConfig.from_yaml(
-            ROOT / "configs" / "train" / "tiny-llava.yaml",
+            TRAIN_CONFIG,
             ["model=null", "init_from=x", "model_overrides=[connector=flamingo]"],
         )
 
@@ -325,7 +330,7 @@ def test_stage_2_under_zero2_and_zero3_gives_the_same_model(tmp_path):
         args = [
             "train.py",
             "--config",
-            str(ROOT / "configs" / "train" / "tiny-llava.yaml"),
+            TRAIN_CONFIG,
             f"datasets.0.shards={shards['interleaved']}",
             f"datasets.1.shards={shards['pairs']}",
             f"engine.deepspeed=configs/deepspeed/{stage}.json",
@@ -384,14 +389,7 @@ def test_lora_targets_are_checked():
 
 
 def test_train_stage_2_with_lora_from_stage_1(tmp_path):
-    shards = write_tiny_shards(tmp_path / "shards")
-    config = str(ROOT / "configs" / "train" / "tiny-llava.yaml")
-    common = [
-        f"datasets.0.shards={shards['interleaved']}",
-        f"datasets.1.shards={shards['pairs']}",
-        "num_workers=0",
-        "tensorboard=false",
-    ]
+    config, common = TRAIN_CONFIG, train_args(tmp_path)
     one = tmp_path / "stage1"
     train.main(["--config", config, *common, f"output_dir={one}", "steps=3", "checkpoint_every=3"])
     two = tmp_path / "stage2"

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoTokenizer,
     CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -20,8 +19,8 @@ from flamingo.convert.__main__ import main as convert_main
 from flamingo.convert.llava import llava_config
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
-from flamingo.tokens import IMAGE, TINY_TOKENIZER_DIR
-from tests.conftest import COMMIT, lay_out, noise_image
+from flamingo.tokens import IMAGE
+from tests.conftest import COMMIT, lay_out, noise_image, tokenizer_with_image
 
 IMAGE_SIZE, PATCH = 28, 7
 GRID = IMAGE_SIZE // PATCH
@@ -33,19 +32,11 @@ CASES = {  # (vision_feature_layer, vision_feature_select_strategy, projector_hi
 }
 
 
-def llava_tokenizer():
-    """The packaged tiny tokenizer with LLaVA's ``<image>`` and ``<pad>``, as llava-hf's have."""
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE], "pad_token": "<pad>"})
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
 def save_reference(tmp_path, case: str = "llava-1.5", seed: int = 0, tie: bool = False):
     """A random LLaVA, its norms set away from their initial values, written to ``tmp_path``
     by transformers with its tokenizer and image processor: (model, directory)."""
     layer, strategy, act = CASES[case]
-    tokenizer = llava_tokenizer()
+    tokenizer = tokenizer_with_image()
     config = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",

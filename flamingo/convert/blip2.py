@@ -25,31 +25,24 @@ The Q-Former's text side (``use_qformer_text_input``, InstructBLIP's) and encode
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flamingo.config import OPENAI_MEAN, OPENAI_STD, FlamingoConfig
-from flamingo.convert.mapping import assign_mapped, clip_tower_names, read_tensors
+from flamingo.convert.mapping import (
+    assign_mapped,
+    clip_tower_names,
+    read_configs,
+    read_tensors,
+)
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
 
 TOWER = "vision_model."
 DROPPED_TEXT_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype")
-
-
-def is_blip2(directory: Path) -> bool:
-    """Whether ``directory`` holds a BLIP-2 checkpoint (its ``config.json`` says so)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("model_type") == "blip-2"
-    except (json.JSONDecodeError, AttributeError):
-        return False
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
@@ -137,24 +130,15 @@ def blip2_config(
 
 def directory_config(directory: str | Path) -> FlamingoConfig:
     """:func:`blip2_config` of a BLIP-2 checkpoint directory."""
-    directory = Path(directory)
-    if not is_blip2(directory):
-        raise ValueError(f"{directory} is not a BLIP-2 checkpoint (config.json model_type)")
-    pre = directory / "preprocessor_config.json"
-    preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
-    return blip2_config(
-        json.loads((directory / "config.json").read_text()), directory, preprocessor
-    )
+    config, preprocessor = read_configs(directory, "blip-2", "BLIP-2")
+    return blip2_config(config, directory, preprocessor)
 
 
 def read_blip2(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A BLIP-2 checkpoint directory's ``config.json`` and its tensors, the tower's made into
     open_clip's terms: the patch embedding's bias folded into the patch tokens' position
     embeddings, each layer's q and v biases packed (k's zero) where they are kept apart."""
-    directory = Path(directory)
-    if not is_blip2(directory):
-        raise ValueError(f"{directory} is not a BLIP-2 checkpoint (config.json model_type)")
-    config = json.loads((directory / "config.json").read_text())
+    config, _ = read_configs(directory, "blip-2", "BLIP-2")
     state = read_tensors(directory, "BLIP-2")
     bias = state.pop(TOWER + "embeddings.patch_embedding.bias", None)
     if bias is not None:

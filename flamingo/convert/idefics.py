@@ -25,14 +25,18 @@ the logits to transformers' ``IdeficsForVisionText2Text`` on tiny random configs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flamingo.config import OPENAI_MEAN, OPENAI_STD, FlamingoConfig
-from flamingo.convert.mapping import assign_mapped, clip_tower_names, read_tensors
+from flamingo.convert.mapping import (
+    assign_mapped,
+    clip_tower_names,
+    read_configs,
+    read_tensors,
+)
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -76,17 +80,6 @@ PERCEIVER_KEYS = (
 )
 IGNORED_BUFFERS = ("position_ids", "rotary_emb.inv_freq")
 """Non-parameter tensors some IDEFICS checkpoints carry, rebuilt by the model."""
-
-
-def is_idefics(directory: Path) -> bool:
-    """Whether ``directory`` holds an IDEFICS checkpoint (its ``config.json`` says so)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("model_type") == "idefics"
-    except (json.JSONDecodeError, AttributeError):
-        return False
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
@@ -237,23 +230,14 @@ def idefics_config(
 def directory_config(directory: str | Path) -> FlamingoConfig:
     """:func:`idefics_config` of an IDEFICS checkpoint directory (its ``config.json``, its
     tokenizer and its ``preprocessor_config.json``)."""
-    directory = Path(directory)
-    if not is_idefics(directory):
-        raise ValueError(f"{directory} is not an IDEFICS checkpoint (config.json model_type)")
-    pre = directory / "preprocessor_config.json"
-    preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
-    return idefics_config(
-        json.loads((directory / "config.json").read_text()), directory, preprocessor
-    )
+    config, preprocessor = read_configs(directory, "idefics", "IDEFICS")
+    return idefics_config(config, directory, preprocessor)
 
 
 def read_idefics(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """An IDEFICS checkpoint directory's ``config.json`` and its tensors (safetensors files,
     sharded or not, else ``pytorch_model*.bin`` read with ``weights_only=True``)."""
-    directory = Path(directory)
-    if not is_idefics(directory):
-        raise ValueError(f"{directory} is not an IDEFICS checkpoint (config.json model_type)")
-    config = json.loads((directory / "config.json").read_text())
+    config, _ = read_configs(directory, "idefics", "IDEFICS")
     return config, read_tensors(directory, "IDEFICS")
 
 

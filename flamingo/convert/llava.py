@@ -28,14 +28,18 @@ random configs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flamingo.config import OPENAI_MEAN, OPENAI_STD, FlamingoConfig
-from flamingo.convert.mapping import assign_mapped, clip_tower_names, read_tensors
+from flamingo.convert.mapping import (
+    assign_mapped,
+    clip_tower_names,
+    read_configs,
+    read_tensors,
+)
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -53,17 +57,6 @@ NESTED_TOWER = TOWER + "vision_model."
 
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "quick_gelu": "quick_gelu"}
 DROPPED_TEXT_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype")
-
-
-def is_llava(directory: Path) -> bool:
-    """Whether ``directory`` holds a LLaVA checkpoint (its ``config.json`` says so)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("model_type") == "llava"
-    except (json.JSONDecodeError, AttributeError):
-        return False
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
@@ -157,23 +150,14 @@ def llava_config(
 def directory_config(directory: str | Path) -> FlamingoConfig:
     """:func:`llava_config` of a LLaVA checkpoint directory (its ``config.json``, its
     tokenizer and its ``preprocessor_config.json``)."""
-    directory = Path(directory)
-    if not is_llava(directory):
-        raise ValueError(f"{directory} is not a LLaVA checkpoint (config.json model_type)")
-    pre = directory / "preprocessor_config.json"
-    preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
-    return llava_config(
-        json.loads((directory / "config.json").read_text()), directory, preprocessor
-    )
+    config, preprocessor = read_configs(directory, "llava", "LLaVA")
+    return llava_config(config, directory, preprocessor)
 
 
 def read_llava(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A LLaVA checkpoint directory's ``config.json`` and its tensors, under transformers 5's
     names (the older layout's prefixes rewritten)."""
-    directory = Path(directory)
-    if not is_llava(directory):
-        raise ValueError(f"{directory} is not a LLaVA checkpoint (config.json model_type)")
-    config = json.loads((directory / "config.json").read_text())
+    config, _ = read_configs(directory, "llava", "LLaVA")
     state = {}
     for name, tensor in read_tensors(directory, "LLaVA").items():
         for old, new in OLD_PREFIXES.items():

@@ -8,8 +8,9 @@ separate q, k and v projections are open_clip's packed ``in_proj``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,23 @@ if TYPE_CHECKING:
     from torch import nn
 
 Names = dict[str, tuple[str, ...]]
+
+
+def read_configs(
+    directory: str | Path, model_type: str, what: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A transformers checkpoint directory's ``config.json``, which must say ``model_type``
+    (else an error naming the format, ``what``), and its ``preprocessor_config.json`` (None
+    where it has none)."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict) or config.get("model_type") != model_type:
+        raise ValueError(f"{directory} is not a {what} checkpoint (config.json model_type)")
+    pre = directory / "preprocessor_config.json"
+    return config, json.loads(pre.read_text()) if pre.is_file() else None
 
 
 def read_tensors(directory: Path, what: str) -> dict[str, torch.Tensor]:
