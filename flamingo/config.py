@@ -46,9 +46,9 @@ class VisionConfig(YamlConfig):
     paper's and OpenFlamingo's resampler reads the patch tokens only."""
     image_size: int = 224
     """Input resolution; must equal the tower's own."""
-    layer_norm_eps: float = 1e-5
-    """Epsilon of the tower's LayerNorms: open_clip's 1e-5, or the imported tower's own (EVA's,
-    BLIP-2's: 1e-6), set on the built tower."""
+    layer_norm_eps: float | None = None
+    """Epsilon of the tower's LayerNorms, set on the built tower: an imported tower's own
+    (EVA's, BLIP-2's: 1e-6); None keeps what open_clip built (1e-5 for its CLIP towers)."""
     feature_layer: int = -1
     """Which transformer block's output the tokens are, counted as Python indexes the blocks:
     -1 the last (the paper, OpenFlamingo, IDEFICS), -2 the one before it (LLaVA-1.5, whose

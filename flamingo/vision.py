@@ -178,9 +178,10 @@ class VisionEncoder(nn.Module):
                 f"vision.image_size={cfg.image_size} but {cfg.model_name!r} expects {tuple(size)}"
             )
         self.visual = visual.requires_grad_(False).eval()
-        for module in visual.modules():  # open_clip builds them with its default, 1e-5
-            if isinstance(module, nn.LayerNorm):
-                module.eps = cfg.layer_norm_eps
+        if cfg.layer_norm_eps is not None:  # open_clip builds them with its own (1e-5)
+            for module in visual.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = cfg.layer_norm_eps
         self.width = visual.transformer.width
         depth = len(visual.transformer.resblocks)
         if -cfg.feature_layer > depth:

@@ -268,3 +268,13 @@ def test_train_py_trains_the_qformer(tmp_path):
     ]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
     assert Flamingo.from_pretrained(out / "model").cfg.connector == "qformer"
+
+
+def test_the_towers_layer_norm_epsilon_is_its_own_unless_given():
+    from tests.conftest import build
+
+    def epsilons(model):
+        return {m.eps for m in model.vision.modules() if isinstance(m, torch.nn.LayerNorm)}
+
+    assert epsilons(build()) == {1e-5}  # what open_clip built
+    assert epsilons(build("vision.layer_norm_eps=1e-6")) == {1e-6}  # BLIP-2's EVA tower
