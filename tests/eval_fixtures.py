@@ -182,3 +182,23 @@ def write_all(root: Path) -> dict[str, dict]:
         "eval_split": "val",
     }
     return tasks
+
+
+def small_eval_config(root: Path) -> Path:
+    """An eval config over every benchmark's fixture (:func:`write_all`) at 0 and 2 shots, one
+    trial, small batches: ``root/eval.yaml``."""
+    import yaml
+
+    cfg = {
+        "tasks": write_all(root / "data"),
+        "shots": [0, 2],
+        "trials": 1,
+        "num_beams": 2,
+        "batch_size": 2,
+        "query_set_size": 4,
+        "output_dir": str(root / "out"),
+        "cache_dir": str(root / "cache"),
+    }
+    path = root / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

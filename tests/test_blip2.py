@@ -278,3 +278,17 @@ def test_the_towers_layer_norm_epsilon_is_its_own_unless_given():
 
     assert epsilons(build()) == {1e-5}  # what open_clip built
     assert epsilons(build("vision.layer_norm_eps=1e-6")) == {1e-6}  # BLIP-2's EVA tower
+
+
+@pytest.mark.parametrize(("saved", "frozen"), [("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_the_checkpoints_precision_is_the_frozen_parts(tmp_path, saved, frozen):
+    """The frozen tower and LM keep the dtype the checkpoint was saved in, for LLaVA and
+    BLIP-2 alike (the Q-Former and the projector train in float32 whatever it was)."""
+    from flamingo.convert.llava import llava_config
+    from tests.test_llava import save_reference as save_llava
+
+    for save, read in ((save_reference, blip2_config), (save_llava, llava_config)):
+        _, directory = save(tmp_path / read.__name__)
+        config = json.loads((directory / "config.json").read_text())
+        config["text_config"]["dtype"] = saved
+        assert read(config, directory).frozen_dtype == frozen, read.__name__

@@ -284,26 +284,15 @@ def test_a_prompt_past_the_lms_positions_is_a_clear_error(processor):
         model(**enc)
 
 
-def test_eval_runs_every_task_on_a_llava_connector(tmp_path, capsys):
-    import yaml
-
+@pytest.mark.parametrize("connector", ["llava", "qformer"])
+def test_eval_runs_every_task_on_a_splicing_connector(tmp_path, capsys, connector):
     from eval.run import main as eval_main
-    from tests.eval_fixtures import write_all
+    from tests.eval_fixtures import small_eval_config
+    from tests.test_blip2 import QFORMER
     from tests.test_eval import BENCHMARKS
 
-    llava(seed=4).save_pretrained(tmp_path / "ckpt")
-    cfg = {
-        "tasks": write_all(tmp_path / "data"),
-        "shots": [0, 2],
-        "trials": 1,
-        "num_beams": 2,
-        "batch_size": 2,
-        "query_set_size": 4,
-        "output_dir": str(tmp_path / "out"),
-        "cache_dir": str(tmp_path / "cache"),
-    }
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
-    args = ["--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(tmp_path / "ckpt")]
+    build(*(LLAVA if connector == "llava" else QFORMER), seed=4).save_pretrained(tmp_path / "ckpt")
+    args = ["--config", str(small_eval_config(tmp_path)), "--checkpoint", str(tmp_path / "ckpt")]
     results = eval_main([*args, "demos=rices"])["results"]
     assert set(results) == BENCHMARKS
     for task, by_shots in results.items():

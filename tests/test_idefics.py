@@ -354,26 +354,14 @@ def test_fine_tuning_a_converted_idefics_lowers_the_loss(tmp_path):
 
 
 def test_every_eval_task_runs_on_an_idefics_checkpoint(tmp_path):
-    import yaml
-
     from eval.run import main as eval_main
-    from tests.eval_fixtures import write_all
+    from tests.eval_fixtures import small_eval_config
+    from tests.test_eval import BENCHMARKS
 
     _, _, directory = save_reference(tmp_path, "qk_norms_vector_gates")
-    cfg = {
-        "tasks": write_all(tmp_path / "data"),
-        "shots": [0, 2],
-        "trials": 1,
-        "num_beams": 2,
-        "batch_size": 2,
-        "query_set_size": 4,
-        "output_dir": str(tmp_path / "out"),
-        "cache_dir": str(tmp_path / "cache"),
-    }
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
-    args = ["--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(directory)]
+    args = ["--config", str(small_eval_config(tmp_path)), "--checkpoint", str(directory)]
     results = eval_main(args)["results"]
-    assert set(results) == set(cfg["tasks"])
+    assert set(results) == BENCHMARKS
     for task, by_shots in results.items():
         for entry in by_shots.values():
             for metric in entry["scores"].values():

@@ -32,8 +32,10 @@ import torch
 
 from flamingo.config import OPENAI_MEAN, OPENAI_STD, FlamingoConfig
 from flamingo.convert.mapping import (
-    assign_mapped,
+    assign_with_lm,
     clip_tower_names,
+    frozen_dtype,
+    lm_architecture,
     read_configs,
     read_tensors,
 )
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
     from flamingo.model import Flamingo
 
 TOWER = "vision_model."
-DROPPED_TEXT_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype")
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
@@ -75,9 +76,6 @@ def blip2_config(
     width, heads = vision.hidden_size, vision.num_attention_heads
     if width % heads:
         _refuse("vision_config.num_attention_heads", heads, f"it must divide {width}")
-    arch = {k: v for k, v in text.to_diff_dict().items() if k not in DROPPED_TEXT_KEYS}
-    arch["model_type"] = text.model_type
-    arch["tie_word_embeddings"] = bool(text.tie_word_embeddings)
     preprocessor = preprocessor or {}
     model = {
         "connector": "qformer",
@@ -120,10 +118,11 @@ def blip2_config(
         },
         "lm": {
             "name_or_path": None,
-            "architecture": arch,
+            "architecture": lm_architecture(text, bool(text.tie_word_embeddings)),
             "tokenizer": str(tokenizer),
             "special_tokens": "llava",
         },
+        "frozen_dtype": frozen_dtype(text, config),
     }
     return FlamingoConfig.from_dict(model)
 
@@ -175,27 +174,11 @@ def _tower_names(layers: int) -> dict[str, tuple[str, ...]]:
 def load_blip2(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
     """Load a BLIP-2 state dict (:func:`read_blip2`'s) into ``model``, built from
     :func:`blip2_config`. Strict, as :func:`flamingo.convert.mapping.assign_mapped` is."""
-    lm = model.lm
-    if lm.new_tokens.token_ids.numel():
-        raise ValueError(
-            f"the tokenizer needed new tokens {lm.new_tokens.token_ids.tolist()} (a <PAD>?), "
-            "which a BLIP-2 checkpoint has no rows for: give it the checkpoint's own tokenizer"
-        )
     names = _tower_names(len(model.vision.visual.transformer.resblocks))
-    for name, _ in model.qformer.named_parameters():
-        theirs = {"query_tokens": "query_tokens"}.get(name)
-        if theirs is None:
-            theirs = name if name.startswith("language_projection.") else "qformer." + name
-        names["qformer." + name] = (theirs,)
-    for name, _ in lm.hf.named_parameters():  # deduplicated: a tied head is not listed
+    for name, _ in model.qformer.named_parameters():  # BLIP-2 keeps two beside its Q-Former
+        outside = name.startswith(("query_tokens", "language_projection."))
+        names["qformer." + name] = (name if outside else "qformer." + name,)
+    for name, _ in model.lm.hf.named_parameters():  # deduplicated: a tied head is not listed
         names["lm.hf." + name] = ("language_model." + name,)
-    head, embed = lm.hf.get_output_embeddings(), lm.hf.get_input_embeddings()
-    tied = head.weight is embed.weight
-    if tied:
-        state = {k: v for k, v in state.items() if k != "language_model.lm_head.weight"}
-    absent = ("vision.visual.proj", "lm.new_tokens.input_rows", "lm.new_tokens.output_rows")
-    ignored = ("position_ids", "rotary_emb.inv_freq")
-    assign_mapped(model, state, names, "BLIP-2", absent, ignored)
-    if tied:  # assigning gave the embedding a new parameter: the head shares it again
-        head.weight = embed.weight
+    assign_with_lm(model, state, names, "BLIP-2", head="language_model.lm_head.weight")
     return model

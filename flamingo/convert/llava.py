@@ -35,8 +35,10 @@ import torch
 
 from flamingo.config import OPENAI_MEAN, OPENAI_STD, FlamingoConfig
 from flamingo.convert.mapping import (
-    assign_mapped,
+    assign_with_lm,
     clip_tower_names,
+    frozen_dtype,
+    lm_architecture,
     read_configs,
     read_tensors,
 )
@@ -56,7 +58,6 @@ TOWER = "model.vision_tower."
 NESTED_TOWER = TOWER + "vision_model."
 
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "quick_gelu": "quick_gelu"}
-DROPPED_TEXT_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype")
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
@@ -100,11 +101,6 @@ def llava_config(
     act = llava.projector_hidden_act
     if act not in ACTIVATIONS:
         _refuse("projector_hidden_act", act, f"the projector's activations are {list(ACTIVATIONS)}")
-    arch = {k: v for k, v in text.to_diff_dict().items() if k not in DROPPED_TEXT_KEYS}
-    arch["model_type"] = text.model_type
-    arch["tie_word_embeddings"] = bool(llava.tie_word_embeddings)
-    dtype = str(getattr(text, "dtype", None) or config.get("dtype") or "float32")
-    dtype = dtype.removeprefix("torch.")
     preprocessor = preprocessor or {}
     model = {
         "connector": "llava",
@@ -138,11 +134,11 @@ def llava_config(
         },
         "lm": {
             "name_or_path": None,
-            "architecture": arch,
+            "architecture": lm_architecture(text, bool(llava.tie_word_embeddings)),
             "tokenizer": str(tokenizer),
             "special_tokens": "llava",
         },
-        "frozen_dtype": dtype if dtype in ("bfloat16", "float16") else "float32",
+        "frozen_dtype": frozen_dtype(text, config),
     }
     return FlamingoConfig.from_dict(model)
 
@@ -174,11 +170,6 @@ def load_llava(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
     """Load a LLaVA state dict (:func:`read_llava`'s names) into ``model``, built from
     :func:`llava_config`. Strict, as :func:`flamingo.convert.mapping.assign_mapped` is."""
     lm = model.lm
-    if lm.new_tokens.token_ids.numel():
-        raise ValueError(
-            f"the tokenizer needed new tokens {lm.new_tokens.token_ids.tolist()} (a <PAD>?), "
-            "which a LLaVA checkpoint has no rows for: give it the checkpoint's own tokenizer"
-        )
     layers = len(model.vision.visual.transformer.resblocks)
     names = clip_tower_names(layers, TOWER)
     for p in ("weight", "bias") if model.cfg.projector.bias else ("weight",):
@@ -190,13 +181,5 @@ def load_llava(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
         names["lm.hf." + name] = (
             "model.language_model." + theirs if name.startswith(prefix) else name,
         )
-    # the contrastive projection (LLaVA's tower has none), our new-token rows (none here)
-    absent = ("vision.visual.proj", "lm.new_tokens.input_rows", "lm.new_tokens.output_rows")
-    head, embed = lm.hf.get_output_embeddings(), lm.hf.get_input_embeddings()
-    tied = head.weight is embed.weight
-    if tied:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # the tie's copy
-    assign_mapped(model, state, names, "LLaVA", absent, ("position_ids", "rotary_emb.inv_freq"))
-    if tied:  # assigning gave the embedding a new parameter: the head shares it again
-        head.weight = embed.weight
+    assign_with_lm(model, state, names, "LLaVA", head="lm_head.weight")
     return model

@@ -38,6 +38,49 @@ def read_configs(
     return config, json.loads(pre.read_text()) if pre.is_file() else None
 
 
+DROPPED_TEXT_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype")
+"""A text sub-config's keys that say nothing about the architecture."""
+
+
+def lm_architecture(text: Any, tie_word_embeddings: bool) -> dict[str, Any]:
+    """Our inline ``lm.architecture`` for a composite model's text sub-config (a transformers
+    ``PretrainedConfig``): what differs from its family's defaults, its ``model_type``, and
+    whether the head is tied (the composite's say, which can differ from the sub-config's)."""
+    arch = {k: v for k, v in text.to_diff_dict().items() if k not in DROPPED_TEXT_KEYS}
+    return {**arch, "model_type": text.model_type, "tie_word_embeddings": tie_word_embeddings}
+
+
+def frozen_dtype(text: Any, config: dict[str, Any]) -> str:
+    """Our ``frozen_dtype`` for the dtype a checkpoint's weights were saved in (its text
+    sub-config's, else the top level's): a half precision kept, anything else float32."""
+    dtype = str(getattr(text, "dtype", None) or config.get("dtype") or config.get("torch_dtype"))
+    dtype = dtype.removeprefix("torch.")
+    return dtype if dtype in ("bfloat16", "float16") else "float32"
+
+
+def assign_with_lm(
+    model: nn.Module, state: dict[str, torch.Tensor], names: Names, source: str, head: str
+) -> None:
+    """:func:`assign_mapped` for a composite checkpoint whose LM uses the tokenizer's own
+    tokens (LLaVA, BLIP-2): no new token rows (refused if the tokenizer needed any), the
+    contrastive projection absent from the tower, the head's copy in ``state`` (named
+    ``head``) dropped when the LM ties it to the embedding, and the tie restored after."""
+    lm = model.lm
+    if lm.new_tokens.token_ids.numel():
+        raise ValueError(
+            f"the tokenizer needed new tokens {lm.new_tokens.token_ids.tolist()} (a <PAD>?), "
+            f"which a {source} checkpoint has no rows for: give it the checkpoint's own tokenizer"
+        )
+    output, embed = lm.hf.get_output_embeddings(), lm.hf.get_input_embeddings()
+    tied = output.weight is embed.weight
+    if tied:
+        state = {k: v for k, v in state.items() if k != head}  # the tie's copy
+    absent = ("vision.visual.proj", "lm.new_tokens.input_rows", "lm.new_tokens.output_rows")
+    assign_mapped(model, state, names, source, absent, ("position_ids", "rotary_emb.inv_freq"))
+    if tied:  # assigning gave the embedding a new parameter: the head shares it again
+        output.weight = embed.weight
+
+
 def read_tensors(directory: Path, what: str) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers checkpoint directory: its safetensors files, sharded or
     not, else its ``pytorch_model*.bin`` files read with ``weights_only=True``."""
