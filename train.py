@@ -10,6 +10,9 @@ accumulated over all datasets; ``mixing=round_robin`` for the ablation), normali
 dataset's NLL by its target tokens over the whole step and all ranks, and weights it by the
 dataset's ``loss_weight``. Checkpoints are resumable exactly (``--resume auto``); the final
 model is exported with ``save_pretrained`` to ``OUTPUT/model``.
+
+``objective: qformer_stage1`` trains BLIP-2's stage 1 instead (the Q-Former's three losses on
+pairs, no LM: ``flamingo/training/stage1.py``); ``init_qformer`` starts stage 2 from its export.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from eval.config import EvalConfig
 from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from flamingo.losses import weighted_loss
+from flamingo.qformer_pretraining import QFormerPretraining
+from flamingo.training import stage1
 from flamingo.training.batches import Batches, StepBatches
 from flamingo.training.checkpoints import Checkpointer
 from flamingo.training.config import TrainConfig
@@ -186,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- setup: model, engine, data, run state -------------------------------------------------
     seed_everything(cfg.seed)  # same model initialisation on every rank
+    first_stage = cfg.objective == "qformer_stage1"
+    step_fn, metrics_fn = (
+        (stage1.train_step, stage1.step_metrics) if first_stage else (train_step, step_metrics)
+    )
     per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
     micro_batches = per_step * cfg.accumulation
     if cfg.init_from is not None:
@@ -196,8 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
         processor = FlamingoProcessor.from_config(model_cfg)
         with model_construction(cfg.engine, cfg.optim, micro_batches):
-            model = Flamingo.from_config(model_cfg, processor)
-    check_datasets(cfg, model_cfg)
+            if first_stage:
+                model = QFormerPretraining.from_config(model_cfg, processor.tokenizer)
+            else:
+                model = Flamingo.from_config(model_cfg, processor)
+            if cfg.init_qformer is not None:  # BLIP-2's stage 2 from stage 1
+                stage1.start_from_stage1(model, cfg.init_qformer)
+    (stage1.check_datasets if first_stage else check_datasets)(cfg, model_cfg)
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batches)
     eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(
@@ -227,14 +241,14 @@ def main(argv: list[str] | None = None) -> None:
         if step.stopped_by:
             stopped_by = step.stopped_by
             break
-        nll_sums, samples, info = train_step(engine, step, cfg, lr)
+        nll_sums, samples, info = step_fn(engine, step, cfg, lr)
         run.skipped_steps = run.skipped_steps + (~info.applied).long()  # a device count
         run.step += 1
         bar.update(1)
         if log_now:
             engine.synchronize()
             seconds = time.perf_counter() - start
-            metrics = step_metrics(
+            metrics = metrics_fn(
                 engine, cfg, step, nll_sums, samples, info, lr, seconds, run.skipped_steps
             )
             runlog.log(run.step, {**metrics, **batches.stats()})
@@ -277,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     # -- export -----------------------------------------------------------------------------------
     tensors = engine.full_tensors(model.exported_names())
     if engine.is_main:
-        model.save_pretrained(out / "model", processor, tensors=tensors)
+        saved_with = processor.tokenizer if first_stage else processor
+        model.save_pretrained(out / "model", saved_with, tensors=tensors)
         runlog.plot()
         log.info("exported %s (%d skipped steps)", out / "model", int(run.skipped_steps))
     runlog.close()

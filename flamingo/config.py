@@ -168,15 +168,40 @@ class QFormerConfig(YamlConfig):
     ``hidden_dropout_prob``)."""
     attention_dropout: float = 0.1
     """Dropout on the attention weights while training."""
+    max_text_positions: int = 512
+    """Stage 1: the text side's position embeddings (BERT's 512)."""
+    contrastive_width: int = 256
+    """Stage 1: width of the image and text features the contrastive loss compares."""
+    temperature: float = 0.07
+    """Stage 1: the contrastive loss's learned temperature, its initial value (kept within
+    [0.001, 0.5])."""
+    label_smoothing: float = 0.1
+    """Stage 1: label smoothing of the contrastive and the text-generation losses (BLIP-2's
+    code)."""
 
     def __post_init__(self) -> None:
-        for key in ("queries", "layers", "width", "heads", "intermediate", "cross_attention_every"):
+        for key in (
+            "queries",
+            "layers",
+            "width",
+            "heads",
+            "intermediate",
+            "cross_attention_every",
+            "max_text_positions",
+            "contrastive_width",
+        ):
             positive(key, getattr(self, key))
         if self.width % self.heads:
             raise ValueError(f"qformer.width {self.width} is not divisible by heads {self.heads}")
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"qformer.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0.001 <= self.temperature <= 0.5:
+            raise ValueError(f"qformer.temperature must be in [0.001, 0.5], got {self.temperature}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(
+                f"qformer.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
 
 
 @dataclass(frozen=True)

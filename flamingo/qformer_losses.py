@@ -10,14 +10,15 @@ Three losses, each with its own attention pattern between the queries and the te
   gradients of the loss over the global batch;
 - **image-text matching** (ITM, "bi-directional" mask: every query and text token sees every
   other): a binary classifier on the queries' outputs, over each pair, one negative text per
-  image and one negative image per text, drawn with probabilities given by the contrastive
-  similarities (hard negatives, :func:`hard_negatives`);
+  image and one negative image per text, drawn from the whole global batch with probabilities
+  given by the contrastive similarities (hard negatives, :func:`hard_negatives`; the
+  negatives' inputs come from the other ranks through :func:`gather`, no gradient needed: the
+  tower is frozen and the classifier reads the text's tokens, not its features);
 - **image-grounded text generation** (ITG, "multimodal causal" mask, :func:`itg_mask`):
   queries see queries only, each text token the queries and the text before it.
 
 Shapes: query features ``(B, Q, E)``, text features ``(B, E)`` (both L2-normalised here),
-logits ``(B, ...)``. The Q-Former's text side, which produces the text features, is not in
-this module.
+logits ``(B, ...)``. The model that produces them is :mod:`flamingo.qformer_pretraining`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather  # differentiable collective
 
     return torch.cat(all_gather(x), dim=0)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, in rank order, without gradient (``x``
+    itself outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def rank_offset(batch: int) -> int:
@@ -58,10 +69,11 @@ def contrastive_loss(
     text_feats: torch.Tensor,
     temperature: torch.Tensor | float,
     label_smoothing: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ITC: the mean of the image-to-text and text-to-image InfoNCE losses of this rank's
     rows against the global batch, with BLIP-2's label smoothing (0.1 in its code, LAVIS), and
-    this rank's (B, B_global) image-to-text similarities (for :func:`hard_negatives`). Each
+    this rank's ``(B, B_global)`` similarities, of its images to every text and of its texts
+    to every image (for :func:`hard_negatives`). Each
     rank's loss is over its own rows; their mean over ranks is the loss of the global batch,
     and the gradients summed over ranks (as data-parallel engines do, then dividing by the
     ranks) are its gradients: the gather keeps them (LAVIS gathers without, so a feature's
@@ -78,26 +90,38 @@ def contrastive_loss(
     smooth = {"label_smoothing": label_smoothing}
     loss = F.cross_entropy(i2t / temperature, targets, **smooth)
     loss = (loss + F.cross_entropy(t2i / temperature, targets, **smooth)) / 2
-    return loss, i2t
+    return loss, i2t, t2i
 
 
 def hard_negatives(
-    similarity: torch.Tensor, generator: torch.Generator | None = None
+    i2t: torch.Tensor,
+    t2i: torch.Tensor | None = None,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM's negatives from ITC's similarities ``(B, B)`` of a batch's images (rows) and texts
-    (columns), its pairs on the diagonal: for each image a text, for each text an image, drawn
-    with probability ``softmax(similarity)`` over the others (its own pair has none): the
-    harder a negative, the likelier. Returns (negative text of each image, negative image of
-    each text), indices into the batch."""
-    if similarity.shape[0] < 2 or similarity.shape[0] != similarity.shape[1]:
+    """ITM's negatives from ITC's similarities: ``i2t (B, B_global)`` of this rank's images to
+    every text of the global batch, ``t2i (B, B_global)`` of its texts to every image
+    (``i2t.T`` when the batch is the global one: one rank), the rank's own pairs at columns
+    ``offset + i``. For each image a text and for each text an image, drawn with probability
+    ``softmax(similarity)`` over the others (its own pair has none): the harder a negative,
+    the likelier (BLIP-2 divides the similarities by the contrastive temperature first; the
+    caller does). Drawn on the device, no host sync. Returns (negative text of each image,
+    negative image of each text), indices into the global batch."""
+    t2i = i2t.t() if t2i is None else t2i
+    rows, cols = i2t.shape
+    if cols < 2 or t2i.shape != i2t.shape or offset + rows > cols:
         raise ValueError(
-            f"hard negatives need a square similarity of at least 2 pairs, got {tuple(similarity.shape)}"
+            f"hard negatives need (B, B_global) similarities of at least 2 pairs, the rank's own "
+            f"at offset {offset}; got i2t {tuple(i2t.shape)}, t2i {tuple(t2i.shape)}"
         )
-    own = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-    weights = similarity.detach().float().masked_fill(own, float("-inf"))
-    text_for_image = torch.multinomial(weights.softmax(1), 1, generator=generator).squeeze(1)
-    image_for_text = torch.multinomial(weights.t().softmax(1), 1, generator=generator).squeeze(1)
-    return text_for_image, image_for_text
+    own = torch.zeros(rows, cols, dtype=torch.bool, device=i2t.device)
+    own[torch.arange(rows), torch.arange(rows) + offset] = True
+
+    def draw(similarity: torch.Tensor) -> torch.Tensor:
+        weights = similarity.detach().float().masked_fill(own, float("-inf")).softmax(1)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+    return draw(i2t), draw(t2i)
 
 
 def matching_loss(pair_logits: torch.Tensor, batch: int) -> torch.Tensor:

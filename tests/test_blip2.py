@@ -150,7 +150,7 @@ def test_hub_repo_and_cli_convert_offline(tmp_path, offline_cache):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"qformer_config": {"use_qformer_text_input": True}}, "text input"),
+        ({"qformer_config": {"use_qformer_text_input": True}}, "instruction text"),
         ({"text_config": {"model_type": "t5"}}, "decoder-only"),
         ({"vision_config": {"hidden_act": "silu"}}, "hidden_act"),
     ],

@@ -400,3 +400,82 @@ def test_train_stage_2_with_lora_from_stage_1(tmp_path):
     assert model.cfg.lm.trainable == "lora" and model.cfg.lm.lora.rank == 4
     lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # the adapters trained
+
+
+BLIP2_CONFIG = str(ROOT / "configs" / "train" / "tiny-blip2.yaml")
+
+
+def test_blip2_stage_1_through_train_py_then_stage_2_from_its_q_former(tmp_path):
+    from flamingo.qformer_pretraining import QFormerPretraining
+
+    shards = write_tiny_shards(tmp_path / "shards")
+    common = [f"datasets.0.shards={shards['pairs']}", "num_workers=0", "tensorboard=false"]
+    one = tmp_path / "stage1"
+    train.main(
+        ["--config", BLIP2_CONFIG, *common, f"output_dir={one}", "steps=40", "log_every=1"]
+        + ["checkpoint_every=40", "optim.lr=3e-3"]
+    )
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert {"itc/pairs", "itm/pairs", "itg/pairs", "temperature"} <= set(rows[0])
+    for key in ("loss/total", "itg/pairs"):
+        early, late = (sum(r[key] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+        assert late < early - 0.1, key
+    stage1 = QFormerPretraining.from_pretrained(one / "model")
+    assert stage1.vocab.cls == len(FlamingoProcessor.from_config(stage1.model_cfg).tokenizer)
+
+    two = tmp_path / "stage2"
+    train.main(
+        ["--config", BLIP2_CONFIG, *common, "objective=nll", f"init_qformer={one / 'model'}"]
+        + [f"output_dir={two}", "steps=1", "checkpoint_every=1", "optim.lr=1e-9"]
+    )
+    stage2 = Flamingo.from_pretrained(two / "model")
+    assert stage2.cfg.connector == "qformer"
+    ours = dict(stage2.qformer.named_parameters())
+    for name, tensor in stage1.connector_state().items():  # lr 1e-9: what stage 1 left
+        torch.testing.assert_close(ours[name], tensor, msg=name)
+    assert "embeddings.word_embeddings.weight" not in ours  # the text side stays behind
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model_overrides=[]"], "connector=qformer"),
+        (["datasets.0.kind=interleaved"], "kind: pairs"),
+        (["datasets.0.batch_size=1"], "negatives"),
+        (["eval_every=5", "eval_config=configs/eval/flamingo-benchmarks.yaml"], "evaluate stage 2"),
+    ],
+)
+def test_blip2_stage_1_refuses_what_it_cannot_train(tmp_path, overrides, message):
+    shards = write_tiny_shards(tmp_path / "shards")
+    args = [f"datasets.0.shards={shards['pairs']}", "num_workers=0", f"output_dir={tmp_path}"]
+    with pytest.raises(ValueError, match=message):
+        train.main(["--config", BLIP2_CONFIG, *args, *overrides, "steps=1"])
+
+
+@pytest.mark.multiprocess
+def test_blip2_stage_1_on_two_processes_under_zero2(tmp_path):
+    """Both ranks' features and negatives meet in the collectives (a mismatch hangs or
+    raises); the run ends with an export that loads."""
+    from flamingo.qformer_pretraining import QFormerPretraining
+    from tests.conftest import free_port
+    from tests.test_train import check, deepspeed
+
+    shards = write_tiny_shards(tmp_path / "shards")
+    out = tmp_path / "zero2"
+    args = [
+        "train.py",
+        "--config",
+        BLIP2_CONFIG,
+        f"datasets.0.shards={shards['pairs']}",
+        "engine.deepspeed=configs/deepspeed/zero2.json",
+        f"output_dir={out}",
+        "num_workers=0",
+        "tensorboard=false",
+        "steps=3",
+        "log_every=1",
+        "checkpoint_every=3",
+    ]
+    check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["loss/total"] > 0 for r in rows)
+    QFormerPretraining.from_pretrained(out / "model")

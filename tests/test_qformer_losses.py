@@ -30,22 +30,23 @@ def test_an_image_is_as_close_to_a_text_as_its_closest_query():
 def test_the_contrastive_loss_on_known_answers():
     b, q, e = 4, 3, 8
     same = torch.ones(b, q, e), torch.ones(b, e)
-    loss, _ = contrastive_loss(*same, temperature=0.07)  # every pair alike: chance, log B
+    loss, *_ = contrastive_loss(*same, temperature=0.07)  # every pair alike: chance, log B
     torch.testing.assert_close(loss, torch.tensor(math.log(b)))
     g = torch.Generator().manual_seed(0)
     queries, texts = torch.randn(b, q, e, generator=g), torch.randn(b, e, generator=g)
-    loss, i2t = contrastive_loss(queries, texts, temperature=0.1, label_smoothing=0.0)
+    loss, i2t, t2i = contrastive_loss(queries, texts, temperature=0.1, label_smoothing=0.0)
     unit_q = queries / queries.norm(dim=-1, keepdim=True)
     unit_t = texts / texts.norm(dim=-1, keepdim=True)
     sim = torch.tensor([[(unit_q[i] @ unit_t[j]).max().item() for j in range(b)] for i in range(b)])
     torch.testing.assert_close(i2t, sim)
+    torch.testing.assert_close(t2i, sim.t())
     rows = -(sim / 0.1).log_softmax(1).diagonal().mean()
     cols = -(sim / 0.1).log_softmax(0).diagonal().mean()
     torch.testing.assert_close(loss, (rows + cols) / 2)
     aligned = torch.eye(b).repeat_interleave(q, 0).view(b, q, b)  # image i's queries = text i
-    loss, _ = contrastive_loss(aligned, torch.eye(b), temperature=0.01, label_smoothing=0.0)
+    loss, *_ = contrastive_loss(aligned, torch.eye(b), temperature=0.01, label_smoothing=0.0)
     assert loss.item() < 1e-6  # each pair apart from every other: nothing left to learn
-    smoothed, _ = contrastive_loss(aligned, torch.eye(b), temperature=0.01, label_smoothing=0.1)
+    smoothed, *_ = contrastive_loss(aligned, torch.eye(b), temperature=0.01, label_smoothing=0.1)
     # smoothing leaves 0.1 spread over the B classes: its cross-entropy floor
     assert smoothed.item() == pytest.approx(0.1 * (b - 1) / b * 100, rel=1e-3)
 
@@ -54,15 +55,32 @@ def test_hard_negatives_are_never_the_pair_and_follow_the_similarities():
     sim = torch.zeros(3, 3)
     sim[0, 2] = sim[1, 0] = sim[2, 1] = 20.0  # one much harder negative each way
     g = torch.Generator().manual_seed(0)
-    texts, images = hard_negatives(sim, g)
+    texts, images = hard_negatives(sim, generator=g)
     assert texts.tolist() == [2, 0, 1] and images.tolist() == [1, 2, 0]
     sim = torch.tensor([[5.0, 1.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
-    draws = torch.stack([hard_negatives(sim, g)[0] for _ in range(4000)])
+    draws = torch.stack([hard_negatives(sim, generator=g)[0] for _ in range(4000)])
     assert not (draws == torch.arange(3)).any()
     share = (draws[:, 0] == 1).float().mean().item()  # image 0: text 1 with e/(e+1)
     assert share == pytest.approx(math.e / (math.e + 1), abs=0.03)
     with pytest.raises(ValueError, match="at least 2 pairs"):
         hard_negatives(torch.zeros(1, 1))
+
+
+def test_a_ranks_hard_negatives_come_from_the_global_batch_never_its_own_pair():
+    # rank 1 of 2, two rows each: its pairs are columns 2 and 3 of the global batch
+    i2t = torch.zeros(2, 4)
+    i2t[0, 0] = i2t[1, 3] = 30.0  # row 0's hardest text is on rank 0; row 1's is its own pair
+    t2i = torch.zeros(2, 4)
+    t2i[0, 1] = t2i[1, 2] = 30.0
+    g = torch.Generator().manual_seed(0)
+    draws = [hard_negatives(i2t, t2i, offset=2, generator=g) for _ in range(500)]
+    texts = torch.stack([d[0] for d in draws])
+    images = torch.stack([d[1] for d in draws])
+    assert (texts[:, 0] == 0).all() and (images[:, 0] == 1).all()  # the hard ones, elsewhere
+    assert not (texts[:, 1] == 3).any() and not (images[:, 1] == 3).any()  # never the pair
+    assert set(texts[:, 1].tolist()) == {0, 1, 2}  # the rest alike
+    with pytest.raises(ValueError, match="offset"):
+        hard_negatives(i2t, t2i, offset=3)
 
 
 def test_the_matching_loss_takes_pairs_then_negatives():
@@ -98,7 +116,7 @@ def _ranks(rank: int, world: int, path: str, queries, texts, out) -> None:
     mine = slice(rank * half, (rank + 1) * half)
     q = queries[mine].clone().requires_grad_(True)
     t = texts[mine].clone().requires_grad_(True)
-    loss, _ = contrastive_loss(q, t, temperature=0.1)
+    loss, *_ = contrastive_loss(q, t, temperature=0.1)
     loss.backward()
     out[rank] = (loss.detach(), q.grad, t.grad)
     dist.destroy_process_group()
@@ -109,7 +127,7 @@ def test_two_processes_give_the_global_batchs_loss_and_gradients(tmp_path):
     g = torch.Generator().manual_seed(1)
     queries, texts = torch.randn(6, 3, 8, generator=g), torch.randn(6, 8, generator=g)
     q, t = queries.clone().requires_grad_(True), texts.clone().requires_grad_(True)
-    loss, _ = contrastive_loss(q, t, temperature=0.1)
+    loss, *_ = contrastive_loss(q, t, temperature=0.1)
     loss.backward()
     out = mp.Manager().dict()
     mp.spawn(_ranks, args=(2, str(tmp_path / "rendezvous"), queries, texts, out), nprocs=2)

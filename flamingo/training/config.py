@@ -121,6 +121,15 @@ class TrainConfig(YamlConfig):
     """Fine-tune a checkpoint instead: its directory or Hub id (ours, an OpenFlamingo release,
     an IDEFICS checkpoint; ``Flamingo.from_pretrained``). Its config is the model's, its
     trained weights the start; ``model`` and ``model_overrides`` are then not given."""
+    objective: Literal["nll", "qformer_stage1"] = "nll"
+    """``nll``: the LM's next-token NLL of each dataset, weighted (every connector);
+    ``qformer_stage1``: BLIP-2's stage 1, the Q-Former's contrastive, matching and
+    text-generation losses on pairs datasets, no LM (``connector: qformer``;
+    ``flamingo/training/stage1.py``). Its export starts stage 2 through ``init_qformer``."""
+    init_qformer: str | None = None
+    """BLIP-2's stage 2 from stage 1: the export (``OUTPUT/model``) of an ``objective:
+    qformer_stage1`` run, whose Q-Former (not its text side) starts this ``connector: qformer``
+    model's."""
     model_overrides: list[str] = field(default_factory=list)
     """Dotted overrides applied to the model config. With ``init_from``, only those of
     :data:`TRAINING_FIELDS` (``lm.trainable=full``: LLaVA's stage 2 from stage 1's
@@ -181,6 +190,16 @@ class TrainConfig(YamlConfig):
             raise ValueError(
                 "init_from loads a checkpoint whole: use engine.frozen_weights=replicated"
             )
+        if self.objective == "qformer_stage1":
+            given = [k for k in ("init_from", "init_qformer") if getattr(self, k) is not None]
+            if given or self.eval_every:
+                raise ValueError(
+                    f"objective: qformer_stage1 trains a new Q-Former with no LM: "
+                    f"{given + ['eval_every'] * bool(self.eval_every)} cannot apply (the "
+                    "few-shot evaluation needs the LM: evaluate stage 2)"
+                )
+        if self.init_qformer is not None and self.init_from is not None:
+            raise ValueError("init_qformer starts a new model's Q-Former: not with init_from")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
