@@ -9,6 +9,7 @@ saved predictions on those items and on the others with the task's own metric.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,37 @@ def kshot_plot(scores: dict, shots: list[int], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def trainable_parameters(model_dir: Path) -> int:
+    """Parameters in a train.py export's trained-weights file (what that stage trained)."""
+    from safetensors import safe_open
+
+    name = "qformer_stage1.safetensors"
+    path = model_dir / name if (model_dir / name).is_file() else model_dir / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+
+def connectors_table(out: Path, scores: dict, shots: list[int], runs: dict) -> str:
+    """The connectors side by side: each stage's trained parameters and training seconds,
+    CIDEr and VQA accuracy (all test items) at each shot count its prompts fit, and its
+    blind run's (blank images) beside them."""
+    head = ["connector", "trained parameters", "training s"]
+    for task in ("coco", "vqav2"):
+        head += [f"{task} {s}-shot (blind)" for s in shots]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, (stages, seeing, blind) in runs.items():
+        params = " + ".join(f"{trainable_parameters(out / s / 'model'):,}" for s in stages)
+        seconds = 0.0
+        for stage in stages:
+            timing = out / stage / "train_seconds.txt"
+            seconds += float(timing.read_text()) if timing.is_file() else float("nan")
+        cells = [name, params, f"{seconds:.0f}"]
+        for task in ("coco", "vqav2"):
+            for s in shots:
+                got = scores.get(seeing, {}).get(task, {}).get(str(s))
+                base = scores.get(blind, {}).get(task, {}).get(str(s))
+                cells.append(f"{got['all'][1]:.1f} ({base['all'][1]:.1f})" if got and base else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)

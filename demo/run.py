@@ -17,6 +17,11 @@ Stages (each reused when its output exists, unless ``--force``):
             same tower, LM, data and steps as stage 3: LLaVA's stage 1 (projector only) for half
             the steps -> OUT/llava-stage1, then its stage 2 (the LM unfrozen) for the other
             half -> OUT/llava; evaluated beside the main model at the shots it fits
+  blip2     (not run by default; as llava) BLIP-2's Q-Former on the same tower, LM, data and
+            steps: its stage 1 (the Q-Former alone on the pairs, no LM) for half the steps ->
+            OUT/blip2-stage1, its stage 2 (into the frozen LM) for the other half -> OUT/blip2
+  connectors  llava and blip2, then OUT/connectors.md: the three connectors side by side
+            (trainable parameters, training time, CIDEr and VQA against each one's blind run)
 
 The YAML files under configs/demo/ name paths under runs/demo/; the runner re-roots them under
 OUT (absolute, so the checkpoints load from anywhere) and writes each stage's effective config
@@ -39,9 +44,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "demo"
 DEFAULT_OUT = "runs/demo"
-STAGES = ("world", "clip", "lm", "flamingo", "ablation", "llava", "eval")
-"""In the order they run."""
-DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ablation", "llava"))
+STAGES = ("world", "clip", "lm", "flamingo", "ablation", "llava", "blip2", "eval")
+"""In the order they run (``connectors`` selects llava, blip2 and the comparison)."""
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ablation", "llava", "blip2"))
 KINDS = ("interleaved", "pairs", "video")
 LLAVA_MODEL = {"connector": "llava", "vision": {"feature_layer": -2, "ln_post_on_tokens": False}}
 """The demo's model config changed to LLaVA-1.5's connector: a 2-layer GELU projector over the
@@ -54,6 +59,49 @@ demonstrations and the query hold 576 image tokens alone."""
 LLAVA_TRAIN = ["optim.weight_decay=0.0", "datasets.1.packed_len=400"]
 """LLaVA's optimiser has no weight decay; a pair is 80 tokens with its image's 64, so rows of
 400 tokens hold five, as the main run's 96-token rows do."""
+
+
+BLIP2_MODEL = {
+    "connector": "qformer",
+    "vision": {"cls_token": True},
+    "qformer": {
+        "queries": 16,
+        "layers": 2,
+        "width": 64,
+        "heads": 4,
+        "intermediate": 128,
+        "contrastive_width": 32,
+    },
+}
+"""BLIP-2's connector at the toy world's size: 16 queries (the resampler's 16 latents), two
+BERT-style layers of the tower's width, reading every tower token, CLS included."""
+BLIP2_STAGE1 = [
+    "objective=qformer_stage1",
+    "datasets.0.packing=none",
+    "datasets.0.packed_len=null",
+    "datasets.0.batch_size=16",
+    "optim.weight_decay=0.05",
+]
+"""Stage 1 on the pairs alone, unpacked (each row one pair: the contrastive and matching losses
+take the batch's other pairs as negatives), 16 pairs a batch as the main run's packed rows hold;
+BLIP-2's weight decay."""
+BLIP2_STAGE2 = ["optim.weight_decay=0.05", "datasets.1.packed_len=170"]
+"""A pair is 33 tokens with its image's 16 queries: rows of 170 tokens hold five."""
+CONNECTOR_RUNS = {  # the comparison's rows: (trained stages, full model, blind setting)
+    "Flamingo": (("flamingo",), "random demos", "blind (blank images)"),
+    "LLaVA": (("llava-stage1", "llava"), "LLaVA connector, random demos", "LLaVA connector, blind"),
+    "BLIP-2": (
+        ("blip2-stage1", "blip2"),
+        "BLIP-2 connector, random demos",
+        "BLIP-2 connector, blind",
+    ),
+}
+
+
+def exported(output_dir: Path) -> bool:
+    """Whether a train.py run left its export (a model, or BLIP-2's stage 1)."""
+    model = output_dir / "model"
+    return (model / "config.json").is_file() or (model / "qformer_stage1.json").is_file()
 
 
 def rebase(value: Any, out: Path) -> Any:
@@ -129,13 +177,14 @@ class Demo:
 
         if stage in self.force:
             shutil.rmtree(output_dir, ignore_errors=True)
-        if not (output_dir / "model" / "config.json").is_file():
+        if not exported(output_dir):
+            start = time.time()
             model = stage_config("model", self.out)
             if model_extra:  # a changed model config beside the main one
                 tree = yaml.safe_load(model.read_text())
                 for section, values in model_extra.items():
                     changed = isinstance(values, dict)
-                    tree[section] = {**tree[section], **values} if changed else values
+                    tree[section] = {**tree.get(section, {}), **values} if changed else values
                 model = model.with_name(f"model-{output_dir.name}.yaml")
                 model.write_text(yaml.safe_dump(tree, sort_keys=False))
             datasets = rebase(yaml.safe_load((CONFIGS / "train.yaml").read_text()), self.out)
@@ -152,6 +201,7 @@ class Demo:
             ]
             overrides = [*shards, f"output_dir={output_dir}", *self.sets["flamingo"], *extra]
             train.main(["--config", str(path), *overrides])
+            (output_dir / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
 
     def run_flamingo(self) -> None:
         self.train("flamingo", self.out / "flamingo", [])
@@ -194,8 +244,22 @@ class Demo:
             init_from=first / "model",
         )
 
+    def run_blip2(self) -> None:
+        """BLIP-2's two stages on stage 3's budget: the Q-Former alone on the pairs (its three
+        losses, no LM) for half the steps, then into the frozen LM, started from stage 1's
+        Q-Former, for the other half on the same data as LLaVA's."""
+        from flamingo.training.config import TrainConfig
+
+        cfg = TrainConfig.from_yaml(CONFIGS / "train.yaml", self.sets["flamingo"])
+        half = cfg.steps // 2
+        steps = [f"steps={half}", f"checkpoint_every={half}"]
+        first = self.out / "blip2-stage1"
+        self.train("blip2", first, [*BLIP2_STAGE1, *steps], BLIP2_MODEL, ("pairs",))
+        second = [*BLIP2_STAGE2, *steps, f"init_qformer={first / 'model'}"]
+        self.train("blip2", self.out / "blip2", second, BLIP2_MODEL, LLAVA_KINDS)
+
     def run_eval(self, ablations: dict[str, Path]) -> str:
-        from demo.report import kshot_plot, results_table, split_scores
+        from demo.report import connectors_table, kshot_plot, results_table, split_scores
         from eval.config import EvalConfig
         from eval.run import main as eval_main
 
@@ -215,6 +279,10 @@ class Demo:
             variants["LLaVA connector, stage 1 only, random demos"] = (first, [shots])
             variants["LLaVA connector, random demos"] = (llava, [shots])
             variants["LLaVA connector, blind"] = (llava, [shots, "blank_images=true"])
+        blip2 = self.out / "blip2" / "model"
+        if (blip2 / "config.json").is_file():
+            variants["BLIP-2 connector, random demos"] = (blip2, [])
+            variants["BLIP-2 connector, blind"] = (blip2, ["blank_images=true"])
         results = {
             name: eval_main(
                 ["--config", str(path), "--checkpoint", str(ckpt), *self.sets["eval"], *extra]
@@ -227,6 +295,10 @@ class Demo:
         kshot_plot(scores, cfg.shots, self.out / "kshot.png")
         table = results_table(scores, cfg.shots)
         (self.out / "results.md").write_text(table + "\n")
+        if all(exported(self.out / run) for runs, _, _ in CONNECTOR_RUNS.values() for run in runs):
+            comparison = connectors_table(self.out, scores, cfg.shots, CONNECTOR_RUNS)
+            (self.out / "connectors.md").write_text(comparison + "\n")
+            table += "\n\n" + comparison
         return table
 
 
@@ -248,7 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES))
+    parser.add_argument(
+        "--stages", nargs="+", choices=[*STAGES, "connectors"], default=list(DEFAULT_STAGES)
+    )
     parser.add_argument("--force", action="store_true", help="redo the selected stages")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
     parser.add_argument("--scale", type=float, default=1.0, help="size of the toy world")
@@ -261,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     selected = set(args.stages)
     if "ablation" in selected:
         selected.add("eval")  # an ablation is only worth its scores
-    if "llava" in selected:  # the same tower and LM, scored beside the main model
+    if "connectors" in selected:
+        selected |= {"llava", "blip2"}
+    if selected & {"llava", "blip2"}:  # the same tower and LM, scored beside the main model
         selected |= {"clip", "lm", "flamingo", "eval"}
     demo = Demo(out, selected if args.force else set(), args.scale, sets)
     ablations = {
@@ -286,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
             demo.run_ablation()
         elif stage == "llava":
             demo.run_llava()
+        elif stage == "blip2":
+            demo.run_blip2()
         else:  # an ablation's scores are reported whenever it has been trained
             trained = {k: v for k, v in ablations.items() if (v / "config.json").is_file()}
             print("\n" + demo.run_eval(trained))

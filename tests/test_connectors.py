@@ -442,6 +442,7 @@ def test_blip2_stage_1_through_train_py_then_stage_2_from_its_q_former(tmp_path)
         (["model_overrides=[]"], "connector=qformer"),
         (["datasets.0.kind=interleaved"], "kind: pairs"),
         (["datasets.0.batch_size=1"], "negatives"),
+        (["datasets.0.packing=block_diagonal", "datasets.0.packed_len=48"], "packing: none"),
         (["eval_every=5", "eval_config=configs/eval/flamingo-benchmarks.yaml"], "evaluate stage 2"),
     ],
 )

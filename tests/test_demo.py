@@ -96,3 +96,22 @@ def test_the_llava_stage_trains_both_stages_and_scores_beside_flamingo(demo_dir)
     for setting in ("LLaVA connector, random demos", "LLaVA connector, blind"):
         assert set(scores[setting]["coco"]) == {"0", "4"}, setting
     assert "random demos" in scores and "RICES demos" in scores  # Flamingo's rows stay
+
+
+def test_the_blip2_stage_trains_both_stages_and_the_connectors_are_compared(demo_dir):
+    """``--stages connectors`` adds BLIP-2's two stages (the LLaVA runs are the previous
+    test's) and writes the three connectors' table."""
+    from flamingo.checkpoint import read_checkpoint_config
+    from flamingo.qformer_pretraining import QFormerPretraining
+
+    args = [*SHORT, "--set", "flamingo.steps=200"]  # 100 steps a stage
+    demo_run.main(["--out", str(demo_dir), "--stages", "connectors", *args])
+    first = QFormerPretraining.from_pretrained(demo_dir / "blip2-stage1" / "model")
+    second, _ = read_checkpoint_config(demo_dir / "blip2" / "model")
+    assert first.model_cfg.connector == second.connector == "qformer"
+    scores = json.loads((demo_dir / "scores.json").read_text())
+    for setting in ("BLIP-2 connector, random demos", "BLIP-2 connector, blind"):
+        assert set(scores[setting]["coco"]) == {"0", "4"}, setting
+    table = (demo_dir / "connectors.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| Flamingo", "| LLaVA", "| BLIP-2"]
+    assert " + " in table[4] and "nan" not in table[4]  # two stages, each timed

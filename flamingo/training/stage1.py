@@ -49,6 +49,12 @@ def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
             f"objective: qformer_stage1 learns from image-text pairs; datasets {other} are not "
             "kind: pairs: drop them for stage 1 (stage 2 trains on every kind)"
         )
+    packed = [d.name for d in cfg.datasets if d.packing != "none"]
+    if packed:
+        raise ValueError(
+            f"datasets {packed} are packed: stage 1 takes one pair a row (its contrastive and "
+            "matching losses compare the rows), set packing: none"
+        )
     small = [d.name for d in cfg.datasets if d.batch_size < 2]
     if small:
         raise ValueError(
