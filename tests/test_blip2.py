@@ -19,6 +19,16 @@ from tests.conftest import COMMIT, lay_out, noise_image, tokenizer_with_image
 
 IMAGE_SIZE, PATCH, QUERIES = 28, 7, 4
 
+VISION = dict(
+    hidden_size=24,
+    intermediate_size=52,  # not a multiple of the width, as ViT-g's 6144 / 1408
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH,
+)
+"""The tiny EVA tower of the BLIP-2 references (stage 2's and stage 1's)."""
+
 CASES = {  # (Q-Former layers, cross-attention frequency, tied LM embeddings)
     "every_other_layer": (3, 2, False),
     "every_layer_tied": (2, 1, True),
@@ -31,14 +41,7 @@ def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0):
     layers, every, tie = CASES[case]
     tokenizer = tokenizer_with_image()
     config = Blip2Config(
-        vision_config=dict(
-            hidden_size=24,
-            intermediate_size=52,  # not a multiple of the width, as ViT-g's 6144 / 1408
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH,
-        ),
+        vision_config=VISION,
         qformer_config=dict(
             hidden_size=16,
             num_hidden_layers=layers,

@@ -10,8 +10,9 @@ from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval
 from flamingo.convert.blip2 import load_stage1
 from flamingo.vision import to_tensor
 from tests.conftest import noise_image
+from tests.test_blip2 import IMAGE_SIZE, VISION
 
-IMAGE_SIZE, PATCH, QUERIES = 28, 7, 4
+QUERIES = 4
 WORDS = "a cat dog red blue sits on the mat and runs".split()
 
 
@@ -31,14 +32,7 @@ def save_retrieval(tmp_path, every: int = 2, seed: int = 0):
     directory = tmp_path / f"itm-{every}"
     tokenizer = bert_tokenizer(directory)
     config = Blip2Config(
-        vision_config=dict(
-            hidden_size=24,
-            intermediate_size=52,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH,
-        ),
+        vision_config=VISION,
         qformer_config=dict(
             hidden_size=16,
             num_hidden_layers=3,
