@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +286,16 @@ class GatedFeedForward(nn.Module):
         gate = linear_of_norm(self.gate_proj, self.norm, x, self.policy)
         up = linear_of_norm(self.up_proj, self.norm, x, self.policy)
         return self.down_proj(F.silu(gate) * up)
+
+
+def compile_each(module: nn.Module, classes: tuple[type[nn.Module], ...], **options: Any) -> int:
+    """``torch.compile(**options)`` the ``forward`` of every submodule of ``module`` that is
+    one of ``classes``, each on its own (regional compilation: the instances of a class share
+    one graph); returns how many."""
+    blocks = [m for m in module.modules() if isinstance(m, classes)]
+    for block in blocks:
+        block.forward = torch.compile(block.forward, **options)
+    return len(blocks)
 
 
 def set_policy(module: nn.Module, policy: ExecutionPolicy) -> None:

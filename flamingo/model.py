@@ -35,7 +35,7 @@ from flamingo.config import FlamingoConfig
 from flamingo.convert.idefics import directory_config, load_idefics, read_idefics
 from flamingo.convert.openflamingo import check_config, load_openflamingo
 from flamingo.generation import generate, score
-from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.lora import adapter_modules, add_adapters
 from flamingo.processing import FlamingoProcessor, place_in_slots
@@ -711,8 +711,4 @@ class Flamingo(nn.Module):
                 "compile_blocks needs torch >= 2.5 (nn modules inlined, so that the instances of "
                 f"a block share one graph); this is torch {torch.__version__}"
             )
-        classes = (*self.wrap_unit_classes(), self.vision.block_class())
-        blocks = [m for m in self.modules() if isinstance(m, classes)]
-        for block in blocks:
-            block.forward = torch.compile(block.forward, **options)
-        return len(blocks)
+        return compile_each(self, (*self.wrap_unit_classes(), self.vision.block_class()), **options)

@@ -24,7 +24,7 @@ Shapes: ``pixel_values (B, 3, H, W)``, ``input_ids``/``attention_mask (B, T)`` w
 
 Trained by ``train.py`` with ``objective: qformer_stage1`` (``flamingo/training/stage1.py``);
 :meth:`QFormerPretraining.save_pretrained` writes ``qformer_stage1.json``, the trained weights and
-the tokenizer; :meth:`QFormerPretraining.connector_state` is what stage 2 starts from.
+the tokenizer; :func:`connector_weights` of its weights is what stage 2 starts from.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from torch import nn
 
 from flamingo.checkpoint import load_tensors, model_config_from_dict, save_tensors
 from flamingo.config import FlamingoConfig, QFormerConfig
-from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, set_policy
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy
+from flamingo.losses import IGNORE
 from flamingo.qformer import QFormer, QFormerLayer
 from flamingo.qformer_losses import (
     contrastive_loss,
@@ -113,6 +114,34 @@ class Temperature(nn.Module):
         return t + (t.clamp(*TEMPERATURE_RANGE) - t).detach()
 
 
+def read_export(directory: str | Path) -> tuple[FlamingoConfig, TextVocabulary]:
+    """The model config and text vocabulary of a stage-1 export (:meth:`save_pretrained`)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_NAME}: not the export of a train.py run with "
+            "objective: qformer_stage1"
+        )
+    meta = json.loads(path.read_text())
+    return model_config_from_dict(meta["model"]), TextVocabulary(**meta["vocabulary"])
+
+
+def connector_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stage 1's weights (by our names, ``qformer.*`` among them) -> what stage 2's
+    ``connector: qformer`` has, by its Q-Former's names: the queries, the LayerNorm and each
+    layer's attention, cross-attention and query feed-forward; not the text side (the
+    embeddings, each layer's ``intermediate``/``output``), which stage 2 leaves behind."""
+    out = {}
+    for name, tensor in weights.items():
+        if not name.startswith("qformer."):
+            continue
+        inner = name.removeprefix("qformer.")
+        parts = inner.split(".")  # encoder.layer.{i}.{part}...
+        if parts[0] != "embeddings" and parts[3:4] not in (["intermediate"], ["output"]):
+            out[inner] = tensor
+    return out
+
+
 def _padding(mask: torch.Tensor) -> torch.Tensor:
     """``(B, 1, L)``: every row may attend to the real tokens only."""
     return mask.bool()[:, None, :]
@@ -168,25 +197,14 @@ class QFormerPretraining(nn.Module):
 
     def compile_blocks(self, **options: Any) -> int:
         """``torch.compile`` each Q-Former layer and tower block (see ``Flamingo``'s)."""
-        classes = (QFormerLayer, self.vision.block_class())
-        blocks = [m for m in self.modules() if isinstance(m, classes)]
-        for block in blocks:
-            block.forward = torch.compile(block.forward, **options)
-        return len(blocks)
+        return compile_each(self, (QFormerLayer, self.vision.block_class()), **options)
 
     def exported_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def connector_state(self) -> dict[str, torch.Tensor]:
-        """The Q-Former's weights that stage 2's ``connector: qformer`` has: the queries, the
-        LayerNorm and each layer's attention, cross-attention and query feed-forward; not the
-        text side (embeddings, the text feed-forwards), which stage 2 leaves behind."""
-
-        def text_side(name: str) -> bool:  # embeddings.*, encoder.layer.{i}.{intermediate,output}.*
-            parts = name.split(".")
-            return parts[0] == "embeddings" or parts[3:4] in (["intermediate"], ["output"])
-
-        return {n: p.detach() for n, p in self.qformer.named_parameters() if not text_side(n)}
+        """:func:`connector_weights` of this model: what stage 2 would start from."""
+        return connector_weights({n: p.detach() for n, p in self.named_parameters()})
 
     def save_pretrained(
         self, directory: str | Path, tokenizer: Any, tensors: dict[str, torch.Tensor] | None = None
@@ -210,19 +228,12 @@ class QFormerPretraining(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> QFormerPretraining:
         """A stage-1 model written by :meth:`save_pretrained` (its tower from its source)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise FileNotFoundError(
-                f"{directory} has no {CONFIG_NAME}: not the export of a train.py run with "
-                "objective: qformer_stage1"
-            )
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        cfg = model_config_from_dict(meta["model"])
+        cfg, vocab = read_export(directory)
         vision = VisionEncoder(cfg.vision).to(getattr(torch, cfg.frozen_dtype))
-        model = cls(cfg.qformer, vision, TextVocabulary(**meta["vocabulary"]))
+        model = cls(cfg.qformer, vision, vocab)
         model.model_cfg = cfg
         expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        tensors = load_tensors(directory / WEIGHTS_NAME, expected)
+        tensors = load_tensors(Path(directory) / WEIGHTS_NAME, expected)
         model.load_state_dict(tensors, strict=False)
         return model.eval()
 
@@ -234,7 +245,7 @@ class QFormerPretraining(nn.Module):
         """The Q-Former's text of a batch of pairs from the loader: [CLS] then the caption (the
         tokens that are targets: the caption and its end of chunk), moved to the front, padded
         at the end (``(B, T + 1)`` ids and mask; no host sync)."""
-        keep = labels != -100  # flamingo.losses.IGNORE
+        keep = labels != IGNORE
         b, t = input_ids.shape
         position = keep.long().cumsum(1)  # 1, 2, ... for the kept tokens: after [CLS]
         spill = torch.full_like(position, t + 1)  # the dropped go to a column cut off below
@@ -305,10 +316,8 @@ class QFormerPretraining(nn.Module):
         """The three losses of a batch of pairs (this rank's part of the global batch)."""
         batch = input_ids.shape[0]
         vision = self.vision_tokens(pixel_values)
-        query_feats = self.vision_projection(self.qformer.encode(vision))
-        text_feats = self.text_projection(
-            self.qformer.encode(None, input_ids, _padding(attention_mask))[:, 0]
-        )
+        query_feats = self.image_features(vision)
+        text_feats = self.text_features(input_ids, attention_mask)
         smoothing = self.cfg.label_smoothing
         temperature = self.temp()
         itc, i2t, t2i = contrastive_loss(
@@ -331,7 +340,7 @@ class QFormerPretraining(nn.Module):
 
         # ITG: the next text token from the queries and the text before it
         scores = self.generation_logits(vision, input_ids, attention_mask)[:, :-1]
-        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE)
         itg = F.cross_entropy(
             scores.flatten(0, 1).float(), labels.flatten(), label_smoothing=smoothing
         )

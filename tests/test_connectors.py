@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import train
 from flamingo import Flamingo, FlamingoProcessor
@@ -434,6 +436,14 @@ def test_blip2_stage_1_through_train_py_then_stage_2_from_its_q_former(tmp_path)
     for name, tensor in stage1.connector_state().items():  # lr 1e-9: what stage 1 left
         torch.testing.assert_close(ours[name], tensor, msg=name)
     assert "embeddings.word_embeddings.weight" not in ours  # the text side stays behind
+
+    from flamingo.training.stage1 import start_from_stage1
+
+    shapes = yaml.safe_load(Path(BLIP2_CONFIG).read_text())["model_overrides"]
+    for change, message in (("qformer.layers=3", "layers"), ("vision.cls_token=false", "tower")):
+        other = Flamingo.from_config(tiny_config(*shapes, change))
+        with pytest.raises(ValueError, match=message):
+            start_from_stage1(other, one / "model")
 
 
 @pytest.mark.parametrize(

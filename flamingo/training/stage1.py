@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from flamingo.config import FlamingoConfig
-from flamingo.qformer_pretraining import QFormerPretraining
+from flamingo.qformer_pretraining import (
+    WEIGHTS_NAME,
+    QFormerPretraining,
+    connector_weights,
+    read_export,
+)
 from flamingo.training.batches import StepBatches
 from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine
@@ -127,25 +133,25 @@ def step_metrics(engine: Engine, cfg: TrainConfig, step, sums, samples, info, lr
 def start_from_stage1(model: Any, directory: str | Path) -> None:
     """Give a ``connector: qformer`` model (stage 2) the Q-Former that stage 1 trained: the
     queries and every layer's attention, cross-attention and query feed-forward from the
-    export in ``directory``; its projection into the LM stays freshly initialised. The
-    Q-Formers must have the same shape (the same ``qformer`` and tower width)."""
+    export in ``directory`` (its weights file only: the tower is not rebuilt); its projection
+    into the LM stays freshly initialised. Stage 1 must have read the same tower, with a
+    Q-Former of the same shape."""
     if model.cfg.connector != "qformer":
         raise ValueError(
             f"init_qformer starts a Q-Former; the model has connector: {model.cfg.connector}"
         )
-    stage1 = QFormerPretraining.from_pretrained(directory)
-    theirs, ours = stage1.model_cfg.qformer, model.cfg.qformer
-    differ = {
-        k: (getattr(theirs, k), getattr(ours, k))
-        for k in SHAPE
-        if getattr(theirs, k) != getattr(ours, k)
-    }
+    cfg, _ = read_export(directory)
+    theirs, ours = cfg.qformer, model.cfg.qformer
+    differ = {k: (getattr(theirs, k), getattr(ours, k)) for k in SHAPE}
+    differ = {k: v for k, v in differ.items() if v[0] != v[1]}
+    if cfg.vision != model.cfg.vision:
+        differ["vision"] = "another tower (its queries learned to read that one)"
     if differ:
         raise ValueError(
             f"init_qformer {directory}: its Q-Former differs from this model's in "
             f"(stage 1, stage 2): {differ}"
         )
-    state = stage1.connector_state()
+    state = connector_weights(load_file(str(Path(directory) / WEIGHTS_NAME)))
     expected = {n for n, _ in model.qformer.named_parameters() if not n.startswith("language_")}
     if set(state) != expected:
         raise ValueError(
