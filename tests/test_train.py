@@ -5,6 +5,7 @@ The multi-process tests run the real ``deepspeed`` launcher on the CPU accelerat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from flamingo import Flamingo, FlamingoProcessor
 from flamingo.training.checkpoints import CheckpointDir
 from flamingo.training.engine import adamw, param_groups
 from tests.conftest import ROOT, build, free_port, noise_image
+from tests.processes import process_group, run_group
 from tests.tiny_shards import write_tiny_shards
 
 CONFIG = ROOT / "configs" / "train" / "tiny.yaml"
@@ -205,10 +207,9 @@ def launcher_env() -> dict[str, str]:
 
 
 def deepspeed(args: list[str], timeout: int = 300, **popen) -> subprocess.CompletedProcess:
+    """The ``deepspeed`` launcher on ``args``, its ranks killed with it (tests/processes.py)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *args]
-    return subprocess.run(
-        cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=timeout, **popen
-    )
+    return run_group(cmd, timeout, cwd=ROOT, env=launcher_env(), **popen)
 
 
 def train_args(shards, out, ds: str, **kw) -> list[str]:
@@ -289,14 +290,7 @@ def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(shards, tmp_pa
 def probe(config: str, precision: str, *options: str) -> dict:
     """One watched step of ``tests/deepspeed_probe.py`` in a one-rank group."""
     cmd = [sys.executable, "-m", "tests.deepspeed_probe", f"configs/deepspeed/{config}.json"]
-    done = subprocess.run(
-        [*cmd, precision, *options],
-        cwd=ROOT,
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_group([*cmd, precision, *options], 300, cwd=ROOT, env=launcher_env())
     check(done)
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -358,18 +352,21 @@ def test_two_nodes_on_one_machine(shards, tmp_path):
     ]
     args = train_args(shards, out, "zero2", steps=2, checkpoint_every=2)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    procs = [
-        subprocess.Popen(
-            [*cmd, *common, "--node_rank", str(r), *args],
-            cwd=ROOT,
-            env=launcher_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                process_group(
+                    [*cmd, *common, "--node_rank", str(r), *args],
+                    cwd=ROOT,
+                    env=launcher_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+            for r in (0, 1)
+        ]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert len(metrics(out)) == 2
     state = json.loads(
@@ -384,24 +381,15 @@ def test_a_dying_rank_ends_the_job(shards, tmp_path):
 
     out = tmp_path / "dying"
     args = train_args(shards, out, "zero2", steps=100000, checkpoint_every=100000)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            free_port(),
-            *args,
-        ],
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    with process_group(
+        [*cmd, "--master_port", free_port(), *args],
         cwd=ROOT,
         env=launcher_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
-    try:
+    ) as proc:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").is_file() or len(metrics(out)) < 2:
             assert time.time() < deadline and proc.poll() is None, "training did not start"
@@ -414,9 +402,6 @@ def test_a_dying_rank_ends_the_job(shards, tmp_path):
         assert ranks, "rank 1 not found"
         ranks[0].send_signal(signal.SIGKILL)
         output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode != 0
     assert "exits with return code" in output or "killed" in output.lower(), output[-2000:]
 
@@ -431,18 +416,16 @@ def test_kill_during_checkpointing_leaves_a_loadable_checkpoint(shards, tmp_path
         str(CONFIG),
         *overrides(shards, out, steps=100000, checkpoint_every=1, keep_checkpoints=2),
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
     checkpoints = out / "checkpoints"
-    while len(list(checkpoints.glob("step-*"))) < 3:
-        assert time.time() < deadline and proc.poll() is None, "no checkpoints appeared"
-        time.sleep(0.05)
-    proc.send_signal(
-        signal.SIGKILL
-    )  # saving is continuous: the kill lands during a save or between two
-    proc.wait(timeout=60)
+    with process_group(
+        cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as proc:
+        deadline = time.time() + 240
+        while len(list(checkpoints.glob("step-*"))) < 3:
+            assert time.time() < deadline and proc.poll() is None, "no checkpoints appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # saving is continuous: lands during a save or between
+        proc.wait(timeout=60)
     # a kill between the marker and the rename leaves step-N.tmp/COMPLETE: not a checkpoint
     complete = CheckpointDir(checkpoints).complete()
     assert complete
