@@ -107,7 +107,11 @@ def test_a_packed_batch_gives_each_document_its_unpacked_logits_and_loss(
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)  # the summed NLL
     assert got[2].keys() == want[2].keys()
     for name, grad in got[2].items():
-        torch.testing.assert_close(grad, want[2][name], rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 sums in another order: one new row's element differs by 2.9e-6 (of ~7e-3) on an
+        # AMD EPYC here; the same atol as the logits'
+        torch.testing.assert_close(
+            grad, want[2][name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 POSITIONED = sorted(t for t in TINY_LMS if DECODER_LAYOUTS[t].packed_positions)
