@@ -1,12 +1,17 @@
-"""Stage 1: contrastive pretraining of a tiny open_clip model on the toy world's pairs.
+"""Stage 1: contrastive pretraining of a tiny CLIP on the toy world's pairs, with open_clip's own
+trainer (``open_clip_train``, installed with open_clip_torch).
 
     python -m demo.pretrain_clip --config configs/demo/clip.yaml [key=value ...]
 
-Reads image-caption pairs from webdataset shards (the pairs schema), trains the CLIP model
-given inline (``architecture``: embed_dim, vision_cfg, text_cfg) with open_clip's own
-``ClipLoss``, and saves ``{"state_dict": ...}`` like any open_clip checkpoint: a model config
-loads it with ``vision.architecture`` = the same architecture and ``vision.pretrained`` = the
-file.
+The pairs shards are already open_clip_train's webdataset format (``png``/``jpg`` + ``txt``), so
+this module only registers the inline ``architecture`` as an open_clip model config, turns the
+YAML into open_clip_train's command line (``train_args``) and runs its ``main`` in this process
+(``flamingo.training.clip_stage``, which repairs its webdataset reader), then checks retrieval
+on held-out pairs.
+The checkpoint it writes keeps only the ``state_dict``, like any open_clip checkpoint: a model
+config loads it with ``vision.architecture`` = the same architecture and ``vision.pretrained`` =
+the file. A real run (LAION-style shards, several GPUs) runs ``flamingo.training.clip_stage``
+with open_clip_train's flags; the README's "Stage 1: the vision tower" gives the command.
 """
 
 from __future__ import annotations
@@ -14,18 +19,19 @@ from __future__ import annotations
 import io
 import json
 import math
-import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-from demo.common import cli, summary, warmup_cosine
+from demo.common import cli, summary
 from flamingo.config import VisionConfig
 from flamingo.data.shards import expand_shards, read_shard
+from flamingo.training import clip_stage
 from flamingo.typed_config import YamlConfig
 from flamingo.vision import image_transform
 
@@ -35,80 +41,133 @@ class ClipPretrainConfig(YamlConfig):
     shards: str
     """Pairs shards (brace expansion)."""
     output: str
-    """Checkpoint file to write."""
+    """Checkpoint file to write; open_clip_train's own run (log, TensorBoard, full checkpoint)
+    lands in ``<output's folder>/open_clip_train/<output's stem>``."""
     architecture: dict
     """open_clip model config: embed_dim, vision_cfg, text_cfg (vocab_size 49408)."""
+    val_shards: str | None = None
+    """Held-out pairs for the retrieval check after training (none: no check)."""
     image_size: int = 64
     context_length: int = 32
     batch_size: int = 64
     steps: int = 300
     lr: float = 1e-3
     warmup_steps: int = 20
+    weight_decay: float = 0.1
     seed: int = 0
-    group_size: int = 1
-    """Draw batches as whole groups of this many consecutive pairs (2 for the toy world, which
-    writes each scene next to its twin with one shape changed: in-batch hard negatives)."""
+    workers: int = 1
+    """open_clip_train's DataLoader workers (decoding and augmenting beside the training step)."""
+    shuffle_pairs: bool = True
+    """open_clip_train's sample shuffle buffer (5000 pairs). False reads each drawn shard in
+    order (``clip_stage.repaired(in_order=True)``), so a batch holds consecutive pairs: with the toy world, each scene beside its twin
+    (the same scene with one shape changed), in-batch hard negatives."""
+    twins: bool = False
+    """The val shards hold twins at (2k, 2k+1), as the toy world writes them: the retrieval check
+    also reports how often an image prefers its own caption to its twin's."""
+    log_every: int = 1
+    """Training steps between logged losses."""
 
     def __post_init__(self) -> None:
-        if self.group_size < 1 or self.batch_size % self.group_size:
+        for name in ("batch_size", "steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.architecture.get("text_cfg", {}).get("context_length", 77) != self.context_length:
             raise ValueError(
-                f"group_size={self.group_size} must be >= 1 and divide batch_size={self.batch_size}"
+                f"context_length={self.context_length} differs from the architecture's "
+                f"text_cfg.context_length={self.architecture['text_cfg'].get('context_length')}"
             )
 
 
-def load_pairs(spec: str, transform, group_size: int = 1) -> tuple[torch.Tensor, list[str]]:
+def train_args(cfg: ClipPretrainConfig, model: str, logs: Path, device: str) -> list[str]:
+    """open_clip_train's command line for ``cfg``: ``steps`` batches of ``batch_size`` drawn from
+    resampled shards in one epoch, AdamW with warm-up and cosine decay, fp32, no crop (the toy
+    world's captions name where each shape sits)."""
+    return [
+        *("--model", model, "--train-data", cfg.shards, "--dataset-type", "webdataset"),
+        *("--dataset-resampled", "--train-num-samples", str(cfg.steps * cfg.batch_size)),
+        *("--epochs", "1", "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr)),
+        *("--wd", str(cfg.weight_decay), "--warmup", str(cfg.warmup_steps)),
+        *("--precision", "fp32", "--workers", str(cfg.workers), "--seed", str(cfg.seed)),
+        *("--aug-cfg", "scale=(1.0,1.0)", "--device", device),
+        *("--logs", str(logs), "--name", model, "--report-to", "tensorboard"),
+        *("--log-every-n-steps", str(cfg.log_every), "--save-frequency", "1"),
+    ]
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The ``train/loss`` scalars open_clip_train wrote to TensorBoard, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    return [event.value for event in events.Scalars("train/loss")]
+
+
+def load_pairs(spec: str, transform) -> tuple[torch.Tensor, list[str]]:
     images, captions = [], []
     for url in expand_shards(spec):
         for sample in read_shard(url):
             key = next(k for k in sample if k in ("png", "jpg", "jpeg", "webp"))
             images.append(transform(Image.open(io.BytesIO(sample[key])).convert("RGB")))
             captions.append(sample["txt"].decode())
-    if len(images) < 2 * group_size:
-        raise ValueError(f"{spec}: need at least two groups of {group_size} pair(s)")
+    if not images:
+        raise ValueError(f"{spec}: no image-caption pairs")
     return torch.stack(images), captions
 
 
-def batch_indices(rng: random.Random, n: int, batch_size: int, group_size: int) -> list[int]:
-    """A batch of whole groups of ``group_size`` consecutive items out of ``n``, drawn without
-    replacement (a trailing incomplete group is never drawn)."""
-    num_groups = n // group_size
-    groups = rng.sample(range(num_groups), min(batch_size // group_size, num_groups))
-    return [g * group_size + j for g in groups for j in range(group_size)]
+@torch.no_grad()
+def retrieval(
+    image_features: torch.Tensor, text_features: torch.Tensor, twins: bool = False
+) -> dict[str, float]:
+    """Recall@1 both ways of pair i's image against every caption (and back), in percent; with
+    ``twins``, how often an image scores its own caption above its twin's (pairs 2k, 2k+1)."""
+    sim = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    truth = torch.arange(len(sim))
+    result = {
+        "image_to_text_r1": 100 * (sim.argmax(1) == truth).float().mean().item(),
+        "text_to_image_r1": 100 * (sim.argmax(0) == truth).float().mean().item(),
+    }
+    if twins:
+        if len(sim) % 2:
+            raise ValueError(f"twins: {len(sim)} pairs, an odd number")
+        own, twin = sim.diagonal(), sim[truth, truth ^ 1]
+        result["twin_accuracy"] = 100 * (own > twin).float().mean().item()
+    return result
 
 
-def pretrain(cfg: ClipPretrainConfig) -> dict:
-    torch.manual_seed(cfg.seed)
-    model = open_clip.CLIP(**cfg.architecture).train()
+def evaluate(model: open_clip.CLIP, cfg: ClipPretrainConfig, spec: str) -> dict[str, float]:
     vision = VisionConfig(
         model_name="toy-clip",
         pretrained=None,
         architecture=cfg.architecture,
         image_size=cfg.image_size,
     )
-    images, captions = load_pairs(cfg.shards, image_transform(vision), cfg.group_size)
+    images, captions = load_pairs(spec, image_transform(vision))
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg.context_length)
-    texts = tokenizer(captions)
-    loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
-    rng = random.Random(cfg.seed)
-    losses = []
-    for step in tqdm(range(cfg.steps), desc="stage 1: CLIP"):
-        lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = batch_indices(rng, len(images), cfg.batch_size, cfg.group_size)
-        image_features, text_features, logit_scale = model(images[index], texts[index])[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.detach()))
+    model = model.eval()
+    features = [model.encode_image(images), model.encode_text(tokenizer(captions))]
+    return {"val_pairs": len(images), **retrieval(*features, twins=cfg.twins)}
+
+
+def pretrain(cfg: ClipPretrainConfig) -> dict:
     out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict()}, out)
-    result = summary(losses, pairs=len(images), steps=cfg.steps)
+    model_name = out.stem
+    logs = out.parent / "open_clip_train"
+    run = logs / model_name
+    shutil.rmtree(run, ignore_errors=True)  # open_clip_train will not start over an old run
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{model_name}.json").write_text(json.dumps(cfg.architecture, indent=2) + "\n")
+    open_clip.add_model_config(logs / f"{model_name}.json")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clip_stage.run(train_args(cfg, model_name, logs, device), in_order=not cfg.shuffle_pairs)
+    state = torch.load(run / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
+    torch.save({"state_dict": state["state_dict"]}, out)
+    losses = logged_losses(run)
+    result = summary(losses, steps=cfg.steps, logged_every=cfg.log_every)
+    if cfg.val_shards:
+        model = open_clip.CLIP(**cfg.architecture)
+        model.load_state_dict(state["state_dict"])
+        result["val"] = evaluate(model, cfg, cfg.val_shards)
+    result["logit_scale"] = math.exp(state["state_dict"]["logit_scale"].item())
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -5,7 +5,7 @@
 
 Stages (each reused when its output exists, unless ``--force``):
   world     data_prep.toy_world -> OUT/world (shards, eval files, text corpus)
-  clip      stage 1, demo.pretrain_clip with configs/demo/clip.yaml -> OUT/clip
+  clip      stage 1, demo.pretrain_clip (open_clip_train) with configs/demo/clip.yaml -> OUT/clip
   lm        stage 2, demo.pretrain_lm with configs/demo/lm.yaml -> OUT/lm
   flamingo  stage 3, train.py with configs/demo/train.yaml -> OUT/flamingo
   eval      eval.run with configs/demo/eval.yaml: random demos, RICES, the blind baseline
@@ -147,7 +147,10 @@ class Demo:
         from demo.pretrain_clip import ClipPretrainConfig, pretrain
         from flamingo.typed_config import load_config
 
-        path = stage_config("clip", self.out, shards=self.world["shards"]["pairs-train"])
+        shards = self.world["shards"]
+        path = stage_config(
+            "clip", self.out, shards=shards["pairs-train"], val_shards=shards["pairs-val"]
+        )
         cfg = load_config(ClipPretrainConfig, path, self.sets["clip"])
         if "clip" in self.force or not Path(cfg.output).is_file():
             print(json.dumps(pretrain(cfg)))
