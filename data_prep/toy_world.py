@@ -2,7 +2,10 @@
 
 Images of 1-3 coloured shapes on a plain, noisy background; short clips of one moving shape;
 captions, questions with answers (colour, shape, count, position, motion direction) and
-interleaved documents. Everything is deterministic from a seed. Some colour-shape
+interleaved documents. Half of the documents are naming pages: each image is asked its name,
+the answer its colour and a made-up word ("red dax"), with a new binding of words to colours
+per page, so only the page's earlier examples tell the word (Frozen's fast binding,
+Tsimpoukelli et al. 2021); the names benchmark asks the same of an episode's demonstrations. Everything is deterministic from a seed. Some colour-shape
 combinations are held out of train and validation and appear only in test (compositional
 generalisation). Each image-caption pair is followed by its twin, the same scene with one
 shape changed, so that contrastive pretraining must learn shapes; pages write their captions
@@ -14,6 +17,9 @@ Writes, under ``--out``:
 * ``eval/captions.json`` (COCO Karpathy format) and ``eval/vqa_{train,test}_{questions,annotations}.json``
   (official VQA format) with their images in ``eval/images/``, so the real eval tasks read them
   unchanged; test items are flagged ``held_out`` when they contain a held-out combination;
+* ``eval/names_{train,test}_{questions,annotations}.json``: the names benchmark, in the VQA
+  format with an ``episode`` per question: each episode binds the six colours to six of
+  :data:`NAMES`; its train items are the demonstrations, its test items the queries;
 * ``text/corpus.txt``: the world's text, for pretraining the toy LM;
 * ``world.json``: the vocabulary, splits and held-out combinations.
 
@@ -53,6 +59,14 @@ the pages' rarer ``sentence`` style, as COCO's captions are one style among the 
 given no demonstrations writes the common style, demonstrations show which is wanted."""
 BENCHMARK_STYLE = "sentence"
 IMAGE_SIZE = 64
+NAMES = ("dax", "wug", "fep", "mip", "sot", "lat", "pim", "rel")
+"""Made-up words for colours, each 2 or 3 tokens in the tiny tokenizer after a space, the
+first one its own (no two share it), so its first token tells the whole name."""
+NAME_QUESTION = "what is its name?"
+NAMING_EVERY = 2
+"""Every second document is a naming page."""
+EPISODE_SUPPORT = 2
+"""Each colour's demonstrations in a names episode at the least (more are drawn at random)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,12 @@ def draw(
     return Image.fromarray(
         np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
     )
+
+
+def named(colour: str, names: dict[str, str]) -> str:
+    """A naming answer: the colour, which the image tells, and its name under ``names``, which
+    only the page's or the episode's own examples tell ("red dax")."""
+    return f"{colour} {names[colour]}"
 
 
 def qa_text(question: str, answer: str) -> str:
@@ -174,6 +194,22 @@ class World:
         kinds = [k for c, k in self.combos if c == s.colour and k != s.kind]
         return [*shapes[:i], replace(s, kind=self.rng.choice(kinds)), *shapes[i + 1 :]]
 
+    def single(self, colour: str) -> tuple[list[Shape], tuple[int, int, int]]:
+        """A scene of one shape of ``colour``, of any kind this split shows in that colour."""
+        kind = self.rng.choice([k for c, k in self.combos if c == colour])
+        shape = Shape(
+            colour,
+            kind,
+            self.rng.choice(list(SIZES)),
+            self.rng.uniform(0.25, 0.75),
+            self.rng.uniform(0.25, 0.75),
+        )
+        return [shape], self.rng.choice(BACKGROUNDS)
+
+    def binding(self, colours: list[str]) -> dict[str, str]:
+        """A new name for each of ``colours``, no two alike."""
+        return dict(zip(colours, self.rng.sample(NAMES, len(colours)), strict=True))
+
     def question(self, shapes: list[Shape]) -> tuple[str, str]:
         s = self.rng.choice(shapes)
         kind = self.rng.choice(("colour", "shape", "count", "position"))
@@ -200,7 +236,29 @@ class World:
             f"{self.split}p{i}", png(draw(shapes, background, self.rng)), "png", caption
         )
 
+    def naming_sample(self, i: int) -> dict:
+        """A page of 4-5 one-shape images of 2-3 colours, each asked its name under the page's
+        own binding; the corpus gets the page's text and three more pages' worth without
+        images, other bindings of the same colours (from them the LM learns to copy the word
+        that followed the same colour earlier in its context)."""
+        colours = self.rng.sample(list(COLOURS), self.rng.randint(2, 3))
+        names = self.binding(colours)
+        chunks: list = [self.rng.choice(["Names of things.", "What is each one called?"])]
+        shown = [self.rng.choice(colours) for _ in range(self.rng.randint(4, 5))]
+        for colour in shown:
+            shapes, background = self.single(colour)
+            chunks += [(png(draw(shapes, background, self.rng)), "png")]
+            chunks.append(qa_text(NAME_QUESTION, named(colour, names)))
+        self.corpus.append(" ".join(c for c in chunks if isinstance(c, str)))
+        for _ in range(3):  # more bindings, in text only
+            names = self.binding(colours)
+            spelled = [self.rng.choice(colours) for _ in range(10)]
+            self.corpus.append(" ".join(qa_text(NAME_QUESTION, named(c, names)) for c in spelled))
+        return encode_interleaved(f"{self.split}d{i}", chunks)
+
     def document_sample(self, i: int) -> dict:
+        if i % NAMING_EVERY == NAMING_EVERY - 1:
+            return self.naming_sample(i)
         chunks: list = [
             self.rng.choice(["Some shapes.", "Look at these pictures.", "A page about shapes."])
         ]
@@ -236,11 +294,73 @@ class World:
         return images, f"{shape.phrase()} moving {direction}.", direction
 
 
+def vqa_records(
+    image_id: int, question: str, answer: str, held: bool, **extra: object
+) -> tuple[dict, dict]:
+    """One question and its annotation (ten agreeing answers) in the official VQA format."""
+    qid = image_id * 10
+    record = {"image_id": image_id, "question": question, "question_id": qid, **extra}
+    annotation = {
+        "question_id": qid,
+        "image_id": image_id,
+        "question_type": question.split()[0],
+        "answer_type": "other",
+        "held_out": held,
+        "multiple_choice_answer": answer,
+        "answers": [
+            {"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)
+        ],
+    }
+    return record, annotation
+
+
+def write_vqa(
+    folder: Path, stem: str, subtype: str, questions: list[dict], annotations: list[dict]
+) -> None:
+    (folder / f"{stem}_questions.json").write_text(
+        json.dumps({"questions": questions, "data_subtype": subtype, "task_type": "Open-Ended"})
+    )
+    (folder / f"{stem}_annotations.json").write_text(
+        json.dumps({"annotations": annotations, "data_subtype": subtype})
+    )
+
+
+def names_benchmark(
+    world: World, episodes: int, images_dir: Path, queries: int = 5, support: int = 16
+) -> dict[str, tuple[list[dict], list[dict]]]:
+    """The names benchmark: ``episodes`` bindings of every colour to a made-up name, each with
+    ``support`` demonstrations (train; every colour :data:`EPISODE_SUPPORT` times at the
+    least) and ``queries`` test items, all one-shape images asked their name. Images are
+    written to ``images_dir`` (ids from 200000, train, and 300000, test)."""
+    out: dict[str, tuple[list[dict], list[dict]]] = {"train": ([], []), "test": ([], [])}
+    colours = list(COLOURS)
+    for episode in range(episodes):
+        names = world.binding(colours)
+        least = colours * EPISODE_SUPPORT
+        shown = {
+            "train": least + [world.rng.choice(colours) for _ in range(support - len(least))],
+            "test": [world.rng.choice(colours) for _ in range(queries)],
+        }
+        world.rng.shuffle(shown["train"])
+        for split, first in (("train", 200000), ("test", 300000)):
+            for j, colour in enumerate(shown[split]):
+                image_id = first + episode * 100 + j
+                shapes, background = world.single(colour)
+                name = f"COCO_{split}2014_{image_id:012d}.jpg"
+                draw(shapes, background, world.rng).save(images_dir / name, "PNG")
+                record, annotation = vqa_records(
+                    image_id, NAME_QUESTION, named(colour, names), False, episode=episode
+                )
+                out[split][0].append(record)
+                out[split][1].append(annotation)
+    return out
+
+
 def write_world(out: Path, seed: int = 0, scale: float = 1.0, items_per_shard: int = 500) -> dict:
     """Write the whole world under ``out``; returns the summary written to world.json."""
     counts = {
         "pairs": int(6000 * scale),  # 3000 scenes, each followed by its twin
-        "interleaved": int(1500 * scale),
+        "interleaved": int(3000 * scale),  # half of them naming pages
         "video": int(800 * scale),
     }
     shards = out / "shards"
@@ -297,32 +417,14 @@ def write_world(out: Path, seed: int = 0, scale: float = 1.0, items_per_shard: i
                     "sentences": [{"raw": caption, "tokens": caption.rstrip(".").split()}],
                 }
             )
-            question, answer = world.question(shapes)
-            qid = image_id * 10
-            vqa[split][0].append({"image_id": image_id, "question": question, "question_id": qid})
-            vqa[split][1].append(
-                {
-                    "question_id": qid,
-                    "image_id": image_id,
-                    "question_type": question.split()[0],
-                    "answer_type": "other",
-                    "held_out": held,
-                    "multiple_choice_answer": answer,
-                    "answers": [
-                        {"answer": answer, "answer_confidence": "yes", "answer_id": k + 1}
-                        for k in range(10)
-                    ],
-                }
-            )
+            record, annotation = vqa_records(image_id, *world.question(shapes), held)
+            vqa[split][0].append(record)
+            vqa[split][1].append(annotation)
     (out / "eval" / "captions.json").write_text(json.dumps({"images": karpathy, "dataset": "toy"}))
-    for split, (questions, answer_records) in vqa.items():
-        subtype = f"{split}2014"
-        (out / "eval" / f"vqa_{split}_questions.json").write_text(
-            json.dumps({"questions": questions, "data_subtype": subtype, "task_type": "Open-Ended"})
-        )
-        (out / "eval" / f"vqa_{split}_annotations.json").write_text(
-            json.dumps({"annotations": answer_records, "data_subtype": subtype})
-        )
+    names = names_benchmark(World(seed + 2, "names"), max(2, int(40 * scale)), images_dir)
+    for task, splits in (("vqa", vqa), ("names", names)):
+        for split, (questions, answer_records) in splits.items():
+            write_vqa(out / "eval", f"{task}_{split}", f"{split}2014", questions, answer_records)
     (out / "text").mkdir(parents=True, exist_ok=True)
     (out / "text" / "corpus.txt").write_text("\n".join(corpus) + "\n")
     summary.update(

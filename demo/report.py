@@ -40,7 +40,7 @@ def split_scores(cfg: EvalConfig, results: dict[str, dict]) -> dict:
                 metric = next(iter(run["scores"]))
                 cell = out.setdefault(setting, {}).setdefault(task_name, {})[shots] = {}
                 cell["all"] = (metric, run["scores"][metric]["mean"])  # eval.run's own
-                for split in ("seen", "held-out"):
+                for split in ("seen", "held-out") if held else ():  # else "all" alone
                     values = []
                     for predictions in run["predictions"]:
                         chosen = [
@@ -71,7 +71,8 @@ def results_table(scores: dict, shots: list[int]) -> str:
 
 
 def kshot_plot(scores: dict, shots: list[int], path: Path) -> None:
-    """One panel per task: score against the number of shots, a line per setting and split."""
+    """One panel per task: score against the number of shots, a line per setting and split
+    (seen and held-out; all, for a task with no held-out items)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +82,9 @@ def kshot_plot(scores: dict, shots: list[int], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for colour, (setting, by_task) in enumerate(scores.items()):
-            for split, style in (("seen", "-"), ("held-out", "--")):
+            has_held = any("held-out" in cell for cell in by_task[task].values())
+            lines = (("seen", "-"), ("held-out", "--")) if has_held else (("all", "-"),)
+            for split, style in lines:
                 points = [
                     (s, by_task[task][str(s)][split][1])
                     for s in shots

@@ -17,9 +17,13 @@ from eval.tasks import Item
 
 
 def query_set(train_items: list[Item], size: int, seed: int) -> list[Item]:
-    """The demonstration pool: ``size`` train items drawn once per trial."""
+    """The demonstration pool: ``size`` train items drawn once per trial; every train item
+    when the items have an ``Item.group`` (each group's items are its own pool, which a draw
+    over all groups would thin unevenly)."""
     if len(train_items) < 2:
         raise ValueError("need at least 2 train items for demonstrations")
+    if any(it.group is not None for it in train_items):
+        return list(train_items)
     rng = random.Random(f"query/{seed}")
     return rng.sample(train_items, min(size, len(train_items)))
 

@@ -58,7 +58,7 @@ def write_all(root: Path) -> dict[str, dict]:
         }
 
     # VQAv2 / OK-VQA official question + annotation files
-    for name in ("vqav2", "okvqa"):
+    for name in ("vqav2", "okvqa", "names"):  # names: VQA files whose questions carry episodes
         paths = {}
         for split, subtype, ids in (
             ("train", "train2014", range(6)),
@@ -68,9 +68,10 @@ def write_all(root: Path) -> dict[str, dict]:
             for i in ids:
                 colour = NAMES[i % 4]
                 png(root / name / subtype / f"COCO_{subtype}_{i:012d}.jpg", colour)
-                questions.append(
-                    {"image_id": i, "question": "What colour is it?", "question_id": 10 * i}
-                )
+                question = {"image_id": i, "question": "What colour is it?", "question_id": 10 * i}
+                if name == "names":
+                    question["episode"] = i % 2
+                questions.append(question)
                 answers = [
                     {"answer": colour, "answer_confidence": "yes", "answer_id": k + 1}
                     for k in range(10)

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "vizwiz",
     "hateful_memes",
     "imagenet",
+    "names",
 }
 
 # -- metrics on hand-checked cases ------------------------------------------------------------
@@ -121,6 +122,28 @@ def test_grouped_items_take_demonstrations_from_their_own_group_only():
     assert [d.id for d in demos[0]] == ["a2", "a1"]  # its group's, the nearest last
     ungrouped = Item(id="x", image=None)
     assert len(random_demos(pool, ungrouped, 4, 0)) == 4
+
+
+def test_names_items_carry_their_episode_and_keep_every_demonstration(tmp_path):
+    """The names benchmark's items are grouped by episode; its pool is every train item
+    (a draw over all episodes would thin some below their demonstrations), and a question
+    without an episode is refused by name."""
+    from eval.fewshot import query_set
+    from eval.tasks import get_task
+
+    tasks = write_all(tmp_path)
+    task = get_task("names", tasks["names"]["paths"])
+    train, val = task.load("train"), task.load("val")
+    assert [it.group for it in train] == ["0", "1"] * 3 and [it.group for it in val] == list("010")
+    assert query_set(train, 2, seed=0) == train
+    plain = get_task("vqav2", tasks["vqav2"]["paths"]).load("train")
+    assert len(query_set(plain, 2, seed=0)) == 2
+    questions = tmp_path / "names" / "train_q.json"
+    record = json.loads(questions.read_text())
+    del record["questions"][3]["episode"]
+    questions.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="question 30 has no 'episode'"):
+        task.load("train")
 
 
 # -- every task through the command -----------------------------------------------------------------

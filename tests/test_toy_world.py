@@ -3,12 +3,23 @@ loaders and eval tasks."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
 import numpy as np
+from PIL import Image
 
-from data_prep.toy_world import HELD_OUT, SHAPES, Shape, draw, write_world
+from data_prep.toy_world import (
+    COLOURS,
+    HELD_OUT,
+    NAME_QUESTION,
+    NAMES,
+    SHAPES,
+    Shape,
+    draw,
+    write_world,
+)
 from eval.tasks import get_task
 from flamingo.data.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
@@ -112,3 +123,72 @@ def test_pages_keep_one_caption_style_and_the_benchmark_uses_the_sentence_style(
     for image in captions:
         raw = image["sentences"][0]["raw"]
         assert raw.startswith("a ") and ":" not in raw and " the " in raw, raw
+
+
+def shown_colour(png_bytes: bytes) -> str:
+    """The colour of the one shape on an image: the pixels far from the corner's background,
+    matched to the nearest of the world's colours."""
+    image = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"), dtype=float)
+    background = image[:3, :3].reshape(-1, 3).mean(axis=0)
+    shape = image[np.abs(image - background).sum(axis=-1) > 90]
+    centre = np.median(shape, axis=0)
+    return min(COLOURS, key=lambda c: np.abs(centre - COLOURS[c]).sum())
+
+
+def test_naming_pages_bind_names_to_colours_anew_on_each_page(tmp_path):
+    world = write_world(tmp_path, seed=4, scale=0.1)
+    bindings = []
+    for url in expand_shards(world["shards"]["interleaved-train"]):
+        for sample in read_shard(url):
+            chunks = json.loads(sample["json"])["chunks"]
+            texts = [c.get("text", "") for c in chunks]
+            if not any(NAME_QUESTION in t for t in texts):
+                continue
+            images = [sample[c["image"]] for c in chunks if "image" in c]
+            answers = [t.rsplit(":", 1)[1].split() for t in texts if NAME_QUESTION in t]
+            assert len(images) == len(answers) >= 4
+            binding: dict[str, str] = {}
+            for image, (colour, name) in zip(images, answers, strict=True):
+                assert colour == shown_colour(image) and name in NAMES  # "red dax"
+                assert binding.setdefault(colour, name) == name  # one name a colour
+            assert len(set(binding.values())) == len(binding)  # and one colour a name
+            bindings.append(binding)
+    assert len(bindings) == 150  # half of the 300 pages
+    assert len({tuple(sorted(b.items())) for b in bindings}) > len(bindings) // 2
+    corpus = (tmp_path / "text" / "corpus.txt").read_text().splitlines()
+    texts = [line for line in corpus if line.startswith("Question:" + NAME_QUESTION)]
+    # three more bindings a page in text only, for the train pages and the 15 val ones
+    assert len(texts) == 3 * (len(bindings) + 15)
+
+
+def test_names_benchmark_episodes_bind_every_colour_for_their_own_items(tmp_path):
+    """An answer is the image's colour and its name ("red dax"); within an episode one colour
+    has one name, in demonstrations and queries alike; every colour has demonstrations; other
+    episodes bind differently."""
+    write_world(tmp_path, seed=5, scale=0.2)
+    eval_dir = tmp_path / "eval"
+    task = get_task(
+        "names",
+        {
+            f"{s}_{k}": eval_dir / f"names_{s}_{k}.json"
+            for s in ("train", "test")
+            for k in ("questions", "annotations")
+        }
+        | {"train_images": eval_dir / "images", "test_images": eval_dir / "images"},
+    )
+    train, test = task.load("train"), task.load("test")
+    episodes: dict[str, dict[str, str]] = {}
+    support: dict[str, list[str]] = {}
+    for item in train + test:
+        assert len(set(item.answers)) == 1
+        colour, name = item.answers[0].split()
+        assert colour == shown_colour(item.image.read_bytes()) and name in NAMES
+        binding = episodes.setdefault(item.group, {})
+        assert binding.setdefault(colour, name) == name, item.id
+        if item in train:
+            support.setdefault(item.group, []).append(colour)
+    assert len(episodes) == 8 and len(test) == 40
+    for group, binding in episodes.items():
+        assert len(set(binding.values())) == len(binding) == len(COLOURS), group
+        assert min(support[group].count(c) for c in COLOURS) >= 2
+    assert len({tuple(sorted(b.items())) for b in episodes.values()}) == len(episodes)
