@@ -36,7 +36,9 @@ def test_stages_pretrain_and_load_into_the_demo_model(tmp_path):
     clip = pretrain_clip.pretrain(clip_cfg)
     assert clip["last_loss"] < clip["first_loss"] - 0.5
     assert clip["val"]["val_pairs"] == 30  # 10% of 300
-    assert 0 <= clip["val"]["twin_accuracy"] <= 100
+    # retrieval over the 30 val pairs above chance (3.3%) both ways: at least 3 right of 30
+    # (5 here after 40 steps; twins still at chance, 50%, so that only longer runs learn)
+    assert min(clip["val"]["image_to_text_r1"], clip["val"]["text_to_image_r1"]) >= 10
     # open_clip_train's module settings and logging are as they were
     assert (
         oc_data._SAMPLE_SHUFFLE_SIZE == 5000 and oc_data.tar_file_expander.__module__ != "functools"
