@@ -23,6 +23,8 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -184,12 +186,23 @@ def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cfg = TrainConfig.from_yaml(args.config, args.overrides)
-    out = Path(cfg.output_dir)
+@dataclass
+class Setup:
+    """What a run needs before its first step: the model (in ``engine``), its data and its
+    step function (BLIP-2's stage 1 has its own)."""
 
-    # -- setup: model, engine, data, run state -------------------------------------------------
+    model_cfg: FlamingoConfig
+    processor: FlamingoProcessor
+    engine: Engine
+    batches: Batches
+    first_stage: bool
+    step_fn: Callable[..., tuple]
+    metrics_fn: Callable[..., dict]
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    """The run ``cfg`` describes, built: ``main`` runs its steps, ``bench.run_flops`` counts
+    some."""
     seed_everything(cfg.seed)  # same model initialisation on every rank
     first_stage = cfg.objective == "qformer_stage1"
     step_fn, metrics_fn = (
@@ -213,13 +226,26 @@ def main(argv: list[str] | None = None) -> None:
                 stage1.start_from_stage1(model, cfg.init_qformer)
     (stage1.check_datasets if first_stage else check_datasets)(cfg, model_cfg)
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batches)
+    pinned = engine.device.type == "cuda"  # page-locked: train_step's copies do not block
+    batches = Batches.build(cfg, processor, engine.rank, engine.world_size, pin_memory=pinned)
+    return Setup(model_cfg, processor, engine, batches, first_stage, step_fn, metrics_fn)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
+    out = Path(cfg.output_dir)
+
+    # -- setup: model, engine, data, run state -------------------------------------------------
+    run_setup = setup(cfg)
+    engine, batches, processor = run_setup.engine, run_setup.batches, run_setup.processor
+    model_cfg, first_stage = run_setup.model_cfg, run_setup.first_stage
+    step_fn, metrics_fn = run_setup.step_fn, run_setup.metrics_fn
     eval_cfg = eval_config(cfg, engine)
     logging.basicConfig(
         level=logging.INFO if engine.is_main else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    pinned = engine.device.type == "cuda"  # page-locked: train_step's copies do not block
-    batches = Batches.build(cfg, processor, engine.rank, engine.world_size, pin_memory=pinned)
     runlog = RunLogger(out, enabled=engine.is_main, tensorboard=cfg.tensorboard)
     run = Checkpointer(out / "checkpoints", engine, batches, runlog, cfg, model_cfg)
     run.resume(args.resume)

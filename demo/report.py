@@ -115,12 +115,22 @@ def trainable_parameters(model_dir: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
 
 
+COMPARED_TASKS = ("coco", "vqav2", "names")
+
+
+def training_flops(stage_dir: Path) -> float:
+    """A demo stage's training FLOPs (``train_flops.json``, counted on its first steps by
+    ``bench.run_flops``); NaN for a stage trained before they were counted."""
+    path = stage_dir / "train_flops.json"
+    return float(json.loads(path.read_text())["total"]) if path.is_file() else float("nan")
+
+
 def connectors_table(out: Path, scores: dict, shots: list[int], runs: dict) -> str:
-    """The connectors side by side: each stage's trained parameters and training seconds,
-    CIDEr and VQA accuracy (all test items) at each shot count its prompts fit, and its
-    blind run's (blank images) beside them."""
-    head = ["connector", "trained parameters", "training s"]
-    for task in ("coco", "vqav2"):
+    """The connectors side by side: each stage's trained parameters, the training FLOPs and
+    seconds of all its stages, CIDEr and VQA and names accuracy (all test items) at each shot
+    count its prompts fit, and its blind run's (blank images) beside them."""
+    head = ["connector", "trained parameters", "training TFLOPs", "training s"]
+    for task in COMPARED_TASKS:
         head += [f"{task} {s}-shot (blind)" for s in shots]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, (stages, seeing, blind) in runs.items():
@@ -129,8 +139,9 @@ def connectors_table(out: Path, scores: dict, shots: list[int], runs: dict) -> s
         for stage in stages:
             timing = out / stage / "train_seconds.txt"
             seconds += float(timing.read_text()) if timing.is_file() else float("nan")
-        cells = [name, params, f"{seconds:.0f}"]
-        for task in ("coco", "vqav2"):
+        flops = sum(training_flops(out / stage) for stage in stages)
+        cells = [name, params, f"{flops / 1e12:.3g}", f"{seconds:.0f}"]
+        for task in COMPARED_TASKS:
             for s in shots:
                 got = scores.get(seeing, {}).get(task, {}).get(str(s))
                 base = scores.get(blind, {}).get(task, {}).get(str(s))

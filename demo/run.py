@@ -175,8 +175,11 @@ class Demo:
         """Stage 3's training (configs/demo/train.yaml) into ``output_dir``, with ``extra``
         overrides, the model config changed by ``model_extra`` (a section's keys, or a
         top-level value), on the datasets of ``kinds`` only; or, with ``init_from``, going on
-        from that checkpoint."""
+        from that checkpoint. Its FLOPs, counted on its first steps (``bench.run_flops``), go
+        to ``train_flops.json``."""
         import train
+        from bench.run_flops import run_flops
+        from flamingo.training.config import TrainConfig
 
         if stage in self.force:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -205,6 +208,8 @@ class Demo:
             overrides = [*shards, f"output_dir={output_dir}", *self.sets["flamingo"], *extra]
             train.main(["--config", str(path), *overrides])
             (output_dir / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+            flops = run_flops(TrainConfig.from_yaml(path, overrides))  # its first 3 steps
+            (output_dir / "train_flops.json").write_text(json.dumps(flops) + "\n")
 
     def run_flamingo(self) -> None:
         self.train("flamingo", self.out / "flamingo", [])

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.run_flops import MatmulFlops
 from tests.conftest import ROOT
 
 
@@ -108,54 +107,6 @@ def test_bf16_without_deepspeed_is_refused_with_the_fix():
     cmd = [sys.executable, "-m", "bench.train_step", "--precision", "bf16"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--engine zero2" in done.stderr
-
-
-class MatmulFlops(TorchDispatchMode):
-    """A hand count of the matrix-product FLOPs an op sequence performs, from the operands'
-    shapes (2 per multiply-add): the formula's convention. PyTorch's ``FlopCounterMode`` counts
-    only the ops each release registers (2.14 has no formula for the CPU flash-attention kernel
-    SDPA dispatches to), so its totals depend on the installed torch.
-
-    An attention kernel counts its two products (``q k^T``, ``p v``), its backward twice that,
-    whichever kernel ran: a decomposed ("math") attention shows up as its ``bmm`` ops and is
-    counted the same."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        flops = self.flops(name, args, out)
-        if flops:
-            self.total += flops
-            self.ops[name] = self.ops.get(name, 0) + flops
-        return out
-
-    @staticmethod
-    def flops(name: str, args: tuple, out) -> int:
-        if name in ("mm", "bmm"):
-            a, b = args[0].shape, args[1].shape
-            return 2 * math.prod(a) * b[-1]
-        if name in ("addmm", "baddbmm"):
-            a, b = args[1].shape, args[2].shape
-            return 2 * math.prod(a) * b[-1]
-        if name == "convolution":
-            weight = args[1].shape  # (out, in / groups, *kernel)
-            return 2 * out.numel() * math.prod(weight[1:])
-        if "attention" in name and "backward" in name:  # (grad_out, query, key, value, ...)
-            return 2 * MatmulFlops.attention(*args[1:4])
-        if "scaled_dot_product" in name or name.endswith("attention_forward"):
-            return MatmulFlops.attention(*args[:3])
-        return 0
-
-    @staticmethod
-    def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int:
-        """query (..., L, E), key (..., S, E), value (..., S, Ev)."""
-        batch, length, keys = math.prod(query.shape[:-2]), query.shape[-2], key.shape[-2]
-        return 2 * batch * length * keys * (query.shape[-1] + value.shape[-1])
 
 
 @pytest.fixture
@@ -390,3 +341,59 @@ def test_the_flop_formula_counts_the_qformer_connector(counted_vision_attention)
     with MatmulFlops() as train:
         summed_nll(model(ids, mask, pixel_values=pixels).logits, labels).backward()
     assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-6)
+
+
+# -- a run's FLOPs, counted on its own steps ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from tests.tiny_shards import write_tiny_shards
+
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"), per_kind=16, shards=1)
+
+
+def tiny_run(shards: dict[str, str], out, config: str = "tiny.yaml", **changes):
+    from flamingo.training.config import TrainConfig
+
+    kinds = ("pairs",) if "blip2" in config else ("interleaved", "pairs", "video")
+    base = {f"datasets.{i}.shards": shards[kind] for i, kind in enumerate(kinds)}
+    base |= {"output_dir": str(out), "num_workers": 0, "tensorboard": False, "steps": 6}
+    items = [f"{k}={v}" for k, v in {**base, **changes}.items()]
+    return TrainConfig.from_yaml(ROOT / "configs" / "train" / config, items)
+
+
+def test_a_runs_flops_add_up_over_its_datasets_and_steps(tiny_shards, tmp_path):
+    """A step over all three datasets counts what the three steps of a round robin (each
+    dataset's first batch alone) count together; the run's total is its mean step times its
+    steps; nothing is written to the run's directory."""
+    from bench.run_flops import run_flops
+
+    together = run_flops(tiny_run(tiny_shards, tmp_path / "a"), count=1)
+    alone = run_flops(tiny_run(tiny_shards, tmp_path / "b", mixing="round_robin"), count=3)
+    assert together["step"] > 0
+    assert together["step"] == pytest.approx(3 * alone["step"], rel=1e-9)
+    assert together["total"] == together["step"] * 6 and together["steps"] == 6
+    assert not (tmp_path / "a").exists()
+
+
+def test_blip2_stage1_is_counted_forward_and_backward(tiny_shards, tmp_path):
+    """BLIP-2's stage 1 (the Q-Former's three losses) is counted through its own step: more
+    than its forward alone, at most three times it (the frozen tower runs forward only)."""
+    import train
+    from bench.run_flops import run_flops
+
+    cfg = tiny_run(tiny_shards, tmp_path, "tiny-blip2.yaml")
+    step = run_flops(cfg, count=1)["step"]
+    run = train.setup(cfg)
+    batch = run.batches.for_step(0, run.engine.all_reduce_sum, run.engine.device).micro[0][1]
+    model = run.engine.module.train()
+    text, mask = model.texts(batch["input_ids"], batch["labels"])
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), MatmulFlops() as forward:
+            model(batch["pixel_values"][batch["media_slots"][:, 0], 0], text, mask)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+        run.engine.close()
+    assert forward.total < step <= 3 * forward.total

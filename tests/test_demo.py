@@ -117,3 +117,5 @@ def test_the_blip2_stage_trains_both_stages_and_the_connectors_are_compared(demo
     table = (demo_dir / "connectors.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| Flamingo", "| LLaVA", "| BLIP-2"]
     assert " + " in table[4] and "nan" not in table[4]  # two stages, each timed
+    for row in table[2:]:  # every stage's FLOPs counted, BLIP-2's stage 1 included
+        assert float(row.split(" | ")[2]) > 0, row

@@ -12,6 +12,7 @@ import yaml
 
 from eval.fewshot import RICES
 from eval.metrics import okvqa_accuracy, process_punctuation, roc_auc, vqa_accuracy
+from eval.protocols import PROTOCOLS
 from eval.run import main as eval_main
 from eval.tasks import TASKS, Item
 from tests.conftest import ROOT, build, free_port, set_gates
@@ -138,6 +139,12 @@ def test_names_items_carry_their_episode_and_keep_every_demonstration(tmp_path):
     assert query_set(train, 2, seed=0) == train
     plain = get_task("vqav2", tasks["vqav2"]["paths"]).load("train")
     assert len(query_set(plain, 2, seed=0)) == 2
+    # under either protocol, scored as VQA; OpenFlamingo's cut stops a listed answer at ", "
+    for protocol in PROTOCOLS.values():
+        scored = get_task("names", tasks["names"]["paths"], protocol)
+        answers = {it.id: scored.postprocess(f"{it.answers[0]}, blue") for it in val}
+        expected = 100.0 if protocol.name == "openflamingo" else 0.0
+        assert scored.score(scored.load("val"), answers) == {"accuracy": expected}, protocol
     questions = tmp_path / "names" / "train_q.json"
     record = json.loads(questions.read_text())
     del record["questions"][3]["episode"]
