@@ -71,11 +71,17 @@ class ClipPretrainConfig(YamlConfig):
         for name in ("batch_size", "steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.architecture.get("text_cfg", {}).get("context_length", 77) != self.context_length:
-            raise ValueError(
-                f"context_length={self.context_length} differs from the architecture's "
-                f"text_cfg.context_length={self.architecture['text_cfg'].get('context_length')}"
-            )
+        # the architecture's values, with open_clip's defaults (CLIPTextCfg, CLIPVisionCfg)
+        for name, section, default in (
+            ("context_length", "text_cfg", 77),
+            ("image_size", "vision_cfg", 224),
+        ):
+            theirs = self.architecture.get(section, {}).get(name, default)
+            if theirs != getattr(self, name):
+                raise ValueError(
+                    f"{name}={getattr(self, name)} differs from the architecture's "
+                    f"{section}.{name}={theirs}"
+                )
 
 
 def train_args(cfg: ClipPretrainConfig, model: str, logs: Path, device: str) -> list[str]:

@@ -115,11 +115,21 @@ def test_clip_config_errors_name_the_field():
         pretrain_clip.ClipPretrainConfig(
             shards="x", output="y", architecture=arch, context_length=77
         )
+    arch["vision_cfg"] = {"image_size": 64}
+    with pytest.raises(ValueError, match="image_size=96 differs from .*vision_cfg.image_size=64"):
+        pretrain_clip.ClipPretrainConfig(
+            shards="x", output="y", architecture=arch, context_length=32, image_size=96
+        )
 
 
 def test_open_clip_train_args_name_the_budget(tmp_path):
     cfg = pretrain_clip.ClipPretrainConfig(
-        shards="s-{0..1}.tar", output="y", architecture={}, context_length=77, steps=50
+        shards="s-{0..1}.tar",
+        output="y",
+        architecture={},
+        context_length=77,
+        image_size=224,
+        steps=50,
     )
     args = pretrain_clip.train_args(cfg, "toy", tmp_path, "cpu")
     from open_clip_train.params import parse_args
