@@ -36,6 +36,16 @@ def samples(spec: str) -> list[tuple[str, bytes]]:
     ]
 
 
+def vqa_paths(eval_dir, stem: str) -> dict:
+    """The eval config paths of the world's VQA-format files ``eval/<stem>_<split>_*.json``."""
+    files = {
+        f"{s}_{k}": eval_dir / f"{stem}_{s}_{k}.json"
+        for s in ("train", "test")
+        for k in ("questions", "annotations")
+    }
+    return files | {"train_images": eval_dir / "images", "test_images": eval_dir / "images"}
+
+
 def test_world_is_deterministic_and_holds_out_combinations(tmp_path):
     a = write_world(tmp_path / "a", seed=3, scale=0.02)
     b = write_world(tmp_path / "b", seed=3, scale=0.02)
@@ -80,15 +90,7 @@ def test_real_loaders_and_eval_tasks_read_the_world(tmp_path, processor):
         "coco", {"karpathy_json": eval_dir / "captions.json", "image_root": eval_dir / "images"}
     )
     assert len(coco.load("train")) >= 4 and coco.load("test")[0].image.is_file()
-    vqa = get_task(
-        "vqav2",
-        {
-            f"{s}_{k}": eval_dir / f"vqa_{s}_{k}.json"
-            for s in ("train", "test")
-            for k in ("questions", "annotations")
-        }
-        | {"train_images": eval_dir / "images", "test_images": eval_dir / "images"},
-    )
+    vqa = get_task("vqav2", vqa_paths(eval_dir, "vqa"))
     items = vqa.load("test")
     assert items and items[0].image.is_file() and len(items[0].answers) == 10
     assert (tmp_path / "text" / "corpus.txt").read_text().count("\n") > 50
@@ -167,15 +169,7 @@ def test_names_benchmark_episodes_bind_every_colour_for_their_own_items(tmp_path
     episodes bind differently."""
     write_world(tmp_path, seed=5, scale=0.2)
     eval_dir = tmp_path / "eval"
-    task = get_task(
-        "names",
-        {
-            f"{s}_{k}": eval_dir / f"names_{s}_{k}.json"
-            for s in ("train", "test")
-            for k in ("questions", "annotations")
-        }
-        | {"train_images": eval_dir / "images", "test_images": eval_dir / "images"},
-    )
+    task = get_task("names", vqa_paths(eval_dir, "names"))
     train, test = task.load("train"), task.load("test")
     episodes: dict[str, dict[str, str]] = {}
     support: dict[str, list[str]] = {}
