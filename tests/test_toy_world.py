@@ -36,6 +36,13 @@ def samples(spec: str) -> list[tuple[str, bytes]]:
     ]
 
 
+def pages(spec: str):
+    """(sample, chunks) of every interleaved document in the shards ``spec`` names."""
+    for url in expand_shards(spec):
+        for sample in read_shard(url):
+            yield sample, json.loads(sample["json"])["chunks"]
+
+
 def vqa_paths(eval_dir, stem: str) -> dict:
     """The eval config paths of the world's VQA-format files ``eval/<stem>_<split>_*.json``."""
     files = {
@@ -113,11 +120,9 @@ def test_pairs_come_with_twins_that_change_one_shape_only(tmp_path):
 def test_pages_keep_one_caption_style_and_the_benchmark_uses_the_sentence_style(tmp_path):
     world = write_world(tmp_path, seed=2, scale=0.05)
     styles_per_page = []
-    for url in expand_shards(world["shards"]["interleaved-train"]):
-        for sample in read_shard(url):
-            chunks = json.loads(sample["json"])["chunks"]
-            captions = [c["text"] for c in chunks if c.get("text", "").startswith("Output:")]
-            styles_per_page.append({":" in c.removeprefix("Output:") for c in captions})
+    for _, chunks in pages(world["shards"]["interleaved-train"]):
+        captions = [c["text"] for c in chunks if c.get("text", "").startswith("Output:")]
+        styles_per_page.append({":" in c.removeprefix("Output:") for c in captions})
     assert all(len(s) <= 1 for s in styles_per_page)  # never two styles on one page
     seen = set().union(*styles_per_page)
     assert seen == {True, False}  # both styles occur across pages
@@ -140,21 +145,19 @@ def shown_colour(png_bytes: bytes) -> str:
 def test_naming_pages_bind_names_to_colours_anew_on_each_page(tmp_path):
     world = write_world(tmp_path, seed=4, scale=0.1)
     bindings = []
-    for url in expand_shards(world["shards"]["interleaved-train"]):
-        for sample in read_shard(url):
-            chunks = json.loads(sample["json"])["chunks"]
-            texts = [c.get("text", "") for c in chunks]
-            if not any(NAME_QUESTION in t for t in texts):
-                continue
-            images = [sample[c["image"]] for c in chunks if "image" in c]
-            answers = [t.rsplit(":", 1)[1].split() for t in texts if NAME_QUESTION in t]
-            assert len(images) == len(answers) >= 4
-            binding: dict[str, str] = {}
-            for image, (colour, name) in zip(images, answers, strict=True):
-                assert colour == shown_colour(image) and name in NAMES  # "red dax"
-                assert binding.setdefault(colour, name) == name  # one name a colour
-            assert len(set(binding.values())) == len(binding)  # and one colour a name
-            bindings.append(binding)
+    for sample, chunks in pages(world["shards"]["interleaved-train"]):
+        texts = [c.get("text", "") for c in chunks]
+        if not any(NAME_QUESTION in t for t in texts):
+            continue
+        images = [sample[c["image"]] for c in chunks if "image" in c]
+        answers = [t.rsplit(":", 1)[1].split() for t in texts if NAME_QUESTION in t]
+        assert len(images) == len(answers) >= 4
+        binding: dict[str, str] = {}
+        for image, (colour, name) in zip(images, answers, strict=True):
+            assert colour == shown_colour(image) and name in NAMES  # "red dax"
+            assert binding.setdefault(colour, name) == name  # one name a colour
+        assert len(set(binding.values())) == len(binding)  # and one colour a name
+        bindings.append(binding)
     assert len(bindings) == 150  # half of the 300 pages
     assert len({tuple(sorted(b.items())) for b in bindings}) > len(bindings) // 2
     corpus = (tmp_path / "text" / "corpus.txt").read_text().splitlines()
