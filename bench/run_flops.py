@@ -25,9 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class MatmulFlops(TorchDispatchMode):
     """A count of the matrix-product FLOPs an op sequence performs, from the operands' shapes
     (2 per multiply-add): ``bench/flops.py``'s convention, which the tests check its formulas
-    against. PyTorch's ``FlopCounterMode`` counts
-    only the ops each release registers (2.14 has no formula for the CPU flash-attention kernel
-    SDPA dispatches to), so its totals depend on the installed torch.
+    against. PyTorch's ``FlopCounterMode`` counts only the ops each release registers (2.14 has
+    no formula for the CPU flash-attention kernel SDPA dispatches to), so its totals depend on
+    the installed torch.
 
     An attention kernel counts its two products (``q k^T``, ``p v``), its backward twice that,
     whichever kernel ran: a decomposed ("math") attention shows up as its ``bmm`` ops and is

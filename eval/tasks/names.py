@@ -6,9 +6,9 @@ writes one (``data_prep/toy_world.py``: names of colours, one-shape images)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from typing import Any
 
-from eval.tasks import Item, read_json, register
+from eval.tasks import register
 from eval.tasks.vqa import CocoVQA
 
 
@@ -16,15 +16,10 @@ from eval.tasks.vqa import CocoVQA
 class Names(CocoVQA):
     name = "names"
 
-    def load(self, split: str) -> list[Item]:
-        items = super().load(split)
-        questions = read_json(self.paths[f"{split}_questions"])["questions"]
-        episodes = {str(q["question_id"]): q.get("episode") for q in questions}
-        missing = [i for i, e in episodes.items() if e is None]
-        if missing:
+    def group(self, question: dict[str, Any], split: str) -> str:
+        if question.get("episode") is None:
             raise ValueError(
-                f"{self.name} {split}: question {missing[0]} has no 'episode' "
-                f"({len(missing)} of {len(episodes)} lack one); every question needs the "
-                "episode whose demonstrations bind its names"
+                f"{self.name} {split}: question {question['question_id']} has no 'episode'; "
+                "every question needs the episode whose demonstrations bind its names"
             )
-        return [replace(it, group=str(episodes[it.id])) for it in items]
+        return str(question["episode"])

@@ -42,9 +42,14 @@ class CocoVQA(Task):
                     image=image,
                     question=q["question"].strip(),
                     answers=[a["answer"] for a in ann["answers"]],
+                    group=self.group(q, split),
                 )
             )
         return items
+
+    def group(self, question: dict[str, Any], split: str) -> str | None:
+        """The ``Item.group`` of a question record (none: demonstrations from any item)."""
+        return None
 
     def score(self, items: list[Item], predictions: dict[str, Any]) -> dict[str, float]:
         metric = self.protocol.vqa_metric
