@@ -26,7 +26,7 @@ from flamingo import FlamingoConfig, FlamingoProcessor
 from flamingo.data.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
-from flamingo.data.shards import write_shards
+from flamingo.data.writing import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,20 @@ def add_output_args(parser: argparse.ArgumentParser, prefix: str) -> None:
         default="0/1",
         help="I/N: convert only the inputs j with j %% N == I (N machines, or a job array: "
         '--part "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")',
+    )
+    parser.add_argument(
+        "--verify",
+        choices=("size", "checksum"),
+        default="size",
+        help="on a re-run, check each finished shard against its record by its size (default) "
+        "or also by its SHA-256 (reads every shard again); a damaged one is written again",
+    )
+    parser.add_argument(
+        "--skip-input",
+        action="append",
+        metavar="PATH",
+        help="leave this input out (repeatable; e.g. an unreadable file): the other inputs keep "
+        "their numbers, so their shards stay the same, and the summary lists it",
     )
 
 
@@ -108,6 +123,104 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 def _has_undecodable(value: Any) -> bool:
     return isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value)
+
+
+def _holds_undecodable(value: Any) -> bool:
+    """Whether a decoded JSON value holds a lone surrogate anywhere (a byte that was not
+    UTF-8, or an escape no UTF-8 text can hold)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _LONE_SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return False
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
+_SPACE = re.compile(r"\s*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON value opening at ``start`` ends (one past it), found from its brackets
+    and strings alone, so a value too deep or too broken to parse can still be stepped over;
+    None when the text ends first."""
+    if text[start] not in "[{":  # a scalar: up to the next separator of the list
+        match = re.compile(r'"(?:[^"\\]|\\.)*"|[^,\]]*').match(text, start)
+        return match.end()
+    depth = 0
+    for match in _STRUCTURE.finditer(text, start):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return None
+
+
+def _decode_one(chunk: str, number: int) -> Any:
+    try:
+        value = json.loads(chunk)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        return bad_row("bad_json", f"record {number}: {type(e).__name__}: {str(e)[:200]}")
+    if _holds_undecodable(value):
+        return bad_row("bad_encoding", f"record {number}: not UTF-8")
+    return value
+
+
+def json_list_items(path: Path) -> Iterator[Any]:
+    """The elements of a file holding one JSON list (LLaVA's instruction data), each decoded
+    on its own: an element with bytes that are not UTF-8, broken JSON or nesting too deep to
+    parse costs that element only (it comes out as :func:`bad_row`), and the elements after
+    it are read as usual. A file that is not a JSON list at all is an error naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from e
+    text = text.removeprefix("\ufeff")
+    try:  # the fast path: the whole file at once
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        data = None
+    if data is not None and not isinstance(data, list):
+        raise ValueError(f"{path}: a JSON {type(data).__name__}, not a list of records")
+    if data is not None:
+        # raw bytes that were not UTF-8, or escapes of surrogates (paired ones are fine)
+        check = _LONE_SURROGATE.search(text) is not None or _SURROGATE_ESCAPE.search(text)
+        for number, value in enumerate(data):
+            yield (
+                bad_row("bad_encoding", f"record {number}: not UTF-8")
+                if check and _holds_undecodable(value)
+                else value
+            )
+        return
+    pos = _SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        raise ValueError(f"{path}: not a JSON list of records (it starts {text[pos : pos + 20]!r})")
+    pos += 1
+    number = 0
+    while True:
+        pos = _SPACE.match(text, pos).end()
+        if pos >= len(text) or text[pos] == "]":  # the end (or a file cut after a record)
+            return
+        end = _value_end(text, pos)
+        if end is None:
+            yield bad_row("bad_json", f"record {number}: the file ends inside it")
+            return
+        yield _decode_one(text[pos:end], number)
+        number += 1
+        pos = _SPACE.match(text, end).end()
+        if text.startswith(",", pos):
+            pos += 1
 
 
 def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:

@@ -17,27 +17,36 @@ without talking to each other; whichever part completes the last input merges th
 summaries, and ``python -m data_prep.corpus --out OUT --prefix PREFIX`` merges (or says what
 is missing) at any time. A re-run skips complete inputs, keeps the finished shards of the
 others and writes the rest; a run with other options over the same output is refused.
+
+Before a complete input is skipped, its shards are checked against their records (present,
+the size written; with ``--verify checksum`` the SHA-256 too): an input with a damaged shard
+(deleted, cut short, zero bytes after a power cut) is converted again, its good shards kept.
+An input that cannot be read at all stops the run with its name; ``--skip-input PATH`` goes on
+without it, the other inputs keeping their numbers (so their shards and keys stay the same),
+and the summaries list it as skipped. Workers end with the process that started them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from flamingo.data.shards import (
+from data_prep.workers import run_all
+from flamingo.data.shards import expand_shards
+from flamingo.data.writing import (
     RECORDS,
+    OutputMismatch,
     WriteSummary,
-    expand_shards,
+    read_record,
+    shard_problem,
     write_json,
     write_shards,
 )
@@ -60,7 +69,7 @@ Build = Callable[[argparse.Namespace, tuple[str, ...], int], Work]
 """A converter's ``build(args, inputs, j)``, the work of input ``inputs[j]``: a module-level
 function (workers import it)."""
 
-RUN_OPTIONS = ("out", "workers", "part")
+RUN_OPTIONS = ("out", "workers", "part", "verify", "skip_input")
 """Options that do not change what is written (``common.add_output_args`` adds them);
 every other one must match on resume."""
 
@@ -137,22 +146,33 @@ def _tagged(encode: Callable, tag: str) -> Callable:
 
 
 def _convert_one(task: Task) -> dict[str, Any]:
-    """Convert one input (in a worker, or in the main process)."""
+    """Convert one input (in a worker, or in the main process). An input that cannot be read
+    at all is an error naming it and the way to go on without it."""
     layout, j = task.layout, task.index
-    work = task.build(task.args, layout.inputs, j)
-    summary = write_shards(
-        work.items,
-        _tagged(work.encode, layout.key_tag(j)),
-        layout.out,
-        layout.input_prefix(j),
-        task.args.items_per_shard,
-        work.total,
-        task.desc,
-        events=work.events,
-        input_events=work.input_events,
-        manifest=task.manifest,
-        progress=task.progress,
-    )
+    try:
+        work = task.build(task.args, layout.inputs, j)
+        summary = write_shards(
+            work.items,
+            _tagged(work.encode, layout.key_tag(j)),
+            layout.out,
+            layout.input_prefix(j),
+            task.args.items_per_shard,
+            work.total,
+            task.desc,
+            events=work.events,
+            input_events=work.input_events,
+            manifest=task.manifest,
+            progress=task.progress,
+            checksum=task.args.verify == "checksum",
+        )
+    except OutputMismatch:
+        raise
+    except ValueError as e:
+        raise ValueError(
+            f"input {j} ({layout.inputs[j]}): {e}. To convert the other inputs without it "
+            f"(they keep their numbers, so their shards stay the same): --skip-input "
+            f"{layout.inputs[j]}"
+        ) from None
     return {**task.manifest, **summary.to_dict()}
 
 
@@ -177,27 +197,28 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-input summaries (in input order) -> one: totals, and each input's line."""
     total: dict[str, Any] = {
         "inputs": len(summaries),
+        "inputs_skipped": [s["input"] for s in summaries if s.get("excluded")],
         "shards_written": [],
         "shards_reused": [],
+        "shards_redone": [],
         "samples_written": 0,
         "samples_reused": 0,
     }
     skipped, events, per_input = Counter(), Counter(), []
     for s in summaries:
-        total["shards_written"] += s["shards_written"]
-        total["shards_reused"] += s["shards_reused"]
+        for key in ("shards_written", "shards_reused", "shards_redone"):
+            total[key] += s.get(key, [])
         total["samples_written"] += s["samples_written"]
         total["samples_reused"] += s["samples_reused"]
         skipped.update(s["skipped"])
         events.update(s["events"])
-        per_input.append(
-            {
-                "input": s["input"],
-                "samples": s["samples_written"] + s["samples_reused"],
-                "skipped": s["skipped"],
-                "events": s["events"],
-            }
-        )
+        line = {
+            "input": s["input"],
+            "samples": s["samples_written"] + s["samples_reused"],
+            "skipped": s["skipped"],
+            "events": s["events"],
+        }
+        per_input.append({**line, "excluded": True} if s.get("excluded") else line)
     return {**total, "skipped": dict(skipped), "events": dict(events), "per_input": per_input}
 
 
@@ -209,8 +230,16 @@ def report(summary: dict[str, Any]) -> str:
         summary["samples_reused"],
         Counter(summary["skipped"]),
         Counter(summary["events"]),
+        summary.get("shards_redone", []),
     )
-    return f"inputs: {summary['inputs']}\n{totals.report()}"
+    lines = [f"inputs: {summary['inputs']}"]
+    left_out = summary.get("inputs_skipped", [])
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (
+            f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+        )
+        lines.append(f"inputs skipped (--skip-input): {len(left_out)}: {shown}")
+    return "\n".join([*lines, totals.report()])
 
 
 def try_merge(layout: Layout) -> dict[str, Any] | None:
@@ -242,6 +271,75 @@ def _check_earlier(layout: Layout, manifest_of: Callable[[int], dict], mine: lis
             )
 
 
+def damaged_shards(layout: Layout, summary: dict[str, Any], checksum: bool) -> list[str]:
+    """What is wrong with the shards a complete input's summary lists (empty: nothing),
+    each shard checked against its record (``checksum``: to the SHA-256)."""
+    problems = []
+    for name in summary.get("shards_written", []) + summary.get("shards_reused", []):
+        shard = layout.out / name
+        record = read_record(shard)
+        problem = "no record" if record is None else shard_problem(shard, record, checksum)
+        if problem is not None:
+            problems.append(f"{shard}: {problem}")
+    return problems
+
+
+def _skipped_inputs(args: argparse.Namespace, inputs: list[str]) -> set[int]:
+    """The indices of the inputs ``--skip-input`` names (each must be one of the inputs)."""
+    named = list(getattr(args, "skip_input", None) or [])
+    by_path = {str(Path(p).resolve()) if "://" not in p else p: j for j, p in enumerate(inputs)}
+    found = set()
+    for path in named:
+        key = str(Path(path).resolve()) if "://" not in path else path
+        if key not in by_path:
+            raise ValueError(f"--skip-input {path}: not one of the {len(inputs)} inputs")
+        found.add(by_path[key])
+    if found and len(found) == len(inputs):
+        raise ValueError("--skip-input names every input: nothing would be converted")
+    return found
+
+
+def _exclude(layout: Layout, j: int, manifest: dict[str, Any]) -> None:
+    """Mark input ``j`` skipped (its summary says so) and remove the shards an earlier run
+    wrote of it, so the output holds what a run that never read it would write."""
+    if _read(layout.input_summary(j)) == {**manifest, **WriteSummary().to_dict(), "excluded": True}:
+        return
+    stale = sorted(layout.out.glob(f"{layout.input_prefix(j)}-[0-9][0-9][0-9][0-9][0-9].tar"))
+    for shard in stale:
+        shard.unlink()
+        (layout.out / RECORDS / f"{shard.name}.json").unlink(missing_ok=True)
+    if stale:
+        print(f"input {j} is skipped: removed its {len(stale)} shard(s) from an earlier run")
+    layout.merged.unlink(missing_ok=True)
+    write_json(layout.input_summary(j), {**manifest, **WriteSummary().to_dict(), "excluded": True})
+
+
+def _to_convert(layout: Layout, mine: list[int], checksum: bool) -> list[int]:
+    """The inputs of ``mine`` to (re)convert: those with no summary, those an earlier run
+    skipped, and those whose shards no longer match their records (named)."""
+    todo = []
+    for j in mine:
+        earlier = _read(layout.input_summary(j))
+        if earlier is None or earlier.get("excluded"):
+            todo.append(j)
+            continue
+        problems = damaged_shards(layout, earlier, checksum)
+        if problems:
+            shown = "; ".join(problems[:3]) + (
+                f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            )
+            print(
+                f"input {j} ({layout.inputs[j]}) was complete but {len(problems)} of its shards "
+                f"are damaged ({shown}): converting it again (its good shards are kept)",
+                file=sys.stderr,
+            )
+            if len(layout.inputs) > 1:
+                layout.input_summary(j).unlink()
+            layout.merged.unlink(missing_ok=True)
+            todo.append(j)
+    return todo
+
+
 def convert(
     build: Build, args: argparse.Namespace, inputs: list[str], input_option: str, desc: str
 ) -> dict[str, Any] | None:
@@ -255,21 +353,27 @@ def convert(
     part, parts = parse_part(args.part)
     layout = Layout(Path(args.out), args.prefix, tuple(inputs))
     options = settings(args, input_option)
+    excluded = _skipped_inputs(args, inputs)
 
     def manifest_of(j: int) -> dict[str, Any]:
         return {"input": inputs[j], "index": j, "inputs": len(inputs), "settings": options}
 
     mine = [j for j in range(len(inputs)) if j % parts == part]
     _check_earlier(layout, manifest_of, mine)
-    todo = [j for j in mine if _read(layout.input_summary(j)) is None]
+    layout.out.mkdir(parents=True, exist_ok=True)
+    (layout.out / RECORDS).mkdir(exist_ok=True)
+    for j in mine:
+        if j in excluded:
+            _exclude(layout, j, manifest_of(j))
+    checksum = getattr(args, "verify", "size") == "checksum"
+    todo = _to_convert(layout, [j for j in mine if j not in excluded], checksum)
     print(
         f"{len(inputs)} inputs; this part ({part}/{parts}): {len(mine)}, "
-        f"{len(mine) - len(todo)} complete from an earlier run, {len(todo)} to convert "
+        f"{len(mine) - len(todo) - len(excluded & set(mine))} complete from an earlier run, "
+        f"{len(excluded & set(mine))} skipped (--skip-input), {len(todo)} to convert "
         f"with {min(args.workers, max(len(todo), 1))} process(es)",
         file=sys.stderr,
     )
-    layout.out.mkdir(parents=True, exist_ok=True)
-    (layout.out / RECORDS).mkdir(exist_ok=True)
 
     def task(j: int) -> Task:
         return Task(build, args, layout, j, manifest_of(j), desc, progress=len(todo) == 1)
@@ -280,7 +384,7 @@ def convert(
             _convert_one(task(j))
             bar.update()
     else:
-        _convert_in_workers([task(j) for j in todo], args.workers, bar)
+        run_all(_convert_one, [task(j) for j in todo], args.workers, lambda _: bar.update())
     bar.close()
     merged = try_merge(layout)
     if merged is None:
@@ -293,24 +397,6 @@ def convert(
         return None
     print(f"\n{layout.out}:\n{report(merged)}")
     return merged
-
-
-def _convert_in_workers(tasks: list[Task], workers: int, bar: tqdm) -> None:
-    # spawn: the workers start clean (no copy of the parent's threads or open files); each
-    # imports the converter's module again to find its build function
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
-        pending = {pool.submit(_convert_one, t) for t in tasks}
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    future.result()  # a worker's bug stops the run, with its traceback
-                    bar.update()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
 
 
 def main(argv: list[str] | None = None) -> None:

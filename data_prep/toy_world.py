@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
-from flamingo.data.shards import write_shards
+from flamingo.data.writing import write_shards
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),

@@ -137,7 +137,7 @@ def test_folder_files_that_would_share_a_key_all_arrive(tmp_path, processor):
 
 
 def test_a_sample_key_is_never_written_twice_into_a_shard(tmp_path):
-    from flamingo.data.shards import write_shards
+    from flamingo.data.writing import write_shards
 
     samples = [encode_pair(k, solid(RED), "png", k) for k in ("a", "b", "a", "c")]
     s = write_shards(samples, lambda x: x, tmp_path, "dup", items_per_shard=10)

@@ -99,6 +99,14 @@ def test_bad_conversations_are_counted_skips():
             ).encode(),
         },
         "missing_image": {**ok, "json": json.dumps({**doc, "image": "img0.png"}).encode()},
+        # an empty reply among good ones is still an empty reply (learnt: answer with EOS)
+        "one_empty_reply": {
+            **ok,
+            "json": json.dumps(
+                {"turns": [*doc["turns"], {"role": "user", "text": "more?"}, {"role": "assistant", "text": ""}]}
+            ).encode(),
+        },
+        "no_assistant": {**ok, "json": json.dumps({"turns": doc["turns"][:1]}).encode()},
     }
     reasons = {}
     for name, raw in cases.items():
@@ -108,7 +116,9 @@ def test_bad_conversations_are_counted_skips():
     assert reasons == {
         "no_turns": "missing_key",
         "wrong_order": "bad_json",
-        "no_reply": "empty_text",
+        "no_reply": "empty_reply",
+        "one_empty_reply": "empty_reply",
+        "no_assistant": "empty_text",
         "missing_image": "missing_key",
     }
 

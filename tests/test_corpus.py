@@ -18,7 +18,8 @@ from PIL import Image
 from data_prep import corpus, interleaved, pairs
 from flamingo.data.config import DatasetConfig
 from flamingo.data.schema import encode_pair
-from flamingo.data.shards import expand_shards, read_shard, write_shards
+from flamingo.data.shards import expand_shards, read_shard
+from flamingo.data.writing import write_shards
 from tests.test_bad_input import pairs_tar
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from flamingo.data.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader
 from flamingo.data.preprocess import Preprocessor, strip_markers
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
-from flamingo.data.shards import read_shard, write_shards
+from flamingo.data.shards import read_shard
+from flamingo.data.writing import write_shards
 from tests.conftest import padded
 
 COLOURS = [

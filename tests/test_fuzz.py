@@ -472,7 +472,7 @@ marker_soup = st.lists(
 @given(caption=marker_soup, text=marker_soup)
 def test_text_never_makes_special_tokens(caption, text, processor):
     from flamingo.data.schema import encode_interleaved, encode_pair
-    from flamingo.data.shards import write_shards
+    from flamingo.data.writing import write_shards
 
     special = processor.special_tokens
     eos = processor.tokenizer.eos_token_id

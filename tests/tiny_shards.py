@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
-from flamingo.data.shards import write_shards
+from flamingo.data.writing import write_shards
 
 COLOURS = {
     "red": (220, 30, 30),

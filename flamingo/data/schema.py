@@ -275,8 +275,11 @@ def decode_conversation(raw: dict, max_chars: int) -> ConversationSample:
     total = sum(len(t["text"]) for t in turns)
     if total > max_chars:
         raise SkipSample("text_too_long", f"{total} > {max_chars} characters")
-    if not any(t["text"].strip() for t in turns if t["role"] == "assistant"):
+    replies = [t["text"] for t in turns if t["role"] == "assistant"]
+    if not replies:
         raise SkipSample("empty_text", "no assistant reply")
+    if not all(r.strip() for r in replies):  # trained on, it teaches answering with EOS alone
+        raise SkipSample("empty_reply", "an assistant reply is empty")
     name = doc.pop("image", None)
     if name is not None and (not isinstance(name, str) or name.lower() not in raw):
         raise SkipSample("missing_key", f"image member {name!r} not in the sample")
