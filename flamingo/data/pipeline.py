@@ -356,8 +356,18 @@ class FlamingoLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = _StreamsDataset(self, dict(self._states), dict(self._counters), self._next_local)
+        # Opening a DataLoader's iterator draws its workers' base seed from its generator: by
+        # default torch's global one, which the model's dropout and sampling also read. A
+        # resumed run opens its iterators at another point of that stream than the run it
+        # continues, so every later draw would shift; a generator of the loader's own keeps
+        # the global stream to the model (every randomness of the streams is seeded above).
+        generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
         )
         workers = self.num_workers or 1
         for batch, local, state, counters in loader:

@@ -201,14 +201,19 @@ class CheckpointDir:
 
 
 def rng_state() -> dict:
-    """Every generator's state as JSON-friendly values (no pickle in checkpoints)."""
+    """Every generator's state as JSON-friendly values (no pickle in checkpoints): Python's,
+    NumPy's, torch's on the CPU and, where CUDA runs, this rank's device's (dropout on the
+    GPU draws from it)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -217,6 +222,13 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+    elif "cuda" in state:
+        log.warning(
+            "the checkpoint was written where CUDA ran; without CUDA here its generator's "
+            "state is not restored, so dropout draws differ from the run it continues"
+        )
 
 
 class Checkpointer:
