@@ -103,7 +103,13 @@ def test_bad_conversations_are_counted_skips():
         "one_empty_reply": {
             **ok,
             "json": json.dumps(
-                {"turns": [*doc["turns"], {"role": "user", "text": "more?"}, {"role": "assistant", "text": ""}]}
+                {
+                    "turns": [
+                        *doc["turns"],
+                        {"role": "user", "text": "more?"},
+                        {"role": "assistant", "text": ""},
+                    ]
+                }
             ).encode(),
         },
         "no_assistant": {**ok, "json": json.dumps({"turns": doc["turns"][:1]}).encode()},
