@@ -11,10 +11,10 @@ the predictions, scores every (task, shots, trial), writes ``<output_dir>/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from eval.fewshot import (
 from eval.protocols import get_protocol
 from eval.tasks import Item, Task, get_task
 from flamingo import Flamingo, FlamingoProcessor
+from flamingo.data.writing import write_json
 from flamingo.hub import OPENFLAMINGO_RELEASES
 from flamingo.typed_config import to_dict
 
@@ -273,6 +274,28 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+Loaded = tuple[Task, TaskConfig, list[Item], list[Item]]
+"""A task ready to run: the task, its config, its demonstration pool's split and its test
+items."""
+
+
+def load_tasks(cfg: EvalConfig, tasks: list[str] | None = None) -> dict[str, Loaded]:
+    """Every task of ``cfg`` (or ``tasks`` of it), its items read and checked (``Task.items``):
+    a bad file, id or image stops the run here, before anything is generated."""
+    names = tasks or list(cfg.tasks)
+    unknown = [n for n in names if n not in cfg.tasks]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not in the eval config (it has {sorted(cfg.tasks)})")
+    loaded = {}
+    for name in names:
+        tcfg = cfg.tasks[name]
+        task = get_task(name, tcfg.paths, get_protocol(cfg.protocol))
+        train = task.items(tcfg.train_split)
+        test = task.items(tcfg.eval_split)[: cfg.max_items]
+        loaded[name] = (task, tcfg, train, test)
+    return loaded
+
+
 def evaluate(
     model: Flamingo,
     processor: FlamingoProcessor,
@@ -280,19 +303,17 @@ def evaluate(
     checkpoint: str,
     tasks: list[str] | None = None,
     shard: tuple[int, int] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every (task, shots, trial) of ``cfg``; returns {task: {shots: {scores, predictions}}}.
 
-    ``shard=(0, 1)`` evaluates everything in this process (e.g. rank 0 during training)."""
+    Every task's files are read and checked first. ``on_trial(results)`` is called after each
+    trial with the results so far (a late crash then loses nothing done). ``shard=(0, 1)``
+    evaluates everything in this process."""
+    loaded = load_tasks(cfg, tasks)
     evaluator = Evaluator(model, processor, cfg, checkpoint, shard)
     results: dict[str, Any] = {}
-    for name in tasks or list(cfg.tasks):
-        if name not in cfg.tasks:
-            raise ValueError(f"task {name!r} is not in the eval config (has {sorted(cfg.tasks)})")
-        tcfg = cfg.tasks[name]
-        task = get_task(name, tcfg.paths, get_protocol(cfg.protocol))
-        train = task.load(tcfg.train_split)
-        test = task.load(tcfg.eval_split)[: cfg.max_items]
+    for name, (task, tcfg, train, test) in loaded.items():
         results[name] = {}
         for shots in cfg.shots:
             trial_scores, trial_predictions = [], []
@@ -300,10 +321,12 @@ def evaluate(
                 predictions = evaluator.trial(task, tcfg, train, test, shots, cfg.seed + t)
                 trial_scores.append(task.score(test, predictions))
                 trial_predictions.append(predictions)
-            results[name][str(shots)] = {
-                "scores": summarize(trial_scores),
-                "predictions": trial_predictions,
-            }
+                results[name][str(shots)] = {
+                    "scores": summarize(trial_scores),
+                    "predictions": trial_predictions,
+                }
+                if on_trial is not None:
+                    on_trial(results)
     return results
 
 
@@ -326,26 +349,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     else:
         processor = FlamingoProcessor.from_pretrained(args.checkpoint)
     start = time.time()
-    results = evaluate(model, processor, cfg, str(args.checkpoint), args.tasks)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
+    path = Path(cfg.output_dir) / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def record(results: dict[str, Any], complete: bool) -> dict[str, Any]:
+        value = {
+            "config": to_dict(cfg),
+            "checkpoint": str(args.checkpoint),
+            "seconds": time.time() - start,
+            "world_size": world_size,
+            "complete": complete,
+            "results": results,
+        }
+        if rank == 0:  # each finished trial on disk as it finishes
+            write_json(path, value)
+        return value
+
+    results = evaluate(
+        model,
+        processor,
+        cfg,
+        str(args.checkpoint),
+        args.tasks,
+        on_trial=lambda partial: record(partial, complete=False),
+    )
     if dist.is_initialized():
         dist.destroy_process_group()
+    final = record(results, complete=True)
     if rank != 0:
         return None
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "config": to_dict(cfg),
-        "checkpoint": str(args.checkpoint),
-        "seconds": time.time() - start,
-        "world_size": world_size,
-        "results": results,
-    }
-    path = out_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1))
     print(markdown_table(results))
     print(f"\nwrote {path}")
-    return record
+    return final
 
 
 if __name__ == "__main__":

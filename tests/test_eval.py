@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,77 @@ def test_an_answer_ends_at_the_lm_end_of_text_too(setup, monkeypatch):
     evaluator = Evaluator(model, processor, cfg, str(setup / "ckpt"))
     prompt, images = evaluator._prompt(task, [], item, shots=0)
     assert evaluator._generate(task, tcfg, [(item, prompt, images)]) == {item.id: "blue"}
+
+
+def _damage(tasks: dict, damage: str) -> tuple[str, str]:
+    """Damage one benchmark file of ``tasks`` (the fixture's); returns (the file, the id) the
+    error must name."""
+    vqa = tasks["vqav2"]["paths"]
+    annotations, questions = Path(vqa["val_annotations"]), Path(vqa["val_questions"])
+    if damage in ("duplicate_annotation", "empty_answers"):
+        data = json.loads(annotations.read_text())
+        if damage == "duplicate_annotation":  # a later record with other answers
+            twin = dict(data["annotations"][0], answers=[{"answer": "no"}] * 10)
+            data["annotations"].append(twin)
+        else:
+            data["annotations"][1]["answers"] = []
+        annotations.write_text(json.dumps(data))
+        return str(annotations), "60" if damage == "duplicate_annotation" else "70"
+    if damage == "duplicate_question":
+        data = json.loads(questions.read_text())
+        data["questions"].append(data["questions"][2])
+        questions.write_text(json.dumps(data))
+        return str(questions), "80"
+    if damage == "missing_image":
+        Path(vqa["val_images"], "COCO_val2014_000000000007.jpg").unlink()
+        return "COCO_val2014_000000000007.jpg", "70"
+    coco = Path(tasks["coco"]["paths"]["karpathy_json"])  # a JSON file cut short
+    coco.write_bytes(coco.read_bytes()[:100])
+    return str(coco), "cut short"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["duplicate_annotation", "duplicate_question", "empty_answers", "missing_image", "cut_json"],
+)
+def test_bad_benchmark_files_are_refused_before_anything_is_generated(
+    setup, tmp_path, monkeypatch, damage
+):
+    from eval.run import Evaluator
+
+    tasks = write_all(tmp_path / "data")
+    file, ident = _damage(tasks, damage)
+    cfg = {"tasks": tasks, "shots": [0], "trials": 1, "output_dir": str(tmp_path / "out")}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("a trial ran before the files were checked")
+
+    monkeypatch.setattr(Evaluator, "trial", no_trial)
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        eval_main(["--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(setup / "ckpt")])
+    assert file in str(error.value) and ident in str(error.value), str(error.value)
+
+
+def test_finished_trials_are_on_disk_when_a_later_task_fails(setup, tmp_path, monkeypatch):
+    from eval.tasks.vqa import VQAv2
+
+    tasks = write_all(tmp_path / "data")
+    cfg = {
+        "tasks": {"coco": tasks["coco"], "vqav2": tasks["vqav2"]},
+        "shots": [0],
+        "trials": 2,
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+
+    def crash(self, items, predictions):
+        raise RuntimeError("the metric broke")
+
+    monkeypatch.setattr(VQAv2, "score", crash)
+    with pytest.raises(RuntimeError, match="the metric broke"):
+        eval_main(["--config", str(tmp_path / "eval.yaml"), "--checkpoint", str(setup / "ckpt")])
+    (written,) = (tmp_path / "out").glob("results-*.json")
+    record = json.loads(written.read_text())
+    assert not record["complete"] and set(record["results"]) == {"coco"}
+    assert len(record["results"]["coco"]["0"]["scores"]["CIDEr"]["trials"]) == 2

@@ -8,6 +8,7 @@ its protocol says (``eval/protocols.py``).
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,37 @@ class Task:
     def load(self, split: str) -> list[Item]:
         raise NotImplementedError
 
+    def files(self, split: str) -> list[str]:
+        """The files ``load(split)`` reads (named in errors): the split's paths and the
+        task-wide ones."""
+        keys = [k for k in self.paths if k.startswith(f"{split}_")] or list(self.paths)
+        return [str(self.paths[k]) for k in keys if not self.paths[k].is_dir()]
+
+    def items(self, split: str) -> list[Item]:
+        """``load(split)``, checked before anything is generated: every id once, answers
+        where the task scores against them, every image present. An error names the files
+        and the id."""
+        items = self.load(split)
+        where = f"task {self.name}, split {split} ({', '.join(self.files(split))})"
+        seen: set[str] = set()
+        present: set[Path] = set()  # images shared by several items are looked up once
+        for item in items:
+            if item.id in seen:
+                raise ValueError(f"{where}: id {item.id!r} appears twice; each must be unique")
+            seen.add(item.id)
+            if self.kind in ("caption", "vqa") and not item.answers:
+                raise ValueError(
+                    f"{where}: item {item.id!r} has an empty answers list: nothing to score "
+                    "against; drop it or give its answers"
+                )
+            if item.image not in present:
+                if not Path(item.image).is_file():
+                    raise ValueError(
+                        f"{where}: the image of item {item.id!r} is missing: {item.image}"
+                    )
+                present.add(item.image)
+        return items
+
     # -- prompts and answers ------------------------------------------------------------------
 
     def prompt(self, item: Item, with_answer: bool) -> str:
@@ -107,12 +139,25 @@ def _load_all() -> None:
 
 
 def read_json(path: Path) -> Any:
-    import json
-
+    """A benchmark's JSON file; missing or damaged (cut short, not JSON), an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    with path.open() as f:
-        return json.load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file (cut short?): {e}") from None
+
+
+def unique(records: list[dict], key: str, path: Path) -> dict[Any, dict]:
+    """``records`` by ``record[key]``; an id twice is an error naming the file and the id
+    (a dict would keep the later record's answers silently)."""
+    out: dict[Any, dict] = {}
+    for record in records:
+        if record[key] in out:
+            raise ValueError(f"{path}: {key} {record[key]!r} appears twice; each must be unique")
+        out[record[key]] = record
+    return out
 
 
 _load_all()

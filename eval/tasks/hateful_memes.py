@@ -27,9 +27,12 @@ class HatefulMemes(Task):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
         items = []
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                d = json.loads(line)
+                try:
+                    d = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
                 label = int(d["label"])
                 items.append(
                     Item(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from eval.metrics import okvqa_accuracy, vqa_accuracy
-from eval.tasks import Item, Task, read_json, register
+from eval.tasks import Item, Task, read_json, register, unique
 
 
 class CocoVQA(Task):
@@ -23,10 +23,8 @@ class CocoVQA(Task):
             if f"{split}_{key}" not in self.paths:
                 raise ValueError(f"task {self.name}: the eval config needs {split}_{key}")
         questions = read_json(self.paths[f"{split}_questions"])
-        answers = {
-            a["question_id"]: a
-            for a in read_json(self.paths[f"{split}_annotations"])["annotations"]
-        }
+        annotations = self.paths[f"{split}_annotations"]
+        answers = unique(read_json(annotations)["annotations"], "question_id", annotations)
         subtype = questions.get("data_subtype", f"{split}2014")
         items = []
         for q in questions["questions"]:
