@@ -58,6 +58,10 @@ class VisionConfig(YamlConfig):
     ratio and pads with the mean colour (paper); ``crop`` resizes the short side and center
     crops (open_clip's and OpenFlamingo's preprocessing); ``squash`` resizes to the square,
     aspect ratio lost (IDEFICS's preprocessing)."""
+    crop_offset: Literal["round", "floor"] = "round"
+    """``resize: crop``'s offset, half the margin cut: rounded half to even (torchvision's
+    ``CenterCrop``: open_clip, OpenFlamingo) or down (transformers' ``CLIPImageProcessor``: a
+    LLaVA import sets it). A pixel apart where the margin is 2 mod 4."""
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     """Per-channel normalisation mean of the tower's training."""
     image_std: tuple[float, float, float] = OPENAI_STD
@@ -319,6 +323,11 @@ class LanguageConfig(YamlConfig):
     closing fake token shared by consecutive images (IDEFICS's prompt form); ``llava`` uses
     the tokenizer's own ``<image>`` (an ``llava-hf`` tokenizer, whose LM has a row for it), adds
     nothing else, and ends a chunk with the end-of-sequence token."""
+    leading_images: Literal["after_bos", "before_bos"] = "after_bos"
+    """Where the images that open a text go against the tokenizer's start token:
+    ``after_bos``, the text tokenized whole (Flamingo, LLaVA); ``before_bos``, their tokens
+    first and the rest tokenized with its start token (BLIP-2's order, ``Blip2Processor``'s; a
+    BLIP-2 import sets it). The processor and the training loader both follow it."""
     trainable: Literal["none", "full", "lora"] = "none"
     """Which of the LM's own weights train: ``none`` (Flamingo; LLaVA's stage 1), ``full``
     (LLaVA's stage 2, instruction tuning with the LM unfrozen; under ZeRO-3 for a large LM) or
@@ -337,6 +346,11 @@ class LanguageConfig(YamlConfig):
             raise ValueError("architecture must name its model_type (e.g. llama)")
         if self.name_or_path is None and self.tokenizer is None:
             raise ValueError("tokenizer must be set when the LM has no name_or_path")
+        if self.leading_images == "before_bos" and self.special_tokens == "idefics":
+            raise ValueError(
+                "lm.leading_images: before_bos cannot be IDEFICS's prompt form, which writes "
+                "the start token before everything (lm.special_tokens: idefics)"
+            )
 
     def tokenizer_source(self) -> str:
         return self.tokenizer or self.name_or_path

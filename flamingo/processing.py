@@ -44,6 +44,7 @@ from flamingo.tokens import (
     IMAGE,
     SpecialTokens,
     chunk_ends,
+    encode,
     idefics_prompt,
     load_tokenizer,
 )
@@ -90,8 +91,12 @@ class FlamingoProcessor:
         vision_cfg: VisionConfig,
         padding_side: Literal["left", "right"] = "left",
         image_tokens: int = 1,
+        images_before_bos: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.images_before_bos = images_before_bos
+        """The images that open a text come before the tokenizer's start token
+        (``lm.leading_images: before_bos``, BLIP-2's order; :func:`flamingo.tokens.encode`)."""
         self.image_tokens = image_tokens
         """``<image>`` tokens per image in the tokenized text: 1 (Flamingo), or the tower's
         tokens per image (the LLaVA connector, whose projected tokens take their places)."""
@@ -112,7 +117,8 @@ class FlamingoProcessor:
         )
         image_tokens = {"llava": tokens_per_image(cfg.vision), "qformer": cfg.qformer.queries}
         image_tokens = image_tokens.get(cfg.connector, 1)
-        return cls(tokenizer, special, cfg.vision, padding_side, image_tokens)
+        before_bos = cfg.lm.leading_images == "before_bos"
+        return cls(tokenizer, special, cfg.vision, padding_side, image_tokens, before_bos)
 
     @classmethod
     def from_pretrained(
@@ -246,16 +252,22 @@ class FlamingoProcessor:
                     f"sequence {i} has {markers} {IMAGE} marker(s) but {given} image(s); "
                     f"put one {IMAGE} in the text where each image belongs"
                 )
-        encoded = self.tokenizer(
-            [self.prompt_text(t) for t in texts],
-            add_special_tokens=not self.idefics_form,  # its form starts with the BOS itself
-            padding="longest",
-            padding_side=padding_side or self.padding_side,
-            truncation=max_length is not None,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        side = padding_side or self.padding_side
+        if self.images_before_bos:
+            batch = self._pad(
+                [encode(self.tokenizer, self.prompt_text(t), True) for t in texts], side, max_length
+            )
+        else:
+            encoded = self.tokenizer(
+                [self.prompt_text(t) for t in texts],
+                add_special_tokens=not self.idefics_form,  # its form starts with the BOS itself
+                padding="longest",
+                padding_side=side,
+                truncation=max_length is not None,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if max_length is not None:
             kept = (batch["input_ids"] == self.special_tokens.image_id).sum(-1).tolist()
             for i, t in enumerate(texts):
@@ -267,6 +279,19 @@ class FlamingoProcessor:
         if images is not None and any(len(seq) for seq in images):
             batch["pixel_values"], batch["media_slots"] = self.preprocess_images(images)
         return batch
+
+    def _pad(
+        self, rows: list[list[int]], side: str, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
+        """Token rows cut to ``max_length`` (from the right) and padded to the longest."""
+        rows = [row[:max_length] if max_length is not None else row for row in rows]
+        width = max(map(len, rows), default=0)
+        ids = torch.full((len(rows), width), self.special_tokens.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            ids[b, span], mask[b, span] = torch.tensor(row, dtype=torch.long), 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def chat(
         self,

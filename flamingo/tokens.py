@@ -156,6 +156,25 @@ def chunk_ends(text: str, tokenizer: PreTrainedTokenizerBase, special: SpecialTo
     return text.replace(END_OF_CHUNK, tokenizer.convert_ids_to_tokens(special.end_of_chunk_id))
 
 
+LEADING_IMAGES = re.compile(f"^(?:{re.escape(IMAGE)})+")
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, text: str, images_before_bos: bool = False
+) -> list[int]:
+    """``text`` tokenized with the tokenizer's special tokens (its start token, if it adds
+    one). With ``images_before_bos`` (``lm.leading_images: before_bos``) the ``<image>`` markers
+    that open the text come first and the rest is tokenized on its own, start token
+    included: BLIP-2's order, as ``Blip2Processor`` writes it (``[<image> x 32, </s>, text]``
+    with OPT's tokenizer), whatever the tokenizer's start token. The processor and the
+    training loader both tokenize through here."""
+    lead = LEADING_IMAGES.match(text) if images_before_bos else None
+    if lead is None:
+        return tokenizer(text)["input_ids"]
+    images = tokenizer(lead.group(), add_special_tokens=False)["input_ids"]
+    return images + tokenizer(text[lead.end() :])["input_ids"]
+
+
 def expand_images(ids: list[int], image_id: int, count: int) -> list[int]:
     """Each ``<image>`` of ``ids`` written ``count`` times: the LLaVA connector's input, one
     ``<image>`` token per token of the image (1: unchanged)."""

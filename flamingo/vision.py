@@ -95,18 +95,23 @@ def resize_pad(image: Image.Image, size: int, fill: tuple[int, int, int]) -> Ima
     return canvas
 
 
-def resize_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (aspect kept), center crop ``size`` x ``size``:
-    open_clip's inference preprocessing (torchvision's ``Resize(size)`` + ``CenterCrop(size)``
-    on a PIL image, which OpenFlamingo used), to the pixel: the longer side is truncated, not
-    rounded, and the crop offset rounds half to even."""
+def resize_crop(image: Image.Image, size: int, offset: str = "round") -> Image.Image:
+    """Resize so the shorter side is ``size`` (aspect kept), center crop ``size`` x ``size``,
+    to the pixel: the longer side is truncated, not rounded. The crop offset (half the
+    margin) rounds half to even with ``offset="round"``: open_clip's inference preprocessing
+    (torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image, which OpenFlamingo
+    used); it rounds down with ``"floor"``: transformers' ``CLIPImageProcessor`` (LLaVA's),
+    both backends. They differ by a pixel where the margin is 2 mod 4 (a 640x427 photo at 336)."""
     width, height = image.size
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
     new = (size, new_long) if width <= height else (new_long, size)
     if new != image.size:
         image = image.resize(new, Image.Resampling.BICUBIC)
-    top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+    if offset == "floor":
+        top, left = (new[1] - size) // 2, (new[0] - size) // 2
+    else:
+        top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 
@@ -115,7 +120,7 @@ def square(image: Image.Image, cfg: VisionConfig) -> Image.Image:
     inference alike (the one resize of the project)."""
     image = image.convert("RGB")
     if cfg.resize == "crop":
-        return resize_crop(image, cfg.image_size)
+        return resize_crop(image, cfg.image_size, cfg.crop_offset)
     if cfg.resize == "squash":
         size = (cfg.image_size, cfg.image_size)
         return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)

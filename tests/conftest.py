@@ -182,9 +182,11 @@ def offline_cache(tmp_path, monkeypatch):
     return cache
 
 
-def tokenizer_with_image():
+def tokenizer_with_image(bos: bool = False):
     """The packaged tiny tokenizer with ``<image>`` and ``<pad>`` added, as the ``llava-hf`` and
-    BLIP-2 repos' tokenizers have them (their LMs hold the rows), padding on the left."""
+    BLIP-2 repos' tokenizers have them (their LMs hold the rows), padding on the left. With
+    ``bos``, it starts every text with its start token, as OPT's (``</s>``) and Llama's do."""
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
     from flamingo.tokens import IMAGE, TINY_TOKENIZER_DIR
@@ -192,4 +194,11 @@ def tokenizer_with_image():
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE], "pad_token": "<pad>"})
     tokenizer.padding_side = "left"
+    if bos:
+        start = tokenizer.bos_token
+        tokenizer._tokenizer.post_processor = TemplateProcessing(
+            single=f"{start} $A",
+            pair=f"{start} $A $B",
+            special_tokens=[(start, tokenizer.bos_token_id)],
+        )
     return tokenizer

@@ -3,15 +3,23 @@ saved by transformers itself, converted, and compared logit for logit, token for
 
 from __future__ import annotations
 
+import io
 import json
+import random
+from collections import Counter
 
 import pytest
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration
+from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from flamingo import hub
 from flamingo.convert.__main__ import main as convert_main
 from flamingo.convert.blip2 import blip2_config
+from flamingo.data.config import DatasetConfig
+from flamingo.data.images import ImagePreprocessor
+from flamingo.data.preprocess import Preprocessor
+from flamingo.data.schema import encode_pair
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
 from flamingo.tokens import IMAGE
@@ -35,11 +43,12 @@ CASES = {  # (Q-Former layers, cross-attention frequency, tied LM embeddings)
 }
 
 
-def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0):
+def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0, bos: bool = False):
     """A random BLIP-2, its norms and biases set away from their initial values, written by
-    transformers with its tokenizer: (model, directory)."""
+    transformers with its tokenizer (``bos``: one that adds a start token, as OPT's does):
+    (model, directory)."""
     layers, every, tie = CASES[case]
-    tokenizer = tokenizer_with_image()
+    tokenizer = tokenizer_with_image(bos)
     config = Blip2Config(
         vision_config=VISION,
         qformer_config=dict(
@@ -74,10 +83,18 @@ def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0):
                 p.add_(0.1 * torch.randn_like(p))  # q/v and patch-embedding biases too
             elif p.ndim >= 2:
                 p.normal_(0.0, 0.2)  # large enough that the images move the logits by > 1e-4
-    directory = tmp_path / case
+    directory = tmp_path / f"{case}-bos" if bos else tmp_path / case
     reference.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return reference, directory
+
+
+def solid_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (200, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def batch_of(processor: FlamingoProcessor):
@@ -112,6 +129,49 @@ def test_converted_logits_equal_transformers_blip2(tmp_path, case):
     assert got.shape == expected.shape
     assert (got - expected)[real].abs().max().item() <= 1e-4
     assert (other - got)[real].abs().max().item() > 1e-2  # the images matter
+
+
+def test_blip2_processors_prompt_order_with_a_start_token(tmp_path):
+    # OPT's tokenizer starts a text with </s>; Blip2Processor puts the queries before it
+    reference, directory = save_reference(tmp_path, bos=True)
+    theirs = Blip2Processor(
+        BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        AutoTokenizer.from_pretrained(directory),
+        num_query_tokens=QUERIES,
+    )
+    ours = FlamingoProcessor.from_pretrained(directory)
+    model = Flamingo.from_pretrained(directory)
+    image = noise_image(5, (IMAGE_SIZE + 6, IMAGE_SIZE))
+    prompt = "Question: what is it? Answer:"
+    expected = theirs(images=[image], text=prompt, return_tensors="pt")
+    got = ours([IMAGE + prompt], [[image]])
+    assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert got["input_ids"][0, QUERIES] == ours.tokenizer.bos_token_id  # after the queries
+    assert torch.equal(got["pixel_values"][:, 0], expected["pixel_values"])
+    with torch.no_grad():
+        difference = (model(**got).logits - reference(**expected).logits).abs().max().item()
+        assert difference <= 1e-4
+        banned = [[ours.special_tokens.image_id]]
+        want = reference.generate(
+            **expected, max_new_tokens=6, do_sample=False, bad_words_ids=banned, eos_token_id=None
+        )[:, -6:]
+        assert torch.equal(model.generate(**got, max_new_tokens=6, eos_token_id=-1)[:, -6:], want)
+    # the training loader writes a pair in the same order
+    pairs = DatasetConfig(
+        name="pairs", kind="pairs", shards="x.tar", seq_len=40, p_leading_space=0.0
+    )
+    pre = Preprocessor(
+        pairs,
+        ours.tokenizer,
+        ours.special_tokens,
+        ImagePreprocessor(ours.vision_cfg),
+        ours.image_tokens,
+        ours.images_before_bos,
+    )
+    raw = encode_pair("k", solid_png(), "png", "a cat")
+    ids, _, _ = pre(raw, random.Random(0), Counter())
+    caption = theirs(images=[image], text="a cat<|endofchunk|>", return_tensors="pt")["input_ids"]
+    assert ids[: QUERIES + 1] == caption[0, : QUERIES + 1].tolist()
 
 
 def test_greedy_generation_gives_transformers_tokens(tmp_path):

@@ -148,6 +148,7 @@ def blip2_config(
             "architecture": lm_architecture(text, bool(text.tie_word_embeddings)),
             "tokenizer": str(tokenizer),
             "special_tokens": "llava",
+            "leading_images": "before_bos",  # Blip2Processor: the queries, then </s> and text
         },
         "frozen_dtype": frozen_dtype(text, config),
     }

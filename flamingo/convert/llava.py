@@ -124,6 +124,7 @@ def llava_config(
             "feature_layer": layer,
             "image_size": vision.image_size,
             "resize": "crop",
+            "crop_offset": "floor",  # CLIPImageProcessor's center crop rounds down
             "image_mean": list(preprocessor.get("image_mean", OPENAI_MEAN)),
             "image_std": list(preprocessor.get("image_std", OPENAI_STD)),
         },

@@ -308,10 +308,12 @@ class FlamingoLoader:
         world_size: int = 1,
         pin_memory: bool = False,
         image_tokens: int = 1,
+        images_before_bos: bool = False,
     ) -> None:
         self.cfg = cfg
         self.urls = expand_shards(cfg.shards)
         self.image_tokens = image_tokens  # <image> tokens per image (the processor's)
+        self.images_before_bos = images_before_bos  # the processor's prompt order
         self.pin_memory = pin_memory
         """Batches arrive in page-locked memory, so that copies to a CUDA device can be
         asynchronous (``non_blocking``); the trainer sets it when its engine is on CUDA."""
@@ -333,13 +335,19 @@ class FlamingoLoader:
     def from_processor(cls, cfg: DatasetConfig, processor: Any, **kwargs: Any) -> FlamingoLoader:
         images = ImagePreprocessor(processor.vision_cfg)
         kwargs.setdefault("image_tokens", processor.image_tokens)
+        kwargs.setdefault("images_before_bos", processor.images_before_bos)
         return cls(cfg, processor.tokenizer, processor.special_tokens, images, **kwargs)
 
     def make_stream(
         self, stream_id: int, state: StreamState, counters: dict | None = None
     ) -> ShardStream:
         preprocess = Preprocessor(
-            self.cfg, self.tokenizer, self.special, self.images, self.image_tokens
+            self.cfg,
+            self.tokenizer,
+            self.special,
+            self.images,
+            self.image_tokens,
+            self.images_before_bos,
         )
         num_streams = self.world_size * (self.num_workers or 1)
         return ShardStream(

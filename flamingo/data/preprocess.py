@@ -35,6 +35,7 @@ from flamingo.tokens import (
     IMAGE,
     SpecialTokens,
     chunk_ends,
+    encode,
     expand_images,
     idefics_prompt,
 )
@@ -56,8 +57,11 @@ class Preprocessor:
         special: SpecialTokens,
         images: ImagePreprocessor,
         image_tokens: int = 1,
+        images_before_bos: bool = False,
     ):
         self.cfg = cfg
+        self.images_before_bos = images_before_bos
+        """The processor's rule for images that open a text (:func:`flamingo.tokens.encode`)."""
         self.tokenizer = tokenizer
         self.special = special
         self.images = images
@@ -91,7 +95,9 @@ class Preprocessor:
         if self.special.around_image_id is not None:  # lm.special_tokens: idefics
             text = idefics_prompt(text, self.tokenizer, self.special)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(chunk_ends(text, self.tokenizer, self.special))["input_ids"]
+        return encode(
+            self.tokenizer, chunk_ends(text, self.tokenizer, self.special), self.images_before_bos
+        )
 
     def _expanded(self, ids: list[int]) -> list[int]:
         return expand_images(ids, self.special.image_id, self.image_tokens)
