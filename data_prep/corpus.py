@@ -187,10 +187,18 @@ def settings(args: argparse.Namespace, input_option: str) -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """A summary this module wrote; None when there is none or it is cut short (its input is
+    then converted again). JSON that is not an object is no summary of ours: an error."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(value).__name__}, not a conversion summary: delete it "
+            "(its input is then converted again, its finished shards kept)"
+        )
+    return value
 
 
 def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:

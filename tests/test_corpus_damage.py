@@ -289,3 +289,19 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
                 p.kill()
         job.kill()
         job.wait()
+
+
+def test_records_and_summaries_that_are_json_but_no_object(tmp_path, capsys, caplog):
+    spec = llava_corpus(tmp_path, files=2)
+    out = tmp_path / "out"
+    convert(spec, tmp_path, out)
+    fresh = shard_files(out)
+    (out / "progress" / "chat-00000-00001.tar.json").write_text("[]")
+    (out / "chat-00000-summary.json").unlink()  # the input is unfinished: its records are read
+    convert(spec, tmp_path, out)
+    assert "not a record" in caplog.text and shard_files(out) == fresh
+    (out / "chat-00001-summary.json").write_text("[1, 2]")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        convert(spec, tmp_path, out)
+    assert "chat-00001-summary.json holds a JSON list" in capsys.readouterr().err

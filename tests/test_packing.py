@@ -277,6 +277,28 @@ def test_the_loader_packs_every_sample_once_and_resumes_exactly(tmp_path, proces
             assert torch.equal(a[key], b[key]), key
 
 
+def test_a_resumed_packed_loader_counts_each_skipped_sample_once(tmp_path, processor):
+    from flamingo.data.schema import encode_pair
+    from tests.test_data import loader, solid, take, write
+
+    samples = [
+        encode_pair(f"p{i:03d}", solid((i, 0, 0)) if i % 3 else b"broken", "png", f"a caption {i}")
+        for i in range(48)
+    ]  # every third image broken: skipped, counted
+    shards = write(tmp_path, samples, "bad", per_shard=8)
+    kw = dict(seq_len=24, packing="block_diagonal", packed_len=24, batch_size=2, pack_window=12)
+    kw.update(resampled=True, max_skip_rate=0.5)
+    straight = loader(processor, "pairs", shards, **kw)
+    take(iter(straight), 7)
+    first = loader(processor, "pairs", shards, **kw)
+    take(iter(first), 3)  # inside a packing window
+    restored = loader(processor, "pairs", shards, **kw)
+    restored.load_state_dict(first.state_dict())
+    take(iter(restored), 4)
+    assert restored.stats()["skip/image_decode_error"] > 0
+    assert restored.stats() == straight.stats()
+
+
 def test_packing_settings_are_checked():
     from flamingo.data.config import DatasetConfig
 

@@ -116,6 +116,49 @@ def test_resume_is_exact_for_every_objective_and_trainable_mode(shards, tmp_path
         assert torch.equal(tensor, exported[1][name]), name
 
 
+def test_a_full_disk_is_named_at_a_checkpoint(shards, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from flamingo.training.checkpoints import CheckpointError
+    from flamingo.training.engine import LocalEngine
+
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    free = {"bytes": None}
+
+    def disk_usage(path):
+        total = real(path)
+        return total if free["bytes"] is None else usage(total.total, total.used, free["bytes"])
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    out = tmp_path / "run"
+    args = ["--config", str(CONFIG), *overrides(shards, out, steps=2, checkpoint_every=1)]
+    real_save = LocalEngine.save
+
+    def save(self, directory):  # the first checkpoint fits; then 1 kB is left
+        real_save(self, directory)
+        free["bytes"] = 1000
+
+    monkeypatch.setattr(LocalEngine, "save", save)
+    with pytest.raises(CheckpointError) as error:  # checked before the second one starts
+        train.main(args)
+    message = str(error.value)
+    assert "not enough disk space" in message and str(out / "checkpoints") in message
+    assert "0.00 GiB free" in message and "step-00000001" in message
+    assert [s for s, _ in CheckpointDir(out / "checkpoints").complete()] == [1]
+
+    def full(self, directory):  # what torch's zip writer says when the disk fills up
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:778] . unexpected pos 721984 vs 721936"
+        )
+
+    free["bytes"] = 0
+    monkeypatch.setattr(LocalEngine, "save", full)
+    with pytest.raises(CheckpointError, match="the disk is full") as error:
+        train.main(["--config", str(CONFIG), *overrides(shards, tmp_path / "other", steps=1)])
+    assert "unexpected pos" in str(error.value) and "0.00 GiB free" in str(error.value)
+
+
 def test_fused_adamw_matches_the_for_loop_version():
     """The engine's AdamW is PyTorch's fused kernel on the CPU, and updates as the default."""
     torch.manual_seed(0)

@@ -204,6 +204,9 @@ class ShardStream:
         items = self._items()
         while True:
             start = StreamState(**asdict(self.state))
+            # a batch inside the window resumes by reading the window again from its start:
+            # it carries the counters of that start, so the window's skips count once
+            start_counters = Counter(self.counters)
             window: list[Item] = []
             final = None
             for item, before in items:
@@ -227,7 +230,8 @@ class ShardStream:
                     if done
                     else replace(start, window_batches=g + 1)
                 )
-                yield collate_packed(groups[g], self.pad_id, self.cfg.name), state, self.counters
+                counters = self.counters if done else start_counters
+                yield collate_packed(groups[g], self.pad_id, self.cfg.name), state, counters
             skip = 0
             if final is not None:
                 yield None, final, self.counters

@@ -149,12 +149,25 @@ def file_sha256(path: Path) -> str:
 
 
 def read_record(shard: Path) -> dict[str, Any] | None:
-    """A finished shard's record, or None when there is none (or it cannot be read)."""
+    """A finished shard's record, or None when there is none; one that is damaged (not JSON,
+    or JSON but not an object) is named in a warning and taken for none (the shard is then
+    written again)."""
+    path = record_path(shard)
     try:
-        value = json.loads(record_path(shard).read_text())
-    except (OSError, ValueError):
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    return value if isinstance(value, dict) else None
+    except (OSError, ValueError) as e:
+        log.warning("%s is damaged (%s): its shard is written again", path, e)
+        return None
+    if not isinstance(value, dict):
+        log.warning(
+            "%s holds a JSON %s, not a record: its shard is written again",
+            path,
+            type(value).__name__,
+        )
+        return None
+    return value
 
 
 def shard_problem(shard: Path, record: dict[str, Any], checksum: bool = False) -> str | None:

@@ -16,6 +16,7 @@ one that verifies is taken instead.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -89,6 +90,25 @@ def verify(directory: Path, part: tuple[int, int] = (0, 1)) -> list[str]:
         elif i % world == rank and file_digest(path) != entry["sha256"]:
             problems.append(f"{path}: contents changed since it was written (SHA-256)")
     return problems
+
+
+DISK_FULL_BYTES = 64 * 2**20
+"""Below this much free space, a failed write is taken for a full disk."""
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def read_json(path: Path) -> Any:
@@ -288,14 +308,47 @@ class Checkpointer:
         self.runlog.start(history, self.step)
         return path
 
+    def _check_space(self) -> None:
+        """Refuse to start a checkpoint the disk cannot hold: the newest complete one's size
+        is what the next needs (every rank checks, all stop together)."""
+        latest = self.dir.latest()
+        needed = checkpoint_bytes(latest) if latest is not None else 0
+        free = free_bytes(self.dir.root)
+        if self._everywhere(free >= needed):
+            return
+        raise CheckpointError(
+            f"not enough disk space for the checkpoint of step {self.step} in {self.dir.root}: "
+            f"{gib(free)} free, the last checkpoint ({latest.name if latest else '-'}) took "
+            f"{gib(needed)} (see the other ranks' folders if this one has room). Free space, "
+            "lower keep_checkpoints, or point output_dir at a larger disk; the run can resume "
+            "from the last complete checkpoint"
+        )
+
+    def _write(self, write: Callable[[], None], tmp: Path) -> None:
+        """``write()`` into ``tmp``; a failure on a full disk (torch's writer says only
+        ``unexpected pos``) is said to be one, naming the folder."""
+        try:
+            write()
+        except (OSError, RuntimeError) as e:
+            free = free_bytes(tmp)
+            no_space = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            if not no_space and free > DISK_FULL_BYTES:
+                raise
+            raise CheckpointError(
+                f"writing the checkpoint {tmp} failed: the disk is full ({gib(free)} free in "
+                f"{tmp.parent}). Free space or point output_dir at a larger disk, then resume "
+                f"from the last complete checkpoint ({type(e).__name__}: {e})"
+            ) from e
+
     def save(self) -> Path:
         """Write the checkpoint of the current step (every rank its part), then prune."""
         engine, step = self.engine, self.step
+        self._check_space()
         if engine.is_main:
             self.dir.prepare(step)
         engine.barrier()
         tmp = self.dir.tmp_path(step)
-        engine.save(tmp)
+        self._write(lambda: engine.save(tmp), tmp)
         state = {
             "step": step,
             "skipped_steps": int(self.skipped_steps),
@@ -303,11 +356,12 @@ class Checkpointer:
             "history": self.runlog.history,
             "rng": rng_state(),
         }
-        (tmp / f"trainer_rank{engine.rank:05d}.json").write_text(json.dumps(state))
+        trainer = tmp / f"trainer_rank{engine.rank:05d}.json"
+        self._write(lambda: trainer.write_text(json.dumps(state)), tmp)
         engine.barrier()
         if engine.is_main:
             configs = {"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict()}
-            (tmp / "train_config.json").write_text(json.dumps(configs))
+            self._write(lambda: (tmp / "train_config.json").write_text(json.dumps(configs)), tmp)
             self.dir.commit(step)
             self.dir.prune(self.cfg.keep_checkpoints)
         engine.barrier()
