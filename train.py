@@ -130,10 +130,13 @@ def step_metrics(engine, cfg, step, nll_sums, samples, info, lr, seconds, skippe
 
 
 def evaluate_during_training(model, processor, eval_cfg: EvalConfig, out: Path) -> dict:
-    """(rank 0) The eval config's benchmarks on the model as it is: ``eval/...`` scores."""
+    """(Every rank, a collective) The eval config's benchmarks on the model as it is, each
+    rank its share of the items, the predictions gathered: ``eval/...`` scores. No rank waits
+    at a barrier while another evaluates alone, so an evaluation may last longer than the
+    process group's timeout."""
     model.eval()
     # the run's name keys the RICES feature cache: the frozen tower's features never change
-    results = evaluate(model, processor, eval_cfg, str(out), shard=(0, 1))
+    results = evaluate(model, processor, eval_cfg, str(out))
     model.train()
     return {
         f"eval/{task}/{shots}shot/{metric}": s["mean"]
@@ -149,8 +152,8 @@ def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
         return None
     if engine.zero_stage == 3:
         raise ValueError(
-            "eval during training runs on rank 0 and cannot use ZeRO-3 sharded weights; "
-            "evaluate the exported model"
+            "eval during training generates on each rank with the whole weights, which ZeRO-3 "
+            "partitions; evaluate the exported model (python -m eval.run)"
         )
     return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides)
 
@@ -289,15 +292,11 @@ def main(argv: list[str] | None = None) -> None:
                     metrics["skipped_steps"],
                 )
         if eval_cfg is not None and run.step % cfg.eval_every == 0:
-            if engine.is_main:
-                scores = evaluate_during_training(model, processor, eval_cfg, out)
-                runlog.log(run.step, scores)
-                log.info(
-                    "step %d eval: %s",
-                    run.step,
-                    ", ".join(f"{k}={v:.2f}" for k, v in scores.items()),
-                )
-            engine.barrier()
+            scores = evaluate_during_training(model, processor, eval_cfg, out)
+            runlog.log(run.step, scores)  # rank 0's log only
+            log.info(
+                "step %d eval: %s", run.step, ", ".join(f"{k}={v:.2f}" for k, v in scores.items())
+            )
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
             run.save()
             runlog.plot()

@@ -37,14 +37,17 @@ the wheels to carry, and ``tools/bench_gpu.sh`` installs them there and runs thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,16 +85,14 @@ SMOKE = {
     "vs_openflamingo": dict(config="tiny", batch=2, seq_len=32, images=2, steps=1),
     "packing": dict(config="tiny", samples=16, rows=8, steps=1),
 }
-COST_S = {
-    "step_1b": 45,
-    "step_9b": 75,
-    "generation": 30,
-    "vs_openflamingo": 40,
-    "kernels": 10,
-    "packing": 40,
-}
-"""Rough cost of one measurement of each section on an H200 (builds included): one is not
-started when less than this is left of the budget."""
+DEFAULT_BUDGET_S = 300.0
+"""Seconds for every measurement: a lent GPU gives 15 minutes in all, its start (1-2 minutes)
+included, and 10 a command; 300 s of measurements plus installing the wheels and imports
+leave room to run the bench twice."""
+
+
+class MeasurementTimeout(Exception):
+    """A measurement ran past its own alarm."""
 
 
 class Bench:
@@ -118,23 +119,50 @@ class Bench:
         tmp.write_text(json.dumps(self.record, indent=2, default=str) + "\n")
         tmp.replace(self.out)
 
-    def measure(self, section: str, name: str, fn, *args, **kwargs) -> None:
+    def measure(self, section: str, name: str, fn, *args, cost: float = 10.0, **kwargs) -> None:
         """Run one measurement into ``sections[section][name]``: its result, its error, or
-        that the budget had no room for it."""
+        that the budget had no room for it. ``cost``: its expected seconds; it is not started
+        when less is left, and its own alarm stops it at twice that (or at the budget's end,
+        if sooner), so that a slow one cannot take the command past the device's limit."""
         results = self.record["sections"].setdefault(section, {})
-        cost = 0 if self.smoke else COST_S.get(section, 10)
+        cost = 0 if self.smoke else cost
         if self.left() < cost:
-            results[name] = {"skipped": f"budget: {self.left():.0f} s left, needs ~{cost} s"}
+            results[name] = {"skipped": f"budget: {self.left():.0f} s left, needs ~{cost:.0f} s"}
         else:
             start = time.time()
+            limit = None if self.smoke else max(1.0, min(2 * cost, self.left()))
             try:
-                results[name] = fn(*args, **kwargs)
+                with alarm(limit):
+                    results[name] = fn(*args, **kwargs)
+            except MeasurementTimeout:
+                results[name] = {
+                    "error": f"timed out: stopped after {limit:.0f} s (~{cost:.0f} s expected)"
+                }
             except Exception as error:  # recorded, and the next measurement runs
                 results[name] = {"error": repr(error), "traceback": traceback.format_exc()[-3000:]}
             results[name]["wall_s"] = time.time() - start
         free_memory()
         self.save()
         print(f"[{time.time() - self.started:6.0f} s] {section}/{name}: {brief(results[name])}")
+
+
+@contextlib.contextmanager
+def alarm(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`MeasurementTimeout` in this (the main) thread after ``seconds``."""
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise MeasurementTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def brief(result: dict) -> str:
@@ -557,56 +585,105 @@ def versus_openflamingo(config: str, device: str, batch: int, seq_len: int, imag
 # -- the run --------------------------------------------------------------------------------------
 
 
+def plan(sizes: dict, device: str, smoke: bool) -> list[tuple[str, str, float, Any, dict]]:
+    """Every measurement ``(section, name, cost_s, fn, kwargs)``, in the order of what it
+    decides: the cross-attention kernel (SDPA or flex), the fused loss's chunk size and
+    ``engine.compile``; the recipes' activation checkpointing; then the MFU of the 9B-shaped
+    step; then the rest. ``cost_s``: expected seconds on an H100/H200 (builds included)."""
+    s1, s9 = sizes["step_1b"], sizes["step_9b"]
+    one = dict(config=s1["config"], device=device, batch=s1["batch"], seq_len=s1["seq_len"],
+               images=s1["images"], steps=s1["steps"])  # fmt: skip
+    nine = dict(config=s9["config"], device=device, engine="torch", batch=s9["batch"],
+                images=s9["images"], steps=s9["steps"], arch=s9["arch"])  # fmt: skip
+    steps: list[tuple[str, str, float, Any, dict]] = [
+        (
+            "kernels",
+            "cross_attention",
+            15,
+            xattn_kernels,
+            dict(sizes=sizes["xattn"], device=device, smoke=smoke),
+        ),
+        (
+            "kernels",
+            "fused_loss",
+            15,
+            loss_kernels,
+            dict(sizes=sizes["loss"], device=device, smoke=smoke),
+        ),
+        ("step_1b", "torch_bf16", 25, training_step, dict(one, engine="torch")),
+    ]
+    if not smoke:  # flex trains on GPUs only; compiling on the CPU takes the smoke's time
+        steps += [
+            (
+                "step_1b",
+                "torch_bf16_flex",
+                30,
+                training_step,
+                dict(one, engine="torch", cross_attention="flex"),
+            ),
+            (
+                "step_1b",
+                "torch_bf16_compile",
+                90,
+                training_step,
+                dict(one, engine="torch", compile=True),
+            ),
+        ]
+    steps += [
+        ("step_1b", "zero2_bf16", 35, training_step, dict(one, engine="zero2")),
+        ("step_1b", "zero2_bf16_checkpoint_gated_blocks", 35, training_step,
+         dict(one, engine="zero2", activation_checkpointing="gated_blocks")),
+        ("step_1b", "zero2_bf16_checkpointing", 35, training_step,
+         dict(one, engine="zero2", activation_checkpointing=True)),
+    ]  # fmt: skip
+    for seq_len in sorted(s9["seq_lens"], reverse=True):  # 1024 tokens first: the MFU to report
+        steps.append(("step_9b", f"torch_bf16_{seq_len}_tokens", 50 if seq_len > 512 else 35,
+                      training_step, dict(nine, seq_len=seq_len)))  # fmt: skip
+    steps += [
+        ("step_1b", "zero1_bf16", 35, training_step, dict(one, engine="zero1")),
+        ("generation", "1b", 25, generation, dict(device=device, **sizes["generation"])),
+        ("vs_openflamingo", "train_step", 30, versus_openflamingo,
+         dict(device=device, **sizes["vs_openflamingo"])),
+        ("packing", "captions", 30, packing, dict(device=device, **sizes["packing"])),
+        ("kernels", "mpt_attention", 15, mpt_kernels, dict(sizes=sizes["mpt"], device=device, smoke=smoke)),
+    ]  # fmt: skip
+    return steps
+
+
 def run(bench: Bench) -> None:
     sizes, device, smoke = bench.sizes, bench.device, bench.smoke
-    bench.measure("env", "environment", environment, device)
-    bench.measure("env", "gemm", gemm_peak, sizes["gemm"], device)
+    planned = plan(sizes, device, smoke)
+    total = sum(cost for _, _, cost, _, _ in planned)
+    fits, spent = [], 10.0  # the environment's two measurements
+    for section, name, cost, _, _ in planned:
+        spent += cost
+        if spent <= bench.left():
+            fits.append(f"{section}/{name}")
+    print(
+        f"plan: {len(planned)} measurements, ~{total + 10:.0f} s expected against a budget of "
+        f"{bench.left():.0f} s: ~{len(fits)} fit, in this order (what decides a default first)"
+    )
+    for section, name, cost, _, _ in planned:
+        print(f"  ~{cost:3.0f} s  {section}/{name}")
+    bench.measure("env", "environment", environment, device, cost=5)
+    bench.measure("env", "gemm", gemm_peak, sizes["gemm"], device, cost=5)
     env = {
         **bench.record["sections"]["env"]["environment"],
         "gemm_tflops": bench.record["sections"]["env"]["gemm"].get("tflops"),
     }
-    bench.measure("kernels", "cross_attention", xattn_kernels, sizes["xattn"], device, smoke)
-    bench.measure("kernels", "fused_loss", loss_kernels, sizes["loss"], device, smoke)
-    bench.measure("kernels", "mpt_attention", mpt_kernels, sizes["mpt"], device, smoke)
-
-    s = sizes["step_1b"]
-    common = dict(config=s["config"], device=device, batch=s["batch"], seq_len=s["seq_len"],
-                  images=s["images"], steps=s["steps"])  # fmt: skip
-    variants = {
-        "zero1_bf16": dict(engine="zero1"),
-        "zero2_bf16": dict(engine="zero2"),
-        "zero2_bf16_checkpointing": dict(engine="zero2", activation_checkpointing=True),
-        "zero2_bf16_checkpoint_gated_blocks": dict(
-            engine="zero2", activation_checkpointing="gated_blocks"
-        ),
-        "torch_bf16": dict(engine="torch"),
-    }
-    if not smoke:  # flex trains on GPUs only
-        variants["torch_bf16_flex"] = dict(engine="torch", cross_attention="flex")
-    for name, options in variants.items():
-        bench.measure("step_1b", name, training_step, **common, **options)
-        add_mfu(bench.record["sections"]["step_1b"][name], env)
-    s = sizes["step_9b"]
-    for seq_len in s["seq_lens"]:
-        name = f"torch_bf16_{seq_len}_tokens"
-        bench.measure("step_9b", name, training_step, s["config"], device, "torch", s["batch"],
-                      seq_len, s["images"], s["steps"], arch=s["arch"])  # fmt: skip
-        add_mfu(bench.record["sections"]["step_9b"][name], env)
-    bench.measure("generation", "1b", generation, device=device, **sizes["generation"])
-    bench.measure("vs_openflamingo", "train_step", versus_openflamingo, device=device,
-                  **sizes["vs_openflamingo"])  # fmt: skip
-    bench.measure("packing", "captions", packing, device=device, **sizes["packing"])
-    if not smoke:  # last: compiling the blocks takes longest, and on the CPU the smoke's time
-        name = "torch_bf16_compile"
-        bench.measure("step_1b", name, training_step, **common, engine="torch", compile=True)
-        add_mfu(bench.record["sections"]["step_1b"][name], env)
+    for section, name, cost, fn, kwargs in planned:
+        bench.measure(section, name, fn, cost=cost, **kwargs)
+        if fn is training_step:
+            add_mfu(bench.record["sections"][section][name], env)
     bench.save()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="every section, tiny, on the CPU")
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for all sections")
+    parser.add_argument(
+        "--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for every measurement"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"

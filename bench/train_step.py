@@ -235,10 +235,10 @@ def deepspeed_engine(model, groups, precision: str):
     import os
     import socket
 
-    import deepspeed
-
     from flamingo.training.config import EngineConfig, OptimConfig
-    from flamingo.training.engine import DeepSpeedEngine
+    from flamingo.training.engine import DeepSpeedEngine, import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     with socket.socket() as s:  # a free port for the one-process group
         s.bind(("127.0.0.1", 0))

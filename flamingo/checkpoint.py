@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flamingo.config import FlamingoConfig, library_version
+from flamingo.tokens import TINY_TOKENIZER
 
 TRAINABLE_NAME = "model.safetensors"
 FROZEN_NAME = "frozen.safetensors"
@@ -43,8 +44,29 @@ def model_config_from_dict(data: dict[str, Any]) -> FlamingoConfig:
     return FlamingoConfig.from_dict({k: v for k, v in data.items() if k not in RETIRED_MODEL_KEYS})
 
 
+SOURCE_FIELDS = ("vision.pretrained", "lm.name_or_path", "lm.tokenizer")
+"""Config fields that name where frozen weights or a tokenizer come from: a Hub id, a tag,
+or a local path."""
+
+
+def with_sources_resolved(cfg: FlamingoConfig) -> FlamingoConfig:
+    """``cfg`` with the relative local paths of :data:`SOURCE_FIELDS` made absolute, so a
+    checkpoint written from a training directory loads from anywhere (cluster users keep
+    pre-downloaded weights in local folders). Hub ids and tags (no such path here) stay."""
+    changes = {}
+    for dotted in SOURCE_FIELDS:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        local = isinstance(value, str) and value != TINY_TOKENIZER and Path(value).exists()
+        if local and not Path(value).is_absolute():
+            changes[dotted] = str(Path(value).resolve())
+    return cfg.replace(changes) if changes else cfg
+
+
 def write_checkpoint_config(directory: Path, cfg: FlamingoConfig, extra: dict[str, Any]) -> None:
-    """Write ``config.json`` atomically: the model config plus format metadata."""
+    """Write ``config.json`` atomically: the model config (local source paths made absolute,
+    :func:`with_sources_resolved`) plus format metadata."""
+    cfg = with_sources_resolved(cfg)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,

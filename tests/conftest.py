@@ -129,8 +129,9 @@ def time_limit(request):
 def no_stale_extension_locks():
     """Every later build of such an op (another torch, another Python) would wait on a
     stale lock forever, and hang the DeepSpeed tests: remove them before the session."""
-    default = Path.home() / ".cache" / "torch_extensions"
-    for lock in stale_extension_locks(Path(os.environ.get("TORCH_EXTENSIONS_DIR", default))):
+    from flamingo.training.engine import extensions_dir
+
+    for lock in stale_extension_locks(extensions_dir()):
         lock.unlink(missing_ok=True)
 
 

@@ -220,16 +220,42 @@ def test_the_gpu_bench_runs_every_section_in_smoke_mode(tmp_path):
 
 
 def test_the_gpu_bench_records_failures_and_what_the_budget_left_out(tmp_path):
+    import time
+
     from bench.gpu import Bench
 
     bench = Bench(tmp_path / "gpu.json", budget_s=30, smoke=False, device="cpu")
     bench.measure("kernels", "works", lambda: {"ms": 1.0})
     bench.measure("kernels", "fails", lambda: 1 / 0)
-    bench.measure("step_9b", "too_long", lambda: {"ms": 2.0})  # needs ~75 s of the 30
+    bench.measure("step_9b", "too_long", lambda: {"ms": 2.0}, cost=75)  # 75 s of the 30
+    started = time.time()
+    bench.measure("step_1b", "slower", lambda: time.sleep(30) or {}, cost=1.0)  # its own alarm
+    assert time.time() - started < 5
     saved = json.loads((tmp_path / "gpu.json").read_text())["sections"]  # rewritten each time
     assert saved["kernels"]["works"]["ms"] == 1.0
     assert "ZeroDivisionError" in saved["kernels"]["fails"]["error"]
     assert saved["step_9b"]["too_long"]["skipped"].startswith("budget")
+    assert saved["step_1b"]["slower"]["error"].startswith("timed out: stopped after 2 s")
+
+
+def test_the_gpu_bench_plans_what_decides_a_default_first_and_fits_the_device():
+    from bench.gpu import DEFAULT_BUDGET_S, FULL, plan
+
+    planned = [
+        (f"{section}/{name}", cost) for section, name, cost, _, _ in plan(FULL, "cuda", False)
+    ]
+    names = [name for name, _ in planned]
+    decisions = [
+        *("kernels/cross_attention", "kernels/fused_loss", "step_1b/torch_bf16"),
+        *("step_1b/torch_bf16_flex", "step_1b/torch_bf16_compile", "step_1b/zero2_bf16"),
+        *("step_1b/zero2_bf16_checkpoint_gated_blocks", "step_1b/zero2_bf16_checkpointing"),
+    ]
+    assert names[: len(decisions)] == decisions
+    assert names[len(decisions)] == "step_9b/torch_bf16_1024_tokens"  # the MFU to report
+    # the decisions fit the default budget; the budget, the wheels' install and the machine's
+    # start fit a lent device's 15 minutes twice over (a rerun)
+    assert 10 + sum(cost for _, cost in planned[: len(decisions)]) <= DEFAULT_BUDGET_S
+    assert 2 * (DEFAULT_BUDGET_S + 60) + 120 <= 15 * 60
 
 
 def test_the_padding_bench_measures_less_padding_after_and_the_same_samples():

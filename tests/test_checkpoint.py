@@ -140,3 +140,28 @@ def test_nothing_is_unpickled(saved, monkeypatch):
 
     monkeypatch.setattr(torch, "load", refuse)
     Flamingo.from_pretrained(path)
+
+
+def test_local_sources_are_saved_absolute_so_the_export_loads_from_anywhere(
+    tmp_path, monkeypatch, processor
+):
+    import open_clip
+
+    model = build()
+    work = tmp_path / "training"
+    (work / "weights").mkdir(parents=True)
+    monkeypatch.chdir(work)  # a cluster job: weights pre-downloaded into local folders
+    model.lm.hf.save_pretrained("weights/lm")
+    clip = open_clip.CLIP(**model.cfg.vision.architecture)
+    torch.save(clip.state_dict(), "weights/clip.pt")
+    relative = {"lm.architecture": None, "lm.name_or_path": "weights/lm"}
+    cfg = model.cfg.replace({**relative, "vision.pretrained": "weights/clip.pt"})
+    trained = Flamingo.from_config(cfg, processor)
+    trained.save_pretrained("run/model")
+    written = json.loads((work / "run" / "model" / "config.json").read_text())["config"]
+    assert written["lm"]["name_or_path"] == str(work / "weights" / "lm")
+    assert written["vision"]["pretrained"] == str(work / "weights" / "clip.pt")
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    loaded = Flamingo.from_pretrained(work / "run" / "model")
+    enc = processor([PROMPT], images=[[noise_image(1), noise_image(2)]])
+    assert torch.equal(loaded(**enc).logits, trained(**enc).logits)

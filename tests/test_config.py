@@ -52,6 +52,24 @@ def test_deepspeed_jsons_hold_only_zero_settings(path: Path):
     assert "zero_optimization" in data and not set(data) & set(OWNED_KEYS)
 
 
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "deepspeed").glob("zero3*.json")), ids=lambda p: p.name
+)
+def test_zero3_jsons_set_buckets_below_deepspeeds_defaults(path: Path):
+    # DeepSpeed's defaults (reduce_bucket_size 5e8, stage3_max_live_parameters 1e9) fit an 80 GB
+    # GPU only; the two-rank ~1B rehearsal on CPU fit with these
+    zero = json.loads(path.read_text())["zero_optimization"]
+    assert zero["reduce_bucket_size"] <= 5e7 and zero["stage3_prefetch_bucket_size"] <= 5e7
+    assert zero["stage3_max_live_parameters"] <= 3e8 and zero["stage3_max_reuse_distance"] <= 3e8
+
+
+def test_train_configs_read_shards_with_globs_where_converters_write_several_inputs():
+    # the converters name input j's k-th shard PREFIX-JJJJJ-KKKKK.tar: a brace list of
+    # PREFIX-KKKKK.tar names matches none of them
+    cfg = TrainConfig.from_yaml(ROOT / "configs/train/opt-1.3b.yaml")
+    assert all(d.shards.endswith("-*.tar") for d in cfg.datasets), [d.shards for d in cfg.datasets]
+
+
 def test_train_configs_name_existing_model_configs():
     for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
         cfg = TrainConfig.from_yaml(path)
@@ -178,3 +196,16 @@ def test_activation_checkpointing_takes_a_flag_or_gated_blocks():
     for value, want in ((True, (True, False)), ("gated_blocks", (False, True))):
         engine = LocalEngine(build(), EngineConfig(activation_checkpointing=value), OptimConfig())
         assert (engine.policy.checkpoint_layers, engine.policy.checkpoint_gated_blocks) == want
+
+
+def test_deepspeeds_op_builds_are_kept_in_this_environment(monkeypatch):
+    # torch's default build folder is shared by every venv of one Python: another torch
+    # rebuilt DeepSpeed's CPU communication op at each launch (~3 minutes)
+    import sys
+
+    from flamingo.training.engine import extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert extensions_dir() == Path(sys.prefix) / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert extensions_dir() == Path("/elsewhere")  # a user's choice stays theirs

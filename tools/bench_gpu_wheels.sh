@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
 DEST=.whl
 # what the image lacks: deepspeed and its hjson/pydantic, open_clip and its ftfy, webdataset
-# and its braceexpand, and the reference OpenFlamingo with its einops-exts
+# and its braceexpand, and the reference OpenFlamingo with its einops-exts; einops too (the
+# image has it, a bare Python 3.12 + torch + transformers venv has not: the smoke failed there).
+# What the wheels rely on from the image (tools/bench_gpu.sh checks before it runs): torch,
+# torchvision, transformers, tokenizers, safetensors, huggingface_hub, numpy, pillow, pyyaml,
+# regex, tqdm, packaging, psutil (deepspeed), msgpack (deepspeed), py-cpuinfo (deepspeed).
 LOCKED="deepspeed hjson pydantic pydantic-core annotated-types typing-inspection
-        open-clip-torch ftfy wcwidth webdataset braceexpand"
+        open-clip-torch ftfy wcwidth webdataset braceexpand einops"
 REFERENCE="open-flamingo einops-exts"
 PLATFORMS=""
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \

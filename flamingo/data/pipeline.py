@@ -22,7 +22,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -31,24 +31,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from flamingo.data.config import DatasetConfig
 from flamingo.data.images import ImagePreprocessor
 from flamingo.data.preprocess import Item, Preprocessor, collate, collate_packed
+from flamingo.data.reshard import StreamState, epoch_order, merged_counters, reshard
 from flamingo.data.schema import SkipSample
 from flamingo.data.shards import ShardError, expand_shards, read_shard
 from flamingo.tokens import SpecialTokens
 
 log = logging.getLogger("flamingo.data")
-
-
-@dataclass
-class StreamState:
-    """Where one stream stands: resume from here."""
-
-    epoch: int = 0
-    shard_pos: int = 0
-    """Index into the epoch's shard order (epoch mode) or number of shards drawn (resampled)."""
-    sample_pos: int = 0
-    """Raw samples already taken from the current shard (after shuffling)."""
-    window_batches: int = 0
-    """Packing: batches already delivered from the packing window that starts here."""
 
 
 # -- streams --------------------------------------------------------------------------------
@@ -93,22 +81,42 @@ class ShardStream:
         # same shards read from another directory give the same batches
         self._shard_index = {url: i for i, url in enumerate(urls)}
         self.seed, self.stream_id, self.num_streams = seed, stream_id, num_streams
+        self.tag = f"{seed}/{cfg.name}"  # every seed names the dataset: two differ
         self.state = state
         self.counters: Counter = Counter(counters or {})
         self._shard_errors = 0
 
-    def _epoch_shards(self, epoch: int) -> list[str]:
-        order = list(self.urls)
-        random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
-        return order[self.stream_id :: self.num_streams]
-
-    def _next_shard(self) -> str | None:
+    def _current(self) -> tuple[str, int, int] | None:
+        """The shard to read now, with the stream and position that seed its shuffle; None
+        at the end of this stream's share of its epoch."""
+        st = self.state
+        if st.epoch <= st.replay_until:  # after a change of streams: the pending shards
+            if not st.pending or st.pending[0][0] != st.epoch:
+                return None
+            _, index, stream, pos, _ = st.pending[0]
+            return self.urls[index], stream, pos
         if self.cfg.resampled:
-            return random.Random(
-                f"{self.seed}/draw/{self.stream_id}/{self.state.shard_pos}"
-            ).choice(self.urls)
-        shards = self._epoch_shards(self.state.epoch)
-        return shards[self.state.shard_pos] if self.state.shard_pos < len(shards) else None
+            draw = random.Random(f"{self.tag}/draw/{self.stream_id}/{st.shard_pos}")
+            return draw.choice(self.urls), self.stream_id, st.shard_pos
+        share = epoch_order(self.tag, len(self.urls), st.epoch)[self.stream_id :: self.num_streams]
+        if st.shard_pos >= len(share):
+            return None
+        return self.urls[share[st.shard_pos]], self.stream_id, st.shard_pos
+
+    def _next_shard_state(self) -> StreamState:
+        st = self.state
+        if st.epoch > st.replay_until:
+            return StreamState(epoch=st.epoch, shard_pos=st.shard_pos + 1)
+        rest = st.pending[1:]
+        skip = rest[0][4] if rest and rest[0][0] == st.epoch else 0
+        return StreamState(st.epoch, sample_pos=skip, pending=rest, replay_until=st.replay_until)
+
+    def _next_epoch_state(self) -> StreamState:
+        st, epoch = self.state, self.state.epoch + 1
+        if epoch > st.replay_until:
+            return StreamState(epoch=epoch)
+        skip = st.pending[0][4] if st.pending and st.pending[0][0] == epoch else 0
+        return StreamState(epoch, sample_pos=skip, pending=st.pending, replay_until=st.replay_until)
 
     def _read(self, url: str) -> Iterator[dict]:
         """Raw samples of a shard; an unreadable or truncated tar ends it (counted, logged)."""
@@ -139,14 +147,13 @@ class ShardStream:
                 return
             yield sample
 
-    def _shuffled(self, url: str) -> Iterator[dict]:
-        """The shard's raw samples through a seeded shuffle buffer (deterministic)."""
+    def _shuffled(self, url: str, stream: int, pos: int) -> Iterator[dict]:
+        """The shard's raw samples through a shuffle buffer seeded by the stream that reads it
+        and its place in that stream's share (deterministic)."""
         if self.cfg.shuffle_buffer == 0:
             yield from self._read(url)
             return
-        rng = random.Random(
-            f"{self.seed}/buffer/{self.stream_id}/{self.state.epoch}/{self.state.shard_pos}"
-        )
+        rng = random.Random(f"{self.tag}/buffer/{stream}/{self.state.epoch}/{pos}")
         buffer: list[dict] = []
         for sample in self._read(url):
             if len(buffer) < self.cfg.shuffle_buffer:
@@ -162,21 +169,26 @@ class ShardStream:
         """Processed samples, each with the state just before it (resuming there reads it
         again); at the end of an epoch-mode pass, ``(None, the final state)``."""
         while True:
-            url = self._next_shard()
-            if url is None:  # epoch mode: this stream's share of the epoch is done
-                self.state = StreamState(epoch=self.state.epoch + 1)
-                yield None, StreamState(**asdict(self.state))
+            current = self._current()
+            if current is None:  # epoch mode: this stream's share of the epoch is done
+                self.state = self._next_epoch_state()
+                yield None, self._copy()
                 return
+            url, stream, pos = current
             skip = self.state.sample_pos
-            for i, raw in enumerate(self._shuffled(url)):
+            for i, raw in enumerate(self._shuffled(url, stream, pos)):
                 if i < skip:
                     continue  # already delivered before a restore
-                before = StreamState(**asdict(self.state))
+                before = self._copy()
                 self.state.sample_pos = i + 1
-                item = self._process(raw, url)
+                item = self._process(raw, url, pos)
                 if item is not None:
                     yield item, before
-            self.state = StreamState(epoch=self.state.epoch, shard_pos=self.state.shard_pos + 1)
+            self.state = self._next_shard_state()
+
+    def _copy(self) -> StreamState:
+        state = asdict(self.state)
+        return StreamState(**{**state, "pending": [list(e) for e in state["pending"]]})
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamState, Counter]]:
         if self.cfg.packing != "none":
@@ -192,7 +204,7 @@ class ShardStream:
             if len(pending) == self.cfg.batch_size:
                 batch = collate(pending, self.pad_id, self.cfg.name)
                 pending = []
-                yield batch, StreamState(**asdict(self.state)), self.counters
+                yield batch, self._copy(), self.counters
 
     def _packed(self) -> Iterator[tuple[dict[str, Any], StreamState, Counter]]:
         """Packed batches: ``pack_window`` samples at a time are packed into rows of
@@ -203,7 +215,7 @@ class ShardStream:
         skip, self.state.window_batches = self.state.window_batches, 0
         items = self._items()
         while True:
-            start = StreamState(**asdict(self.state))
+            start = self._copy()
             # a batch inside the window resumes by reading the window again from its start:
             # it carries the counters of that start, so the window's skips count once
             start_counters = Counter(self.counters)
@@ -218,18 +230,14 @@ class ShardStream:
                     break
             rows = pack_rows(window, self.cfg.row_len)
             random.Random(
-                f"{self.seed}/pack/{self.stream_id}/{start.epoch}/{start.shard_pos}/"
-                f"{start.sample_pos}"
+                f"{self.tag}/pack/{self.stream_id}/{start.epoch}/{start.shard_pos}/"
+                f"{start.sample_pos}/{len(start.pending)}"
             ).shuffle(rows)
             size = self.cfg.batch_size
             groups = [rows[i : i + size] for i in range(0, len(rows), size)]
             for g in range(skip, len(groups)):
                 done = g + 1 == len(groups)
-                state = (
-                    StreamState(**asdict(self.state))
-                    if done
-                    else replace(start, window_batches=g + 1)
-                )
+                state = self._copy() if done else replace(start, window_batches=g + 1)
                 counters = self.counters if done else start_counters
                 yield collate_packed(groups[g], self.pad_id, self.cfg.name), state, counters
             skip = 0
@@ -237,13 +245,12 @@ class ShardStream:
                 yield None, final, self.counters
                 return
 
-    def _process(self, raw: dict, url: str):
+    def _process(self, raw: dict, url: str, pos: int):
         counters = self.counters
         counters["seen"] += 1
         key = raw.get("__key__", "?")
         rng = random.Random(
-            f"{self.seed}/sample/{self._shard_index[url]}/{key}/{self.state.epoch}/"
-            f"{self.state.shard_pos}"
+            f"{self.tag}/sample/{self._shard_index[url]}/{key}/{self.state.epoch}/{pos}"
         )
         try:
             ids, pixels, targets = self.preprocess(raw, rng, counters)
@@ -402,14 +409,50 @@ class FlamingoLoader:
             total.update(counters)
         return total
 
+    @property
+    def num_streams(self) -> int:
+        return self.world_size * (self.num_workers or 1)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "streams": {str(k): asdict(v) for k, v in self._states.items()},
             "next_worker": self._next_local,
             "counters": {str(k): v for k, v in self._counters.items()},
+            "num_streams": self.num_streams,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._states = {int(k): StreamState(**v) for k, v in state["streams"].items()}
-        self._next_local = int(state["next_worker"])
-        self._counters = {int(k): dict(v) for k, v in state.get("counters", {}).items()}
+        """Restore a position: this loader's own, or, after a change of the number of streams
+        (ranks x workers), the merged positions of every old rank (:func:`merge_states`),
+        carried over by :func:`flamingo.data.reshard.reshard`."""
+        states = {int(k): StreamState(**v) for k, v in state["streams"].items()}
+        counters = {int(k): dict(v) for k, v in state.get("counters", {}).items()}
+        old = int(state.get("num_streams", self.num_streams))
+        if old != self.num_streams:
+            tag = f"{self.seed}/{self.cfg.name}"
+            states = reshard(states, old, self.num_streams, len(self.urls), tag, self.cfg.resampled)
+            counters = merged_counters(counters)
+            log.warning(
+                "dataset %s: the position of %d streams carried over to %d (%s)",
+                self.cfg.name,
+                old,
+                self.num_streams,
+                "fresh shard draws" if self.cfg.resampled else "the unread shards dealt anew",
+            )
+            self._next_local = 0
+        else:
+            self._next_local = int(state["next_worker"])
+        mine = range(self.rank * (self.num_workers or 1), (self.rank + 1) * (self.num_workers or 1))
+        self._states = {k: v for k, v in states.items() if k in mine or old == self.num_streams}
+        self._counters = {k: v for k, v in counters.items() if k in mine or old == self.num_streams}
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The loader states of every rank of a run, as one (for :meth:`FlamingoLoader.load_state_dict`
+    on another number of ranks)."""
+    merged: dict[str, Any] = {"streams": {}, "counters": {}, "next_worker": 0}
+    for state in states:
+        merged["streams"].update(state["streams"])
+        merged["counters"].update(state.get("counters", {}))
+        merged["num_streams"] = state.get("num_streams")
+    return merged

@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import re
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,15 +30,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from flamingo.checkpoint import model_config_from_dict
 from flamingo.config import FlamingoConfig
+from flamingo.data.pipeline import merge_states
 from flamingo.training.batches import Batches
 from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine
 from flamingo.training.runlog import RunLogger
 
 COMPLETE = "COMPLETE"
+TRAINABLE_STATE = "trainable_state.safetensors"
+"""The trainable weights and AdamW's moments, whole (``Engine.trainable_state``)."""
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 log = logging.getLogger("flamingo.checkpoints")
 
@@ -125,6 +131,10 @@ def _everywhere(ok: bool) -> bool:
     return ok
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 class CheckpointDir:
     """Naming, completion, verification, discovery and pruning of resumable checkpoints."""
 
@@ -181,12 +191,14 @@ class CheckpointDir:
         resume: str,
         part: tuple[int, int] = (0, 1),
         everywhere: Callable[[bool], bool] = _everywhere,
+        broadcast: Callable[[Any], Any] = _same,
     ) -> Path | None:
         """``none``, ``auto`` (the newest complete checkpoint that verifies, or None when there
         is none at all) or an explicit checkpoint folder (which must verify).
 
         ``part`` and ``everywhere`` split the verification over ranks: ``everywhere(ok)`` is
-        True when every rank's share verified (a collective), so all ranks pick the same one.
+        True when every rank's share verified (a collective), so all ranks pick the same one;
+        the candidates are those rank 0 lists (``broadcast``), so every rank tries the same.
         """
         if resume == "none":
             return None
@@ -204,7 +216,7 @@ class CheckpointDir:
                     else f"--resume {resume}: the checkpoint is damaged (see other ranks' logs)"
                 )
             return path
-        found = self.complete()
+        found = broadcast(self.complete())
         for _, path in reversed(found):
             problems = verify(path, part)
             if everywhere(not problems):
@@ -276,11 +288,49 @@ class Checkpointer:
         failed = torch.tensor([0.0 if ok else 1.0], device=self.engine.device)
         return float(self.engine.all_reduce_sum(failed)) == 0.0
 
+    def check_shared(self) -> None:
+        """(Every rank, before the first step) Refuse an output folder that is not one folder
+        for every rank: rank 0 writes a file there that every rank must read back. A
+        node-local ``output_dir`` would leave each node's checkpoint files on its own disk,
+        where rank 0 never sees them."""
+        engine = self.engine
+        if engine.world_size == 1:
+            return
+        token = engine.broadcast_object(secrets.token_hex(8))
+        probe = self.dir.root / f".shared-{token}"
+        if engine.is_main:
+            self.dir.root.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token)
+        engine.barrier()
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        blind = torch.zeros(engine.world_size, device=engine.device)
+        blind[engine.rank] = float(not seen)
+        blind = engine.all_reduce_sum(blind)
+        engine.barrier()
+        if engine.is_main:
+            probe.unlink(missing_ok=True)
+        missing = [r for r, flag in enumerate(blind.tolist()) if flag]
+        if missing:
+            raise ValueError(
+                f"output_dir is not one folder for every rank: rank(s) {missing} do not see the "
+                f"file rank 0 wrote in {self.dir.root}. Checkpoints are written by every rank "
+                "into one folder: put output_dir on a filesystem every node shares (NFS, Lustre, "
+                "...), with the same path on every node"
+            )
+
     def resume(self, spec: str) -> Path | None:
         """Restore from ``--resume`` (``auto``, ``none`` or a folder); start the metric log
-        either way. Returns the checkpoint resumed from, or None."""
+        either way. Returns the checkpoint resumed from, or None. A checkpoint written by
+        another number of processes resumes from its world-size-independent state
+        (``elastic_checkpoints``), its data positions carried over."""
         engine = self.engine
-        path = self.dir.resolve(spec, (engine.rank, engine.world_size), self._everywhere)
+        self.check_shared()
+        path = self.dir.resolve(
+            spec, (engine.rank, engine.world_size), self._everywhere, engine.broadcast_object
+        )
         history: list[dict[str, Any]] = []
         if path is not None:
             saved = read_json(path / "train_config.json")
@@ -288,25 +338,64 @@ class Checkpointer:
                 raise ValueError(
                     f"{path} was trained with another model config; start a new output_dir"
                 )
-            state_file = path / f"trainer_rank{engine.rank:05d}.json"
-            saved_ranks = len(list(path.glob("trainer_rank*.json")))
-            if not state_file.is_file() or saved_ranks != engine.world_size:
+            files = sorted(path.glob("trainer_rank*.json"))
+            written = saved.get("world_size", len(files))
+            if len(files) != written:
                 raise ValueError(
-                    f"{path} was written by {saved_ranks} process(es); resume it with the same "
-                    f"number (this run has {engine.world_size}), or start a new output_dir"
+                    f"{path} is incomplete: {len(files)} of the {written} ranks that wrote it "
+                    "left their trainer_rank*.json there (a node-local output_dir?); resume from "
+                    "an earlier checkpoint (--resume PATH) or start a new output_dir"
                 )
-            state = read_json(state_file)
-            try:
-                engine.load(path)
-            except Exception as e:  # a checkpoint from before manifests can still be damaged
-                raise RuntimeError(f"cannot load the checkpoint {path}: {e}") from e
+            same_engine = saved.get("engine", type(engine).__name__) == type(engine).__name__
+            if written == engine.world_size and same_engine:
+                state = read_json(path / f"trainer_rank{engine.rank:05d}.json")
+                try:
+                    engine.load(path)
+                except Exception as e:  # a checkpoint from before manifests can be damaged
+                    raise RuntimeError(f"cannot load the checkpoint {path}: {e}") from e
+                self.batches.load_state_dict(state["loaders"])
+            else:
+                state = self._resume_elsewhere(path, files)
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-            self.batches.load_state_dict(state["loaders"])
             history = state.get("history", [])
             set_rng_state(state["rng"])
             log.info("resumed from %s at step %d", path, self.step)
         self.runlog.start(history, self.step)
         return path
+
+    def _resume_elsewhere(self, path: Path, files: list[Path]) -> dict[str, Any]:
+        """Resume a checkpoint of another number of processes (or another engine): the
+        trainable state from its whole form, every old rank's data positions merged and dealt to the ranks of this run,
+        the counters and history of old rank 0, the RNGs of old rank ``rank % old``."""
+        engine, written = self.engine, len(files)
+        whole = path / TRAINABLE_STATE
+        if not whole.is_file():
+            raise ValueError(
+                f"{path} was written by {written} process(es) of another engine or number and "
+                f"holds no {TRAINABLE_STATE} (elastic_checkpoints: false, or an older version): "
+                f"resume it as it was written ({written} process(es); this run has "
+                f"{engine.world_size}), or start a new output_dir"
+            )
+        with safe_open(str(whole), framework="pt") as f:
+            keys, steps = set(f.keys()), int(f.metadata()["optimizer_steps"])
+            engine.load_trainable_state(lambda k: f.get_tensor(k) if k in keys else None, steps)
+        states = [read_json(f) for f in files]
+        loaders = {
+            name: merge_states([s["loaders"][name] for s in states])
+            for name in states[0]["loaders"]
+        }
+        self.batches.load_state_dict(loaders)
+        log.warning(
+            "resuming %s, written by %d process(es), on %d: the trainable weights and optimiser "
+            "state are restored exactly; the data positions are dealt anew (every sample not "
+            "yet seen is seen once in epoch mode; resampled datasets draw fresh shards; with "
+            "packing a window in progress is read again), and the RNGs are old rank %d's",
+            path,
+            written,
+            engine.world_size,
+            engine.rank % written,
+        )
+        return {**states[0], "rng": states[engine.rank % written]["rng"]}
 
     def _check_space(self) -> None:
         """Refuse to start a checkpoint the disk cannot hold: the newest complete one's size
@@ -358,9 +447,28 @@ class Checkpointer:
         }
         trainer = tmp / f"trainer_rank{engine.rank:05d}.json"
         self._write(lambda: trainer.write_text(json.dumps(state)), tmp)
+        if self.cfg.elastic_checkpoints:
+            whole, steps = engine.trainable_state()  # rank 0's; gathered tensor by tensor
+            if engine.is_main:
+                meta = {"optimizer_steps": str(steps), "world_size": str(engine.world_size)}
+                self._write(lambda: save_file(whole, str(tmp / TRAINABLE_STATE), meta), tmp)
+            del whole
         engine.barrier()
+        missing = [
+            r for r in range(engine.world_size) if not (tmp / f"trainer_rank{r:05d}.json").is_file()
+        ]
+        if not self._everywhere(not missing or not engine.is_main):
+            raise CheckpointError(
+                f"the checkpoint {tmp} lacks the files of rank(s) {missing}: they wrote theirs "
+                "where rank 0 does not see them. Put output_dir on a filesystem every node shares"
+            )
         if engine.is_main:
-            configs = {"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict()}
+            configs = {
+                "train": self.cfg.to_dict(),
+                "model": self.model_cfg.to_dict(),
+                "world_size": engine.world_size,
+                "engine": type(engine).__name__,
+            }
             self._write(lambda: (tmp / "train_config.json").write_text(json.dumps(configs)), tmp)
             self.dir.commit(step)
             self.dir.prune(self.cfg.keep_checkpoints)

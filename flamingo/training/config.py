@@ -88,6 +88,15 @@ class EngineConfig(YamlConfig):
     deepspeed: str | None = None
     """DeepSpeed JSON with ZeRO/offload settings only (configs/deepspeed/); None trains in one
     process with plain PyTorch."""
+    timeout_minutes: float = 60.0
+    """How long a rank waits in a collective before the job fails (DeepSpeed's default is 10
+    minutes): longer than the slowest rank's lead at a barrier, e.g. a checkpoint written to a
+    slow shared filesystem. Evaluation during training runs on every rank, so it need not
+    cover an evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_minutes <= 0:
+            raise ValueError(f"engine.timeout_minutes must be > 0, got {self.timeout_minutes}")
 
     def model_changes(self) -> dict[str, Any]:
         """What this engine sets in the model config it trains (``FlamingoConfig.replace``):
@@ -155,12 +164,18 @@ class TrainConfig(YamlConfig):
     """Save a resumable checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept (older ones are deleted)."""
+    elastic_checkpoints: bool = True
+    """Each checkpoint also holds the trainable weights and AdamW's moments whole
+    (``trainable_state.safetensors``, 12 bytes per trainable parameter), so that the run can
+    resume on another number of processes (a lost node): the data positions are carried over
+    too (``flamingo/data/reshard.py``). Off: such a resume is refused."""
     log_every: int = 10
     """Log metrics every this many steps."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     eval_config: str | None = None
-    """An eval config (configs/eval/) run every ``eval_every`` steps on rank 0, e.g. with
+    """An eval config (configs/eval/) run every ``eval_every`` steps, each rank evaluating its
+    share of the items (not with ZeRO-3, which partitions the weights), e.g. with
     ``eval_overrides: [max_items=64, trials=1, "shots=[0,4]"]``."""
     eval_every: int = 0
     """Evaluate every this many steps (0: never)."""

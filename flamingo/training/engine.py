@@ -20,10 +20,12 @@ over ranks, so the engine multiplies by the world size to keep the sum.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,33 @@ OWNED_KEYS = (
     "optimizer",
     "scheduler",
 )
+
+
+def extensions_dir() -> Path:
+    """Where torch builds DeepSpeed's C++ ops (its CPU communication op, CPU Adam): a folder of
+    this environment's own. torch's default (``~/.cache/torch_extensions/py311_cpu``) is shared
+    by every environment of one Python, so two venvs with other torch builds rebuild the op
+    at each other's every launch (~3 minutes each)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` with its op builds kept in :func:`extensions_dir`."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+    import deepspeed
+
+    return deepspeed
+
+
+def cfg_timeout(cfg: EngineConfig) -> datetime.timedelta:
+    """How long a collective waits (``engine.timeout_minutes``)."""
+    return datetime.timedelta(minutes=cfg.timeout_minutes)
+
+
+TrainableState = dict[str, torch.Tensor]
+"""The trainable weights and AdamW's moments, full and fp32, by ``weight.NAME``,
+``exp_avg.NAME`` and ``exp_avg_sq.NAME``: a form no number of ranks shapes."""
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -152,10 +181,11 @@ def model_construction(
         if zero_stage_of(cfg) != 3 or cfg.frozen_weights != "partitioned":
             yield
             return
-        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        deepspeed.init_distributed()  # zero.Init partitions over the process group
+        deepspeed = import_deepspeed()
+
+        deepspeed.init_distributed(timeout=cfg_timeout(cfg))  # zero.Init partitions over it
         switch = HfDeepSpeedConfig(DeepSpeedEngine.build_config(cfg, optim, micro_batches_per_step))
         weights = PartitionedWeights(
             holds_no_data=lambda p: hasattr(p, "ds_id"),
@@ -241,8 +271,29 @@ class Engine:
         raise NotImplementedError
 
     def full_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Full fp32 copies of the named parameters (collective: every rank must call)."""
+        """Full fp32 copies of the named parameters, on rank 0 only (empty elsewhere): gathered
+        tensor by tensor, so no other rank holds more than one at a time (collective: every
+        rank must call)."""
         raise NotImplementedError
+
+    def trainable_state(self) -> tuple[TrainableState, int]:
+        """This run's :data:`TrainableState` on rank 0 (empty elsewhere; gathered tensor by
+        tensor, a collective) and the optimiser steps taken: what a resume on another number
+        of ranks starts from."""
+        raise NotImplementedError
+
+    def load_trainable_state(self, read: Callable[[str], torch.Tensor | None], steps: int) -> None:
+        """Set the weights and the optimiser's moments from a :data:`TrainableState`
+        (``read(key)``, None for a key it lacks: no moments before the first step)."""
+        raise NotImplementedError
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a collective)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -344,6 +395,35 @@ class LocalEngine(Engine):
         params = dict(self.module.named_parameters())
         return {n: params[n].detach().float().cpu() for n in names}
 
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def trainable_state(self) -> tuple[TrainableState, int]:
+        out, steps = {}, 0
+        for name, p in self._trainable().items():  # copies: never views of what trains on
+            out[f"weight.{name}"] = p.detach().to("cpu", torch.float32, copy=True)
+            state = self.optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                out.update(
+                    {f"{k}.{name}": state[k].to("cpu", torch.float32, copy=True) for k in MOMENTS}
+                )
+                steps = int(state["step"])
+        return out, steps
+
+    def load_trainable_state(self, read: Callable[[str], torch.Tensor | None], steps: int) -> None:
+        for name, p in self._trainable().items():
+            with torch.no_grad():
+                p.copy_(read(f"weight.{name}").to(p.device, p.dtype))
+            moments = {k: read(f"{k}.{name}") for k in MOMENTS}
+            if all(m is not None for m in moments.values()):
+                # torch's AdamW keeps the step as a float32 tensor: on the device when fused
+                where = p.device if self._fused else torch.device("cpu")
+                step = torch.tensor(float(steps), dtype=torch.float32, device=where)
+                self.optimizer.state[p] = {
+                    "step": step,
+                    **{k: m.to(p.device, torch.float32, copy=True) for k, m in moments.items()},
+                }
+
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage and offload from the JSON), launched by the ``deepspeed`` CLI."""
@@ -351,12 +431,11 @@ class DeepSpeedEngine(Engine):
     def __init__(
         self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, micro_batches_per_step: int
     ) -> None:
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self._ds = deepspeed
         allow_tf32(cfg)
         ds_config = self.build_config(cfg, optim, micro_batches_per_step)
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=cfg_timeout(cfg))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         groups = param_groups(model, optim.weight_decay)
         zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
@@ -482,15 +561,105 @@ class DeepSpeedEngine(Engine):
         out = {}
         for name in names:
             p = self.named[name]
-            if p.requires_grad:
+            if p.requires_grad:  # a collective: every rank assembles it, rank 0 keeps it
                 full = safe_get_full_fp32_param(p)
+                if self.is_main:
+                    out[name] = full.float().cpu()
+                del full
             elif hasattr(p, "ds_id"):  # partitioned by ZeRO-3
                 with self._ds.zero.GatheredParameters([p]):
-                    full = p.detach().clone()
-            else:
-                full = p.detach()
-            out[name] = full.float().cpu()
+                    if self.is_main:
+                        out[name] = p.detach().float().cpu()
+            elif self.is_main:  # whole on every rank: nothing to gather
+                out[name] = p.detach().float().cpu()
         return out
+
+    def _zero_states(self, steps: int | None = None) -> bool:
+        """Whether the ZeRO optimiser holds AdamW's moments (made at its first step); with
+        ``steps``, make them (zeros) where it does not, at that step count, and link them to
+        the parameters, so that they can be set."""
+        zero = self.engine.optimizer
+        inner = getattr(zero, "optimizer", zero)
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+            zero, "single_partition_of_fp32_groups", None
+        )
+        if flats is None:
+            raise ValueError(
+                f"{type(zero).__name__}: this DeepSpeed optimiser's state cannot be carried to "
+                "another number of ranks; resume with the number that wrote the checkpoint"
+            )
+        if steps is None:
+            made = all("exp_avg" in inner.state.get(f, {}) for f in flats)
+            if made:
+                self._link_states(zero)
+            return made
+        on_device = isinstance(inner, torch.optim.Optimizer) and (
+            inner.defaults.get("fused") or inner.defaults.get("capturable")
+        )
+        for flat in flats:
+            state = inner.state.setdefault(flat, {})
+            if isinstance(inner, torch.optim.AdamW):  # torch's: a float32 tensor
+                where = flat.device if on_device else torch.device("cpu")
+                state["step"] = torch.tensor(float(steps), dtype=torch.float32, device=where)
+            else:  # DeepSpeed's CPU Adam (offload) counts in an int
+                state["step"] = steps
+            for key in MOMENTS:
+                state.setdefault(key, torch.zeros_like(flat))
+        self._link_states(zero)
+        return True
+
+    @staticmethod
+    def _link_states(zero: Any) -> None:
+        """Point each parameter's view into the optimiser's state at the state as it is now.
+        ZeRO-1/2 link them once, at the first step, before torch's AdamW made its moments
+        (DeepSpeed 0.19), leaving views of nothing: relink (ZeRO-3 reads the state directly)."""
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def trainable_state(self) -> tuple[TrainableState, int]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        moments = self._zero_states()
+        out: TrainableState = {}
+        for name, p in self.named.items():
+            if not p.requires_grad:
+                continue
+            parts = [("weight", lambda p=p: safe_get_full_fp32_param(p))]
+            if moments:
+                parts += [
+                    (k, lambda p=p, k=k: safe_get_full_optimizer_state(p, k)) for k in MOMENTS
+                ]
+            for key, gather in parts:
+                full = gather()  # a collective
+                if self.is_main:
+                    out[f"{key}.{name}"] = full.float().cpu()
+                del full
+        steps = 0
+        if moments:
+            zero = self.engine.optimizer
+            state = next(iter(getattr(zero, "optimizer", zero).state.values()))
+            steps = int(state["step"])
+        return out, steps
+
+    def load_trainable_state(self, read: Callable[[str], torch.Tensor | None], steps: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        trainable = {n: p for n, p in self.named.items() if p.requires_grad}
+        moments = all(read(f"exp_avg.{n}") is not None for n in trainable)
+        if moments:
+            self._zero_states(steps)
+        for name, p in trainable.items():
+            weight = read(f"weight.{name}").to(self.device)
+            safe_set_full_fp32_param(p, weight)  # the fp32 master
+            if hasattr(p, "ds_id"):  # and the working copy, partitioned under ZeRO-3
+                with self._ds.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(weight.to(p.dtype))
+            else:
+                p.data.copy_(weight.to(p.dtype))
+            if moments:
+                for key in MOMENTS:
+                    safe_set_full_optimizer_state(p, read(f"{key}.{name}").to(self.device), key)
 
 
 def build_engine(
