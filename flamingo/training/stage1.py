@@ -118,15 +118,16 @@ def step_metrics(engine: Engine, cfg: TrainConfig, step, sums, samples, info, lr
             metrics[f"loss/{d.name}"] = sum(means)
             total += d.loss_weight * sum(means)
     metrics["loss/total"] = total
-    temperature = engine.full_tensors(["temp.value"])["temp.value"]
     metrics.update(
         lr=lr,
         grad_norm=float(info.grad_norm),
         skipped_steps=int(skipped),
         step_seconds=seconds,
-        temperature=float(temperature),
         samples_per_s=samples * engine.world_size / seconds,
     )
+    gathered = engine.full_tensors(["temp.value"])  # rank 0's, which logs
+    if gathered:
+        metrics["temperature"] = float(gathered["temp.value"])
     return metrics
 
 
