@@ -34,6 +34,7 @@ from tqdm import tqdm
 from eval.config import EvalConfig
 from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo.layers import torch_dtype
 from flamingo.losses import weighted_loss
 from flamingo.qformer_pretraining import QFormerPretraining
 from flamingo.training import stage1
@@ -182,7 +183,7 @@ def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
     changes = cfg.engine.model_changes()
     frozen = changes.get("frozen_dtype", model.cfg.frozen_dtype)
     if frozen != model.cfg.frozen_dtype:  # the engine owns precision, as for a new model
-        dtype = getattr(torch, frozen)
+        dtype = torch_dtype(frozen)
         model.vision.to(dtype)
         model.lm.hf.to(dtype)
         model.cfg = model.cfg.replace(changes)

@@ -1,7 +1,7 @@
 """Generation, ours vs OpenFlamingo: 4-shot captioning prompt, beam 3, 20 new tokens, batch 8,
 same weights (OpenFlamingo's, converted with ``from_openflamingo``), same tokens asserted; or
 ours vs transformers' IDEFICS (``--against idefics``): its ``generate`` on a random
-``IdeficsForVisionText2Text`` and ours on the same weights (``Flamingo.from_idefics``).
+``IdeficsForVisionText2Text`` and ours on the same weights (``Flamingo.from_pretrained`` of its directory).
 
     python -m bench.generation [--config tiny|small] [--batch 8] [--beams 3] [--new 20]
     python -m bench.generation --against idefics [--config tiny|small] [--beams 1]
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from bench.train_step import CONFIGS, bench_config, build_backbones, openflamingo_model
-from flamingo.processing import place_in_slots
+from flamingo.media import place_in_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def build_idefics(config: str, root: Path):
                 p.fill_(0.5)
     reference.save_pretrained(root)
     tokenizer.save_pretrained(root)
-    ours = Flamingo.from_idefics(root).eval()
+    ours = Flamingo.from_pretrained(root)
     return ours, reference, FlamingoProcessor.from_config(ours.cfg), vision["image_size"]
 
 

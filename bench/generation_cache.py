@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
-from flamingo.demo import shape_image
+from demo.model_smoke import shape_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

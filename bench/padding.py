@@ -102,7 +102,7 @@ def step_inputs(batch: dict, special, packed: bool) -> tuple[dict, float]:
     the layout named: packed with ``document_ids``, or before, every slot through the tower),
     and its target count."""
     from flamingo.losses import count_targets, make_labels
-    from flamingo.processing import place_in_slots
+    from flamingo.media import place_in_slots
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     documents = batch.get("document_ids")

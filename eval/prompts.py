@@ -10,12 +10,9 @@ demonstrations are joined and where an answer is cut is the protocol's (``eval/p
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
+from eval.item import Item
 from flamingo.tokens import END_OF_CHUNK, IMAGE
-
-if TYPE_CHECKING:
-    from eval.tasks import Item
 
 
 def render(

@@ -40,6 +40,7 @@ from eval.tasks import Item, Task, get_task
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.data.writing import write_json
 from flamingo.hub import OPENFLAMINGO_RELEASES
+from flamingo.layers import torch_dtype
 from flamingo.typed_config import to_dict
 
 
@@ -341,9 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    model = Flamingo.from_pretrained(
-        args.checkpoint, dtype=getattr(torch, cfg.dtype), device=device
-    )
+    model = Flamingo.from_pretrained(args.checkpoint, dtype=torch_dtype(cfg.dtype), device=device)
     if args.checkpoint in OPENFLAMINGO_RELEASES:  # converted by name: its processor is the config's
         processor = FlamingoProcessor.from_config(model.cfg)
     else:

@@ -6,6 +6,7 @@ Hugging Face causal LM through tanh-gated cross-attention blocks (Alayrac et al.
     from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 """
 
+import flamingo.convert  # noqa: F401  (registers the foreign checkpoint formats)
 from flamingo.config import FlamingoConfig, library_version
 from flamingo.model import Flamingo, FlamingoOutput
 from flamingo.processing import FlamingoProcessor

@@ -18,14 +18,29 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from flamingo.tokens import SpecialTokens
 from flamingo.xattn import MediaKV
 
-if TYPE_CHECKING:  # the model calls into this module: no import at run time
-    from flamingo.model import Flamingo
+
+class Flamingo(Protocol):
+    """What decoding needs of the model (``flamingo.model.Flamingo``, which calls into this
+    module: it is not imported here)."""
+
+    lm: nn.Module
+    training: bool
+    special_tokens: SpecialTokens
+    splices_media: bool
+
+    def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
+    def encode_media(self, pixel_values: torch.Tensor, media_slots: Any = None) -> Any: ...
+    def media_index(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
 
 
 @dataclass

@@ -303,3 +303,16 @@ def set_policy(module: nn.Module, policy: ExecutionPolicy) -> None:
     for sub in module.modules():
         if isinstance(getattr(sub, "policy", None), ExecutionPolicy):
             sub.policy = policy
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a config names (``frozen_dtype``, eval's ``dtype``), by name: the one table."""
+
+
+def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A config's dtype name (or a dtype, or None) as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]

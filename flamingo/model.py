@@ -10,18 +10,15 @@ declares the modules an engine may shard or checkpoint one by one.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
-import flamingo.convert.blip2 as blip2
-import flamingo.convert.llava as llava
+import flamingo.formats as formats
 import flamingo.hub as hub
 from flamingo.checkpoint import (
     FROZEN_NAME,
@@ -32,13 +29,12 @@ from flamingo.checkpoint import (
     write_checkpoint_config,
 )
 from flamingo.config import FlamingoConfig
-from flamingo.convert.idefics import directory_config, load_idefics, read_idefics
-from flamingo.convert.openflamingo import check_config, load_openflamingo
 from flamingo.generation import generate, score
-from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy, torch_dtype
 from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
 from flamingo.lora import adapter_modules, add_adapters
-from flamingo.processing import FlamingoProcessor, place_in_slots
+from flamingo.media import place_in_slots
+from flamingo.processing import FlamingoProcessor
 from flamingo.projector import LlavaProjector
 from flamingo.qformer import QFormer, QFormerLayer
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
@@ -48,11 +44,6 @@ from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, media_index_from_i
 
 CONNECTORS = {"flamingo": "resampler", "llava": "projector", "qformer": "qformer"}
 """``connector:`` -> the attribute holding its module (and its name in ``trainable_modules``)."""
-
-FOREIGN_FORMATS = {"idefics": "from_idefics", "llava": "from_llava", "blip-2": "from_blip2"}
-"""Checkpoints in transformers' format that load by converting: ``model_type`` -> the builder."""
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -87,26 +78,8 @@ def _check_slots(media_slots: torch.Tensor, num_media: int, sync_free: bool) -> 
         )
 
 
-def _storage_free():
-    """Build modules with their parameters on the meta device (buffers as usual): for a model
-    whose every weight comes from a checkpoint's files."""
-    from accelerate import init_empty_weights  # imported here: only loading needs it
-
-    return init_empty_weights(include_buffers=False)
-
-
-def _weights_all_in_files(cfg: FlamingoConfig) -> bool:
-    """Whether a checkpoint of ``cfg`` carries every weight (no pretrained tower, an inline LM
-    architecture) and its LM does not tie its input and output embeddings (accelerate's
-    storage-free building re-creates each parameter, so a tie would be lost)."""
-    if cfg.vision.pretrained is not None or cfg.lm.architecture is None:
-        return False
-    arch = dict(cfg.lm.architecture)
-    return not AutoConfig.for_model(arch.pop("model_type"), **arch).tie_word_embeddings
-
-
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Give a storage-free model (:func:`_storage_free`) its weights: each tensor, in its
+    """Give a storage-free model (:func:`flamingo.formats.building`) its weights: each tensor, in its
     parameter's dtype, becomes the parameter."""
     params = dict(model.named_parameters())
     model.load_state_dict(
@@ -115,10 +88,6 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     empty = [n for n, p in model.named_parameters() if p.is_meta]
     if empty:
         raise ValueError(f"the checkpoint left {empty[:5]} without values")
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 class Flamingo(nn.Module):
@@ -163,7 +132,7 @@ class Flamingo(nn.Module):
         ``cfg``; pass the one you already have to load the tokenizer once)."""
         if processor is None:
             processor = FlamingoProcessor.from_config(cfg)
-        dtype = DTYPES[cfg.frozen_dtype]
+        dtype = torch_dtype(cfg.frozen_dtype)
         vision = VisionEncoder(cfg.vision).to(dtype)
         hf_model = build_causal_lm(cfg.lm, dtype)
         special, size = processor.special_tokens, len(processor.tokenizer)
@@ -185,21 +154,19 @@ class Flamingo(nn.Module):
         use and kept converted (an IDEFICS or LLaVA directory is converted in memory, each
         time).
         ``dtype``/``device`` cast and move it all."""
-        if str(directory) in hub.OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
-            directory = cls._converted_release(str(directory), revision)
-        elif (kind := hub.foreign_type(directory, revision)) in FOREIGN_FORMATS:
-            if Path(directory).is_dir():  # converted in memory, each time
-                model = getattr(cls, FOREIGN_FORMATS[kind])(directory)
-                return model.to(device=device, dtype=_dtype(dtype)).eval()
-            directory = cls._converted_foreign(kind, str(directory), revision)
+        kind = formats.kind_of(directory, revision)
+        if kind is not None:  # converted in memory (a directory) or once into the cache (an id)
+            found = formats.converted(kind, directory, revision, cls.from_config)
+            if isinstance(found, nn.Module):
+                return found.to(device=device, dtype=torch_dtype(dtype)).eval()
+            directory = found
         directory = hub.snapshot(directory, revision)
         cfg, meta = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
         # every weight in the checkpoint's files (a converted IDEFICS, a random tiny model):
         # built without storage and given them, not initialised and then overwritten; not
         # for an LM that ties its embeddings (built without storage, the tie is lost)
-        all_in_files = _weights_all_in_files(cfg)
-        with _storage_free() if all_in_files else contextlib.nullcontext():
+        with formats.building(cfg) as all_in_files:
             model = cls.from_config(cfg, FlamingoProcessor.from_pretrained(directory))
         saved = meta.get("special_tokens", {})
         if saved and list(saved.get("new_ids", [])) != list(model.special_tokens.new_ids):
@@ -217,72 +184,22 @@ class Flamingo(nn.Module):
         else:
             _, unexpected = model.load_state_dict(tensors, strict=False)
             assert not unexpected, unexpected  # keys were checked above
-        return model.to(device=device, dtype=_dtype(dtype)).eval()
+        return model.to(device=device, dtype=torch_dtype(dtype)).eval()
 
     @classmethod
     def from_openflamingo(cls, checkpoint, cfg: FlamingoConfig) -> Flamingo:
         """Our model built from ``cfg`` (which must reproduce OpenFlamingo's numerics) with an
         OpenFlamingo ``checkpoint.pt`` (or its state dict) loaded into it
-        (:func:`flamingo.convert.openflamingo.load_openflamingo`)."""
-        check_config(cfg)
-        model = cls.from_config(cfg.replace({"lm.save_input_embeddings": True}))
-        return load_openflamingo(model, checkpoint)
+        (:mod:`flamingo.convert.openflamingo`)."""
+        return formats.convert("openflamingo", checkpoint, cls.from_config, cfg)
 
     @classmethod
-    def from_idefics(cls, directory: str | Path) -> Flamingo:
-        """Our model with an IDEFICS checkpoint directory (transformers'
-        ``IdeficsForVisionText2Text`` format: ``config.json``, tokenizer, weights) loaded into
-        it, its config made by :func:`flamingo.convert.idefics.idefics_config`."""
-        cfg = directory_config(directory)
-        _, state = read_idefics(directory)
-        # built without storage and then given the checkpoint's tensors: no random
-        # initialisation of billions of weights, and no second copy of them in memory
-        with _storage_free():
-            model = cls.from_config(cfg)
-        return load_idefics(model, state)
-
-    @classmethod
-    def from_llava(cls, directory: str | Path) -> Flamingo:
-        """Our model with the LLaVA connector and a LLaVA checkpoint directory (transformers'
-        ``LlavaForConditionalGeneration`` format, ``llava-hf/*``) loaded into it, its config
-        made by :func:`flamingo.convert.llava.llava_config`."""
-        cfg = llava.directory_config(directory)
-        _, state = llava.read_llava(directory)
-        # as from_idefics: no random initialisation, no second copy; but an LM that ties its
-        # embeddings is built with storage (built without, the tie would be lost)
-        with _storage_free() if _weights_all_in_files(cfg) else contextlib.nullcontext():
-            model = cls.from_config(cfg)
-        return llava.load_llava(model, state)
-
-    @classmethod
-    def from_blip2(cls, directory: str | Path) -> Flamingo:
-        """Our model with the Q-Former connector and a BLIP-2 checkpoint directory
-        (transformers' ``Blip2ForConditionalGeneration`` format, ``Salesforce/blip2-opt-*``)
-        loaded into it, its config made by :func:`flamingo.convert.blip2.blip2_config`."""
-        cfg = blip2.directory_config(directory)
-        _, state = blip2.read_blip2(directory)
-        with _storage_free() if _weights_all_in_files(cfg) else contextlib.nullcontext():
-            model = cls.from_config(cfg)
-        return blip2.load_blip2(model, state)
-
-    @classmethod
-    def _converted_foreign(cls, kind: str, repo_id: str, revision: str | None) -> Path:
-        """An IDEFICS, LLaVA or BLIP-2 Hub repo converted to our format, once per commit."""
-        snap = hub.transformers_snapshot(repo_id, revision)
-        out = hub.converted_dir(repo_id, commit=snap.name)
-        if not (out / "config.json").is_file():  # written last: a complete conversion
-            getattr(cls, FOREIGN_FORMATS[kind])(snap).save_pretrained(out)
-        return out
-
-    @classmethod
-    def _converted_release(cls, repo_id: str, revision: str | None) -> Path:
-        """An OpenFlamingo release converted to our format, once per commit."""
-        checkpoint = hub.download(repo_id, "checkpoint.pt", revision)
-        out = hub.converted_dir(repo_id, commit=checkpoint.parent.name)
-        if not (out / "config.json").is_file():  # written last: a complete conversion
-            model = cls.from_openflamingo(checkpoint, hub.release_config(repo_id))
-            model.save_pretrained(out)
-        return out
+    def from_foreign(cls, kind: str, directory: str | Path) -> Flamingo:
+        """Our model with a checkpoint directory of a registered foreign format
+        (:mod:`flamingo.formats`: ``idefics``, ``llava``, ``blip-2``) converted into it, its
+        config read from the checkpoint's own files. ``from_pretrained`` does this for any
+        directory or Hub id in one of them."""
+        return formats.convert(kind, directory, cls.from_config)
 
     def save_pretrained(
         self,

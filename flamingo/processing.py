@@ -32,13 +32,12 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-import flamingo.convert.blip2 as blip2
-import flamingo.convert.idefics as idefics
-import flamingo.convert.llava as llava
+import flamingo.formats as formats
 from flamingo.chat import render
 from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
-from flamingo.hub import OPENFLAMINGO_RELEASES, TRANSFORMERS_FILES, foreign_type, snapshot
+from flamingo.hub import snapshot
+from flamingo.media import media_slots
 from flamingo.tokens import (
     END_OF_UTTERANCE,
     IMAGE,
@@ -51,34 +50,7 @@ from flamingo.tokens import (
 from flamingo.vision import image_transform, tokens_per_image
 
 Media = Image.Image | Sequence[Image.Image]
-FOREIGN_CONFIGS = {
-    "idefics": idefics.directory_config,
-    "llava": llava.directory_config,
-    "blip-2": blip2.directory_config,
-}
-"""Foreign formats whose processor comes from their own files: ``model_type`` -> the reader
-of our config from a checkpoint directory."""
 PROCESSOR_CONFIG = "processor_config.json"
-
-
-def media_slots(counts: Sequence[int]) -> torch.Tensor:
-    """``media_slots (B, N)`` of a flat media list holding ``counts[b]`` items of sequence b,
-    in order: row b is ``offset_b, offset_b + 1, ...`` then -1 up to N = max(counts)."""
-    width = max(counts, default=0)
-    slots = torch.full((len(counts), width), -1, dtype=torch.long)
-    start = 0
-    for b, n in enumerate(counts):
-        slots[b, :n] = torch.arange(start, start + n)
-        start += n
-    return slots
-
-
-def place_in_slots(flat: torch.Tensor, media_slots: torch.Tensor) -> torch.Tensor:
-    """Items of a flat media list (M, ...) in their sequences' slots: (B, N, ...), zeros where
-    ``media_slots (B, N)`` is -1 (the padded layout). A gather: no host sync, and its backward
-    adds each slot's gradient to the one item it came from."""
-    with_zero = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
-    return with_zero[media_slots]  # -1 picks the zero row
 
 
 class FlamingoProcessor:
@@ -125,18 +97,17 @@ class FlamingoProcessor:
         cls, directory: str | Path, revision: str | None = None
     ) -> FlamingoProcessor:
         """The processor saved with a checkpoint (its tokenizer and settings): a directory or
-        a Hub repo id in our format (:func:`flamingo.hub.snapshot`), or IDEFICS's or LLaVA's."""
-        if str(directory) in OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
+        a Hub repo id in our format (:func:`flamingo.hub.snapshot`), or in a registered foreign
+        format (:mod:`flamingo.formats`: IDEFICS's, LLaVA's, BLIP-2's)."""
+        kind = formats.kind_of(directory, revision)
+        if kind == "openflamingo":
             raise ValueError(
                 f"{directory} is an OpenFlamingo release, converted by "
                 f"Flamingo.from_pretrained({str(directory)!r}); its processor is "
                 "FlamingoProcessor.from_config(model.cfg)"
             )
-        kind = foreign_type(directory, revision)
-        if kind in FOREIGN_CONFIGS:  # IDEFICS's or LLaVA's: its tokenizer and settings
-            files = [p for p in TRANSFORMERS_FILES if not p.endswith(".safetensors")]
-            config = FOREIGN_CONFIGS[kind](snapshot(directory, revision, files))
-            return cls.from_config(config)
+        if kind is not None:  # a foreign format's own tokenizer and settings
+            return cls.from_config(formats.foreign_config(kind, directory, revision))
         directory = snapshot(directory, revision)
         cfg, _ = read_checkpoint_config(directory)
         cfg = cfg.replace({"lm.tokenizer": str(directory)})

@@ -40,7 +40,7 @@ from torch import nn
 
 from flamingo.checkpoint import load_tensors, model_config_from_dict, save_tensors
 from flamingo.config import FlamingoConfig, QFormerConfig
-from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy
+from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy, torch_dtype
 from flamingo.losses import IGNORE
 from flamingo.qformer import QFormer, QFormerLayer
 from flamingo.qformer_losses import (
@@ -173,7 +173,7 @@ class QFormerPretraining(nn.Module):
                 f"BLIP-2's stage 1 trains a Q-Former: the model config has connector: "
                 f"{cfg.connector}; set connector=qformer"
             )
-        vision = VisionEncoder(cfg.vision).to(getattr(torch, cfg.frozen_dtype))
+        vision = VisionEncoder(cfg.vision).to(torch_dtype(cfg.frozen_dtype))
         model = cls(cfg.qformer, vision, TextVocabulary.after(tokenizer))
         model.model_cfg = cfg
         return model
@@ -229,7 +229,7 @@ class QFormerPretraining(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> QFormerPretraining:
         """A stage-1 model written by :meth:`save_pretrained` (its tower from its source)."""
         cfg, vocab = read_export(directory)
-        vision = VisionEncoder(cfg.vision).to(getattr(torch, cfg.frozen_dtype))
+        vision = VisionEncoder(cfg.vision).to(torch_dtype(cfg.frozen_dtype))
         model = cls(cfg.qformer, vision, vocab)
         model.model_cfg = cfg
         expected = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -48,7 +48,7 @@ def set_gates(model: Flamingo, value: float = 0.7) -> None:
 def padded(enc: dict) -> torch.Tensor:
     """A batch's flat media (``pixel_values`` with ``media_slots``) in the padded layout
     (B, N, F, C, H, W), zero-filled slots: what ``Flamingo.encode_media`` also accepts."""
-    from flamingo.processing import place_in_slots
+    from flamingo.media import place_in_slots
 
     return place_in_slots(enc["pixel_values"], enc["media_slots"])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flamingo import Flamingo, FlamingoProcessor, hub
+from flamingo import Flamingo, FlamingoProcessor, formats, hub
 from tests.conftest import COMMIT, OTHER, build, lay_out, noise_image, set_gates
 from tests.test_openflamingo import backbones, openflamingo_model, our_config  # noqa: F401
 
@@ -70,15 +70,11 @@ def stand_in_release(
 
 def test_an_openflamingo_release_id_is_converted_once(stand_in_release, monkeypatch):
     converted = []
-    original = Flamingo.from_openflamingo
-    monkeypatch.setattr(
-        Flamingo,
-        "from_openflamingo",
-        classmethod(lambda cls, *a: converted.append(1) or original(*a)),
-    )
+    original = formats.convert
+    monkeypatch.setattr(formats, "convert", lambda *a: converted.append(a[0]) or original(*a))
     first = Flamingo.from_pretrained(STAND_IN)
     again = Flamingo.from_pretrained(STAND_IN)
-    assert converted == [1]  # the second load reads the converted copy
+    assert converted == ["openflamingo"]  # the second load reads the converted copy
     out = hub.converted_dir(STAND_IN, COMMIT)
     assert (out / "config.json").is_file()
     processor = FlamingoProcessor.from_pretrained(out)

@@ -10,7 +10,7 @@ import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
 from transformers.models.idefics.image_processing_idefics import IdeficsImageProcessor
 
-from flamingo import hub
+from flamingo import formats, hub
 from flamingo.convert.__main__ import main as convert_main
 from flamingo.convert.idefics import KNOWN_TOWERS, idefics_config
 from flamingo.model import Flamingo
@@ -223,7 +223,7 @@ def test_an_idefics_repo_id_converts_once_and_its_processor_loads(
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(Flamingo, "from_idefics", no_second_conversion)
+    monkeypatch.setattr(formats, "convert", no_second_conversion)
     again = Flamingo.from_pretrained(repo)  # from the converted copy, in our format
     assert torch.equal(logits_of(again, batch), logits_of(model, batch))
     ours = FlamingoProcessor.from_pretrained(repo)
@@ -308,7 +308,7 @@ def test_fine_tuning_a_converted_idefics_lowers_the_loss(tmp_path):
     from tests.tiny_shards import write_tiny_shards
 
     reference, _, directory = save_reference(tmp_path, "plain")
-    Flamingo.from_idefics(directory).save_pretrained(tmp_path / "converted")
+    Flamingo.from_pretrained(directory).save_pretrained(tmp_path / "converted")
     shards = write_tiny_shards(tmp_path / "shards", per_kind=24, shards=2)
     run = tmp_path / "run"
     config = {

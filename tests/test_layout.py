@@ -19,11 +19,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Modules ``path`` imports when it runs (any depth, not under ``if TYPE_CHECKING``)."""
+def imports(path: Path, type_only: bool = False) -> set[str]:
+    """Modules ``path`` imports when it runs, at any depth (function-local ones too); with
+    ``type_only``, also those under ``if TYPE_CHECKING``."""
     tree = ast.parse(path.read_text())
     skipped: set[int] = set()
     for node in ast.walk(tree):
+        if type_only:
+            break
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skipped |= {id(n) for child in node.body for n in ast.walk(child)}
     found = set()
@@ -45,13 +48,23 @@ def imports(path: Path) -> set[str]:
     return found
 
 
-def library_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in (ROOT / "flamingo").rglob("*.py")}
-    return {m: {i for i in imports(p) if i in modules and i != m} for m, p in modules.items()}
+def library_graph(
+    packages: tuple[str, ...] = ("flamingo",), type_only: bool = False
+) -> dict[str, set[str]]:
+    paths = [p for package in packages for p in (ROOT / package).rglob("*.py")]
+    modules = {module_name(p): p for p in paths}
+    return {
+        m: {i for i in imports(p, type_only) if i in modules and i != m} for m, p in modules.items()
+    }
 
 
-def test_the_library_import_graph_has_no_cycle():
-    graph = library_graph()
+FIRST_PARTY = ("flamingo", "eval", "data_prep", "bench", "demo")
+
+
+def test_no_import_circle_counting_type_only_and_function_local_imports():
+    """Not in the library, nor in the applications' packages: a module that needs another
+    only for its types still depends on it (a circle of those is one concept split in two)."""
+    graph = library_graph(FIRST_PARTY, type_only=True)
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(module: str, path: list[str]) -> None:

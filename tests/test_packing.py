@@ -11,7 +11,7 @@ import torch
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.lm import DECODER_LAYOUTS
 from flamingo.losses import make_labels
-from flamingo.processing import media_slots
+from flamingo.media import media_slots
 from flamingo.xattn import media_index_from_ids
 from tests.conftest import noise_image, set_gates
 from tests.test_lm_families import TINY_LMS, family_config

@@ -1,17 +1,21 @@
-"""Foreign checkpoint formats -> flamingo checkpoints, one module per format.
+"""Foreign checkpoint formats -> our model, one module per format.
 
     python -m flamingo.convert openflamingo checkpoint.pt out_dir --config configs/model/openflamingo-3b.yaml
+    python -m flamingo.convert llava llava-hf/llava-1.5-7b-hf out_dir
 
-A new format gets a module here, which maps its tensors into a built model
-(``load_<format>(model, source)``; it never imports ``flamingo.model``, which loads foreign
-checkpoints by Hub id through it), a ``Flamingo.from_<format>`` builder and a sub-command in
-``__main__``; the result is written with ``Flamingo.save_pretrained`` and loads with
-``Flamingo.from_pretrained``.
+A format's module reads its checkpoints' config onto our fields, refusing what it cannot
+reproduce by name, and maps their tensors strictly into a built model; it registers both in
+:mod:`flamingo.formats` (``register(Format(...))``), which ``Flamingo.from_pretrained``, the
+processor, the CLI (``__main__``) and the Hub cache go through. A format module never imports
+``flamingo.model``: it is handed the model :func:`flamingo.formats.convert` built. Importing
+this package (``import flamingo`` does) registers every format.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from flamingo.convert import blip2, idefics, llava, openflamingo  # noqa: F401  (registration)
 
 if TYPE_CHECKING:
     from flamingo.config import FlamingoConfig

@@ -8,9 +8,9 @@
 
 An OpenFlamingo checkpoint is a ``checkpoint.pt`` file or a Hub repo id holding one
 (``--revision``); a release of ``flamingo.hub.OPENFLAMINGO_RELEASES`` needs no ``--config``.
-An IDEFICS, LLaVA or BLIP-2 checkpoint is a directory in transformers' format or a Hub repo
-id; its config comes from its own ``config.json`` (``flamingo.convert.idefics``,
-``flamingo.convert.llava``, ``flamingo.convert.blip2``). The result loads with
+A checkpoint of a registered transformers format (``flamingo.formats``: IDEFICS, LLaVA, BLIP-2)
+is a directory in transformers' format or a Hub repo id; its config comes from its own
+``config.json``; each format is a sub-command. The result loads with
 ``Flamingo.from_pretrained(out_dir)``.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flamingo import hub
+from flamingo import formats, hub
 from flamingo.config import FlamingoConfig
 from flamingo.model import Flamingo
 
@@ -43,25 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     of.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. lm.name_or_path=/models/mpt"
     )
-    ide = sub.add_parser("idefics", help="an IDEFICS checkpoint (transformers' format)")
-    ide.add_argument("checkpoint", help="IDEFICS checkpoint directory, or its Hub repo id")
-    ide.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
-    ide.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
-    lla = sub.add_parser("llava", help="a LLaVA checkpoint (transformers' format, llava-hf/*)")
-    lla.add_argument("checkpoint", help="LLaVA checkpoint directory, or its Hub repo id")
-    lla.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
-    lla.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
-    bl = sub.add_parser("blip2", help="a BLIP-2 checkpoint (transformers' format, decoder LM)")
-    bl.add_argument("checkpoint", help="BLIP-2 checkpoint directory, or its Hub repo id")
-    bl.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
-    bl.add_argument("--revision", help="branch, tag or commit of a Hub repo (default main)")
+    transformers_formats = sorted(n for n in formats.FORMATS if n != "openflamingo")
+    for name in transformers_formats:  # a directory in transformers' format, or a Hub id
+        fmt = formats.FORMATS[name]
+        command = sub.add_parser(name.replace("-", ""), help=fmt.description)
+        command.add_argument("checkpoint", help=f"{name} checkpoint directory, or its Hub repo id")
+        command.add_argument("out_dir", type=Path, help="where to write the flamingo checkpoint")
+        command.add_argument(
+            "--revision", help="branch, tag or commit of a Hub repo (default main)"
+        )
+        command.set_defaults(format=name)
     args = parser.parse_args(argv)
 
-    builders = {"idefics": Flamingo.from_idefics, "llava": Flamingo.from_llava}
-    builders["blip2"] = Flamingo.from_blip2
-    if args.source in builders:
-        build = builders[args.source]
-        model = build(hub.transformers_snapshot(args.checkpoint, args.revision))
+    if args.source != "openflamingo":
+        snap = hub.transformers_snapshot(args.checkpoint, args.revision)
+        model = formats.convert(args.format, snap, Flamingo.from_config)
         model.save_pretrained(args.out_dir)
         total = model.num_parameters()
         print(f"wrote {args.out_dir}: {total:,} parameters from {args.checkpoint}")

@@ -45,6 +45,7 @@ from flamingo.convert.mapping import (
     read_configs,
     read_tensors,
 )
+from flamingo.formats import Format, register
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -256,3 +257,13 @@ def load_stage1(directory: str | Path) -> QFormerPretraining:
     new += ("vision.visual.proj",)  # open_clip's contrastive projection, unused
     assign_mapped(model, state, names, "BLIP-2", absent=new, ignored=("position_ids",))
     return model.eval()
+
+
+register(
+    Format(
+        "blip-2",
+        directory_config,
+        lambda model, directory: load_blip2(model, read_blip2(directory)[1]),
+        description="a BLIP-2 checkpoint (transformers' format, decoder LM: Salesforce/blip2-opt-*)",
+    )
+)

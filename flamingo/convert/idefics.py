@@ -37,6 +37,7 @@ from flamingo.convert.mapping import (
     read_configs,
     read_tensors,
 )
+from flamingo.formats import Format, register
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -312,3 +313,13 @@ def load_idefics(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
     # the contrastive projection: IDEFICS's tower has none
     assign_mapped(model, state, names, "IDEFICS", ("vision.visual.proj",), IGNORED_BUFFERS)
     return model
+
+
+register(
+    Format(
+        "idefics",
+        directory_config,
+        lambda model, directory: load_idefics(model, read_idefics(directory)[1]),
+        description="an IDEFICS checkpoint (transformers' format, HuggingFaceM4/idefics-*)",
+    )
+)

@@ -42,6 +42,7 @@ from flamingo.convert.mapping import (
     read_configs,
     read_tensors,
 )
+from flamingo.formats import Format, register
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -184,3 +185,13 @@ def load_llava(model: Flamingo, state: dict[str, torch.Tensor]) -> Flamingo:
         )
     assign_with_lm(model, state, names, "LLaVA", head="lm_head.weight")
     return model
+
+
+register(
+    Format(
+        "llava",
+        directory_config,
+        lambda model, directory: load_llava(model, read_llava(directory)[1]),
+        description="a LLaVA checkpoint (transformers' format, llava-hf/*)",
+    )
+)

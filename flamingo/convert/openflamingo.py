@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flamingo.config import FlamingoConfig
+from flamingo.formats import Format, register
 
 if TYPE_CHECKING:
     from flamingo.model import Flamingo
@@ -229,3 +230,20 @@ def load_openflamingo(model: Flamingo, state_dict_or_path) -> Flamingo:
         embed[:rows][keep] = their_embed[:rows][keep].to(embed.dtype)
     model.load_state_dict(ours, strict=False)
     return model
+
+
+def _prepared(cfg: FlamingoConfig) -> FlamingoConfig:
+    check_config(cfg)
+    return cfg.replace({"lm.save_input_embeddings": True})  # its training updated every row
+
+
+register(
+    Format(
+        "openflamingo",
+        None,  # a checkpoint.pt names no config: the release's (configs/model/) or the user's
+        load_openflamingo,
+        prepare=_prepared,
+        storage_free=False,  # the tower and the LM come from their own sources
+        description="an OpenFlamingo checkpoint.pt (read with weights_only=True)",
+    )
+)

@@ -29,7 +29,7 @@ from flamingo.data.schema import (
     SkipSample,
     VideoSample,
 )
-from flamingo.processing import media_slots
+from flamingo.media import media_slots
 from flamingo.tokens import (
     END_OF_CHUNK,
     IMAGE,

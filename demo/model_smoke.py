@@ -1,10 +1,10 @@
-"""``make demo``: build the tiny model and run one real forward pass on an interleaved batch.
+"""The model alone: build the tiny model and run one real forward pass on an interleaved batch.
 
 Prints the tensor shapes along the way, the trainable-parameter counts per part and the gate
 values, and checks the defining property of a fresh Flamingo: with its gates at 0 the images do
 not change the logits; once the gates open, they do (only from each image's position on).
 
-    python -m flamingo.demo [--config configs/model/tiny.yaml] [overrides ...]
+    python -m demo.model_smoke [--config configs/model/tiny.yaml] [overrides ...]
 """
 
 from __future__ import annotations
