@@ -36,6 +36,7 @@ from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from flamingo.layers import torch_dtype
 from flamingo.losses import weighted_loss
+from flamingo.parts import parts_of
 from flamingo.qformer_pretraining import QFormerPretraining
 from flamingo.training import stage1
 from flamingo.training.batches import Batches, StepBatches
@@ -160,12 +161,17 @@ def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
 
 
 def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
-    """Refuse, before the first step, a dataset the model cannot take."""
-    video = [d.name for d in cfg.datasets if d.kind == "video"]
-    if model_cfg.connector == "llava" and video:
+    """Refuse, before the first step, a dataset the model's parts cannot take."""
+    connector = parts_of(model_cfg).connector
+    frames = {d.name: d.num_frames for d in cfg.datasets if d.kind == "video"}
+    too_many = {name: n for name, n in frames.items() if n > connector.max_frames()}
+    if too_many:
+        takes = connector.max_frames()
         raise ValueError(
-            f"datasets {video} are video, which connector: llava cannot take (one image per "
-            "<image>, no time embeddings): drop them, or train connector: flamingo"
+            f"datasets {too_many} are video of that many frames, which {connector.describe()} "
+            f"cannot take ({'one image per <image>' if takes == 1 else f'at most {takes} frames'}):"
+            " drop them, lower their num_frames, or train connector: flamingo with "
+            "resampler.max_num_frames >= num_frames (its time embeddings)"
         )
 
 

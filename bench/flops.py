@@ -1,7 +1,9 @@
 """Analytic FLOPs of one Flamingo training step, and model FLOPs utilisation (MFU).
 
 Counted: matrix multiplications, 2 FLOPs per multiply-add; LayerNorms, activations, softmax,
-the loss and the optimiser are left out (a few percent). With F a part's forward FLOPs:
+the loss and the optimiser are left out (a few percent). The tower's, the LM's and the head's
+terms are here; the connector's and the fusion's are their own (``Connector.flops``,
+``Fusion.flops`` in ``flamingo/parts``), the formulas below. With F a part's forward FLOPs:
 
 * frozen vision tower, run without gradients: **F**. Per frame (an image is one frame; a
   video item has F of them), the patch embedding
@@ -55,6 +57,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from flamingo.config import FlamingoConfig
+from flamingo.parts import parts_of
 
 PEAK_TFLOPS = {  # dense peaks by device name and precision (vendor datasheets; dense = half
     # the with-sparsity tensor-core figure). SXM parts carry the bare name.
@@ -122,7 +127,7 @@ class StepShape:
     frames: int = 1  # F per media item (video)
     lm_kv_width: int = 0  # D_kv, the keys' and values' width (0: D, no grouped-query attention)
     lm_mlp_matrices: int = 2  # k: 3 for a gated (SwiGLU) MLP
-    connector: str = "flamingo"  # or "llava": a projector, no resampler and gated blocks
+    connector: str = "flamingo"  # the preset (flamingo.config.PRESETS): its parts' FLOP terms
     projector_layers: int = 2
     image_tokens: int = 0  # V of the projector: the tower's tokens an image (CLS included if kept)
     lm_trains: bool = False  # the LM's weights train (LLaVA's stage 2)
@@ -134,75 +139,37 @@ class StepShape:
     queries: int = 0  # Q
 
 
-def forward_flops(s: StepShape) -> dict[str, float]:
-    """Forward FLOPs of each part for the whole batch."""
-    w, tokens, v, r = s.vision_width, s.patches + 1, s.frames * s.patches, s.latents
+def _terms(s: StepShape) -> dict[str, tuple[float, float]]:
+    """Every part's forward FLOPs for the whole batch, with its forward + backward factor: the
+    tower, the LM and its head here; the connector's and the fusion's from their own terms
+    (``flamingo.parts``: ``Connector.flops``, ``Fusion.flops``)."""
+    w, tokens = s.vision_width, s.patches + 1
     vision = 2 * s.patches * 3 * s.patch**2 * w + s.vision_layers * (
         2 * tokens * (4 * w * w + 2 * w * s.vision_mlp) + 4 * tokens * tokens * w
     )
-    i = s.resampler_inner
-    resampler = s.resampler_depth * (
-        2 * (v + r) * w * 2 * i
-        + 2 * r * w * i
-        + 4 * r * (v + r) * i
-        + 2 * r * i * w
-        + 4 * r * w * s.resampler_ff_mult * w
-    )
-    t, d, media, i = s.seq_len, s.lm_width, s.images * s.latents, s.xattn_inner
-    gated = s.gated_blocks * (
-        2 * t * d * i
-        + 2 * media * w * 2 * i
-        + 4 * t * media * i
-        + 2 * t * i * d
-        + 4 * t * d * s.xattn_ff_mult * d
-    )
+    t, d = s.seq_len, s.lm_width
     kv = s.lm_kv_width or d
     lm = s.lm_layers * 2 * t * (2 * d * d + 2 * d * kv + s.lm_mlp_matrices * d * s.lm_ffn)
     lm_attention = s.lm_layers * 4 * t * t * d
     head = 2 * t * d * s.vocab
     items = s.batch * s.images
-    parts = {
-        "vision": float(vision * items * s.frames),
-        "resampler": float(resampler * items),
-        "gated_blocks": float(gated * s.batch),
-        "lm": float(lm * s.batch),
-        "lm_attention": float(lm_attention * s.batch),
-        "head": float(head * s.batch),
+    trains = 3 if s.lm_trains else 2  # weight gradients too when the LM trains
+    terms = {
+        "vision": (float(vision * items * s.frames), 1),  # frozen, read by no gradient
+        "lm": (float(lm * s.batch), trains),
+        "lm_attention": (float(lm_attention * s.batch), 3),
+        "head": (float(head * s.batch), trains),
     }
     if s.new_tokens:  # the head's k columns and the embedding's one-hot product of k rows
-        parts["new_tokens"] = float(4 * t * d * s.new_tokens * s.batch)
-    if s.connector == "qformer":
-        h, q, kv = s.qformer_width, s.queries, s.image_tokens  # kv: the tower's tokens it reads
-        crossing = len(range(0, s.qformer_layers, s.qformer_cross_every))
-        layer = 8 * q * h * h + 4 * q * q * h + 4 * q * h * s.qformer_intermediate
-        cross = 4 * q * h * h + 4 * q * kv * h  # queries, output, attention
-        parts.update(
-            resampler=0.0,
-            gated_blocks=0.0,
-            qformer=float((s.qformer_layers * layer + crossing * cross + 2 * q * h * d) * items),
-            qformer_tower_kv=float(crossing * 4 * kv * w * h * items),
-        )
-    if s.connector == "llava":
-        first = 2 * s.image_tokens * w * d
-        second = (s.projector_layers == 2) * 2 * s.image_tokens * d * d
-        parts.update(
-            resampler=0.0,
-            gated_blocks=0.0,
-            projector_in=float(first * items),
-            projector_out=float(second * items),
-        )
-    return parts
+        # backward: the columns' input and weight gradients (3F), the rows' weight gradient (2F)
+        terms["new_tokens"] = (float(4 * t * d * s.new_tokens * s.batch), 2.5)
+    parts = parts_of(FlamingoConfig(connector=s.connector))
+    return {**terms, **parts.connector.flops(s), **parts.fusion.flops(s)}
 
 
-BACKWARD_FACTOR = {
-    "vision": 1,
-    "resampler": 3,
-    "gated_blocks": 3,
-    "lm": 2,
-    "lm_attention": 3,
-    "head": 2,
-}
-"""Forward + backward FLOPs over forward FLOPs of each part (module docstring)."""
+def forward_flops(s: StepShape) -> dict[str, float]:
+    """Forward FLOPs of each part for the whole batch."""
+    return {name: flops for name, (flops, _) in _terms(s).items()}
 
 
 def conventional_flops(num_parameters: int, tokens: int) -> float:
@@ -213,11 +180,5 @@ def conventional_flops(num_parameters: int, tokens: int) -> float:
 
 def train_step_flops(s: StepShape) -> dict[str, float]:
     """Training-step FLOPs of each part (forward and backward) and their ``total``."""
-    # new tokens: the columns' input and weight gradients (3F), the rows' weight gradient (2F)
-    # the projector's first layer reads the frozen tower: no input gradient (2F); its second 3F
-    factor = {**BACKWARD_FACTOR, "projector_in": 2, "projector_out": 3, "new_tokens": 2.5}
-    factor.update(qformer=3, qformer_tower_kv=2)  # keys and values of the frozen tower: 2F
-    if s.lm_trains:  # weight gradients too
-        factor.update(lm=3, head=3)
-    parts = {k: f * factor[k] for k, f in forward_flops(s).items()}
+    parts = {name: flops * factor for name, (flops, factor) in _terms(s).items()}
     return {**parts, "total": sum(parts.values())}

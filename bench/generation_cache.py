@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from demo.model_smoke import shape_image
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from flamingo.typed_config import YamlConfig, positive
 
@@ -26,6 +26,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionConfig(YamlConfig):
     """The frozen open_clip vision tower (ARCHITECTURE.md: vision.py)."""
 
+    kind: Literal["open_clip"] = "open_clip"
+    """Which tower (``flamingo.parts.TOWERS``): open_clip's ViTs (the ones below)."""
     model_name: str = "ViT-L-14"
     """open_clip architecture name (``open_clip.list_models()``), or a label when
     ``architecture`` is given inline."""
@@ -357,6 +359,33 @@ class LanguageConfig(YamlConfig):
 
 
 @dataclass(frozen=True)
+class Preset:
+    """What one value of ``connector:`` composes (``flamingo.parts`` holds the parts' code)."""
+
+    connector: str
+    """The connector module (``flamingo.parts.CONNECTORS``)."""
+    fusion: str
+    """How the LM reads the media (``flamingo.parts.FUSIONS``)."""
+    sections: tuple[str, ...]
+    """The config sections its parts read: a saved config holds these (and the shared ones)."""
+    lm_trains: bool
+    """Whether ``lm.trainable`` may train the LM (the Flamingo recipe keeps it frozen)."""
+    image_runs: bool
+    """Whether an image is a run of ``<image>`` tokens in the text (not IDEFICS's form)."""
+
+
+PRESETS: dict[str, Preset] = {
+    "flamingo": Preset("resampler", "cross_attention", ("resampler", "xattn"), False, False),
+    "llava": Preset("projector", "splice", ("projector",), True, True),
+    "qformer": Preset("qformer", "splice", ("qformer",), True, True),
+}
+"""``connector:`` -> its parts. A new combination of parts is a row here."""
+
+PART_SECTIONS = ("resampler", "xattn", "projector", "qformer")
+"""The sections that belong to one part or another (the rest every model reads)."""
+
+
+@dataclass(frozen=True)
 class FlamingoConfig(YamlConfig):
     """The whole model: frozen vision tower + resampler + gated blocks in a frozen LM."""
 
@@ -387,17 +416,40 @@ class FlamingoConfig(YamlConfig):
     """dtype of the frozen vision tower and LM; trainable parameters stay float32 (paper)."""
 
     def __post_init__(self) -> None:
-        if self.connector != "flamingo" and self.lm.special_tokens == "idefics":
+        preset = self.preset
+        for section in PART_SECTIONS:  # canonical: a part no part reads holds its defaults
+            if section not in preset.sections:
+                default = type(getattr(self, section))()
+                if getattr(self, section) != default:
+                    object.__setattr__(self, section, default)
+        if preset.image_runs and self.lm.special_tokens == "idefics":
             raise ValueError(
                 f"connector: {self.connector} writes each image as a run of <image> tokens; "
                 "lm.special_tokens: idefics is IDEFICS's prompt form (a Flamingo): use flamingo "
                 "or llava"
             )
-        if self.connector == "flamingo" and self.lm.trainable != "none":
+        if not preset.lm_trains and self.lm.trainable != "none":
+            lm_trains = sorted(n for n, p in PRESETS.items() if p.lm_trains)
             raise ValueError(
-                f"lm.trainable: {self.lm.trainable} trains the LM itself, which the Flamingo "
-                "connector keeps frozen (the paper); it is LLaVA's stage 2 (connector: llava)"
+                f"lm.trainable: {self.lm.trainable} trains the LM itself, which connector: "
+                f"{self.connector} keeps frozen (the paper's recipe); it is a stage 2 of "
+                f"connector: {' or '.join(lm_trains)}"
             )
+
+    @property
+    def preset(self) -> Preset:
+        """The parts ``connector:`` composes."""
+        return PRESETS[self.connector]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a dict, holding only the part sections its parts read (a LLaVA config has no
+        ``resampler`` or ``xattn``); a missing section loads with its defaults, which the
+        sections no part reads always hold (so two configs of one model compare equal)."""
+        data = super().to_dict()
+        for section in PART_SECTIONS:
+            if section not in self.preset.sections:
+                del data[section]
+        return data
 
 
 def library_version() -> str:

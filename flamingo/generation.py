@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from flamingo.tokens import SpecialTokens
-from flamingo.xattn import MediaKV
 
 
 class Flamingo(Protocol):
@@ -34,7 +33,7 @@ class Flamingo(Protocol):
     lm: nn.Module
     training: bool
     special_tokens: SpecialTokens
-    splices_media: bool
+    fusion: Any
 
     def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
     def encode_media(self, pixel_values: torch.Tensor, media_slots: Any = None) -> Any: ...
@@ -45,21 +44,20 @@ class Flamingo(Protocol):
 
 @dataclass
 class _Prompt:
-    """A prompt's tensors, with its media encoded once."""
+    """A prompt's tensors, with its media encoded once (``media``: what the model's fusion
+    keeps for decoding, ``Fusion.decoding``)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    media_kv: list[MediaKV] | None
-    media_latents: torch.Tensor | None
+    media: Any
     media_index: torch.Tensor
 
-    def select(self, index: torch.Tensor) -> _Prompt:
+    def select(self, model: Flamingo, index: torch.Tensor) -> _Prompt:
         """Rows ``index`` of the batch (each prompt once per beam or candidate)."""
         return _Prompt(
             self.input_ids[index],
             self.attention_mask[index],
-            None if self.media_kv is None else [kv.index_select(index) for kv in self.media_kv],
-            None if self.media_latents is None else self.media_latents[index],
+            model.fusion.select(self.media, index),
             self.media_index[index],
         )
 
@@ -81,10 +79,8 @@ def _prepare(
         media_latents = model.encode_media(pixel_values, media_slots)
     elif media_slots is not None:
         raise ValueError("media_slots were given without pixel_values")
-    cross_attends = media_latents is not None and use_cache and not model.splices_media
-    media_kv = model.lm.media_kv(media_latents) if cross_attends else None
-    media_index = model.media_index(input_ids)
-    return _Prompt(input_ids, attention_mask, media_kv, media_latents, media_index)
+    media = model.fusion.decoding(model, media_latents, use_cache)  # once per call
+    return _Prompt(input_ids, attention_mask, media, model.media_index(input_ids))
 
 
 class _Decoder:
@@ -95,8 +91,7 @@ class _Decoder:
         self.use_cache = use_cache
         self.ids = prompt.input_ids
         self.mask = prompt.attention_mask
-        self.media_kv = prompt.media_kv
-        self.media_latents = prompt.media_latents
+        self.media = prompt.media
         self.media_index = prompt.media_index
         self.cache: Any = None
 
@@ -120,11 +115,8 @@ class _Decoder:
         self.ids, self.mask, self.media_index = (
             t.repeat_interleave(k, dim=0) for t in (self.ids, self.mask, self.media_index)
         )
-        if self.media_kv is not None:
-            rows = torch.arange(self.ids.shape[0] // k, device=self.ids.device)
-            self.media_kv = [kv.index_select(rows.repeat_interleave(k)) for kv in self.media_kv]
-        if self.media_latents is not None:
-            self.media_latents = self.media_latents.repeat_interleave(k, dim=0)
+        rows = torch.arange(self.ids.shape[0] // k, device=self.ids.device)
+        self.media = self.model.fusion.select(self.media, rows.repeat_interleave(k))
         if self.cache is not None:
             self.cache.batch_repeat_interleave(k)
 
@@ -144,7 +136,7 @@ class _Decoder:
         out = self.model(
             ids,
             self.mask,
-            **_media(self.model, self.media_latents, self.media_kv, self.use_cache, first),
+            **self.model.fusion.step_media(self.media, self.use_cache, first),
             media_index=media_index,
             cache=self.cache,
             use_cache=self.use_cache,
@@ -152,23 +144,6 @@ class _Decoder:
         )
         self.cache = out.cache
         return out.logits[:, -1]
-
-
-def _media(
-    model: Flamingo,
-    media_latents: torch.Tensor | None,
-    media_kv: list[MediaKV] | None,
-    use_cache: bool,
-    first: bool,
-) -> dict[str, Any]:
-    """The media arguments of one forward: without a cache, the latents every time; with
-    one, the gated blocks' keys/values (Flamingo), or the latents for the call that holds the
-    prompt's ``<image>`` tokens and nothing later (LLaVA: the cache holds them)."""
-    if not use_cache:
-        return {"media_latents": media_latents}
-    if model.splices_media:
-        return {"media_latents": media_latents if first else None}
-    return {"media_kv": media_kv}
 
 
 def _banned_tokens(model: Flamingo, logits: torch.Tensor) -> torch.Tensor:
@@ -416,7 +391,7 @@ def score(
         first = model(
             prompt.input_ids,
             prompt.attention_mask,
-            **_media(model, prompt.media_latents, prompt.media_kv, True, True),
+            **model.fusion.step_media(prompt.media, True, True),
             media_index=prompt.media_index,
             use_cache=True,
             logits_to_keep=1,
@@ -452,7 +427,7 @@ def _score_chunk(model, prompt, first, first_logprobs, candidates, last: bool) -
     total = first_logprobs[cand[:, 0]]
     if width == 1:
         return total
-    shared = prompt.select(torch.zeros(n, dtype=torch.long, device=device))
+    shared = prompt.select(model, torch.zeros(n, dtype=torch.long, device=device))
     cache = first.cache if last else copy.deepcopy(first.cache)
     cache.batch_repeat_interleave(n)
     mask = torch.cat([shared.attention_mask, valid[:, :-1].long()], dim=1)
@@ -460,7 +435,7 @@ def _score_chunk(model, prompt, first, first_logprobs, candidates, last: bool) -
     out = model(
         cand[:, :-1],
         mask,
-        **_media(model, shared.media_latents, shared.media_kv, True, False),
+        **model.fusion.step_media(shared.media, True, False),
         media_index=media_index,
         cache=cache,
         use_cache=True,

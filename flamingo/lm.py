@@ -3,10 +3,14 @@
 * **Decoder-layer table.** ``DECODER_LAYOUTS`` maps an HF ``config.model_type`` to the dotted path
   of its decoder-layer list. An unknown type is an error that lists the supported ones; there is
   no guessing from module or model names.
-* **Interleaving.** A GATED XATTN-DENSE block runs *before* every n-th decoder layer (paper
-  Fig. 4). It is attached as a forward pre-hook on that layer, so the HF model's code, classes
-  and module tree stay untouched. The media latents and media index reach the hooks through one
-  scoped :class:`MediaContext` that :meth:`FlamingoLM.forward` sets and always clears.
+* **Blocks before layers.** A fusion (``flamingo.parts``) may give the LM blocks to run
+  *before* chosen decoder layers (Flamingo's GATED XATTN-DENSE blocks, paper Fig. 4), held as
+  ``gated_blocks``. Each is attached as a forward pre-hook on its layer, so the HF model's code,
+  classes and module tree stay untouched. What the blocks read in one call (the fusion's
+  context: the media, phi, a shared mask) reaches the hooks through one scoped context that
+  :meth:`FlamingoLM.forward` sets and always clears; a fusion may instead edit the input
+  embeddings (the media spliced in place of ``<image>``). This module knows neither way: the
+  fusion says what a block takes (``Fusion.block_inputs``).
 * **Decoupled new tokens.** ``<image>``, ``<|endofchunk|>`` (and ``<PAD>``) get their own small
   trainable input and output rows beside the frozen embedding and output matrices: no
   ``resize_token_embeddings`` of frozen weights, the optimiser holds state for a few rows only,
@@ -18,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
@@ -29,36 +33,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from flamingo.config import CrossAttentionConfig, LanguageConfig
+from flamingo.config import LanguageConfig
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, is_partitioned, set_policy, whole
 from flamingo.mpt import use_sdpa_attention
 from flamingo.packing import block_diagonal_mask, document_positions
 from flamingo.tokens import SpecialTokens
-from flamingo.xattn import (
-    CrossAttentionMask,
-    GatedCrossAttentionBlock,
-    MediaKV,
-    cross_attention_bias,
-    cross_attention_block_mask,
-    document_first_media,
-)
-
-MediaInput = torch.Tensor | list[MediaKV] | None
-"""What the gated blocks attend to: media latents (B, N, R, Dv), one precomputed MediaKV per
-gated block (decoding), or None (text only)."""
-
-
-@dataclass(frozen=True)
-class MediaContext:
-    """What the gated blocks of one LM call attend to (set for the call, then cleared)."""
-
-    media: MediaInput
-    media_index: torch.Tensor
-    """(B, T): phi, the media item each token sees (-1: none)."""
-    mask: CrossAttentionMask | None
-    """The cross-attention mask all blocks share (None without media): a float bias or a
-    flex_attention BlockMask, as the execution policy says."""
 
 
 @dataclass(frozen=True)
@@ -196,11 +176,13 @@ class FlamingoLM(nn.Module):
     def __init__(
         self,
         hf_model: nn.Module,
-        xattn_cfg: CrossAttentionConfig | None,
-        dim_media: int,
         special_tokens: SpecialTokens,
         tokenizer_size: int,
+        fusion: Any = None,
+        dim_media: int = 0,
     ) -> None:
+        """``fusion`` (``flamingo.parts.Fusion``) gives the blocks to run before chosen
+        layers (``gated_blocks``; none for a fusion without) and what each takes in a call."""
         super().__init__()
         config = hf_model.config
         self.layout = decoder_layout(config.model_type)
@@ -233,58 +215,30 @@ class FlamingoLM(nn.Module):
         self._append_new_logits = ids == list(range(self.base_vocab, self.base_vocab + len(ids)))
 
         layers = hf_model.get_submodule(self.layout.layers)
-        # no gated blocks without a cross-attention config (connector: llava)
-        self.layer_indices = [] if xattn_cfg is None else xattn_cfg.layer_indices(len(layers))
-        self.gated_blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(xattn_cfg, config.hidden_size, dim_media)
-            for _ in self.layer_indices
+        self.fusion = fusion
+        blocks, self.layer_indices = (
+            fusion.blocks(config, len(layers), dim_media) if fusion else (nn.ModuleList(), [])
         )
+        self.gated_blocks = blocks  # the name OpenFlamingo's checkpoints use
         for block_idx, layer_idx in enumerate(self.layer_indices):
             layers[layer_idx].register_forward_pre_hook(
-                partial(self._run_gated_block, block_idx), with_kwargs=True
+                partial(self._run_block, block_idx), with_kwargs=True
             )
         self.tokenizer_size = tokenizer_size
-        self._media: MediaContext | None = None
+        self._media: Any = None
 
-    # -- the scoped context through which media reach the hooks ---------------------------------
+    # -- the scoped context through which media reach the blocks ------------------------------
 
     @contextlib.contextmanager
-    def media_context(
-        self,
-        media: MediaInput,
-        media_index: torch.Tensor,
-        media_first: torch.Tensor | None = None,
-    ) -> Iterator[None]:
-        """Make media visible to the gated blocks for the duration of one LM call
-        (``media_first``: packed rows, :func:`flamingo.xattn.document_first_media`)."""
+    def media_context(self, context: Any) -> Iterator[None]:
+        """Make the fusion's ``context`` visible to the blocks for the duration of one LM
+        call."""
         if self._media is not None:
             raise RuntimeError("FlamingoLM.media_context is not re-entrant")
-        mask = self._cross_attention_mask(media, media_index, media_first)
-        with self._media_restored(MediaContext(media, media_index, mask)):
+        with self._media_restored(context):
             yield
 
-    def _cross_attention_mask(
-        self, media: MediaInput, media_index: torch.Tensor, media_first: torch.Tensor | None
-    ) -> CrossAttentionMask | None:
-        """The cross-attention mask of this call, built once: every gated block sees the same
-        media, so they share it (and the backward keeps one copy, not one per block). A float
-        bias for SDPA, or a BlockMask for flex_attention (``policy.cross_attention``)."""
-        if media is None or not len(self.gated_blocks):
-            return None
-        if isinstance(media, list):
-            num_media, num_latents = media[0].num_media, media[0].num_latents
-        else:
-            num_media, num_latents = media.shape[1:3]
-        block = self.gated_blocks[0]
-        attend = block.cfg.attend
-        if self.policy.cross_attention == "flex":
-            return cross_attention_block_mask(
-                media_index, num_media, num_latents, attend, media_first
-            )
-        dtype = block.attn.to_q.weight.dtype
-        return cross_attention_bias(media_index, num_media, num_latents, attend, dtype, media_first)
-
-    def _run_gated_block(
+    def _run_block(
         self, block_idx: int, layer: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]]:
         if self._media is None:
@@ -292,29 +246,18 @@ class FlamingoLM(nn.Module):
                 "a decoder layer with a gated cross-attention block ran outside "
                 "FlamingoLM.forward; call the Flamingo model, not its inner HF LM"
             )
-        media, media_index, mask = self._media.media, self._media.media_index, self._media.mask
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.gated_blocks[block_idx]
-        dtype = block.attn.to_q.weight.dtype
-        if isinstance(media, list):
-            media = media[block_idx]
-        elif media is not None:
-            media = media.to(dtype)
+        inputs = self.fusion.block_inputs(block_idx, block, self._media)
+        dtype = next(block.parameters()).dtype
         if self.policy.checkpoints_gated_blocks() and self.training:
-            out = checkpoint(block, hidden.to(dtype), media, media_index, mask, use_reentrant=False)
+            out = checkpoint(block, hidden.to(dtype), *inputs, use_reentrant=False)
         else:
-            out = block(hidden.to(dtype), media, media_index, mask)
+            out = block(hidden.to(dtype), *inputs)
         out = out.to(hidden.dtype)
         if args:
             return (out, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": out}
-
-    def media_kv(self, media_latents: torch.Tensor) -> list[MediaKV]:
-        """Every gated block's cross-attention keys/values, to reuse across decoding steps."""
-        return [
-            block.attn.media_kv(media_latents.to(block.attn.to_q.weight.dtype))
-            for block in self.gated_blocks
-        ]
 
     # -- embeddings and logits --------------------------------------------------------------
 
@@ -326,22 +269,6 @@ class FlamingoLM(nn.Module):
         rows = self.new_tokens.input_rows
         new = (is_new.to(rows.dtype) @ rows).to(embeds.dtype)
         return torch.where(is_new.any(-1, keepdim=True), new, embeds)
-
-    def splice(
-        self, embeds: torch.Tensor, input_ids: torch.Tensor, media: torch.Tensor
-    ) -> torch.Tensor:
-        """Put ``media (B, N, V, E)`` in place of the ``<image>`` tokens' embeddings (the LLaVA
-        connector): row b's k-th ``<image>`` token takes ``media[b]``'s k-th token, counting
-        its N items' V tokens in order. A gather: no host sync, and each media token's
-        gradient comes back from the one position it took."""
-        b, n, v, e = media.shape
-        is_image = input_ids == self.special_tokens.image_id
-        if n * v == 0:
-            return embeds
-        flat = media.reshape(b, n * v, e).to(embeds.dtype)
-        index = (is_image.long().cumsum(1) - 1).clamp(0, n * v - 1)
-        picked = flat.gather(1, index.unsqueeze(-1).expand(-1, -1, e))
-        return torch.where(is_image.unsqueeze(-1), picked, embeds)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, D) -> float32 logits (B, T, vocab_size)."""
@@ -374,8 +301,8 @@ class FlamingoLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        media: MediaInput,
-        media_index: torch.Tensor,
+        context: Any = None,
+        edit_embeds: Callable[[torch.Tensor], torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
         use_cache: bool = False,
@@ -383,26 +310,18 @@ class FlamingoLM(nn.Module):
         logits_to_keep: int = 0,
         document_ids: torch.Tensor | None = None,
         across_documents: bool = False,
-        spliced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Returns ``(logits (B, T, vocab_size), cache)``; with ``labels``, ``(summed NLL,
         cache)`` instead, without computing the logits (:meth:`summed_nll`). ``cache`` is the
         HF model's own (a ``transformers.Cache``), None unless ``use_cache``. With
         ``document_ids`` (packed rows, :mod:`flamingo.packing`) self-attention stays inside
-        each document and positions restart, unless ``across_documents``. ``spliced (B, N, V,
-        E)`` takes the place of the ``<image>`` tokens' embeddings (:meth:`splice`)."""
+        each document and positions restart, unless ``across_documents``. The fusion's
+        ``context`` is what the blocks read; ``edit_embeds`` changes the input embeddings
+        (``flamingo.parts.LMCall``)."""
         if document_ids is not None and not across_documents:
             if position_ids is None and self.layout.position_ids:
                 position_ids = document_positions(document_ids)
             attention_mask = self._packed_attention_mask(document_ids, attention_mask)
-        media_first = None
-        if (
-            document_ids is not None
-            and self.gated_blocks
-            and self.gated_blocks[0].cfg.attend != "last"
-        ):
-            image_id = self.special_tokens.image_id
-            media_first = document_first_media(input_ids, image_id, document_ids)
         kwargs: dict[str, Any] = {self._cache_argument: cache}
         if self.layout.position_ids:
             if position_ids is None and attention_mask is not None:
@@ -412,9 +331,9 @@ class FlamingoLM(nn.Module):
                 position_ids = positions.clamp(min=0)[:, -input_ids.shape[1] :]
             kwargs["position_ids"] = position_ids
         embeds = self.embed(input_ids)
-        if spliced is not None:
-            embeds = self.splice(embeds, input_ids, spliced)
-        with self.media_context(media, media_index, media_first):
+        if edit_embeds is not None:
+            embeds = edit_embeds(embeds)
+        with self.media_context(context):
             out = self.hf.base_model(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -499,7 +418,7 @@ class FlamingoLM(nn.Module):
         return contextlib.nullcontext(), self._media_restored(self._media)
 
     @contextlib.contextmanager
-    def _media_restored(self, media: MediaContext | None) -> Iterator[None]:
+    def _media_restored(self, media: Any) -> Iterator[None]:
         """Set what the gated blocks see, and put back what was there on the way out."""
         previous, self._media = self._media, media
         try:

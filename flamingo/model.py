@@ -1,8 +1,11 @@
 """The Flamingo model: composition, freeze policy, forward to logits (paper Sec. 2, Fig. 3).
 
-``pixel_values -> VisionEncoder (frozen) -> PerceiverResampler -> media_latents`` feed the gated
-cross-attention blocks inside the frozen LM. Only the resampler, the gated blocks and the new
-token rows train. The model returns logits; the loss is the framework's (``flamingo.losses``).
+``pixel_values -> tower (frozen) -> connector -> media_latents``, read by the frozen LM through
+the fusion: the parts of ``flamingo.parts`` the config composes (``connector: flamingo``, the
+paper's: the Perceiver Resampler and gated cross-attention blocks inside the LM). Only the
+connector, the fusion's modules and the new token rows train (and the LM, or adapters in it,
+where ``lm.trainable`` says). The model returns logits; the loss is the framework's
+(``flamingo.losses``).
 
 The model never wraps itself for distributed training: :meth:`Flamingo.wrap_unit_classes`
 declares the modules an engine may shard or checkpoint one by one.
@@ -31,19 +34,14 @@ from flamingo.checkpoint import (
 from flamingo.config import FlamingoConfig
 from flamingo.generation import generate, score
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy, torch_dtype
-from flamingo.lm import FlamingoLM, MediaInput, build_causal_lm
+from flamingo.lm import FlamingoLM, build_causal_lm
 from flamingo.lora import adapter_modules, add_adapters
 from flamingo.media import place_in_slots
+from flamingo.parts import LMCall, Parts, parts_of
 from flamingo.processing import FlamingoProcessor
-from flamingo.projector import LlavaProjector
-from flamingo.qformer import QFormer, QFormerLayer
-from flamingo.resampler import PerceiverLayer, PerceiverResampler
 from flamingo.tokens import SpecialTokens
 from flamingo.vision import VisionEncoder
-from flamingo.xattn import GatedCrossAttentionBlock, MediaKV, media_index_from_ids
-
-CONNECTORS = {"flamingo": "resampler", "llava": "projector", "qformer": "qformer"}
-"""``connector:`` -> the attribute holding its module (and its name in ``trainable_modules``)."""
+from flamingo.xattn import MediaKV, media_index_from_ids
 
 
 @dataclass
@@ -91,20 +89,20 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class Flamingo(nn.Module):
-    """Frozen vision tower + a connector + an LM: the Perceiver Resampler and gated
-    cross-attention in the frozen LM (``connector: flamingo``), or LLaVA's projector, whose
-    tokens take the place of the ``<image>`` tokens (``connector: llava``)."""
+    """Frozen vision tower + a connector + an LM that reads the media through a fusion
+    (:mod:`flamingo.parts`): the Perceiver Resampler and gated cross-attention in the frozen LM
+    (``connector: flamingo``), or LLaVA's projector or BLIP-2's Q-Former, whose tokens take the
+    place of the ``<image>`` tokens (``connector: llava``, ``qformer``)."""
 
     def __init__(self, cfg: FlamingoConfig, vision: VisionEncoder, lm: FlamingoLM) -> None:
         super().__init__()
         self.cfg = cfg
+        self.parts: Parts = parts_of(cfg)
+        self.fusion = lm.fusion if lm.fusion is not None else self.parts.fusion
         self.vision = vision
-        if cfg.connector == "llava":
-            self.projector = LlavaProjector(cfg.projector, vision.width, lm.hf.config.hidden_size)
-        elif cfg.connector == "qformer":
-            self.qformer = QFormer(cfg.qformer, vision.width, lm.hf.config.hidden_size)
-        else:
-            self.resampler = PerceiverResampler(cfg.resampler, vision.width, vision.num_tokens)
+        connector = self.parts.connector  # held under its name: its state-dict prefix
+        lm_width = lm.hf.config.hidden_size
+        self.add_module(connector.name, connector.build(vision.width, vision.num_tokens, lm_width))
         self.lm = lm
         if cfg.lm.trainable == "full":  # LLaVA's stage 2
             lm.hf.requires_grad_(True)
@@ -112,16 +110,9 @@ class Flamingo(nn.Module):
             add_adapters(lm.hf, cfg.lm.lora)
         self.policy = DEFAULT_POLICY
 
-    @property
-    def splices_media(self) -> bool:
-        """Whether the media enter the LM's input in place of the ``<image>`` tokens (LLaVA,
-        BLIP-2) rather than through cross-attention: a prompt's media are then read once, by
-        the call that holds its ``<image>`` tokens, and later tokens need none."""
-        return self.cfg.connector != "flamingo"
-
     def connector(self) -> nn.Module:
         """The module from the tower's tokens to what the LM reads."""
-        return getattr(self, CONNECTORS[self.cfg.connector])
+        return getattr(self, self.parts.connector.name)
 
     @classmethod
     def from_config(
@@ -132,12 +123,14 @@ class Flamingo(nn.Module):
         ``cfg``; pass the one you already have to load the tokenizer once)."""
         if processor is None:
             processor = FlamingoProcessor.from_config(cfg)
+        parts = parts_of(cfg)
         dtype = torch_dtype(cfg.frozen_dtype)
-        vision = VisionEncoder(cfg.vision).to(dtype)
+        vision = parts.tower.build().to(dtype)
         hf_model = build_causal_lm(cfg.lm, dtype)
         special, size = processor.special_tokens, len(processor.tokenizer)
-        xattn = cfg.xattn if cfg.connector == "flamingo" else None
-        return cls(cfg, vision, FlamingoLM(hf_model, xattn, vision.width, special, size))
+        dim_media = parts.connector.width(vision.width, hf_model.config.hidden_size)
+        lm = FlamingoLM(hf_model, special, size, parts.fusion, dim_media)
+        return cls(cfg, vision, lm)
 
     @classmethod
     def from_pretrained(
@@ -399,15 +392,6 @@ class Flamingo(nn.Module):
             media_latents = self.encode_media(pixel_values, media_slots)
         elif media_slots is not None:
             raise ValueError("media_slots were given without pixel_values")
-        if self.splices_media:
-            if media_kv is not None:
-                raise ValueError(
-                    "connector: llava has no cross-attention keys/values (media_kv): its media "
-                    "take the place of the <image> tokens; pass pixel_values or media_latents"
-                )
-            media_latents = self._takes_part(input_ids, media_latents)
-            self._check_spliced(input_ids, media_latents, self.policy.sync_free)
-            self._check_length(input_ids, attention_mask, cache)
         if document_ids is not None:
             self._check_packed(input_ids, document_ids, cache, use_cache)
         if media_index is None:
@@ -417,12 +401,10 @@ class Flamingo(nn.Module):
                     "index of the new tokens computed over the whole sequence"
                 )
             media_index = self.media_index(input_ids, document_ids)
-        media = media_kv if media_kv is not None else media_latents
-        if self.splices_media:
-            spliced, media = media_latents, None
-        else:
-            spliced = None
-            self._check_media(input_ids, media, media_index, self.policy.sync_free)
+        call = LMCall(
+            input_ids, attention_mask, media_latents, media_kv, media_index, cache, document_ids
+        )
+        call = self.fusion.lm_inputs(self, call)  # checked against the text; how the LM reads them
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
@@ -430,8 +412,8 @@ class Flamingo(nn.Module):
         result, new_cache = self.lm(
             input_ids,
             attention_mask,
-            media,
-            media_index,
+            call.context,
+            call.edit_embeds,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
@@ -439,7 +421,6 @@ class Flamingo(nn.Module):
             logits_to_keep=logits_to_keep,
             document_ids=document_ids,
             across_documents=across_documents,
-            spliced=spliced,
         )
         if labels is not None:
             return FlamingoOutput(cache=new_cache, media_latents=media_latents, nll_sum=result)
@@ -456,86 +437,6 @@ class Flamingo(nn.Module):
         if cache is not None or use_cache:
             raise ValueError("document_ids (packed rows) are for training: not with a cache")
 
-    def _takes_part(
-        self, input_ids: torch.Tensor, media_latents: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """The LLaVA connector's media, or, in a training step without images (none given, or
-        a batch of text-only conversations: no media items) where every parameter must take
-        part (ZeRO-3, :class:`~flamingo.layers.ExecutionPolicy`), the projection of one zero
-        token that no ``<image>`` takes: the projector gets zero gradients instead of none."""
-        has_media = media_latents is not None and media_latents.numel() > 0
-        if has_media or not (self.training and self.policy.every_parameter_takes_part):
-            return media_latents
-        connector = self.connector()
-        weight = next(connector.parameters())
-        zero = weight.new_zeros(input_ids.shape[0], 1, 1, 1, self.vision.width)
-        return connector(zero)
-
-    def _check_spliced(
-        self, input_ids: torch.Tensor, media: torch.Tensor | None, sync_free: bool
-    ) -> None:
-        """Every ``<image>`` token of a row has a media token to take its place."""
-        if media is not None and media.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"media batch size {media.shape[0]} != text batch size {input_ids.shape[0]}"
-            )
-        available = 0 if media is None else media.shape[1] * media.shape[2]
-        counts = (input_ids == self.special_tokens.image_id).sum(-1)
-        if sync_free:  # the device checks it when it gets there; the host does not wait
-            if counts.numel():
-                torch._assert_async(counts.max() <= available)
-            return
-        needed = int(counts.max()) if counts.numel() else 0
-        if needed > available:
-            raise ValueError(
-                f"the text holds {needed} <image> tokens in a row but the media give "
-                f"{available} (connector: llava: {self.vision.num_tokens} <image> tokens per "
-                "image, which FlamingoProcessor writes): pass the images of every <image> run"
-            )
-
-    def _check_length(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any
-    ) -> None:
-        """A LLaVA sequence fits the LM's positions: each image costs its tokens (LLaVA-1.5:
-        576), so a few-shot prompt with many images can outgrow them."""
-        limit = getattr(self.lm.hf.config, "max_position_embeddings", None)
-        past = cache.get_seq_length() if cache is not None else 0
-        total = attention_mask.shape[1] if attention_mask is not None else past + input_ids.shape[1]
-        if limit is not None and total > limit:
-            raise ValueError(
-                f"the sequence holds {total} tokens but the LM takes {limit} positions "
-                f"(connector: llava writes {self.vision.num_tokens} <image> tokens per image): "
-                "give fewer images or shots"
-            )
-
-    @staticmethod
-    def _check_media(
-        input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor, sync_free: bool
-    ) -> None:
-        if media_index.shape != input_ids.shape:
-            raise ValueError(
-                f"media_index shape {tuple(media_index.shape)} != input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        if isinstance(media, list):
-            batch, available = (media[0].k.shape[0], media[0].num_media) if media else (None, 0)
-        elif media is not None:
-            batch, available = media.shape[0], media.shape[1]
-        else:
-            batch, available = None, 0
-        if batch is not None and batch != input_ids.shape[0]:
-            raise ValueError(f"media batch size {batch} != text batch size {input_ids.shape[0]}")
-        if sync_free:  # the device checks it when it gets there; the host does not wait
-            if media_index.numel():
-                torch._assert_async(media_index.max() < available)
-            return
-        needed = int(media_index.max()) + 1 if media_index.numel() else 0
-        if needed > available:
-            raise ValueError(
-                f"the text refers to {needed} media item(s) per sequence (<image> tokens) but "
-                f"only {available} were given: pass pixel_values with N >= {needed}"
-            )
-
     # -- training support -------------------------------------------------------------------------
 
     def set_execution_policy(self, policy: ExecutionPolicy) -> None:
@@ -545,17 +446,11 @@ class Flamingo(nn.Module):
         self.lm.set_execution_policy(policy)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """The parts that train: the resampler, the gated blocks and the new token rows (paper
-        Sec. 2), or the projector (LLaVA) or the Q-Former (BLIP-2) and the new rows, and the
-        LM itself with ``lm.trainable: full`` (its adapters with ``lora``); everything else is
-        frozen."""
-        if not self.splices_media:
-            return {
-                "resampler": self.resampler,
-                "gated_blocks": self.lm.gated_blocks,
-                "new_tokens": self.lm.new_tokens,
-            }
-        parts: dict[str, nn.Module] = {CONNECTORS[self.cfg.connector]: self.connector()}
+        """The parts that train: the connector, the fusion's modules in the LM (the gated
+        blocks) and the new token rows (paper Sec. 2), and the LM itself with ``lm.trainable:
+        full`` (its adapters with ``lora``); everything else is frozen."""
+        parts: dict[str, nn.Module] = {self.parts.connector.name: self.connector()}
+        parts.update(self.fusion.trainable(self.lm))
         if self.cfg.lm.trainable == "full":
             parts["lm"] = self.lm.hf
         elif self.cfg.lm.trainable == "lora":
@@ -573,7 +468,7 @@ class Flamingo(nn.Module):
                 "this model's LM has LoRA adapters (lm.trainable: lora): they stay; train on "
                 "with lm.trainable: lora"
             )
-        self.cfg = self.cfg.replace({"lm.trainable": trainable})  # validated: llava only
+        self.cfg = self.cfg.replace({"lm.trainable": trainable})  # validated: presets that may
         if trainable == "lora":
             if before != "lora":
                 add_adapters(self.lm.hf, self.cfg.lm.lora)
@@ -581,11 +476,13 @@ class Flamingo(nn.Module):
         self.lm.hf.requires_grad_(trainable == "full")
 
     def decayed_modules(self) -> list[nn.Module]:
-        """The trainable modules whose matrices take weight decay: the gated blocks (the
-        paper: none on the resampler); the projector and a trained LM (LLaVA)."""
-        if not self.splices_media:
-            return [self.lm.gated_blocks]
-        return [m for name, m in self.trainable_modules().items() if name != "new_tokens"]
+        """The trainable modules whose matrices take weight decay: the fusion's (the gated
+        blocks), the connector where it says so (the paper: none on the resampler; LLaVA's
+        projector, BLIP-2's Q-Former), a trained LM or its adapters; never the new rows."""
+        skip = {"new_tokens"} | (
+            set() if self.parts.connector.decays else {self.parts.connector.name}
+        )
+        return [m for name, m in self.trainable_modules().items() if name not in skip]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         params = self.parameters()
@@ -600,11 +497,8 @@ class Flamingo(nn.Module):
 
     def wrap_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes a distributed engine may shard or checkpoint as units."""
-        if self.cfg.connector == "qformer":
-            return (self.lm.decoder_layer_class(), QFormerLayer)
-        if self.splices_media:
-            return (self.lm.decoder_layer_class(),)
-        return (self.lm.decoder_layer_class(), GatedCrossAttentionBlock, PerceiverLayer)
+        units = (*self.fusion.wrap_units(), *self.parts.connector.wrap_units())
+        return (self.lm.decoder_layer_class(), *units)
 
     def compile_blocks(self, **options: Any) -> int:
         """Compile every repeated block on its own with ``torch.compile(**options)``

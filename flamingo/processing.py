@@ -38,6 +38,7 @@ from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.hub import snapshot
 from flamingo.media import media_slots
+from flamingo.parts import parts_of
 from flamingo.tokens import (
     END_OF_UTTERANCE,
     IMAGE,
@@ -47,7 +48,7 @@ from flamingo.tokens import (
     idefics_prompt,
     load_tokenizer,
 )
-from flamingo.vision import image_transform, tokens_per_image
+from flamingo.vision import image_transform
 
 Media = Image.Image | Sequence[Image.Image]
 PROCESSOR_CONFIG = "processor_config.json"
@@ -87,8 +88,7 @@ class FlamingoProcessor:
             cfg.lm.trust_remote_code,
             cfg.lm.special_tokens,
         )
-        image_tokens = {"llava": tokens_per_image(cfg.vision), "qformer": cfg.qformer.queries}
-        image_tokens = image_tokens.get(cfg.connector, 1)
+        image_tokens = parts_of(cfg).image_tokens()  # 1, or the connector's tokens (spliced)
         before_bos = cfg.lm.leading_images == "before_bos"
         return cls(tokenizer, special, cfg.vision, padding_side, image_tokens, before_bos)
 

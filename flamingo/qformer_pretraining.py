@@ -42,6 +42,8 @@ from flamingo.checkpoint import load_tensors, model_config_from_dict, save_tenso
 from flamingo.config import FlamingoConfig, QFormerConfig
 from flamingo.layers import DEFAULT_POLICY, ExecutionPolicy, compile_each, set_policy, torch_dtype
 from flamingo.losses import IGNORE
+from flamingo.parts import parts_of
+from flamingo.parts.connectors import QFormerConnector
 from flamingo.qformer import QFormer, QFormerLayer
 from flamingo.qformer_losses import (
     contrastive_loss,
@@ -147,6 +149,16 @@ def _padding(mask: torch.Tensor) -> torch.Tensor:
     return mask.bool()[:, None, :]
 
 
+def check_qformer(cfg: FlamingoConfig, what: str) -> None:
+    """Stage 1, and stage 2's start from it, need BLIP-2's Q-Former as the connector."""
+    connector = parts_of(cfg).connector
+    if not isinstance(connector, QFormerConnector):
+        raise ValueError(
+            f"{what} trains BLIP-2's Q-Former; the model's is {connector.describe()}: set "
+            "connector=qformer"
+        )
+
+
 class QFormerPretraining(nn.Module):
     """Frozen tower + the Q-Former with its text side + the heads of the three losses."""
 
@@ -168,11 +180,7 @@ class QFormerPretraining(nn.Module):
         """Stage 1 for a ``connector: qformer`` model config: its tower (frozen, from its
         source, in ``frozen_dtype``) and Q-Former, the text side over ``tokenizer``'s ids
         (:meth:`TextVocabulary.after`)."""
-        if cfg.connector != "qformer":
-            raise ValueError(
-                f"BLIP-2's stage 1 trains a Q-Former: the model config has connector: "
-                f"{cfg.connector}; set connector=qformer"
-            )
+        check_qformer(cfg, "BLIP-2's stage 1")
         vision = VisionEncoder(cfg.vision).to(torch_dtype(cfg.frozen_dtype))
         model = cls(cfg.qformer, vision, TextVocabulary.after(tokenizer))
         model.model_cfg = cfg

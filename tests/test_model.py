@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from flamingo import Flamingo
 from flamingo.layers import ExecutionPolicy
+from flamingo.parts.cross_attention import MediaContext
 from flamingo.xattn import media_index_from_ids
 from tests.conftest import build, noise_image, padded, set_gates
 
@@ -250,12 +251,12 @@ def test_media_context_always_clears(model, processor, monkeypatch):
 
 
 def test_one_cross_attention_mask_is_built_per_call_and_shared(model, processor, monkeypatch):
-    import flamingo.lm
+    import flamingo.parts.cross_attention as fusion
 
     built = []
-    original = flamingo.lm.cross_attention_bias
+    original = fusion.cross_attention_bias
     monkeypatch.setattr(
-        flamingo.lm, "cross_attention_bias", lambda *a: built.append(original(*a)) or built[-1]
+        fusion, "cross_attention_bias", lambda *a: built.append(original(*a)) or built[-1]
     )
     model(**batch(processor))
     assert len(model.lm.gated_blocks) > 1 and len(built) == 1
@@ -296,11 +297,12 @@ def test_a_checkpointed_layer_call_recomputes_its_gated_block_with_the_forward_m
     media = model.encode_media(enc["pixel_values"], enc["media_slots"]).detach()
     media_index = media_index_from_ids(enc["input_ids"], model.special_tokens.image_id)
     layer = nn.Identity()  # a stand-in decoder layer: only its pre-hook, the gated block, works
-    layer.register_forward_pre_hook(partial(lm._run_gated_block, 0), with_kwargs=True)
+    layer.register_forward_pre_hook(partial(lm._run_block, 0), with_kwargs=True)
     hidden = torch.randn(*enc["input_ids"].shape, lm.hf.config.hidden_size, requires_grad=True)
+    context = MediaContext(media, media_index, model.fusion.mask(lm, media, media_index, None))
     grads = []
     for checkpointed in (False, True):
-        with lm.media_context(media, media_index):
+        with lm.media_context(context):
             if checkpointed:
                 out = checkpoint(
                     layer, hidden, use_reentrant=False, context_fn=lm._recompute_contexts

@@ -22,6 +22,7 @@ from flamingo.config import FlamingoConfig
 from flamingo.qformer_pretraining import (
     WEIGHTS_NAME,
     QFormerPretraining,
+    check_qformer,
     connector_weights,
     read_export,
 )
@@ -44,11 +45,7 @@ SHAPE = (
 
 def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
     """Refuse, before the first step, what stage 1 cannot train on."""
-    if model_cfg.connector != "qformer":
-        raise ValueError(
-            f"objective: qformer_stage1 trains BLIP-2's Q-Former; the model has connector: "
-            f"{model_cfg.connector}: add model_overrides connector=qformer"
-        )
+    check_qformer(model_cfg, "objective: qformer_stage1")
     other = [d.name for d in cfg.datasets if d.kind != "pairs"]
     if other:
         raise ValueError(
@@ -137,10 +134,7 @@ def start_from_stage1(model: Any, directory: str | Path) -> None:
     export in ``directory`` (its weights file only: the tower is not rebuilt); its projection
     into the LM stays freshly initialised. Stage 1 must have read the same tower, with a
     Q-Former of the same shape."""
-    if model.cfg.connector != "qformer":
-        raise ValueError(
-            f"init_qformer starts a Q-Former; the model has connector: {model.cfg.connector}"
-        )
+    check_qformer(model.cfg, "init_qformer")
     cfg, _ = read_export(directory)
     theirs, ours = cfg.qformer, model.cfg.qformer
     differ = {k: (getattr(theirs, k), getattr(ours, k)) for k in SHAPE}
