@@ -38,7 +38,7 @@ def main() -> None:
     from flamingo.losses import make_labels
     from flamingo.training.config import EngineConfig, OptimConfig
     from flamingo.training.engine import DeepSpeedEngine, model_construction
-    from tests.conftest import noise_image, tiny_config
+    from tests.helpers import noise_image, tiny_config
 
     engine_cfg = EngineConfig.from_dict(
         {

@@ -15,7 +15,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.run_flops import MatmulFlops
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def run_bench(tmp_path, *extra: str) -> tuple[dict, str]:
@@ -266,7 +266,7 @@ def test_the_padding_bench_measures_less_padding_after_and_the_same_samples():
 
     from bench.padding import DISTRIBUTIONS, batches, draw, measure, padding_of, step_of
     from bench.report import padding_table
-    from tests.conftest import build
+    from tests.helpers import build
 
     model = build().train()
     special = model.special_tokens

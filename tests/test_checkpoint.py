@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flamingo import Flamingo, FlamingoProcessor
-from tests.conftest import build, noise_image, set_gates
+from tests.helpers import build, noise_image, set_gates
 
 PROMPT = "text first <image>a red circle<|endofchunk|><image>a"
 

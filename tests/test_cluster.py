@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 from tests.processes import process_group, run_group
 from tests.test_train import CONFIG, launcher_env, metrics, overrides
 from tests.tiny_shards import write_tiny_shards
@@ -179,7 +179,7 @@ def test_the_whole_trainable_state_carries_a_plain_run_exactly():
     from flamingo.losses import make_labels
     from flamingo.training.config import EngineConfig, OptimConfig
     from flamingo.training.engine import LocalEngine
-    from tests.conftest import noise_image, tiny_config
+    from tests.helpers import noise_image, tiny_config
 
     cfg = tiny_config()
     processor = FlamingoProcessor.from_config(cfg)

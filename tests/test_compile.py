@@ -15,7 +15,7 @@ from flamingo.config import CrossAttentionConfig, ResamplerConfig
 from flamingo.layers import ExecutionPolicy, set_policy
 from flamingo.resampler import PerceiverLayer
 from flamingo.xattn import GatedCrossAttentionBlock, cross_attention_bias
-from tests.conftest import build, noise_image, set_gates
+from tests.helpers import build, noise_image, set_gates
 
 NO_REBUILD = ExecutionPolicy(rebuild_activations=False)
 needs_inlined_modules = pytest.mark.skipif(

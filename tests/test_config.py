@@ -11,7 +11,7 @@ from eval.config import EvalConfig
 from flamingo.config import FlamingoConfig
 from flamingo.training.config import TrainConfig
 from flamingo.typed_config import from_dict, to_dict
-from tests.conftest import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 
 def demo_loader(path: Path):
@@ -191,7 +191,7 @@ def test_activation_checkpointing_takes_a_flag_or_gated_blocks():
         TrainConfig.from_yaml(path, ["engine.activation_checkpointing=layers"])
     from flamingo.training.config import EngineConfig, OptimConfig
     from flamingo.training.engine import LocalEngine
-    from tests.conftest import build
+    from tests.helpers import build
 
     for value, want in ((True, (True, False)), ("gated_blocks", (False, True))):
         engine = LocalEngine(build(), EngineConfig(activation_checkpointing=value), OptimConfig())

@@ -20,7 +20,7 @@ from flamingo.data.preprocess import Preprocessor
 from flamingo.data.schema import encode_pair
 from flamingo.losses import IGNORE, make_labels
 from flamingo.training.engine import param_groups
-from tests.conftest import ROOT, build, noise_image, tiny_config
+from tests.helpers import ROOT, build, noise_image, tiny_config
 from tests.test_data import solid
 from tests.tiny_shards import write_tiny_shards
 
@@ -310,7 +310,7 @@ def test_stage_2_under_zero2_and_zero3_gives_the_same_model(tmp_path):
     ZeRO-2 and ZeRO-3 (LM partitioned with the projector) ends with the same weights."""
     from safetensors.torch import load_file
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
     from tests.test_train import check, deepspeed
 
     shards = write_tiny_shards(tmp_path / "shards")
@@ -468,7 +468,7 @@ def test_blip2_stage_1_on_two_processes_under_zero2(tmp_path):
     """Both ranks' features and negatives meet in the collectives (a mismatch hangs or
     raises); the run ends with an export that loads."""
     from flamingo.qformer_pretraining import QFormerPretraining
-    from tests.conftest import free_port
+    from tests.helpers import free_port
     from tests.test_train import check, deepspeed
 
     shards = write_tiny_shards(tmp_path / "shards")

@@ -21,7 +21,7 @@ from flamingo.data.preprocess import Preprocessor
 from flamingo.data.schema import SkipSample, decode_conversation, encode_conversation
 from flamingo.data.shards import expand_shards, read_shard
 from flamingo.losses import IGNORE, make_labels
-from tests.conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 from tests.test_connectors import LLAVA, TOKENS
 from tests.test_data import solid, write
 

@@ -18,7 +18,7 @@ from flamingo.data.preprocess import Preprocessor, strip_markers
 from flamingo.data.schema import encode_interleaved, encode_pair, encode_video
 from flamingo.data.shards import read_shard
 from flamingo.data.writing import write_shards
-from tests.conftest import padded
+from tests.helpers import padded
 
 COLOURS = [
     (255, 0, 0),
@@ -466,7 +466,7 @@ def test_a_pinned_loader_asks_the_data_loader_for_page_locked_batches(
 
 def test_the_loader_ships_uint8_pixels_the_tower_normalises_to_the_same_logits(tmp_path, processor):
     from flamingo.vision import normalise
-    from tests.conftest import build, noise_image, set_gates
+    from tests.helpers import build, noise_image, set_gates
 
     pictures = [encode(noise_image(i, size=(40, 30))) for i in range(2)]
     samples = [encode_pair(f"s{i}", pictures[i], "png", f"a shape number {i}") for i in range(2)]

@@ -11,7 +11,7 @@ from webdataset import TarWriter
 from data_prep import interleaved, pairs, video
 from data_prep.interleaved import assign_images
 from flamingo.data.shards import read_shard
-from tests.conftest import padded
+from tests.helpers import padded
 from tests.test_data import COLOURS, loader, near, pixel_colour, real_ids, solid
 
 

@@ -14,7 +14,7 @@ from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from flamingo.config import VisionConfig
 from flamingo.typed_config import load_config
 from flamingo.vision import build_clip
-from tests.conftest import ROOT, noise_image
+from tests.helpers import ROOT, noise_image
 
 
 def test_stages_pretrain_and_load_into_the_demo_model(tmp_path):

@@ -16,8 +16,8 @@ from eval.metrics import okvqa_accuracy, process_punctuation, roc_auc, vqa_accur
 from eval.protocols import PROTOCOLS
 from eval.run import main as eval_main
 from eval.tasks import TASKS, Item
-from tests.conftest import ROOT, build, free_port, set_gates
 from tests.eval_fixtures import write_all
+from tests.helpers import ROOT, build, free_port, set_gates
 from tests.processes import run_group
 
 BENCHMARKS = {

@@ -21,7 +21,7 @@ from flamingo.xattn import (
     cross_attention_block_mask,
     flex_attention,
 )
-from tests.conftest import build, noise_image, set_gates
+from tests.helpers import build, noise_image, set_gates
 
 pytestmark = pytest.mark.skipif(flex_attention is None, reason="flex_attention needs torch>=2.5")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from flamingo import fused_nll
 from flamingo.fused_nll import fused_summed_nll
 from flamingo.losses import IGNORE, make_labels, summed_nll
-from tests.conftest import build, noise_image, set_gates
+from tests.helpers import build, noise_image, set_gates
 from tests.test_model import INTERLEAVED
 
 

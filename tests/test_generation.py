@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import build, noise_image, padded, set_gates
+from tests.helpers import build, noise_image, padded, set_gates
 
 PROMPTS = [
     "a picture: <image>Output: a red circle<|endofchunk|><image>Output:",

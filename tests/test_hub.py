@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flamingo import Flamingo, FlamingoProcessor, formats, hub
-from tests.conftest import COMMIT, OTHER, build, lay_out, noise_image, set_gates
+from tests.helpers import COMMIT, OTHER, build, lay_out, noise_image, set_gates
 from tests.test_openflamingo import backbones, openflamingo_model, our_config  # noqa: F401
 
 

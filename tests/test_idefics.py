@@ -16,7 +16,7 @@ from flamingo.convert.idefics import KNOWN_TOWERS, idefics_config
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
 from flamingo.tokens import AROUND_IMAGE, END_OF_UTTERANCE, IMAGE, TINY_TOKENIZER_DIR
-from tests.conftest import COMMIT, lay_out, noise_image
+from tests.helpers import COMMIT, lay_out, noise_image
 
 IMAGE_SIZE = 28
 

@@ -111,7 +111,7 @@ def test_a_rebuilt_tensor_can_be_saved_as_a_view_at_an_offset():
 
 
 def test_the_engine_policy_reaches_every_module_and_checkpointed_blocks_rebuild_nothing():
-    from tests.conftest import build
+    from tests.helpers import build
 
     model = build()
     policies = lambda part: {m.policy for m in part.modules() if hasattr(m, "policy")}  # noqa: E731

@@ -7,7 +7,7 @@ import ast
 import subprocess
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 APPLICATIONS = ("train", "eval", "data_prep", "demo", "bench", "tools", "tests")
 

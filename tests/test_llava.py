@@ -20,7 +20,7 @@ from flamingo.convert.llava import llava_config
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
 from flamingo.tokens import IMAGE
-from tests.conftest import COMMIT, lay_out, noise_image, tokenizer_with_image
+from tests.helpers import COMMIT, lay_out, noise_image, tokenizer_with_image
 
 IMAGE_SIZE, PATCH = 28, 7
 GRID = IMAGE_SIZE // PATCH

@@ -7,7 +7,7 @@ import torch
 
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.lm import DECODER_LAYOUTS, build_causal_lm, decoder_layout
-from tests.conftest import noise_image, set_gates, tiny_config
+from tests.helpers import noise_image, set_gates, tiny_config
 
 # Vocabulary 871 = the tiny tokenizer's base size, so the new tokens' logits are appended;
 # 896 leaves padding rows, so they overwrite rows inside the LM's vocabulary (OPT/MPT-style).

@@ -9,7 +9,7 @@ import torch
 
 from flamingo import FlamingoProcessor
 from flamingo.losses import make_labels, summed_nll
-from tests.conftest import build, noise_image, padded, set_gates
+from tests.helpers import build, noise_image, padded, set_gates
 
 TEXTS = [
     "a sentence without any image at all, as text-only rows have",

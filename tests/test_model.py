@@ -14,7 +14,7 @@ from flamingo import Flamingo
 from flamingo.layers import ExecutionPolicy
 from flamingo.parts.cross_attention import MediaContext
 from flamingo.xattn import media_index_from_ids
-from tests.conftest import build, noise_image, padded, set_gates
+from tests.helpers import build, noise_image, padded, set_gates
 
 TEXT = "a red circle on the left. Question: what colour is the circle? Short answer: red"
 INTERLEAVED = (

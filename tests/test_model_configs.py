@@ -13,7 +13,7 @@ import torch
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from flamingo.convert import idefics as convert_idefics
 from flamingo.lm import decoder_layout
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 HUB_ARCHITECTURES = {
     # The architecture fields of each named Hub LM's config.json, what AutoConfig would read

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import ROOT, build, set_gates
+from tests.helpers import ROOT, build, set_gates
 
 
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from flamingo import Flamingo, FlamingoProcessor
 from flamingo.convert import from_openflamingo
 from flamingo.convert.__main__ import main as convert_main
 from flamingo.tokens import TINY_TOKENIZER_DIR
-from tests.conftest import noise_image, padded, tiny_config
+from tests.helpers import noise_image, padded, tiny_config
 
 of_flamingo = pytest.importorskip("open_flamingo.src.flamingo")
 of_lm = pytest.importorskip("open_flamingo.src.flamingo_lm")

@@ -13,7 +13,7 @@ from flamingo.lm import DECODER_LAYOUTS
 from flamingo.losses import make_labels
 from flamingo.media import media_slots
 from flamingo.xattn import media_index_from_ids
-from tests.conftest import noise_image, set_gates
+from tests.helpers import noise_image, set_gates
 from tests.test_lm_families import TINY_LMS, family_config
 
 DOCS = [
@@ -172,7 +172,7 @@ def test_a_training_step_counts_packed_samples_not_rows(processor):
     from flamingo.training.batches import StepBatches
     from flamingo.training.config import EngineConfig, OptimConfig, TrainConfig
     from flamingo.training.engine import LocalEngine
-    from tests.conftest import ROOT, build
+    from tests.helpers import ROOT, build
 
     cfg = TrainConfig.from_yaml(ROOT / "configs/train/tiny.yaml")
     model = build().train()

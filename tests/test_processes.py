@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.processes import process_group, run_group
 
 # a parent that starts a child which outlives it, prints the child's pid, then waits

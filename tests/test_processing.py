@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import noise_image, padded, solid
+from tests.helpers import noise_image, padded, solid
 
 
 def test_media_are_flat_with_their_slots(processor):

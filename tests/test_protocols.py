@@ -23,7 +23,7 @@ from eval.metrics import vqa_accuracy
 from eval.protocols import PROTOCOLS, get_protocol
 from eval.run import Evaluator
 from eval.tasks import get_task
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 # -- the VQA accuracy variants --------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval
 
 from flamingo.convert.blip2 import load_stage1
 from flamingo.vision import to_tensor
-from tests.conftest import noise_image
+from tests.helpers import noise_image
 from tests.test_blip2 import IMAGE_SIZE, VISION
 
 QUERIES = 4
@@ -154,7 +154,7 @@ def test_the_loaders_pairs_become_cls_and_caption():
     from flamingo.losses import make_labels
     from flamingo.processing import FlamingoProcessor
     from flamingo.qformer_pretraining import QFormerPretraining
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
     from tests.test_blip2 import QFORMER
 
     cfg = tiny_config(*QFORMER)

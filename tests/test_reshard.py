@@ -11,7 +11,7 @@ from flamingo import FlamingoProcessor
 from flamingo.data.config import DatasetConfig
 from flamingo.data.pipeline import FlamingoLoader, merge_states
 from flamingo.data.schema import encode_pair
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.test_data import COLOURS, solid, write
 
 

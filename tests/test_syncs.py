@@ -21,7 +21,7 @@ from flamingo.losses import count_targets, make_labels
 from flamingo.training.batches import StepBatches
 from flamingo.training.config import EngineConfig, OptimConfig, TrainConfig
 from flamingo.training.engine import LocalEngine
-from tests.conftest import ROOT, build, noise_image
+from tests.helpers import ROOT, build, noise_image
 
 ALLOWED = {
     "transformers/masking_utils.py": "transformers' causal-mask builder reads whether the padding "

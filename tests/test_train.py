@@ -23,7 +23,7 @@ import train
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.training.checkpoints import CheckpointDir
 from flamingo.training.engine import adamw, param_groups
-from tests.conftest import ROOT, build, free_port, noise_image
+from tests.helpers import ROOT, build, free_port, noise_image
 from tests.processes import process_group, run_group
 from tests.tiny_shards import write_tiny_shards
 
@@ -382,7 +382,7 @@ def saved_lm(tmp_path_factory) -> str:
     """The tiny config's LM written by ``save_pretrained``: a pretrained LM that every engine
     loads to the same weights (random initialisation differs under ZeRO-3's zero.Init)."""
     from flamingo.lm import build_causal_lm
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     directory = tmp_path_factory.mktemp("lm")
     torch.manual_seed(0)

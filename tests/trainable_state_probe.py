@@ -29,7 +29,7 @@ def main() -> None:
     from flamingo.losses import make_labels
     from flamingo.training.config import EngineConfig, OptimConfig
     from flamingo.training.engine import DeepSpeedEngine
-    from tests.conftest import noise_image, tiny_config
+    from tests.helpers import noise_image, tiny_config
 
     engine_cfg = EngineConfig(precision=precision, deepspeed=config)
     cfg = tiny_config().replace(engine_cfg.model_changes())

@@ -46,9 +46,14 @@ class MediaContext:
 
 
 def check_media(
-    input_ids: torch.Tensor, media: MediaInput, media_index: torch.Tensor, sync_free: bool
+    input_ids: torch.Tensor,
+    media: MediaInput,
+    media_index: torch.Tensor,
+    sync_free: bool,
+    part: str = "the gated cross-attention",
 ) -> None:
-    """phi matches the text, and points at media that were given."""
+    """phi matches the text, and points at media that were given (``part``: how errors name
+    the model's connector)."""
     if media_index.shape != input_ids.shape:
         raise ValueError(
             f"media_index shape {tuple(media_index.shape)} != input_ids shape "
@@ -70,7 +75,7 @@ def check_media(
     if needed > available:
         raise ValueError(
             f"the text refers to {needed} media item(s) per sequence (<image> tokens) but "
-            f"only {available} were given: pass pixel_values with N >= {needed}"
+            f"only {available} were given to {part}: pass pixel_values with N >= {needed}"
         )
 
 
@@ -103,7 +108,8 @@ class CrossAttentionFusion(Fusion):
 
     def lm_inputs(self, model: Any, call: LMCall) -> LMCall:
         media = call.media_kv if call.media_kv is not None else call.media_latents
-        check_media(call.input_ids, media, call.media_index, model.policy.sync_free)
+        part = model.parts.connector.describe()
+        check_media(call.input_ids, media, call.media_index, model.policy.sync_free, part)
         media_first = None
         lm = model.lm
         if call.document_ids is not None and lm.gated_blocks and self.cfg.xattn.attend != "last":
