@@ -26,13 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.config import EvalConfig
-from eval.run import evaluate
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from flamingo.layers import torch_dtype
 from flamingo.losses import weighted_loss
@@ -45,6 +44,9 @@ from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine, build_engine, model_construction
 from flamingo.training.runlog import RunLogger
 from flamingo.typed_config import apply_overrides
+
+if TYPE_CHECKING:
+    from eval.config import EvalConfig
 
 log = logging.getLogger("flamingo.train")
 
@@ -136,6 +138,8 @@ def evaluate_during_training(model, processor, eval_cfg: EvalConfig, out: Path) 
     rank its share of the items, the predictions gathered: ``eval/...`` scores. No rank waits
     at a barrier while another evaluates alone, so an evaluation may last longer than the
     process group's timeout."""
+    from eval.run import evaluate  # a run without evaluation never imports it (each rank)
+
     model.eval()
     # the run's name keys the RICES feature cache: the frozen tower's features never change
     results = evaluate(model, processor, eval_cfg, str(out))
@@ -157,6 +161,8 @@ def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
             "eval during training generates on each rank with the whole weights, which ZeRO-3 "
             "partitions; evaluate the exported model (python -m eval.run)"
         )
+    from eval.config import EvalConfig
+
     return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides)
 
 

@@ -5,8 +5,9 @@ A format (:class:`Format`) says how to read our model config from a checkpoint (
 ``config.json``, tokenizer and image processor; an OpenFlamingo ``checkpoint.pt`` names none,
 its config is given) and how to map the checkpoint's tensors, strictly, into a model built from
 that config. Its module in ``flamingo/convert/`` registers it (:func:`register`);
-``flamingo/convert/__init__.py`` imports them all and ``import flamingo`` imports that, so the
-registry is full before anything asks. ``Flamingo.from_pretrained``, ``FlamingoProcessor
+``flamingo/convert/__init__.py`` imports them all, and the registry imports that package the
+first time it is asked (:func:`formats`: a plugin registry, filled on first use, so that
+``import flamingo`` stays light and this module imports no format module). ``Flamingo.from_pretrained``, ``FlamingoProcessor
 .from_pretrained``, the ``python -m flamingo.convert`` CLI and the Hub cache all go through
 :func:`convert`; neither the model class nor the processor imports a format module.
 
@@ -18,6 +19,7 @@ that ties its embeddings (built without storage, the tie would be lost).
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,15 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {}
+FORMAT_PACKAGE = "flamingo.convert"
+"""The package whose import registers every format module in it."""
+
+
+def formats() -> dict[str, Format]:
+    """The registry, the format modules imported (they register themselves) on first use."""
+    if not FORMATS:
+        importlib.import_module(FORMAT_PACKAGE)
+    return FORMATS
 
 
 def register(fmt: Format) -> Format:
@@ -63,7 +74,7 @@ def register(fmt: Format) -> Format:
 
 
 def lookup(name: str) -> Format:
-    if name not in FORMATS:
+    if name not in formats():
         raise ValueError(f"unknown checkpoint format {name!r}; registered: {sorted(FORMATS)}")
     return FORMATS[name]
 
@@ -117,7 +128,7 @@ def kind_of(directory: str | Path, revision: str | None = None) -> str | None:
     if str(directory) in hub.OPENFLAMINGO_RELEASES and not Path(directory).is_dir():
         return "openflamingo"
     kind = hub.foreign_type(directory, revision)
-    return kind if kind in FORMATS else None
+    return kind if kind in formats() else None
 
 
 def converted(

@@ -23,7 +23,7 @@ from flamingo.data.schema import encode_pair
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
 from flamingo.tokens import IMAGE
-from tests.helpers import COMMIT, lay_out, noise_image, tokenizer_with_image
+from tests.helpers import COMMIT, TINY_OPT, lay_out, noise_image, tokenizer_with_image
 
 IMAGE_SIZE, PATCH, QUERIES = 28, 7, 4
 
@@ -59,14 +59,9 @@ def save_reference(tmp_path, case: str = "every_other_layer", seed: int = 0, bos
             cross_attention_frequency=every,
         ),
         text_config=dict(
-            model_type="opt",
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            TINY_OPT,
             vocab_size=len(tokenizer),
             max_position_embeddings=128,
-            word_embed_proj_dim=32,
             tie_word_embeddings=tie,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,

@@ -13,8 +13,11 @@ SHORT = [
     "--scale", "0.1",
     "--set", "clip.steps=150",
     "--set", "lm.steps=150",  # the LM must learn both caption styles
-    "--set", "flamingo.steps=600",
-    "--set", "flamingo.checkpoint_every=300",
+    # a constant learning rate: 300 steps give 176 CIDEr against the blind 67 (the demo's
+    # cosine schedule needs 600 for that; with it 300 fell below the blind baseline)
+    "--set", "flamingo.steps=300",
+    "--set", "flamingo.optim.schedule=constant",
+    "--set", "flamingo.checkpoint_every=150",
     "--set", "eval.max_items=24",
     "--set", "eval.shots=[0,4]",
 ]  # fmt: skip
@@ -78,13 +81,14 @@ def test_bad_set_names_the_expected_form():
 
 def test_the_llava_stage_trains_both_stages_and_scores_beside_flamingo(demo_dir):
     """``--stages llava`` reuses the world, tower, LM and Flamingo model, trains LLaVA's two
-    stages on half the steps each, and adds its rows at the shots its prompts fit."""
+    stages on half the steps each (here a few: what they learn is the full demo's to show),
+    and adds its rows at the shots its prompts fit."""
     from flamingo import FlamingoConfig
     from flamingo.checkpoint import read_checkpoint_config
 
     clip = demo_dir / "clip" / "toy-clip.pt"
     before = clip.stat().st_mtime_ns
-    args = [*SHORT, "--set", "flamingo.steps=200"]  # 100 steps a LLaVA stage
+    args = [*SHORT, "--set", "flamingo.steps=20", "--set", "eval.max_items=8"]  # 10 a stage
     demo_run.main(["--out", str(demo_dir), "--stages", "llava", *args])
     assert clip.stat().st_mtime_ns == before
     first, _ = read_checkpoint_config(demo_dir / "llava-stage1" / "model")
@@ -106,7 +110,7 @@ def test_the_blip2_stage_trains_both_stages_and_the_connectors_are_compared(demo
     from flamingo.checkpoint import read_checkpoint_config
     from flamingo.qformer_pretraining import QFormerPretraining
 
-    args = [*SHORT, "--set", "flamingo.steps=200"]  # 100 steps a stage
+    args = [*SHORT, "--set", "flamingo.steps=20", "--set", "eval.max_items=8"]  # 10 a stage
     demo_run.main(["--out", str(demo_dir), "--stages", "connectors", *args])
     first = QFormerPretraining.from_pretrained(demo_dir / "blip2-stage1" / "model")
     second, _ = read_checkpoint_config(demo_dir / "blip2" / "model")

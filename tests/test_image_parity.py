@@ -30,6 +30,7 @@ from flamingo.convert.blip2 import blip2_config
 from flamingo.convert.idefics import idefics_config
 from flamingo.convert.llava import llava_config
 from flamingo.vision import image_transform
+from tests.helpers import TINY_CLIP_VISION, TINY_LLAMA, TINY_OPT
 from tests.test_blip2 import VISION as BLIP2_VISION
 
 S = 28
@@ -40,29 +41,12 @@ SIZES = (
 )
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-TEXT = dict(
-    model_type="opt",
-    hidden_size=32,
-    ffn_dim=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=100,
-    word_embed_proj_dim=32,
-)
 
 
 def llava():
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=24,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=S,
-            patch_size=7,
-        ),
-        text_config=dict(TEXT, model_type="llama", intermediate_size=64),
+        vision_config=dict(TINY_CLIP_VISION, image_size=S),
+        text_config=dict(TINY_LLAMA, vocab_size=100),
     ).to_dict()
     size = dict(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
     backends = {"pil": CLIPImageProcessorPil(**size), "torchvision": CLIPImageProcessor(**size)}
@@ -75,7 +59,7 @@ def blip2():
     config = Blip2Config(
         vision_config=BLIP2_VISION | {"image_size": S},
         qformer_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
-        text_config=TEXT,
+        text_config=dict(TINY_OPT, vocab_size=100),
         num_query_tokens=4,
     ).to_dict()
     size = dict(size={"height": S, "width": S})

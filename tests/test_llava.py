@@ -20,7 +20,14 @@ from flamingo.convert.llava import llava_config
 from flamingo.model import Flamingo
 from flamingo.processing import FlamingoProcessor
 from flamingo.tokens import IMAGE
-from tests.helpers import COMMIT, lay_out, noise_image, tokenizer_with_image
+from tests.helpers import (
+    COMMIT,
+    TINY_CLIP_VISION,
+    TINY_LLAMA,
+    lay_out,
+    noise_image,
+    tokenizer_with_image,
+)
 
 IMAGE_SIZE, PATCH = 28, 7
 GRID = IMAGE_SIZE // PATCH
@@ -38,22 +45,9 @@ def save_reference(tmp_path, case: str = "llava-1.5", seed: int = 0, tie: bool =
     layer, strategy, act = CASES[case]
     tokenizer = tokenizer_with_image()
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=24,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH,
-            projection_dim=16,
-        ),
+        vision_config=dict(TINY_CLIP_VISION, projection_dim=16),
         text_config=dict(
-            model_type="llama",
-            hidden_size=32,
-            intermediate_size=44,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            TINY_LLAMA,
             num_key_value_heads=2,
             vocab_size=len(tokenizer),
             max_position_embeddings=256,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flamingo import formats, hub
+import flamingo.formats as formats
+import flamingo.hub as hub
 from flamingo.config import FlamingoConfig
 from flamingo.model import Flamingo
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     of.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. lm.name_or_path=/models/mpt"
     )
-    transformers_formats = sorted(n for n in formats.FORMATS if n != "openflamingo")
+    transformers_formats = sorted(n for n in formats.formats() if n != "openflamingo")
     for name in transformers_formats:  # a directory in transformers' format, or a Hub id
         fmt = formats.FORMATS[name]
         command = sub.add_parser(name.replace("-", ""), help=fmt.description)

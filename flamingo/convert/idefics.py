@@ -111,10 +111,29 @@ def idefics_config(
         vision_raw.get("vision_model_name", config.get("vision_model_name", "")), {}
     )
     vision = {k: _sub(config, "vision_config", k, f"vision_{k}", tower) for k in VISION_KEYS}
-    perceiver = {k: _sub(config, "perceiver_config", k, k, {}) for k in PERCEIVER_KEYS}
-    qk_key = "qk_layer_norms_perceiver"
-    qk_perceiver = bool(_sub(config, "perceiver_config", qk_key, qk_key, {qk_key: False}))
     act = vision_raw.get("hidden_act", config.get("vision_hidden_act", "gelu"))
+    _refuse_what_differs(config, vision_raw, vision, act)
+    llama = _llama(config)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    model = {
+        "vision": _vision(vision, act, preprocessor or {}),
+        "resampler": _resampler(config),
+        "xattn": _xattn(config, llama),
+        "lm": {
+            "name_or_path": None,
+            "architecture": llama,
+            "tokenizer": str(tokenizer),
+            "special_tokens": "idefics",
+        },
+        "frozen_dtype": dtype if dtype in ("bfloat16", "float16") else "float32",
+    }
+    return FlamingoConfig.from_dict(model)
+
+
+def _refuse_what_differs(
+    config: dict[str, Any], vision_raw: dict[str, Any], vision: dict[str, Any], act: str
+) -> None:
+    """Options our model cannot reproduce are errors naming the field."""
     if act not in ("gelu", "quick_gelu"):
         _refuse("vision_config.hidden_act", act, "open_clip towers use gelu or quick_gelu")
     eps = vision_raw.get("layer_norm_eps", 1e-5)
@@ -145,15 +164,19 @@ def idefics_config(
             vision["intermediate_size"],
             "open_clip needs width divisible by heads and an integer MLP ratio",
         )
-    hidden, lm_heads = config.get("hidden_size", 4096), config.get("num_attention_heads", 32)
+
+
+def _llama(config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder: a Llama, inline (its weights are the checkpoint's)."""
+    heads = config.get("num_attention_heads", 32)
     llama = {
         "model_type": "llama",
         "vocab_size": config.get("vocab_size", 32000),
-        "hidden_size": hidden,
+        "hidden_size": config.get("hidden_size", 4096),
         "intermediate_size": config.get("intermediate_size", 11008),
-        "num_hidden_layers": layers,
-        "num_attention_heads": lm_heads,
-        "num_key_value_heads": lm_heads,
+        "num_hidden_layers": config.get("num_hidden_layers", 32),
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
         "hidden_act": "silu",
         "max_position_embeddings": config.get("max_position_embeddings", 2048),
         "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
@@ -168,64 +191,67 @@ def idefics_config(
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             _refuse("rope_parameters", rope, "only IDEFICS's plain RoPE is mapped")
         llama["rope_theta"] = rope.get("rope_theta", 10000.0)
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    preprocessor = preprocessor or {}
-    model = {
-        "vision": {
-            "model_name": "idefics-vision",
-            "pretrained": None,
-            "architecture": {
-                "embed_dim": width,
-                "quick_gelu": act == "quick_gelu",
-                "vision_cfg": {
-                    "image_size": vision["image_size"],
-                    "patch_size": vision["patch_size"],
-                    "width": width,
-                    "layers": vision["num_hidden_layers"],
-                    "head_width": width // heads,
-                    "mlp_ratio": vision["intermediate_size"] // width,
-                },
+    return llama
+
+
+def _vision(vision: dict[str, Any], act: str, preprocessor: dict[str, Any]) -> dict[str, Any]:
+    """The HF-CLIP tower as an open_clip one (its weights the checkpoint's), squashing images."""
+    width, heads = vision["embed_dim"], vision["num_attention_heads"]
+    return {
+        "model_name": "idefics-vision",
+        "pretrained": None,
+        "architecture": {
+            "embed_dim": width,
+            "quick_gelu": act == "quick_gelu",
+            "vision_cfg": {
+                "image_size": vision["image_size"],
+                "patch_size": vision["patch_size"],
+                "width": width,
+                "layers": vision["num_hidden_layers"],
+                "head_width": width // heads,
+                "mlp_ratio": vision["intermediate_size"] // width,
             },
-            "cls_token": True,
-            "ln_post_on_tokens": False,
-            "image_size": vision["image_size"],
-            "resize": "squash",
-            "image_mean": list(preprocessor.get("image_mean", OPENAI_MEAN)),
-            "image_std": list(preprocessor.get("image_std", OPENAI_STD)),
         },
-        "resampler": {
-            "depth": perceiver["resampler_depth"],
-            "heads": perceiver["resampler_n_heads"],
-            "dim_head": perceiver["resampler_head_dim"],
-            "num_latents": perceiver["resampler_n_latents"],
-            "ff_mult": 4,
-            "ff_activation": "relu",
-            "qk_norm": qk_perceiver,
-        },
-        "xattn": {
-            "every_n_layers": interval,
-            "first_layer": 0,
-            "heads": lm_heads,
-            "dim_head": hidden // lm_heads,
-            "ff": "swiglu",
-            "ff_hidden": llama["intermediate_size"],
-            "norm": "rmsnorm",
-            "norm_eps": llama["rms_norm_eps"],
-            "qk_norm": bool(config.get("qk_layer_norms", False)),
-            "gate": "vector" if alpha == "vector" else "scalar",
-            "attend": "last",
-            "ff_on_imageless_tokens": True,
-            "reset_after_eos": True,
-        },
-        "lm": {
-            "name_or_path": None,
-            "architecture": llama,
-            "tokenizer": str(tokenizer),
-            "special_tokens": "idefics",
-        },
-        "frozen_dtype": dtype if dtype in ("bfloat16", "float16") else "float32",
+        "cls_token": True,
+        "ln_post_on_tokens": False,
+        "image_size": vision["image_size"],
+        "resize": "squash",
+        "image_mean": list(preprocessor.get("image_mean", OPENAI_MEAN)),
+        "image_std": list(preprocessor.get("image_std", OPENAI_STD)),
     }
-    return FlamingoConfig.from_dict(model)
+
+
+def _resampler(config: dict[str, Any]) -> dict[str, Any]:
+    perceiver = {k: _sub(config, "perceiver_config", k, k, {}) for k in PERCEIVER_KEYS}
+    qk_key = "qk_layer_norms_perceiver"
+    return {
+        "depth": perceiver["resampler_depth"],
+        "heads": perceiver["resampler_n_heads"],
+        "dim_head": perceiver["resampler_head_dim"],
+        "num_latents": perceiver["resampler_n_latents"],
+        "ff_mult": 4,
+        "ff_activation": "relu",
+        "qk_norm": bool(_sub(config, "perceiver_config", qk_key, qk_key, {qk_key: False})),
+    }
+
+
+def _xattn(config: dict[str, Any], llama: dict[str, Any]) -> dict[str, Any]:
+    heads = llama["num_attention_heads"]
+    return {
+        "every_n_layers": config.get("cross_layer_interval", 1),
+        "first_layer": 0,
+        "heads": heads,
+        "dim_head": llama["hidden_size"] // heads,
+        "ff": "swiglu",
+        "ff_hidden": llama["intermediate_size"],
+        "norm": "rmsnorm",
+        "norm_eps": llama["rms_norm_eps"],
+        "qk_norm": bool(config.get("qk_layer_norms", False)),
+        "gate": "vector" if config.get("alpha_type", "float") == "vector" else "scalar",
+        "attend": "last",
+        "ff_on_imageless_tokens": True,
+        "reset_after_eos": True,
+    }
 
 
 def directory_config(directory: str | Path) -> FlamingoConfig:

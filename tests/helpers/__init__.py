@@ -113,3 +113,34 @@ PRESET_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 """Each preset (``connector:``) on the tiny model: the overrides of ``configs/model/tiny.yaml``
 its parts need (LLaVA's second-to-last layer without the final norm; a small Q-Former)."""
+
+
+TINY_CLIP_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=24,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=7,
+)
+"""transformers' CLIP vision tower, tiny: the LLaVA references' (and the pixel tests')."""
+
+TINY_LLAMA = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=44,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+)
+"""A tiny Llama text config for the references (each adds its vocabulary and ids)."""
+
+TINY_OPT = dict(
+    model_type="opt",
+    hidden_size=32,
+    ffn_dim=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    word_embed_proj_dim=32,
+)
+"""A tiny OPT text config for the BLIP-2 references (each adds its vocabulary and ids)."""
