@@ -29,6 +29,10 @@ $(STAMP): $(LOCK) requirements/reference.txt pyproject.toml
 	# Reference implementations for the parity tests and benchmarks, without their dependencies
 	# (OpenFlamingo pins torch 2.0.1 but runs on the locked stack).
 	$(BIN)/pip install --no-deps -r requirements/reference.txt
+	# DeepSpeed's C++ ops for this machine (the CPU accelerator's communication op, CPU Adam for
+	# offload), built here with their progress shown rather than in silence inside a launched run
+	timeout 900 $(BIN)/python -m flamingo.training.ops \
+	  || echo "warning: DeepSpeed's ops did not build (above); the first DeepSpeed run builds them" >&2
 	touch $(STAMP)
 
 # The caption metrics' PTB tokenizer (pycocoevalcap) runs Java; better to say so here than to

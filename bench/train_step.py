@@ -236,7 +236,8 @@ def deepspeed_engine(model, groups, precision: str):
     import socket
 
     from flamingo.training.config import EngineConfig, OptimConfig
-    from flamingo.training.engine import DeepSpeedEngine, import_deepspeed
+    from flamingo.training.engine import DeepSpeedEngine
+    from flamingo.training.ops import import_deepspeed, load_ops, wanted
 
     deepspeed = import_deepspeed()
 
@@ -247,6 +248,7 @@ def deepspeed_engine(model, groups, precision: str):
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     ).items():
         os.environ.setdefault(key, value)
+    load_ops(wanted(offload=False), announce=True)
     deepspeed.init_distributed()
     engine_cfg = EngineConfig(
         precision=precision, deepspeed=str(ROOT / "configs/deepspeed/zero2.json")

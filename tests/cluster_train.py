@@ -5,7 +5,7 @@
 - each rank writes ``FLAMINGO_TEST_RECORD/rank<R>.json``: how many tensors its export gather
   (``Engine.full_tensors`` of the exported names) left in its hands.
 
-    deepspeed --num_gpus 2 tests/cluster_train.py --config ... engine.timeout_minutes=0.25
+    torchrun --nproc_per_node 2 tests/cluster_train.py --config ... engine.timeout_minutes=0.15
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def time_limit(request):
 def no_stale_extension_locks():
     """Every later build of such an op (another torch, another Python) would wait on a
     stale lock forever, and hang the DeepSpeed tests: remove them before the session."""
-    from flamingo.training.engine import extensions_dir
+    from flamingo.training.ops import extensions_dir
 
     for lock in stale_extension_locks(extensions_dir()):
         lock.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""What a first cluster run meets, rehearsed on one CPU machine with DeepSpeed's own launcher:
+"""What a first cluster run meets, rehearsed on one CPU machine (DeepSpeed's own launcher for the
+nodes, torchrun where only the ranks matter):
 an evaluation during training longer than the process group's timeout, a node-local output
 folder, a lost (or added) node, the export's memory (issue 41)."""
 
@@ -137,7 +138,7 @@ def test_a_run_moves_between_one_and_two_processes_and_evaluates_past_the_timeou
         **{"engine.deepspeed": "configs/deepspeed/zero2.json", "engine.timeout_minutes": 0.15},
     )
     resume = ["--resume", str(one / "checkpoints" / "step-00000002")]
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_port", free_port(), "tests/cluster_train.py", "--config", str(CONFIG)]
     env = dict(launcher_env(), FLAMINGO_TEST_EVAL_SLEEP="12", FLAMINGO_TEST_RECORD=str(record))
     result = run_group([*command, *resume, *args], 420, cwd=ROOT, env=env)

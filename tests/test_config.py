@@ -196,16 +196,3 @@ def test_activation_checkpointing_takes_a_flag_or_gated_blocks():
     for value, want in ((True, (True, False)), ("gated_blocks", (False, True))):
         engine = LocalEngine(build(), EngineConfig(activation_checkpointing=value), OptimConfig())
         assert (engine.policy.checkpoint_layers, engine.policy.checkpoint_gated_blocks) == want
-
-
-def test_deepspeeds_op_builds_are_kept_in_this_environment(monkeypatch):
-    # torch's default build folder is shared by every venv of one Python: another torch
-    # rebuilt DeepSpeed's CPU communication op at each launch (~3 minutes)
-    import sys
-
-    from flamingo.training.engine import extensions_dir
-
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    assert extensions_dir() == Path(sys.prefix) / "torch_extensions"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
-    assert extensions_dir() == Path("/elsewhere")  # a user's choice stays theirs

@@ -310,8 +310,7 @@ def test_stage_2_under_zero2_and_zero3_gives_the_same_model(tmp_path):
     ZeRO-2 and ZeRO-3 (LM partitioned with the projector) ends with the same weights."""
     from safetensors.torch import load_file
 
-    from tests.helpers import free_port
-    from tests.test_train import check, deepspeed
+    from tests.test_train import check, two_ranks
 
     shards = write_tiny_shards(tmp_path / "shards")
     stage2 = f"model_overrides={json.dumps([*LLAVA, 'lm.trainable=full'])}"
@@ -332,7 +331,7 @@ def test_stage_2_under_zero2_and_zero3_gives_the_same_model(tmp_path):
             "checkpoint_every=3",
             stage2,
         ]
-        check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
+        check(two_ranks(args))
         weights[stage] = load_file(str(out / "model" / "model.safetensors"))
     assert any(n.startswith("lm.hf.model.layers.") for n in weights["zero3"])
     for name, want in weights["zero2"].items():
@@ -468,8 +467,7 @@ def test_blip2_stage_1_on_two_processes_under_zero2(tmp_path):
     """Both ranks' features and negatives meet in the collectives (a mismatch hangs or
     raises); the run ends with an export that loads."""
     from flamingo.qformer_pretraining import QFormerPretraining
-    from tests.helpers import free_port
-    from tests.test_train import check, deepspeed
+    from tests.test_train import check, two_ranks
 
     shards = write_tiny_shards(tmp_path / "shards")
     out = tmp_path / "zero2"
@@ -486,7 +484,7 @@ def test_blip2_stage_1_on_two_processes_under_zero2(tmp_path):
         "log_every=1",
         "checkpoint_every=3",
     ]
-    check(deepspeed(["--num_gpus", "2", "--master_port", free_port(), *args]))
+    check(two_ranks(args))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["loss/total"] > 0 for r in rows)
     QFormerPretraining.from_pretrained(out / "model")

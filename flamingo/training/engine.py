@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 
 from flamingo.layers import ExecutionPolicy, PartitionedWeights, building_partitioned
 from flamingo.training.config import EngineConfig, OptimConfig
+from flamingo.training.ops import first_on_node, import_deepspeed, load_ops, wanted
 from flamingo.xattn import flex_attention
 
 OWNED_KEYS = (
@@ -50,20 +50,10 @@ OWNED_KEYS = (
 )
 
 
-def extensions_dir() -> Path:
-    """Where torch builds DeepSpeed's C++ ops (its CPU communication op, CPU Adam): a folder of
-    this environment's own. torch's default (``~/.cache/torch_extensions/py311_cpu``) is shared
-    by every environment of one Python, so two venvs with other torch builds rebuild the op
-    at each other's every launch (~3 minutes each)."""
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
-
-
-def import_deepspeed() -> Any:
-    """``import deepspeed`` with its op builds kept in :func:`extensions_dir`."""
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
-    import deepspeed
-
-    return deepspeed
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config keeps the optimiser on the CPU (DeepSpeed's CPU Adam)."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
 
 
 def cfg_timeout(cfg: EngineConfig) -> datetime.timedelta:
@@ -184,9 +174,10 @@ def model_construction(
         from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         deepspeed = import_deepspeed()
-
+        ds_config = DeepSpeedEngine.build_config(cfg, optim, micro_batches_per_step)
+        load_ops(wanted(offloads_optimizer(ds_config)), announce=first_on_node())
         deepspeed.init_distributed(timeout=cfg_timeout(cfg))  # zero.Init partitions over it
-        switch = HfDeepSpeedConfig(DeepSpeedEngine.build_config(cfg, optim, micro_batches_per_step))
+        switch = HfDeepSpeedConfig(ds_config)
         weights = PartitionedWeights(
             holds_no_data=lambda p: hasattr(p, "ds_id"),
             gathered=lambda params: deepspeed.zero.GatheredParameters(params),
@@ -435,6 +426,8 @@ class DeepSpeedEngine(Engine):
         self._ds = deepspeed
         allow_tf32(cfg)
         ds_config = self.build_config(cfg, optim, micro_batches_per_step)
+        # built before DeepSpeed asks, and said (it would compile them in silence)
+        load_ops(wanted(offloads_optimizer(ds_config)), announce=first_on_node())
         deepspeed.init_distributed(timeout=cfg_timeout(cfg))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         groups = param_groups(model, optim.weight_decay)
@@ -495,9 +488,7 @@ class DeepSpeedEngine(Engine):
                 "accumulation, engine.precision); remove them from the DeepSpeed JSON"
             )
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get(
-            "device", "none"
-        ) not in ("none", None)
+        offload = offloads_optimizer(ds)
         adam = {
             "lr": optim.lr,
             "betas": list(optim.betas),
