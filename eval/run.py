@@ -90,7 +90,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _encode(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels, _ = self.processor.preprocess_images([[im] for im in images])  # (M, F, C, H, W)
+        pixels, _, _ = self.processor.preprocess_images([[im] for im in images])  # (M, F, C, H, W)
         tokens = self.model.vision(pixels.unsqueeze(1).to(self.device, self.dtype))
         return tokens.mean(dim=(1, 2, 3)).float().cpu()  # (B, Dv)
 

@@ -26,8 +26,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionConfig(YamlConfig):
     """The frozen open_clip vision tower (ARCHITECTURE.md: vision.py)."""
 
-    kind: Literal["open_clip"] = "open_clip"
-    """Which tower (``flamingo.parts.TOWERS``): open_clip's ViTs (the ones below)."""
+    kind: Literal["open_clip", "mllama"] = "open_clip"
+    """Which tower (``flamingo.parts.TOWERS``): open_clip's ViTs (the fields below), or
+    Llama 3.2 Vision's tiled ViT (``mllama``: ``architecture`` holds transformers'
+    ``MllamaVisionConfig`` fields, ``image_size`` is a tile's, the weights come from the
+    checkpoint; of the fields below it reads ``image_mean`` and ``image_std``)."""
     model_name: str = "ViT-L-14"
     """open_clip architecture name (``open_clip.list_models()``), or a label when
     ``architecture`` is given inline."""
@@ -71,6 +74,13 @@ class VisionConfig(YamlConfig):
 
     def __post_init__(self) -> None:
         positive("image_size", self.image_size)
+        if self.kind == "mllama":
+            if self.pretrained is not None:
+                raise ValueError(
+                    "vision.kind: mllama takes its weights from the checkpoint: set "
+                    f"vision.pretrained: null (got {self.pretrained!r})"
+                )
+            return
         if self.feature_layer >= 0:
             raise ValueError(
                 f"vision.feature_layer counts from the last block: -1 (the last), -2, ...; got "
@@ -275,6 +285,23 @@ class CrossAttentionConfig(YamlConfig):
 
 
 @dataclass(frozen=True)
+class MllamaFusionConfig(YamlConfig):
+    """Llama 3.2 Vision's cross-attention layers (``connector: mllama``; ``flamingo/mllama.py``).
+    Their widths, heads and MLP are the LM's own."""
+
+    layers: list[int] = field(default_factory=list)
+    """The Llama layers (of the self-attention stack) a cross-attention layer runs before:
+    transformers' ``cross_attention_layers`` [3, 8, 13, ...] of the 40-layer stack are
+    [3, 7, 11, ...] here (each index less the cross-attention layers before it)."""
+    rows_without_image: Literal["zero", "attend_uniformly"] = "zero"
+    """What a token that reads no image (text before the first) gets from a layer: nothing
+    (``zero``: Meta's reference code, with which the checkpoints were trained, and Flamingo's
+    rule), or transformers' numerics (``attend_uniformly``: attention spread evenly over its
+    row's vision tokens, gated in, the MLP output zeroed; transformers issue 39379), to
+    reproduce a transformers output exactly."""
+
+
+@dataclass(frozen=True)
 class LoRAConfig(YamlConfig):
     """Low-rank adapters on the LM's linear layers (``lm.trainable: lora``, through ``peft``);
     the defaults are LLaVA-1.5's LoRA fine-tuning (``finetune_lora.sh``)."""
@@ -317,14 +344,20 @@ class LanguageConfig(YamlConfig):
     disable_dropout: bool = True
     """Zero the frozen LM's dropout probabilities so its output does not depend on train/eval
     mode (Chinchilla, the paper's LM, has none)."""
-    special_tokens: Literal["flamingo", "idefics", "llava"] = "flamingo"
+    special_tokens: Literal["flamingo", "idefics", "llava", "mllama"] = "flamingo"
     """How images are marked in the text: ``flamingo`` adds ``<image>`` and ``<|endofchunk|>``
     (OpenFlamingo's order) to the tokenizer; ``idefics`` uses the tokenizer's own
     ``<fake_token_around_image>``, ``<image>`` and, when it has one, ``<end_of_utterance>``
     (which then ends a chunk), each image written ``<fake_token_around_image><image>`` with a
     closing fake token shared by consecutive images (IDEFICS's prompt form); ``llava`` uses
     the tokenizer's own ``<image>`` (an ``llava-hf`` tokenizer, whose LM has a row for it), adds
-    nothing else, and ends a chunk with the end-of-sequence token."""
+    nothing else, and ends a chunk with the end-of-sequence token; ``mllama`` uses Llama 3.2
+    Vision's ``<|image|>`` (whose input row the LM has; ``<image>`` in a text is written as
+    it), its start token after the images that open a text (``MllamaProcessor``'s rule), and
+    ends a chunk with the end-of-sequence token."""
+    head_rows: int | None = None
+    """Rows of the LM head when it has fewer than the embedding: Llama 3.2 Vision's embedding
+    has 8 rows more than its head (``<|image|>``'s among them), which no logit covers."""
     leading_images: Literal["after_bos", "before_bos"] = "after_bos"
     """Where the images that open a text go against the tokenizer's start token:
     ``after_bos``, the text tokenized whole (Flamingo, LLaVA); ``before_bos``, their tokens
@@ -378,10 +411,11 @@ PRESETS: dict[str, Preset] = {
     "flamingo": Preset("resampler", "cross_attention", ("resampler", "xattn"), False, False),
     "llava": Preset("projector", "splice", ("projector",), True, True),
     "qformer": Preset("qformer", "splice", ("qformer",), True, True),
+    "mllama": Preset("projector", "mllama", ("projector", "mllama"), False, False),
 }
 """``connector:`` -> its parts. A new combination of parts is a row here."""
 
-PART_SECTIONS = ("resampler", "xattn", "projector", "qformer")
+PART_SECTIONS = ("resampler", "xattn", "projector", "qformer", "mllama")
 """The sections that belong to one part or another (the rest every model reads)."""
 
 
@@ -402,16 +436,20 @@ class FlamingoConfig(YamlConfig):
     """Gated cross-attention blocks."""
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     """Language model and tokenizer."""
-    connector: Literal["flamingo", "llava", "qformer"] = "flamingo"
+    connector: Literal["flamingo", "llava", "qformer", "mllama"] = "flamingo"
     """How the LM sees an image: ``flamingo``, the resampler's latents through gated
     cross-attention blocks (``resampler``, ``xattn``); ``llava``, each patch token projected
     (``projector``) into the LM's input, in place of the image's ``<image>`` tokens (one per
     patch token; ARCHITECTURE.md, "Connectors"); ``qformer``, BLIP-2's queries (``qformer``),
-    projected into the LM's input in place of ``qformer.queries`` ``<image>`` tokens."""
+    projected into the LM's input in place of ``qformer.queries`` ``<image>`` tokens;
+    ``mllama``, Llama 3.2 Vision's: the tiled tower's tokens projected (``projector``, one
+    linear layer) and read by its cross-attention layers (``mllama``)."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     """LLaVA's projector (``connector: llava``)."""
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     """BLIP-2's Q-Former (``connector: qformer``)."""
+    mllama: MllamaFusionConfig = field(default_factory=MllamaFusionConfig)
+    """Llama 3.2 Vision's cross-attention layers (``connector: mllama``)."""
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen vision tower and LM; trainable parameters stay float32 (paper)."""
 

@@ -36,7 +36,10 @@ class Flamingo(Protocol):
     fusion: Any
 
     def __call__(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
-    def encode_media(self, pixel_values: torch.Tensor, media_slots: Any = None) -> Any: ...
+    def encode_media(
+        self, pixel_values: torch.Tensor, media_slots: Any = None, aspect_ratio_ids: Any = None
+    ) -> Any: ...
+    def media_mask(self, aspect_ratio_ids: torch.Tensor, media_slots: Any = None) -> Any: ...
     def media_index(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def train(self, mode: bool = True) -> Any: ...
     def eval(self) -> Any: ...
@@ -70,16 +73,21 @@ def _prepare(
     media_slots: torch.Tensor | None,
     media_latents: torch.Tensor | None,
     use_cache: bool,
+    aspect_ratio_ids: torch.Tensor | None = None,
 ) -> _Prompt:
     if pixel_values is not None and media_latents is not None:
         raise ValueError("give pixel_values or media_latents, not both")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    media_mask = None
     if pixel_values is not None:
-        media_latents = model.encode_media(pixel_values, media_slots)
+        media_latents = model.encode_media(pixel_values, media_slots, aspect_ratio_ids)
+        if aspect_ratio_ids is not None:
+            media_mask = model.media_mask(aspect_ratio_ids, media_slots)
     elif media_slots is not None:
         raise ValueError("media_slots were given without pixel_values")
-    media = model.fusion.decoding(model, media_latents, use_cache)  # once per call
+    # once per call
+    media = model.fusion.decoding(model, media_latents, use_cache, input_ids, media_mask)
     return _Prompt(input_ids, attention_mask, media, model.media_index(input_ids))
 
 
@@ -152,11 +160,12 @@ def _banned_tokens(model: Flamingo, logits: torch.Tensor) -> torch.Tensor:
     special = model.special_tokens
     banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     banned[model.lm.tokenizer_size :] = True
-    banned[special.image_id] = True
-    if special.around_image_id is not None:
-        banned[special.around_image_id] = True
+    never = [special.image_id, special.around_image_id]
     if special.pad_id in special.new_ids:
-        banned[special.pad_id] = True
+        never.append(special.pad_id)
+    for token in never:
+        if token is not None and token < banned.shape[0]:  # one no logit covers is never drawn
+            banned[token] = True
     return banned
 
 
@@ -199,6 +208,7 @@ def generate(
     length_penalty: float = 1.0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    aspect_ratio_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue each (left-padded) prompt; returns (B, T + generated) token ids.
 
@@ -207,7 +217,8 @@ def generate(
     ``generated_length ** length_penalty``; a prompt is done once it has ``num_beams`` finished
     hypotheses and no running beam can still beat the worst of them at its current length).
     ``eos_token_id`` defaults to ``<|endofchunk|>``. ``use_cache=False`` recomputes the whole
-    sequence at every step (for tests and comparisons).
+    sequence at every step (for tests and comparisons). ``aspect_ratio_ids`` go with the
+    pixels of a tiled tower (the processor gives them).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -220,7 +231,14 @@ def generate(
     try:
         eos = model.special_tokens.end_of_chunk_id if eos_token_id is None else eos_token_id
         prompt = _prepare(
-            model, input_ids, attention_mask, pixel_values, media_slots, media_latents, use_cache
+            model,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            media_slots,
+            media_latents,
+            use_cache,
+            aspect_ratio_ids,
         )
         if num_beams == 1:
             return _greedy_or_sample(
@@ -365,6 +383,7 @@ def score(
     media_latents: torch.Tensor | None = None,
     media_slots: torch.Tensor | None = None,
     candidates_per_call: int = 64,
+    aspect_ratio_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of each candidate continuation of one prompt.
 
@@ -386,7 +405,14 @@ def score(
     model.eval()
     try:
         prompt = _prepare(
-            model, input_ids, attention_mask, pixel_values, media_slots, media_latents, True
+            model,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            media_slots,
+            media_latents,
+            True,
+            aspect_ratio_ids,
         )
         first = model(
             prompt.input_ids,

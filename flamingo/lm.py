@@ -127,6 +127,8 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
         )
     if patch:
         patch(model)
+    if cfg.head_rows is not None:
+        keep_head_rows(model, cfg.head_rows)
     partitioned = {p.dtype for p in model.parameters() if is_partitioned(p)}
     if not partitioned:
         return model.to(dtype)
@@ -139,6 +141,19 @@ def build_causal_lm(cfg: LanguageConfig, dtype: torch.dtype = torch.float32) -> 
             "agree (engine.precision: bf16 stores the frozen weights in bfloat16)"
         )
     return model
+
+
+def keep_head_rows(model: nn.Module, rows: int) -> None:
+    """Give ``model`` an LM head of its first ``rows`` rows (``lm.head_rows``: Llama 3.2
+    Vision's embedding has rows its head lacks). Untied heads only."""
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        raise ValueError("lm.head_rows needs an LM whose head is not tied to its embedding")
+    if not 0 < rows <= head.out_features:
+        raise ValueError(f"lm.head_rows={rows} but the LM head has {head.out_features} rows")
+    kept = nn.Linear(head.in_features, rows, bias=False, device=head.weight.device)
+    kept.weight = nn.Parameter(head.weight[:rows].detach(), requires_grad=head.weight.requires_grad)
+    model.set_output_embeddings(kept)
 
 
 class NewTokenEmbeddings(nn.Module):
@@ -199,7 +214,7 @@ class FlamingoLM(nn.Module):
             )
         self.base_vocab = head.out_features
         num_owned = len(special_tokens.new_ids)
-        if tokenizer_size - num_owned > min(self.base_vocab, embed.num_embeddings):
+        if tokenizer_size - num_owned > embed.num_embeddings:
             raise ValueError(
                 f"the tokenizer has {tokenizer_size - num_owned} base tokens but the LM's "
                 f"embedding has {embed.num_embeddings} rows: tokenizer and LM do not match"

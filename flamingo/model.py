@@ -295,7 +295,10 @@ class Flamingo(nn.Module):
         return media_index_from_ids(input_ids, special.image_id, document_ids, reset)
 
     def encode_media(
-        self, pixel_values: torch.Tensor, media_slots: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        media_slots: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Media -> media_latents (B, N, R, D): the resampler's R latents of the tower's width
         (Flamingo), or the projector's tokens of the LM's width, one per tower token (LLaVA).
@@ -307,14 +310,29 @@ class Flamingo(nn.Module):
           tower and the resampler run on the M real items; empty slots get zero latents.
         - padded: ``pixel_values (B, N, F, C, H, W)``, every slot encoded, empty ones too.
 
-        Both give the same logits: no token attends to an empty slot."""
+        Both give the same logits: no token attends to an empty slot. A tiled tower's pixels
+        (``vision.kind: mllama``: F is the tiles) come with ``aspect_ratio_ids``, (M,) or (B, N)
+        as the pixels are laid out (0: an empty slot)."""
+        extra = {}
+        if aspect_ratio_ids is not None:
+            if not hasattr(self.vision, "token_mask"):
+                raise ValueError(
+                    f"aspect_ratio_ids go with a tiled tower; vision.kind: {self.cfg.vision.kind} "
+                    "takes none"
+                )
+            if aspect_ratio_ids.shape != pixel_values.shape[: pixel_values.ndim - 4]:
+                raise ValueError(
+                    f"aspect_ratio_ids {tuple(aspect_ratio_ids.shape)} must give one id per "
+                    f"media item of pixel_values {tuple(pixel_values.shape)}"
+                )
+            extra["aspect_ratio_ids"] = aspect_ratio_ids
         if pixel_values.ndim == 6:
             if media_slots is not None:
                 raise ValueError(
                     "media_slots go with flat pixel_values (M, F, C, H, W), not padded "
                     f"(B, N, F, C, H, W) ones; got pixel_values {tuple(pixel_values.shape)}"
                 )
-            return self.connector()(self.vision(pixel_values))
+            return self.connector()(self.vision(pixel_values, **extra))
         if pixel_values.ndim != 5:
             raise ValueError(
                 "pixel_values must be flat (M, F, C, H, W) with media_slots, or padded "
@@ -326,8 +344,17 @@ class Flamingo(nn.Module):
                 "sequence's n-th media item in them, -1 for none (FlamingoProcessor gives both)"
             )
         _check_slots(media_slots, pixel_values.shape[0], self.policy.sync_free)
-        latents = self.connector()(self.vision(pixel_values.unsqueeze(0))).squeeze(0)
+        extra = {k: v.unsqueeze(0) for k, v in extra.items()}
+        latents = self.connector()(self.vision(pixel_values.unsqueeze(0), **extra)).squeeze(0)
         return place_in_slots(latents, media_slots)
+
+    def media_mask(
+        self, aspect_ratio_ids: torch.Tensor, media_slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, N, R) bool: the media tokens of a tiled tower's real tiles, from the ids of the
+        flat (M,) layout with ``media_slots``, or of the padded (B, N) one."""
+        mask = self.vision.token_mask(aspect_ratio_ids)
+        return mask if media_slots is None else place_in_slots(mask, media_slots)
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -347,6 +374,8 @@ class Flamingo(nn.Module):
         logits_to_keep: int = 0,
         document_ids: torch.Tensor | None = None,
         across_documents: bool = False,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
     ) -> FlamingoOutput:
         """Logits for ``input_ids`` (B, T) conditioned on the media.
 
@@ -374,6 +403,10 @@ class Flamingo(nn.Module):
         has alone) unless ``across_documents`` (plain causal over the row, as IDEFICS
         trained). Labels for them: ``make_labels(..., document_ids=...)``. Training only: not
         with a cache.
+
+        A tiled tower (``vision.kind: mllama``) takes ``aspect_ratio_ids`` with its pixels (the
+        processor gives them), from which the real tiles' tokens are known; with media given
+        otherwise, ``media_mask (B, N, R)`` says which tokens are real (None: all).
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -389,9 +422,11 @@ class Flamingo(nn.Module):
         if len(given) > 1:
             raise ValueError(f"give one of pixel_values, media_latents, media_kv, not both {given}")
         if pixel_values is not None:
-            media_latents = self.encode_media(pixel_values, media_slots)
-        elif media_slots is not None:
-            raise ValueError("media_slots were given without pixel_values")
+            media_latents = self.encode_media(pixel_values, media_slots, aspect_ratio_ids)
+            if aspect_ratio_ids is not None and media_mask is None:
+                media_mask = self.media_mask(aspect_ratio_ids, media_slots)
+        elif media_slots is not None or aspect_ratio_ids is not None:
+            raise ValueError("media_slots or aspect_ratio_ids were given without pixel_values")
         if document_ids is not None:
             self._check_packed(input_ids, document_ids, cache, use_cache)
         if media_index is None:
@@ -402,7 +437,14 @@ class Flamingo(nn.Module):
                 )
             media_index = self.media_index(input_ids, document_ids)
         call = LMCall(
-            input_ids, attention_mask, media_latents, media_kv, media_index, cache, document_ids
+            input_ids,
+            attention_mask,
+            media_latents,
+            media_kv,
+            media_index,
+            cache,
+            document_ids,
+            media_mask,
         )
         call = self.fusion.lm_inputs(self, call)  # checked against the text; how the LM reads them
         if labels is not None and labels.shape != input_ids.shape:

@@ -38,17 +38,18 @@ from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.hub import snapshot
 from flamingo.media import media_slots
-from flamingo.parts import parts_of
+from flamingo.parts import TOWERS, Tower, parts_of
 from flamingo.tokens import (
     END_OF_UTTERANCE,
     IMAGE,
+    MLLAMA_IMAGE,
     SpecialTokens,
     chunk_ends,
     encode,
     idefics_prompt,
     load_tokenizer,
+    mllama_prompt,
 )
-from flamingo.vision import image_transform
 
 Media = Image.Image | Sequence[Image.Image]
 PROCESSOR_CONFIG = "processor_config.json"
@@ -65,6 +66,7 @@ class FlamingoProcessor:
         padding_side: Literal["left", "right"] = "left",
         image_tokens: int = 1,
         images_before_bos: bool = False,
+        tower: Tower | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.images_before_bos = images_before_bos
@@ -75,7 +77,13 @@ class FlamingoProcessor:
         tokens per image (the LLaVA connector, whose projected tokens take their places)."""
         self.special_tokens = special_tokens
         self.vision_cfg = vision_cfg
-        self.image_transform = image_transform(vision_cfg)
+        self.tower = (
+            tower
+            if tower is not None
+            else TOWERS[vision_cfg.kind](FlamingoConfig(vision=vision_cfg))
+        )
+        """The tower's preprocessing (a tiled tower's tiles and aspect-ratio ids)."""
+        self.image_transform = self.tower.image_transform()
         self.padding_side = padding_side
 
     @classmethod
@@ -88,9 +96,12 @@ class FlamingoProcessor:
             cfg.lm.trust_remote_code,
             cfg.lm.special_tokens,
         )
-        image_tokens = parts_of(cfg).image_tokens()  # 1, or the connector's tokens (spliced)
+        parts = parts_of(cfg)
+        image_tokens = parts.image_tokens()  # 1, or the connector's tokens (spliced)
         before_bos = cfg.lm.leading_images == "before_bos"
-        return cls(tokenizer, special, cfg.vision, padding_side, image_tokens, before_bos)
+        return cls(
+            tokenizer, special, cfg.vision, padding_side, image_tokens, before_bos, parts.tower
+        )
 
     @classmethod
     def from_pretrained(
@@ -126,29 +137,45 @@ class FlamingoProcessor:
     # -- images -------------------------------------------------------------------------------
 
     def preprocess_media(self, media: Media) -> torch.Tensor:
-        """One image or a list of frames -> (F, C, H, W)."""
-        frames = [media] if isinstance(media, Image.Image) else list(media)
+        """One image or a list of frames -> (F, C, H, W) (a tiled tower's tiles for F)."""
+        return self._media(media)[0]
+
+    def _media(self, media: Media) -> tuple[torch.Tensor, int | None]:
+        """One image or a list of frames -> (F, C, H, W) and its aspect-ratio id (a tiled
+        tower's; else None)."""
+        if isinstance(media, Image.Image):
+            return self.tower.preprocess(media)
+        frames = list(media) if isinstance(media, Sequence) else []
         if not frames or not all(isinstance(f, Image.Image) for f in frames):
             raise ValueError(
                 f"a media item must be a PIL image or a non-empty list of PIL images, got {media!r}"
             )
-        return torch.stack([self.image_transform(f) for f in frames])
+        items = [self.tower.preprocess(f) for f in frames]
+        if len(items) > 1 and items[0][1] is not None:
+            raise ValueError(
+                f"vision.kind: {self.vision_cfg.kind} cuts each image into tiles; it takes "
+                "single images, not video"
+            )
+        return torch.cat([t for t, _ in items]), items[0][1]
 
     def preprocess_images(
         self, images: Sequence[Sequence[Media]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-sequence lists of media -> the flat layout of ``Flamingo.encode_media``:
-        ``pixel_values (M, F, C, H, W)`` (every real item, sequence by sequence) and
-        ``media_slots (B, N)`` (where sequence b's n-th item is in them; -1 past its last)."""
-        per_seq = [[self.preprocess_media(m) for m in seq] for seq in images]
-        frame_counts = {t.shape[0] for seq in per_seq for t in seq}
+        ``pixel_values (M, F, C, H, W)`` (every real item, sequence by sequence),
+        ``media_slots (B, N)`` (where sequence b's n-th item is in them; -1 past its last) and,
+        for a tiled tower, ``aspect_ratio_ids (M,)`` (else None)."""
+        per_seq = [[self._media(m) for m in seq] for seq in images]
+        frame_counts = {t.shape[0] for seq in per_seq for t, _ in seq}
         if len(frame_counts) > 1:
             raise ValueError(
                 f"all media in a batch must have the same number of frames, got {sorted(frame_counts)}"
             )
         counts = [len(seq) for seq in per_seq]
-        flat = [media for seq in per_seq for media in seq]
-        return torch.stack(flat), media_slots(counts)
+        flat = [item for seq in per_seq for item in seq]
+        ratios = [r for _, r in flat]
+        ids = None if ratios[0] is None else torch.tensor(ratios, dtype=torch.long)
+        return torch.stack([t for t, _ in flat]), media_slots(counts), ids
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -166,6 +193,8 @@ class FlamingoProcessor:
         if self.idefics_form:
             return idefics_prompt(text, self.tokenizer, self.special_tokens)
         text = chunk_ends(text, self.tokenizer, self.special_tokens)
+        if self.special_tokens.image_text == MLLAMA_IMAGE:
+            return mllama_prompt(text, self.tokenizer)
         return text.replace(IMAGE, IMAGE * self.image_tokens)
 
     def interleaved(
@@ -213,6 +242,8 @@ class FlamingoProcessor:
         error if that cuts an ``<image>`` marker off (its image would be orphaned).
         """
         texts = [text] if isinstance(text, str) else list(text)
+        if self.special_tokens.image_text != IMAGE:  # the tokenizer's own marker is one too
+            texts = [t.replace(self.special_tokens.image_text, IMAGE) for t in texts]
         if images is not None and len(images) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
         for i, t in enumerate(texts):
@@ -248,7 +279,10 @@ class FlamingoProcessor:
                         "raise max_length or give fewer images"
                     )
         if images is not None and any(len(seq) for seq in images):
-            batch["pixel_values"], batch["media_slots"] = self.preprocess_images(images)
+            pixels, slots, ratios = self.preprocess_images(images)
+            batch["pixel_values"], batch["media_slots"] = pixels, slots
+            if ratios is not None:
+                batch["aspect_ratio_ids"] = ratios
         return batch
 
     def _pad(

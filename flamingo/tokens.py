@@ -29,8 +29,9 @@ IMAGE = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 PAD = "<PAD>"
 AROUND_IMAGE = "<fake_token_around_image>"
+MLLAMA_IMAGE = "<|image|>"
 END_OF_UTTERANCE = "<end_of_utterance>"
-SCHEMES = ("flamingo", "idefics", "llava")
+SCHEMES = ("flamingo", "idefics", "llava", "mllama")
 IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE)})+")
 
 TINY_TOKENIZER = "tiny"
@@ -50,6 +51,8 @@ class SpecialTokens:
     """``<fake_token_around_image>`` (IDEFICS's prompt form), None otherwise."""
     eos_id: int | None = None
     """The tokenizer's end-of-sequence token (``xattn.reset_after_eos``)."""
+    image_text: str = IMAGE
+    """How the tokenizer writes an image: ``<image>``, or Llama 3.2 Vision's ``<|image|>``."""
 
     @classmethod
     def from_tokenizer(
@@ -81,6 +84,8 @@ def add_special_tokens(
         return idefics_tokens(tokenizer)
     if scheme == "llava":
         return llava_tokens(tokenizer)
+    if scheme == "mllama":
+        return mllama_tokens(tokenizer)
     if scheme != "flamingo":
         raise ValueError(f"lm.special_tokens must be one of {SCHEMES}, got {scheme!r}")
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE]})
@@ -146,6 +151,46 @@ def llava_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
         new_ids=new_ids,
         eos_id=tokenizer.eos_token_id,
     )
+
+
+def mllama_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    """The ids of a Llama 3.2 Vision tokenizer's tokens: its ``<|image|>`` (an input row of the
+    LM's embedding, no row of its head: nothing is new), the end-of-sequence token ending a
+    chunk, its pad token (``<PAD>`` added, and then owned, where it has none)."""
+    if MLLAMA_IMAGE not in tokenizer.get_vocab():
+        raise ValueError(
+            f"lm.special_tokens: mllama needs a Llama 3.2 Vision tokenizer, with {MLLAMA_IMAGE} "
+            "in its vocabulary; use lm.special_tokens: flamingo to add tokens to any other"
+        )
+    if tokenizer.bos_token is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            "lm.special_tokens: mllama needs a tokenizer with a beginning- and an "
+            "end-of-sequence token"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return SpecialTokens(
+        image_id=tokenizer.convert_tokens_to_ids(MLLAMA_IMAGE),
+        end_of_chunk_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        new_ids=(tokenizer.pad_token_id,) if tokenizer.pad_token == PAD else (),
+        eos_id=tokenizer.eos_token_id,
+        image_text=MLLAMA_IMAGE,
+    )
+
+
+def mllama_prompt(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Text with ``<image>`` markers as ``MllamaProcessor`` gives it to the tokenizer (which
+    adds its special tokens): each image ``<|image|>``, and, unless the text holds the start
+    token, the start token after the images that open it."""
+    text = text.replace(IMAGE, MLLAMA_IMAGE)
+    bos = tokenizer.bos_token
+    if bos in text:
+        return text
+    rest, lead = text, 0
+    while rest.startswith(MLLAMA_IMAGE):
+        rest, lead = rest[len(MLLAMA_IMAGE) :], lead + 1
+    return MLLAMA_IMAGE * lead + bos + rest
 
 
 def chunk_ends(text: str, tokenizer: PreTrainedTokenizerBase, special: SpecialTokens) -> str:

@@ -87,6 +87,8 @@ def test_packed_rows_give_each_document_its_own_logits(built):
         "media_slots": torch.tensor([[0, 1]]),
         "document_ids": documents,
     }
+    if "aspect_ratio_ids" in alone[0]:  # a tiled tower's ids go with its pixels
+        packed["aspect_ratio_ids"] = torch.cat([a["aspect_ratio_ids"] for a in alone])
     out = logits(model, packed)[0]
     first = alone[0]["input_ids"].shape[1]
     torch.testing.assert_close(out[:first], logits(model, alone[0])[0], rtol=1e-5, atol=1e-5)
@@ -120,6 +122,8 @@ def test_bad_media_are_refused_naming_the_part_and_its_numbers(built):
         processor([TEXT], [[noise_image(1)]])
     enc = processor([TEXT], [[noise_image(1), noise_image(2)]])
     fewer = {**enc, "pixel_values": enc["pixel_values"][:1], "media_slots": torch.tensor([[0]])}
+    if "aspect_ratio_ids" in enc:  # a tiled tower's ids go with its pixels
+        fewer["aspect_ratio_ids"] = enc["aspect_ratio_ids"][:1]
     with pytest.raises(ValueError) as error:  # more <image> than media: before the LM runs
         model(**fewer)
     assert connector.describe() in str(error.value) and "1" in str(error.value)
@@ -144,6 +148,8 @@ def test_every_part_answers_from_the_config_alone(preset):
     assert parts.connector.tokens() > 0 and parts.tower.tokens() > 0
     model = build(*PRESET_OVERRIDES[preset])
     enc = processor([TEXT], [[noise_image(1), noise_image(2)]])
-    latents = model.encode_media(enc["pixel_values"], enc["media_slots"])
+    latents = model.encode_media(
+        enc["pixel_values"], enc["media_slots"], enc.get("aspect_ratio_ids")
+    )
     assert latents.shape[2] == parts.connector.tokens()  # R, as the config said
     assert set(model.trainable_modules()) >= {parts.connector.name, "new_tokens"}

@@ -93,6 +93,8 @@ HUB_ARCHITECTURES = {
         6.7,
     ),
 }
+MLLAMA_SIZES = {"llama-3.2-11b-vision.yaml": 10.6, "llama-3.2-90b-vision.yaml": 88.6}
+"""Llama 3.2 Vision's published sizes, in billions of parameters."""
 CANNOT_BUILD = {
     # config -> (the model_type its LM declares, why it cannot be built)
     "openflamingo-3b.yaml": (
@@ -119,8 +121,8 @@ def offline(cfg: FlamingoConfig) -> tuple[FlamingoConfig, float | None]:
     """The config with its downloads replaced by stand-ins: the tower without pretrained
     weights, the LM from its published architecture, the packaged tokenizer."""
     changes: dict = {"vision.pretrained": None}
-    if cfg.lm.special_tokens == "idefics":  # the packaged tokenizer has none of its tokens
-        changes["lm.special_tokens"] = "flamingo"
+    if cfg.lm.special_tokens in ("idefics", "mllama"):  # the packaged tokenizer has none of
+        changes |= {"lm.special_tokens": "flamingo", "lm.tokenizer": "tiny"}  # their tokens
     size = None
     if cfg.lm.architecture is None:
         architecture, size = HUB_ARCHITECTURES[cfg.lm.name_or_path]
@@ -144,8 +146,14 @@ def test_config_builds_on_the_meta_device(path: Path):
         model = Flamingo.from_config(cfg, processor)
     assert {p.device.type for p in model.parameters()} == {"meta"}
     layers = model.lm.hf.get_submodule(model.lm.layout.layers)
-    assert model.lm.layer_indices == cfg.xattn.layer_indices(len(layers))
     assert len(model.lm.gated_blocks) == len(model.lm.layer_indices) > 0
+    if cfg.connector == "mllama":  # the published size (new token rows aside: the tiny's)
+        assert model.lm.layer_indices == cfg.mllama.layers
+        total = sum(p.numel() for n, p in model.named_parameters() if "new_tokens" not in n)
+        published = MLLAMA_SIZES[path.name]
+        assert abs(total / 1e9 - published) / published < 0.02, total
+        return
+    assert model.lm.layer_indices == cfg.xattn.layer_indices(len(layers))
     assert model.resampler.latents.shape == (cfg.resampler.num_latents, model.vision.width)
     if size is not None:  # the architecture table matches the model's published size
         lm_params = sum(p.numel() for p in model.lm.hf.parameters())
@@ -241,3 +249,41 @@ def test_the_idefics_configs_have_the_architecture_the_import_reads(repo: str):
         alone = build_clip(imported.vision).visual
     shapes = lambda m: {n: tuple(t.shape) for n, t in m.state_dict().items() if n != "proj"}  # noqa: E731
     assert shapes(alone) == shapes(named)
+
+
+MLLAMA_RELEASES = {
+    # what the releases' config.json hold beyond transformers' MllamaConfig defaults (its
+    # defaults are the 11B's but for the tile size and the rotary scaling)
+    "llama-3.2-11b-vision.yaml": {},
+    "llama-3.2-90b-vision.yaml": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=100,
+        num_attention_heads=64,
+        cross_attention_layers=list(range(3, 100, 5)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MLLAMA_RELEASES))
+def test_the_llama_vision_configs_are_what_the_import_makes_of_the_releases(name: str):
+    from transformers import MllamaConfig
+
+    from flamingo.convert.mllama import mllama_config
+
+    rope = dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=8192,
+    )  # fmt: skip
+    text = {**MLLAMA_RELEASES[name], "rope_parameters": rope, "dtype": "bfloat16"}
+    release = MllamaConfig(vision_config={"image_size": 560}, text_config=text).to_dict()
+    ours = FlamingoConfig.from_yaml(ROOT / "configs" / "model" / name)
+    pre = {"image_mean": list(ours.vision.image_mean), "image_std": list(ours.vision.image_std)}
+    imported = mllama_config(release, ours.lm.tokenizer, {**pre, "size": {"height": 560, "width": 560}})
+    assert imported.mllama == ours.mllama and imported.projector == ours.projector
+    assert imported.frozen_dtype == ours.frozen_dtype
+    assert imported.lm.head_rows == ours.lm.head_rows
+    assert {k: imported.lm.architecture[k] for k in ours.lm.architecture} == ours.lm.architecture
+    assert {k: imported.vision.architecture[k] for k in ours.vision.architecture} == dict(
+        ours.vision.architecture
+    )

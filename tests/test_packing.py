@@ -44,7 +44,7 @@ def pack(processor: FlamingoProcessor, rows: list[list[int]]) -> dict:
         mask[r, :at] = 1
         document_ids[r, at:] = len(row)  # padding: one more document
     seeds = [s for row in rows for d in row for s in DOCS[d][1]]
-    pixels, _ = processor.preprocess_images([[noise_image(s) for s in seeds]])
+    pixels, _, _ = processor.preprocess_images([[noise_image(s) for s in seeds]])
     counts = [sum(len(DOCS[d][1]) for d in row) for row in rows]
     return {
         "input_ids": input_ids,

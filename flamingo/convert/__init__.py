@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flamingo.convert import blip2, idefics, llava, openflamingo  # noqa: F401  (registration)
+from flamingo.convert import blip2, idefics, llava, mllama, openflamingo  # noqa: F401  (registration)
 
 if TYPE_CHECKING:
     from flamingo.config import FlamingoConfig

@@ -5,10 +5,13 @@
     python -m flamingo.convert idefics HuggingFaceM4/idefics-9b-instruct out_dir
     python -m flamingo.convert llava llava-hf/llava-1.5-7b-hf out_dir
     python -m flamingo.convert blip2 Salesforce/blip2-opt-2.7b out_dir
+    python -m flamingo.convert mllama meta-llama/Llama-3.2-11B-Vision-Instruct out_dir
+    python -m flamingo.convert to-mllama our_finetuned_dir out_dir   # back to transformers'
 
 An OpenFlamingo checkpoint is a ``checkpoint.pt`` file or a Hub repo id holding one
 (``--revision``); a release of ``flamingo.hub.OPENFLAMINGO_RELEASES`` needs no ``--config``.
-A checkpoint of a registered transformers format (``flamingo.formats``: IDEFICS, LLaVA, BLIP-2)
+A checkpoint of a registered transformers format (``flamingo.formats``: IDEFICS, LLaVA, BLIP-2,
+Llama 3.2 Vision)
 is a directory in transformers' format or a Hub repo id; its config comes from its own
 ``config.json``; each format is a sub-command. The result loads with
 ``Flamingo.from_pretrained(out_dir)``.
@@ -54,7 +57,25 @@ def main(argv: list[str] | None = None) -> None:
             "--revision", help="branch, tag or commit of a Hub repo (default main)"
         )
         command.set_defaults(format=name)
+    back = sub.add_parser(
+        "to-mllama",
+        help="one of our connector: mllama checkpoints (a fine-tuned Llama 3.2 Vision) back "
+        "into transformers' format (MllamaForConditionalGeneration)",
+    )
+    back.add_argument("checkpoint", help="our checkpoint directory (or Hub repo id)")
+    back.add_argument("out_dir", type=Path, help="where to write the transformers checkpoint")
     args = parser.parse_args(argv)
+
+    if args.source == "to-mllama":
+        from flamingo.convert.mllama import export_mllama
+        from flamingo.processing import FlamingoProcessor
+
+        model = Flamingo.from_pretrained(args.checkpoint)
+        export_mllama(model, FlamingoProcessor.from_pretrained(args.checkpoint), args.out_dir)
+        print(
+            f"wrote {args.out_dir}: {model.num_parameters():,} parameters in transformers' format"
+        )
+        return
 
     if args.source != "openflamingo":
         snap = hub.transformers_snapshot(args.checkpoint, args.revision)

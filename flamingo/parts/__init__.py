@@ -7,7 +7,7 @@
 
 A model config's ``connector:`` names a preset (``flamingo.config.PRESETS``: ``flamingo`` is the
 resampler with cross-attention, ``llava`` the projector spliced, ``qformer`` the Q-Former
-spliced), so configs and checkpoints of every earlier version load unchanged. Code outside the
+spliced, ``mllama`` the projector read by Llama 3.2 Vision's cross-attention layers), so configs and checkpoints of every earlier version load unchanged. Code outside the
 registries asks the parts (:func:`parts_of`), never a connector's name.
 """
 
@@ -17,10 +17,13 @@ from flamingo.config import PRESETS, FlamingoConfig
 from flamingo.parts.base import Connector, Flops, Fusion, LMCall, Parts, Tower
 from flamingo.parts.connectors import CONNECTORS
 from flamingo.parts.cross_attention import CrossAttentionFusion
+from flamingo.parts.mllama import MllamaFusion
 from flamingo.parts.splice import SpliceFusion
 from flamingo.parts.towers import TOWERS
 
-FUSIONS: dict[str, type[Fusion]] = {f.name: f for f in (CrossAttentionFusion, SpliceFusion)}
+FUSIONS: dict[str, type[Fusion]] = {
+    f.name: f for f in (CrossAttentionFusion, SpliceFusion, MllamaFusion)
+}
 
 
 def parts_of(cfg: FlamingoConfig) -> Parts:

@@ -49,6 +49,11 @@ class Tower:
         resize alike)."""
         raise NotImplementedError
 
+    def preprocess(self, image: Any) -> tuple[torch.Tensor, int | None]:
+        """PIL image -> ``(its frames (F, C, H, W), its aspect-ratio id)``: one frame and no
+        id here; a tiled tower's tiles and the id of their arrangement."""
+        return self.image_transform()(image)[None], None
+
 
 class Connector:
     """A trained connector from the tower's tokens to the media the LM reads."""
@@ -129,8 +134,16 @@ class Fusion:
         part) and say how the LM reads them: a context for the blocks, or embeddings edited."""
         raise NotImplementedError
 
-    def decoding(self, model: Any, media_latents: torch.Tensor | None, use_cache: bool) -> Any:
-        """What a prompt's media become for decoding (computed once per call)."""
+    def decoding(
+        self,
+        model: Any,
+        media_latents: torch.Tensor | None,
+        use_cache: bool,
+        input_ids: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
+    ) -> Any:
+        """What a prompt's media become for decoding (computed once per call); ``input_ids``
+        is the prompt, ``media_mask (B, N, R)`` its media's real tokens (a tiled tower's)."""
         return media_latents
 
     def step_media(self, state: Any, use_cache: bool, first: bool) -> dict[str, Any]:
@@ -156,6 +169,9 @@ class LMCall:
     media_index: torch.Tensor
     cache: Any
     document_ids: torch.Tensor | None
+    media_mask: torch.Tensor | None = None
+    """(B, N, R) bool: the media tokens that are real (a tiled tower's: the tiles an image
+    has), or None: all."""
     context: Any = None
     """What the LM's blocks read (``Fusion.block_inputs``), or None."""
     edit_embeds: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -12,10 +12,10 @@ from typing import Any
 from torch import nn
 
 from flamingo.parts.base import Connector, Flops
+from flamingo.parts.towers import TOWERS
 from flamingo.projector import LlavaProjector
 from flamingo.qformer import QFormer, QFormerLayer
 from flamingo.resampler import PerceiverLayer, PerceiverResampler
-from flamingo.vision import tokens_per_image
 
 
 class Resampler(Connector):
@@ -67,7 +67,7 @@ class Projector(Connector):
         return LlavaProjector(self.cfg.projector, tower_width, lm_width)
 
     def tokens(self) -> int:
-        return tokens_per_image(self.cfg.vision)
+        return TOWERS[self.cfg.vision.kind](self.cfg).tokens()  # one per tower token
 
     def width(self, tower_width: int, lm_width: int) -> int:
         return lm_width

@@ -152,7 +152,14 @@ class CrossAttentionFusion(Fusion):
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def decoding(self, model: Any, media_latents: torch.Tensor | None, use_cache: bool) -> Any:
+    def decoding(
+        self,
+        model: Any,
+        media_latents: torch.Tensor | None,
+        use_cache: bool,
+        input_ids: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
+    ) -> Any:
         """The latents and, with a cache, every gated block's keys/values, once per prompt."""
         if media_latents is None or not use_cache:
             return media_latents, None

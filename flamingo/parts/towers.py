@@ -1,5 +1,6 @@
 """The vision towers, by ``vision.kind``: open_clip's ViTs (the paper's NFNet stands in as a
-CLIP ViT, as in OpenFlamingo; IDEFICS's, LLaVA's and BLIP-2's towers are mapped onto one)."""
+CLIP ViT, as in OpenFlamingo; IDEFICS's, LLaVA's and BLIP-2's towers are mapped onto one), and
+Llama 3.2 Vision's tiled ViT (``flamingo.mllama``, imported when one is built)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,30 @@ class OpenClipTower(Tower):
         return image_transform(self.cfg.vision)
 
 
-TOWERS: dict[str, type[Tower]] = {t.name: t for t in (OpenClipTower,)}
+class MllamaTower(Tower):
+    """Llama 3.2 Vision's tiled ViT (:class:`flamingo.mllama.MllamaVisionTower`): an image is
+    up to ``max_num_tiles`` tiles, its tokens every tile's patches and CLS."""
+
+    name = "mllama"
+
+    def build(self) -> nn.Module:
+        from flamingo.mllama import MllamaVisionTower
+
+        return MllamaVisionTower(self.cfg.vision)
+
+    def tokens(self) -> int:
+        from flamingo.mllama import vision_config
+
+        config = vision_config(self.cfg.vision)
+        return config.max_num_tiles * ((config.image_size // config.patch_size) ** 2 + 1)
+
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        return lambda image: self.preprocess(image)[0]
+
+    def preprocess(self, image: Any) -> tuple[torch.Tensor, int | None]:
+        from flamingo.mllama import tile_image
+
+        return tile_image(image, self.cfg.vision)
+
+
+TOWERS: dict[str, type[Tower]] = {t.name: t for t in (OpenClipTower, MllamaTower)}

@@ -33,12 +33,17 @@ def build(*overrides: str, seed: int = 0) -> Flamingo:
     return Flamingo.from_config(tiny_config(*overrides)).eval()
 
 
+GATES = ("attn_gate", "ff_gate", "mlp_gate")
+"""The tanh gates' names in the fusions' blocks (Flamingo's ``attn_gate``/``ff_gate``, Llama 3.2
+Vision's ``cross_attn_attn_gate``/``cross_attn_mlp_gate``)."""
+
+
 def set_gates(model: Flamingo, value: float = 0.7) -> None:
     """Open the tanh gates so that images influence the text (they start at 0)."""
     with torch.no_grad():
-        for block in model.lm.gated_blocks:
-            block.attn_gate.fill_(value)
-            block.ff_gate.fill_(value)
+        for name, gate in model.lm.gated_blocks.named_parameters():
+            if name.endswith(GATES):
+                gate.fill_(value)
 
 
 def padded(enc: dict) -> torch.Tensor:
@@ -110,9 +115,19 @@ PRESET_OVERRIDES: dict[str, tuple[str, ...]] = {
         *("connector=qformer", "vision.cls_token=true", "qformer.queries=8", "qformer.layers=2"),
         *("qformer.width=32", "qformer.heads=2", "qformer.intermediate=64"),
     ),
+    "mllama": (
+        *("connector=mllama", "vision.kind=mllama", "vision.image_size=16", "mllama.layers=[0, 1]"),
+        "vision.architecture={image_size: 16, patch_size: 8, hidden_size: 16, "
+        "intermediate_size: 32, num_hidden_layers: 2, num_global_layers: 1, attention_heads: 2, "
+        "max_num_tiles: 2, vision_output_dim: 32, intermediate_layers_indices: [0], "
+        "supported_aspect_ratios: [[1, 1], [1, 2], [2, 1]]}",
+        "projector.layers=1",
+    ),
 }
 """Each preset (``connector:``) on the tiny model: the overrides of ``configs/model/tiny.yaml``
-its parts need (LLaVA's second-to-last layer without the final norm; a small Q-Former)."""
+its parts need (LLaVA's second-to-last layer without the final norm; a small Q-Former; Llama 3.2
+Vision's tiled tower, two 16-pixel tiles at most, and its cross-attention layers before both of
+the tiny Llama's layers)."""
 
 
 TINY_CLIP_VISION = dict(

@@ -1,0 +1,272 @@
+"""Llama 3.2 Vision's modules (transformers' ``models/mllama``), as parts of the composable model.
+
+- :class:`MllamaVisionTower`: the tiled tower. An image is resized onto the best canvas of up to
+  ``max_num_tiles`` tiles (:func:`tile_image`), cut into tiles, and read by transformers' own
+  ``MllamaVisionModel`` (gated positional and tile embeddings, the local encoder, then the
+  global layers; the chosen intermediate layers' outputs appended per channel after the last
+  one's). Its tokens for one image are every tile's patches and CLS, tile by tile:
+  ``(B, N, tiles, C, H, W) -> (B, N, 1, tiles * (patches + 1), Dv)``, one "frame" whose
+  tokens the projector maps one by one, as LLaVA's does.
+- :class:`MllamaCrossBlock`: one of the text model's cross-attention layers, run before a
+  self-attention layer of the frozen Llama (its place in the 40-layer stack becomes "before
+  Llama layer j"): RMSNorm, grouped-query cross-attention with RMSNorm on each head's queries
+  and keys, a tanh-gated residual, then a SwiGLU MLP with its own tanh gate. The parameter
+  names are transformers' (``cross_attn.q_proj``, ``cross_attn_attn_gate``, ...).
+
+Which media a token reads (:func:`visible_media`) is ``MllamaProcessor``'s rule: the images of
+the last run of consecutive ``<|image|>`` tokens at or before it, each only from its own token
+on. A token that reads no image (text before the first image) gets nothing from the layer
+(Meta's reference code, with which the checkpoints were trained, and Flamingo's rule), or,
+with ``mllama.rows_without_image: attend_uniformly``, transformers' numerics: attention spread
+evenly over every vision token of its row, the MLP output zeroed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
+from transformers.models.mllama.modeling_mllama import (
+    MllamaTextMLP,
+    MllamaTextRMSNorm,
+    MllamaVisionModel,
+)
+
+from flamingo.config import VisionConfig
+
+
+def vision_config(cfg: VisionConfig) -> MllamaVisionConfig:
+    return MllamaVisionConfig(**dict(cfg.architecture or {}))
+
+
+def aspect_ratios(config: MllamaVisionConfig) -> list[tuple[int, int]]:
+    """The (tiles high, tiles wide) arrangements, in the order of their ids (id = index + 1; 0
+    is an empty media slot)."""
+    return [tuple(r) for r in config.supported_aspect_ratios]
+
+
+def tiles_of(config: MllamaVisionConfig) -> torch.Tensor:
+    """Tiles per aspect-ratio id, id 0 (an empty slot) having none: (max_aspect_ratio_id + 1,)."""
+    return torch.tensor([0] + [h * w for h, w in aspect_ratios(config)], dtype=torch.long)
+
+
+class MllamaVisionTower(nn.Module):
+    """transformers' ``MllamaVisionModel``, frozen: tiles -> every tile's tokens, flattened."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        config = vision_config(cfg)
+        if config.image_size != cfg.image_size:
+            raise ValueError(
+                f"vision.image_size={cfg.image_size} but the tower's tiles are "
+                f"{config.image_size} pixels (vision.architecture.image_size)"
+            )
+        self.model = MllamaVisionModel(config).requires_grad_(False).eval()
+        self.tiles = config.max_num_tiles
+        self.patches = (config.image_size // config.patch_size) ** 2 + 1  # with the CLS
+        self.width = config.vision_output_dim
+        self.num_tokens = self.tiles * self.patches
+        self.register_buffer("tile_counts", tiles_of(config), persistent=False)
+
+    def block_class(self) -> type[nn.Module]:
+        return type(self.model.transformer.layers[0])
+
+    def train(self, mode: bool = True) -> MllamaVisionTower:
+        return super().train(False)  # frozen: eval mode whatever the parent asks
+
+    def tile_mask(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """(...,) ids -> (..., tiles) bool: the tiles an image has (none for an empty slot)."""
+        counts = self.tile_counts.to(aspect_ratio_ids.device)[aspect_ratio_ids]
+        return torch.arange(self.tiles, device=counts.device) < counts[..., None]
+
+    def token_mask(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """(...,) ids -> (..., tiles * patches) bool: the tokens of real tiles."""
+        return self.tile_mask(aspect_ratio_ids).repeat_interleave(self.patches, dim=-1)
+
+    @torch.no_grad()
+    def forward(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        size = self.cfg.image_size
+        if pixel_values.ndim != 6 or tuple(pixel_values.shape[2:]) != (self.tiles, 3, size, size):
+            raise ValueError(
+                f"pixel_values must be (B, N, {self.tiles}, 3, {size}, {size}): each image as its "
+                f"{self.tiles} tiles (or flat, (M, {self.tiles}, 3, {size}, {size}), through "
+                f"Flamingo.encode_media), got shape {tuple(pixel_values.shape)}: the tiled tower "
+                "takes single images (no video); preprocess them with FlamingoProcessor"
+            )
+        if aspect_ratio_ids is None or aspect_ratio_ids.shape != pixel_values.shape[:2]:
+            raise ValueError(
+                "the tiled tower (vision.kind: mllama) needs aspect_ratio_ids, one per image "
+                f"({tuple(pixel_values.shape[:2])}), as FlamingoProcessor gives them; got "
+                f"{None if aspect_ratio_ids is None else tuple(aspect_ratio_ids.shape)}"
+            )
+        b, n = pixel_values.shape[:2]
+        # transformers' rule: an empty slot (id 0) keeps its first tile unmasked
+        tile_mask = self.tile_mask(aspect_ratio_ids)
+        tile_mask[..., 0] = True
+        dtype = self.model.patch_embedding.weight.dtype
+        out = self.model(
+            pixel_values.to(dtype), aspect_ratio_ids, tile_mask.long()
+        ).last_hidden_state  # (B, N, tiles, patches, Dv)
+        return out.reshape(b, n, 1, self.num_tokens, self.width)
+
+
+# -- the image transform ------------------------------------------------------------------------
+
+
+def best_canvas(
+    height: int, width: int, ratios: list[tuple[int, int]], tile: int
+) -> tuple[int, int]:
+    """The (tiles high, tiles wide) arrangement an image of ``height x width`` goes on: the one
+    that upscales it least, else downscales it least; the smaller canvas on a tie (as
+    ``MllamaImageProcessor``'s ``get_optimal_tiled_canvas``; ``ratios`` give its candidates)."""
+    scales = [min(h * tile / height, w * tile / width) for h, w in ratios]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(scales)
+    candidates = [r for r, s in zip(ratios, scales, strict=True) if s == chosen]
+    return min(candidates, key=lambda r: r[0] * r[1])
+
+
+def fit_to_canvas(
+    height: int, width: int, canvas_h: int, canvas_w: int, tile: int
+) -> tuple[int, int]:
+    """The size the image is resized to on its canvas: aspect ratio kept, each side between a
+    tile and the canvas (``get_image_size_fit_to_canvas``)."""
+    target_w = min(max(width, tile), canvas_w)
+    target_h = min(max(height, tile), canvas_h)
+    scale_h, scale_w = target_h / height, target_w / width
+    if scale_w < scale_h:
+        return min(math.floor(height * scale_w) or 1, target_h), target_w
+    return target_h, min(math.floor(width * scale_h) or 1, target_w)
+
+
+def tile_image(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, int]:
+    """An RGB image -> ``(tiles (max_num_tiles, 3, S, S) float32, aspect_ratio_id)``, as
+    ``MllamaImageProcessor`` makes them: bilinear resize (antialiased) onto the best canvas,
+    zero padding to the canvas, scaled to [0, 1] and normalised, cut into tiles row by row, the
+    missing tiles zeros."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    config = vision_config(cfg)
+    ratios, tile = aspect_ratios(config), config.image_size
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"an image must have pixels, got a {image.width}x{image.height} image")
+    pixels = tvf.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+    rows, cols = best_canvas(image.height, image.width, ratios, tile)
+    size = fit_to_canvas(image.height, image.width, rows * tile, cols * tile, tile)
+    pixels = tvf.resize(
+        pixels, list(size), interpolation=tvf.InterpolationMode.BILINEAR, antialias=True
+    )
+    pixels = F.pad(pixels, (0, cols * tile - size[1], 0, rows * tile - size[0]))
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(3, 1, 1)
+    pixels = (pixels.float() * (1 / 255) - mean) / std
+    tiles = pixels.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
+    out = torch.zeros(config.max_num_tiles, 3, tile, tile)
+    out[: rows * cols] = tiles
+    return out, ratios.index((rows, cols)) + 1
+
+
+# -- which media a token reads ------------------------------------------------------------------
+
+
+def visible_media(
+    input_ids: torch.Tensor, image_id: int, media_index: torch.Tensor, num_media: int
+) -> torch.Tensor:
+    """(B, T, N) bool: the media each token reads, ``MllamaProcessor``'s rule: the images of the
+    last run of consecutive ``<|image|>`` tokens at or before it, from each one's own token on.
+    ``media_index`` (phi, the last image at or before each token) bounds it above; a token of
+    this call after no image token of it (a decoding step) has no lower bound here (its
+    media mask carries the prompt's, :meth:`MllamaFusion.decoding`)."""
+    is_image = input_ids == image_id
+    index = is_image.long().cumsum(-1) - 1
+    starts = is_image & ~F.pad(is_image[:, :-1], (1, 0))
+    first = torch.where(starts, index, -1).cummax(dim=-1).values.clamp(min=0)
+    n = torch.arange(num_media, device=input_ids.device)
+    return (n <= media_index[..., None]) & (n >= first[..., None])
+
+
+# -- the cross-attention layer ------------------------------------------------------------------
+
+
+class MllamaCrossAttention(nn.Module):
+    """Grouped-query cross-attention, each head's queries and keys RMS-normalised."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.heads
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, width, bias=False)
+        self.q_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """media (B, M, D) -> keys and values (B, kv_heads, M, head_dim), once per prompt."""
+        b = media.shape[0]
+        k = self.k_proj(media).view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(media).view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        return self.k_norm(k), v
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2))
+        k, v = kv
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MllamaCrossBlock(nn.Module):
+    """One cross-attention layer of Llama 3.2 Vision's text model, run before a Llama layer."""
+
+    def __init__(self, config: Any, uniform_rows: bool = False) -> None:
+        super().__init__()
+        self.uniform_rows = uniform_rows
+        """transformers' numerics for tokens that read no image (``attend_uniformly``)."""
+        self.cross_attn = MllamaCrossAttention(config)
+        self.input_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = MllamaTextMLP(config)
+        self.post_attention_layernorm = MllamaTextRMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps
+        )
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        media: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+        allowed: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``media``: (B, M, D) flattened media tokens, or their keys and values; ``allowed``
+        (B, T, M) bool, what each token reads. No media: the layer is skipped (as transformers
+        skips it for text alone)."""
+        if media is None:
+            return hidden
+        kv = self.cross_attn.media_kv(media) if isinstance(media, torch.Tensor) else media
+        reads = allowed.any(-1, keepdim=True)  # (B, T, 1)
+        dtype = hidden.dtype
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=hidden.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        if self.uniform_rows:
+            bias = bias * reads  # a row that reads nothing attends to all evenly
+        attended = self.cross_attn(self.input_layernorm(hidden), kv, bias[:, None])
+        if not self.uniform_rows:
+            attended = attended * reads
+        hidden = hidden + self.cross_attn_attn_gate.tanh() * attended
+        mlp = self.mlp(self.post_attention_layernorm(hidden)) * reads
+        return hidden + self.cross_attn_mlp_gate.tanh() * mlp

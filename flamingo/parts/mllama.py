@@ -1,0 +1,161 @@
+"""Llama 3.2 Vision's fusion (``connector: mllama``): its cross-attention layers as blocks run
+before chosen layers of the frozen Llama (``flamingo.mllama.MllamaCrossBlock``).
+
+A call's context is the media (flattened per row: ``(B, N * R, D)``, or each block's keys and
+values while decoding) and one boolean mask ``(B, T, N * R)`` every block shares: which media
+each token reads (:func:`flamingo.mllama.visible_media`), restricted to the tokens of each
+image's real tiles (``media_mask``, from the aspect-ratio ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flamingo.mllama import MllamaCrossBlock, visible_media
+from flamingo.parts.base import Flops, Fusion, LMCall
+from flamingo.parts.cross_attention import check_media
+
+
+@dataclass(frozen=True)
+class MllamaContext:
+    media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None
+    """(B, N * R, D) media tokens, or one (keys, values) per block; None: text only."""
+    allowed: torch.Tensor | None
+    """(B, T, N * R) bool: the media tokens each token reads."""
+
+
+@dataclass
+class MllamaDecoding:
+    """A prompt's media for decoding: computed once, shared by beams (``select``)."""
+
+    latents: torch.Tensor | None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    media_mask: torch.Tensor | None
+    """(B, N, R) bool: the tokens the continuation reads (the prompt's last token's media, their
+    real tiles)."""
+
+
+class MllamaFusion(Fusion):
+    """Cross-attention layers before the Llama layers ``mllama.layers``."""
+
+    name = "mllama"
+    identity_at_init = True  # both tanh gates start at zero
+
+    def image_tokens(self, connector_tokens: int) -> int:
+        return 1  # one <|image|> per image
+
+    def blocks(
+        self, lm_config: Any, num_layers: int, dim_media: int
+    ) -> tuple[nn.ModuleList, list[int]]:
+        indices = list(self.cfg.mllama.layers)
+        bad = [i for i in indices if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"mllama.layers {bad} are not layers of this {num_layers}-layer LM: each names "
+                "the Llama layer a cross-attention layer runs before"
+            )
+        if dim_media != lm_config.hidden_size:
+            raise ValueError(
+                f"connector: mllama needs media of the LM's width {lm_config.hidden_size} (its "
+                f"projector's output), got {dim_media}"
+            )
+        uniform = self.cfg.mllama.rows_without_image == "attend_uniformly"
+        return nn.ModuleList(MllamaCrossBlock(lm_config, uniform) for _ in indices), indices
+
+    def trainable(self, lm: nn.Module) -> dict[str, nn.Module]:
+        return {"gated_blocks": lm.gated_blocks}
+
+    def wrap_units(self) -> tuple[type[nn.Module], ...]:
+        return (MllamaCrossBlock,)
+
+    # -- one call -------------------------------------------------------------------------------
+
+    def lm_inputs(self, model: Any, call: LMCall) -> LMCall:
+        media = call.media_kv if call.media_kv is not None else call.media_latents
+        if media is None:
+            check_media(call.input_ids, None, call.media_index, model.policy.sync_free)
+            call.context = MllamaContext(None, None)
+            return call
+        if isinstance(media, list):  # decoding: made from a prompt whose media were checked
+            if call.media_mask is None:
+                raise ValueError(
+                    "decoding from the blocks' keys and values needs the media_mask they were "
+                    "made with (Flamingo.generate passes both)"
+                )
+            n, per_item = call.media_mask.shape[1:]
+        else:
+            part = model.parts.connector.describe()
+            check_media(call.input_ids, media, call.media_index, model.policy.sync_free, part)
+            n, per_item = media.shape[1:3]
+            media = media.flatten(1, 2)
+        image_id = model.special_tokens.image_id
+        visible = visible_media(call.input_ids, image_id, call.media_index, n)  # (B, T, N)
+        allowed = visible.repeat_interleave(per_item, dim=-1)
+        if call.media_mask is not None:
+            allowed = allowed & call.media_mask.flatten(1, 2)[:, None]
+        call.context = MllamaContext(media, allowed)
+        return call
+
+    def block_inputs(self, block_idx: int, block: nn.Module, context: MllamaContext) -> tuple:
+        media = context.media
+        if isinstance(media, list):
+            media = media[block_idx]
+        elif media is not None:
+            media = media.to(block.cross_attn.q_proj.weight.dtype)
+        return media, context.allowed
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def decoding(
+        self,
+        model: Any,
+        media_latents: torch.Tensor | None,
+        use_cache: bool,
+        input_ids: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
+    ) -> MllamaDecoding:
+        """The media, their mask narrowed to what the prompt's last token reads (the generated
+        tokens read the same: none is an image), and with a cache every block's keys and
+        values, once per prompt."""
+        if media_latents is None:
+            return MllamaDecoding(None, None, None)
+        b, n, r = media_latents.shape[:3]
+        if media_mask is None:
+            media_mask = torch.ones(b, n, r, dtype=torch.bool, device=media_latents.device)
+        if input_ids is not None:
+            phi = model.media_index(input_ids)
+            visible = visible_media(input_ids, model.special_tokens.image_id, phi, n)[:, -1]
+            media_mask = media_mask & visible[..., None]
+        kv = None
+        if use_cache:
+            flat = media_latents.flatten(1, 2)
+            blocks = model.lm.gated_blocks
+            kv = [b.cross_attn.media_kv(flat.to(b.cross_attn.q_proj.weight.dtype)) for b in blocks]
+        return MllamaDecoding(media_latents, kv, media_mask)
+
+    def step_media(self, state: MllamaDecoding, use_cache: bool, first: bool) -> dict[str, Any]:
+        if state.latents is None:
+            return {}
+        if use_cache:
+            return {"media_kv": state.kv, "media_mask": state.media_mask}
+        return {"media_latents": state.latents, "media_mask": state.media_mask}
+
+    def select(self, state: MllamaDecoding, index: torch.Tensor) -> MllamaDecoding:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        kv = None if state.kv is None else [(k[index], v[index]) for k, v in state.kv]
+        return MllamaDecoding(pick(state.latents), kv, pick(state.media_mask))
+
+    def flops(self, s: Any) -> Flops:
+        t, d, kv = s.seq_len, s.lm_width, s.lm_kv_width or s.lm_width
+        media = s.images * s.image_tokens
+        block = (
+            4 * t * d * d  # queries and output
+            + 2 * media * d * 2 * kv  # keys and values of the media
+            + 4 * t * media * d  # attention
+            + 2 * t * 3 * d * s.lm_ffn  # the SwiGLU MLP
+        )
+        return {"gated_blocks": (float(s.gated_blocks * block * s.batch), 3)}

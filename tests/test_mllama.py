@@ -1,0 +1,396 @@
+"""Llama 3.2 Vision import: transformers' ``MllamaForConditionalGeneration`` on two tiny random
+configs, saved by transformers itself, every parameter moved off its initial value, converted
+through the public API and compared logit for logit, token for token, pixel for pixel.
+
+Two semantics for a token that reads no image (text before the first): ``zero`` (Meta's
+reference code and Flamingo's rule, our default) is compared with transformers patched to zero
+the cross-attention output there; ``attend_uniformly`` with transformers as it is."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    AutoTokenizer,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessor,
+    MllamaProcessor,
+)
+
+from flamingo import hub
+from flamingo.config import OPENAI_MEAN, OPENAI_STD
+from flamingo.convert.__main__ import main as convert_main
+from flamingo.convert.mllama import export_mllama, mllama_config, read_mllama
+from flamingo.formats import weights_all_in_files
+from flamingo.model import Flamingo
+from flamingo.processing import FlamingoProcessor
+from flamingo.tokens import TINY_TOKENIZER_DIR
+from tests.helpers import COMMIT, lay_out, noise_image
+
+CASES = {
+    # 4 tiles of 28 pixels, cross-attention layers inside the stack, a tokenizer that starts
+    # every text with its start token (as Llama 3's)
+    "11b-like": dict(
+        bos=True,
+        vision=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_global_layers=2,
+            attention_heads=4, image_size=28, patch_size=14, max_num_tiles=4,
+            vision_output_dim=96, intermediate_layers_indices=[0, 2],
+            supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+        ),
+        text=dict(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=2, cross_attention_layers=[1, 3],
+        ),
+    ),
+    # 2 tiles of 21 pixels (patches padded to a multiple of 8), a cross-attention layer first
+    # and two in a row, one key/value head, Llama 3's scaled rotary embedding, no start token
+    "cross-first": dict(
+        bos=False,
+        vision=dict(
+            hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_global_layers=1,
+            attention_heads=2, image_size=21, patch_size=7, max_num_tiles=2,
+            vision_output_dim=48, intermediate_layers_indices=[1],
+            supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+        ),
+        text=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=1, cross_attention_layers=[0, 2, 3],
+            rope_parameters=dict(
+                rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+}  # fmt: skip
+
+TEXTS = [
+    "A photo <|image|>of a cat<|image|> and then",
+    "<|image|>What is it?",
+    "<|image|><|image|>Two in a row: which",
+]
+SIZES = [[(60, 30), (20, 45)], [(33, 33)], [(90, 20), (28, 56)]]
+
+
+def tokenizer(bos: bool):
+    """The packaged tiny tokenizer with Llama 3.2 Vision's tokens: a start token, a pad token
+    and ``<|image|>`` last (its id is the text model's vocabulary size, the embedding's first
+    extra row). With ``bos`` it starts every text with its start token."""
+    tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "pad_token": "<pad>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tok.padding_side = "left"
+    if bos:
+        start = tok.bos_token
+        tok._tokenizer.post_processor = TemplateProcessing(
+            single=f"{start} $A", pair=f"{start} $A $B", special_tokens=[(start, tok.bos_token_id)]
+        )
+    return tok
+
+
+def save_reference(root, case: str, seed: int = 0):
+    """A random Llama 3.2 Vision with every parameter (gates, gated positional embeddings,
+    aspect-ratio embeddings, norms) off its initial value, written by transformers with its
+    tokenizer and image processor: (model, directory)."""
+    spec = CASES[case]
+    tok = tokenizer(spec["bos"])
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    text = dict(
+        spec["text"], vocab_size=image_id, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    config = MllamaConfig(
+        vision_config=spec["vision"], text_config=text, image_token_index=image_id
+    )
+    torch.manual_seed(seed)
+    reference = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "gate" in name or "norm" in name:
+                p.add_(0.4 + 0.2 * torch.randn_like(p))
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    directory = root / case
+    reference.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    size = spec["vision"]["image_size"]
+    MllamaImageProcessor(
+        size={"height": size, "width": size},
+        max_image_tiles=spec["vision"]["max_num_tiles"],
+        image_mean=list(OPENAI_MEAN),
+        image_std=list(OPENAI_STD),
+    ).save_pretrained(directory)
+    return reference, directory
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def reference(request, tmp_path_factory):
+    return save_reference(tmp_path_factory.mktemp("mllama"), request.param)
+
+
+def images(seed: int = 0):
+    return [
+        [noise_image(seed + 10 * b + i, size) for i, size in enumerate(row)]
+        for b, row in enumerate(SIZES)
+    ]
+
+
+def their_inputs(directory, batch=None):
+    processor = MllamaProcessor.from_pretrained(directory)
+    return processor(
+        images=batch or images(), text=TEXTS, return_tensors="pt", padding=True, padding_side="left"
+    )
+
+
+@contextmanager
+def meta_zeroing():
+    """transformers' cross-attention layers with Meta's rule: a token whose row reads no vision
+    token (``full_text_row_masked_out_mask`` 0) gets no attention output (transformers spreads
+    its attention evenly; it zeroes the MLP's output only)."""
+    import transformers.models.mllama.modeling_mllama as mm
+
+    layer, attention = mm.MllamaCrossAttentionDecoderLayer, mm.MllamaTextCrossAttention
+    layer_forward, attention_forward = layer.forward, attention.forward
+
+    def forward_layer(self, *args, **kwargs):
+        self.cross_attn.reads = kwargs.get(
+            "full_text_row_masked_out_mask", args[4] if len(args) > 4 else None
+        )
+        return layer_forward(self, *args, **kwargs)
+
+    def forward_attention(self, *args, **kwargs):
+        out, weights = attention_forward(self, *args, **kwargs)
+        return out * self.reads[:, 0], weights
+
+    layer.forward, attention.forward = forward_layer, forward_attention
+    try:
+        yield
+    finally:
+        layer.forward, attention.forward = layer_forward, attention_forward
+
+
+def their_logits(model, enc) -> torch.Tensor:
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding
+    with torch.no_grad():
+        return model(**enc, position_ids=positions).logits
+
+
+def ours_of(directory, rows: str = "zero") -> Flamingo:
+    if rows == "zero":
+        return Flamingo.from_pretrained(directory)  # the public path: our default
+    config = json.loads((directory / "config.json").read_text())
+    pre = json.loads((directory / "preprocessor_config.json").read_text())
+    cfg = mllama_config(config, directory, pre, rows_without_image=rows)
+    from flamingo.convert.mllama import load_mllama
+
+    return load_mllama(Flamingo.from_config(cfg), read_mllama(directory)).eval()
+
+
+def our_logits(model, enc) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def close(theirs: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor, atol: float = 1e-4):
+    vocab = theirs.shape[-1]
+    assert ours.shape[-1] == vocab  # no logit for <|image|>: the head has vocab_size rows
+    diff = (theirs - ours[..., :vocab]).abs()[mask.bool()]
+    assert diff.max() < atol, f"max |logit difference| {diff.max():.3g} on real tokens"
+
+
+def test_every_tensor_is_placed_and_the_model_is_built_without_storage(reference):
+    model, directory = reference
+    ours = Flamingo.from_pretrained(directory)
+    assert weights_all_in_files(ours.cfg)  # no random init of the weights to be overwritten
+    theirs = sum(p.numel() for p in model.parameters())
+    assert ours.num_parameters() == theirs
+    assert ours.cfg.connector == "mllama" and ours.parts.tower.name == "mllama"
+
+
+def test_logits_match_transformers_with_meta_zeroing(reference):
+    """Our default: a left-padded batch, several images of different aspect ratios (other
+    tilings), text before, between and after them, two images in a row; flat media."""
+    model, directory = reference
+    enc = their_inputs(directory)
+    ours = FlamingoProcessor.from_pretrained(directory)(TEXTS, images())
+    assert enc["attention_mask"][:, 0].min() == 0  # left padded
+    assert len(set(ours["aspect_ratio_ids"].tolist())) > 2  # the tilings differ
+    with meta_zeroing():
+        theirs = their_logits(model, enc)
+    close(theirs, our_logits(ours_of(directory), ours), enc["attention_mask"])
+
+
+def test_logits_match_transformers_as_it_is_with_attend_uniformly(reference):
+    """transformers' numerics: a token that reads no image attends evenly over its row's vision
+    tokens, the empty image slots' too, so the padded media layout (every slot encoded, as
+    transformers encodes them) reproduces it."""
+    model, directory = reference
+    enc = their_inputs(directory)
+    theirs = their_logits(model, enc)
+    padded = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "pixel_values": enc["pixel_values"],
+        "aspect_ratio_ids": enc["aspect_ratio_ids"],
+    }
+    close(theirs, our_logits(ours_of(directory, "attend_uniformly"), padded), enc["attention_mask"])
+
+
+def test_flat_and_padded_media_give_the_same_logits(reference):
+    _, directory = reference
+    model = ours_of(directory)
+    ours = FlamingoProcessor.from_pretrained(directory)(TEXTS, images())
+    enc = their_inputs(directory)
+    padded = {
+        k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids")
+    }
+    torch.testing.assert_close(
+        our_logits(model, ours), our_logits(model, padded), rtol=0, atol=1e-4
+    )
+
+
+def test_the_processor_gives_mllama_processors_ids_and_pixels(reference):
+    _, directory = reference
+    odd = [[noise_image(1, (5, 3)), noise_image(2, (200, 90))], [noise_image(3, (56, 28))], [
+        noise_image(4, (17, 101)), noise_image(5, (42, 42))]]  # fmt: skip
+    theirs = their_inputs(directory, odd)
+    ours = FlamingoProcessor.from_pretrained(directory)(TEXTS, odd)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    slots = ours["media_slots"]
+    assert torch.equal(
+        ours["aspect_ratio_ids"], theirs["aspect_ratio_ids"][slots >= 0]
+    )  # the flat layout: real media only, sequence by sequence
+    level = (1 / 255) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)  # one 8-bit level
+    diff = (ours["pixel_values"] - theirs["pixel_values"][slots >= 0]).abs()
+    assert (diff <= level * 1.001).all(), f"{(diff / level).max():.2f} levels apart"
+    # the same text written with our marker
+    ours_marked = FlamingoProcessor.from_pretrained(directory)(
+        [t.replace("<|image|>", "<image>") for t in TEXTS], odd
+    )
+    assert torch.equal(ours_marked["input_ids"], theirs["input_ids"])
+
+
+def greedy_cases(directory):
+    """One prompt per image arrangement, left padded: (their inputs, ours)."""
+    texts = ["A <|image|>photo of", "<|image|>It"]
+    batch = [[noise_image(7, (50, 20))], [noise_image(8, (24, 70))]]
+    theirs = MllamaProcessor.from_pretrained(directory)(
+        images=batch, text=texts, return_tensors="pt", padding=True, padding_side="left"
+    )
+    return theirs, FlamingoProcessor.from_pretrained(directory)(texts, batch)
+
+
+def test_greedy_tokens_equal_transformers_generate(reference):
+    """Ours with and without caches give transformers' greedy tokens (Meta's zeroing applied to
+    both). transformers' own cache mishandles a cross-attention layer at index 0, so the
+    ``cross-first`` case is compared with its uncached generate."""
+    model, directory = reference
+    theirs_in, ours_in = greedy_cases(directory)
+    first_is_cross = 0 in model.config.text_config.cross_attention_layers
+    with meta_zeroing(), torch.no_grad():
+        theirs = model.generate(
+            **theirs_in, max_new_tokens=6, do_sample=False, use_cache=not first_is_cross,
+            eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    ours = ours_of(directory)
+    for cache in (True, False):
+        tokens = ours.generate(**ours_in, max_new_tokens=6, eos_token_id=-1, use_cache=cache)
+        assert torch.equal(tokens, theirs), (cache, tokens, theirs)
+    beams = [
+        ours.generate(**ours_in, max_new_tokens=4, num_beams=3, eos_token_id=-1, use_cache=c)
+        for c in (True, False)
+    ]
+    assert torch.equal(*beams)
+
+
+def test_the_convert_command_and_a_hub_id(reference, tmp_path, offline_cache):
+    model, directory = reference
+    convert_main(["mllama", str(directory), str(tmp_path / "ours")])
+    enc = FlamingoProcessor.from_pretrained(tmp_path / "ours")(TEXTS, images())
+    expected = our_logits(ours_of(directory), enc)
+    assert torch.equal(our_logits(Flamingo.from_pretrained(tmp_path / "ours"), enc), expected)
+    repo = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    lay_out(offline_cache, repo, directory)
+    from_hub = Flamingo.from_pretrained(repo)  # converted once into the cache, then loaded
+    assert torch.equal(our_logits(from_hub, enc), expected)
+    assert hub.converted_dir(repo, commit=COMMIT).joinpath("config.json").is_file()
+    processor = FlamingoProcessor.from_pretrained(repo)
+    assert torch.equal(processor(TEXTS, images())["input_ids"], enc["input_ids"])
+
+
+def test_both_key_layouts_load_the_same(reference, tmp_path):
+    """transformers saves the layout the Meta repos were uploaded with (``vision_model.*``,
+    ``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``) and
+    loads its own 5.x names too (``model.vision_model.*``, ``model.language_model.*``,
+    ``lm_head.*``, ``model.multi_modal_projector.*``): the checkpoint rewritten in the other
+    one gives the same model."""
+    _, directory = reference
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in directory.iterdir():
+        if f.suffix != ".safetensors":
+            (other / f.name).write_bytes(f.read_bytes())
+    old_to_new = {
+        "language_model.model.": "model.language_model.",
+        "language_model.lm_head.": "lm_head.",
+        "vision_model.": "model.vision_model.",
+        "multi_modal_projector.": "model.multi_modal_projector.",
+    }
+    saved = load_file(str(directory / "model.safetensors"))
+    old = all(k.startswith(tuple(old_to_new)) for k in saved)
+    renames = old_to_new if old else {new: o for o, new in old_to_new.items()}
+    state = {}
+    for name, tensor in saved.items():
+        prefix = next(p for p in renames if name.startswith(p))
+        state[renames[prefix] + name.removeprefix(prefix)] = tensor
+    save_file(state, str(other / "model.safetensors"))
+    enc = FlamingoProcessor.from_pretrained(directory)(TEXTS, images())
+    assert torch.equal(
+        our_logits(Flamingo.from_pretrained(other), enc), our_logits(ours_of(directory), enc)
+    )
+
+
+def test_a_model_goes_back_to_transformers_format(reference, tmp_path):
+    """Every tensor back in its place (the embedding's extra rows included); transformers loads
+    the export; through our checkpoint and the command line too."""
+    model, directory = reference
+    ours = ours_of(directory)
+    ours.save_pretrained(tmp_path / "ours", FlamingoProcessor.from_pretrained(directory))
+    convert_main(["to-mllama", str(tmp_path / "ours"), str(tmp_path / "back")])
+    back = MllamaForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    want = model.state_dict()
+    got = back.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    enc = their_inputs(directory)
+    assert torch.equal(their_logits(back, enc), their_logits(model, enc))
+    again = export_mllama(ours, FlamingoProcessor.from_pretrained(directory), tmp_path / "again")
+    assert MllamaProcessor.from_pretrained(again)(images=images(), text=TEXTS, padding=True)
+
+
+def test_what_cannot_be_reproduced_is_refused_by_name(reference):
+    _, directory = reference
+    config = json.loads((directory / "config.json").read_text())
+    pre = json.loads((directory / "preprocessor_config.json").read_text())
+    with pytest.raises(ValueError, match="max_image_tiles"):
+        mllama_config(config, directory, {**pre, "max_image_tiles": 16})
+    with pytest.raises(ValueError, match="resample"):
+        mllama_config(config, directory, {**pre, "resample": 3})
+    last = config["text_config"]["num_hidden_layers"] - 1
+    bad = {**config, "text_config": {**config["text_config"], "cross_attention_layers": [last]}}
+    with pytest.raises(ValueError, match="cross_attention_layers"):
+        mllama_config(bad, directory, pre)
+    model = ours_of(directory)
+    enc = FlamingoProcessor.from_pretrained(directory)(TEXTS, images())
+    with pytest.raises(ValueError, match="aspect_ratio_ids"):
+        model(**{k: v for k, v in enc.items() if k != "aspect_ratio_ids"})
