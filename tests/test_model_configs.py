@@ -279,7 +279,9 @@ def test_the_llama_vision_configs_are_what_the_import_makes_of_the_releases(name
     release = MllamaConfig(vision_config={"image_size": 560}, text_config=text).to_dict()
     ours = FlamingoConfig.from_yaml(ROOT / "configs" / "model" / name)
     pre = {"image_mean": list(ours.vision.image_mean), "image_std": list(ours.vision.image_std)}
-    imported = mllama_config(release, ours.lm.tokenizer, {**pre, "size": {"height": 560, "width": 560}})
+    imported = mllama_config(
+        release, ours.lm.tokenizer, {**pre, "size": {"height": 560, "width": 560}}
+    )
     assert imported.mllama == ours.mllama and imported.projector == ours.projector
     assert imported.frozen_dtype == ours.frozen_dtype
     assert imported.lm.head_rows == ours.lm.head_rows
