@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 import flamingo.formats as formats
-from flamingo.chat import render
+from flamingo.chat import TEMPLATES, check_turns, render
 from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.hub import snapshot
@@ -233,6 +233,7 @@ class FlamingoProcessor:
         images: Sequence[Sequence[Media]] | None = None,
         padding_side: Literal["left", "right"] | None = None,
         max_length: int | None = None,
+        add_special_tokens: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Tokenize a batch of interleaved sequences and preprocess their media.
 
@@ -240,6 +241,7 @@ class FlamingoProcessor:
         batch's media flat: ``pixel_values (M, F, C, H, W)`` and ``media_slots (B, N)``
         (:meth:`preprocess_images`). ``max_length`` truncates from the right; it is an
         error if that cuts an ``<image>`` marker off (its image would be orphaned).
+        ``add_special_tokens=False``: the texts hold the tokenizer's own (a rendered chat).
         """
         texts = [text] if isinstance(text, str) else list(text)
         if self.special_tokens.image_text != IMAGE:  # the tokenizer's own marker is one too
@@ -262,7 +264,8 @@ class FlamingoProcessor:
         else:
             encoded = self.tokenizer(
                 [self.prompt_text(t) for t in texts],
-                add_special_tokens=not self.idefics_form,  # its form starts with the BOS itself
+                # IDEFICS's form starts with the BOS itself
+                add_special_tokens=add_special_tokens and not self.idefics_form,
                 padding="longest",
                 padding_side=side,
                 truncation=max_length is not None,
@@ -309,17 +312,49 @@ class FlamingoProcessor:
         (:mod:`flamingo.chat`) with an open assistant turn to generate the reply; its image
         (one or None per conversation) opens the first user turn, as in training. Generate
         with ``eos_token_id=processor.tokenizer.eos_token_id``: a reply ends there. ``kwargs``
-        go to :meth:`__call__`."""
+        go to :meth:`__call__`.
+
+        ``template="checkpoint"`` writes them with the tokenizer's own chat template (Llama 3.2
+        Vision Instruct's, saved with its tokenizer), an image as an ``{"type": "image"}`` item
+        opening the first user turn, and tokenizes the result as transformers' processors do:
+        without adding the start token when the text begins with it."""
         images = list(images) if images is not None else [None] * len(conversations)
         if len(images) != len(conversations):
             raise ValueError(f"got {len(conversations)} conversations but {len(images)} images")
+        media = [[image] if image is not None else [] for image in images]
+        if template == "checkpoint":
+            texts = [
+                self._checkpoint_chat(turns, image is not None)
+                for turns, image in zip(conversations, images, strict=True)
+            ]
+            bos = self.tokenizer.bos_token
+            own = bos is not None and all(t.startswith(bos) for t in texts)
+            return self(texts, media, add_special_tokens=not own, **kwargs)
         eos = self.tokenizer.eos_token or ""
         texts = [
             render(turns, template, eos, image is not None, generation_prompt=True)[0]
             for turns, image in zip(conversations, images, strict=True)
         ]
-        media = [[image] if image is not None else [] for image in images]
         return self(texts, media, **kwargs)
+
+    def _checkpoint_chat(self, turns: Sequence[dict[str, str]], image: bool) -> str:
+        """One conversation in the tokenizer's own chat template, an open assistant turn last."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "template='checkpoint' uses the tokenizer's own chat template, and this "
+                f"tokenizer has none: use one of {sorted(TEMPLATES)}"
+            )
+        check_turns(turns)
+        if turns[-1]["role"] != "user":
+            raise ValueError("a generation prompt ends with a user turn")
+        messages = []
+        for i, turn in enumerate(turns):
+            content = [{"type": "image"}] if i == 0 and image else []
+            content.append({"type": "text", "text": turn["text"]})
+            messages.append({"role": turn["role"], "content": content})
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
     def decode(
         self, token_ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = False

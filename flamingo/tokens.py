@@ -22,8 +22,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded: the schema's and the
+    from transformers import PreTrainedTokenizerBase  # converters' imports stay light
 
 IMAGE = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -259,6 +261,8 @@ def load_tokenizer(
     """
     path = str(TINY_TOKENIZER_DIR) if source == TINY_TOKENIZER else source
     try:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code
         )

@@ -78,6 +78,16 @@ TEXTS = [
 SIZES = [[(60, 30), (20, 45)], [(33, 33)], [(90, 20), (28, 56)]]
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+"""A chat template of the Instruct models' form (the start token, headers, an image item as
+``<|image|>``, an open assistant turn), saved with the tiny tokenizer."""
+
+
 def tokenizer(bos: bool):
     """The packaged tiny tokenizer with Llama 3.2 Vision's tokens: a start token, a pad token
     and ``<|image|>`` last (its id is the text model's vocabulary size, the embedding's first
@@ -86,6 +96,7 @@ def tokenizer(bos: bool):
     tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "pad_token": "<pad>"})
     tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
     tok.padding_side = "left"
+    tok.chat_template = CHAT_TEMPLATE
     if bos:
         start = tok.bos_token
         tok._tokenizer.post_processor = TemplateProcessing(
@@ -277,6 +288,36 @@ def test_the_processor_gives_mllama_processors_ids_and_pixels(reference):
         [t.replace("<|image|>", "<image>") for t in TEXTS], odd
     )
     assert torch.equal(ours_marked["input_ids"], theirs["input_ids"])
+
+
+def test_the_instruct_chat_template_gives_mllama_processors_ids(reference):
+    """``processor.chat(..., template="checkpoint")``: the checkpoint's own chat template, an
+    image opening the first user turn, tokenized as transformers' processors tokenize a
+    rendered chat (no second start token)."""
+    _, directory = reference
+    turns = [
+        {"role": "user", "text": "What is in the picture?"},
+        {"role": "assistant", "text": "A red circle."},
+        {"role": "user", "text": "And its colour?"},
+    ]
+    image = noise_image(9, (40, 70))
+    messages = [
+        {"role": t["role"], "content": ([{"type": "image", "image": image}] if i == 0 else [])
+         + [{"type": "text", "text": t["text"]}]}
+        for i, t in enumerate(turns)
+    ]  # fmt: skip
+    theirs = MllamaProcessor.from_pretrained(directory).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    ours = FlamingoProcessor.from_pretrained(directory).chat(
+        [turns], [image], template="checkpoint"
+    )
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["aspect_ratio_ids"], theirs["aspect_ratio_ids"][0])
+    with pytest.raises(ValueError, match="ends with a user turn"):
+        FlamingoProcessor.from_pretrained(directory).chat(
+            [turns[:2]], [image], template="checkpoint"
+        )
 
 
 def greedy_cases(directory):

@@ -4,7 +4,7 @@ Decoding turns any common encoding into upright (EXIF orientation applied) 8-bit
 alpha images are converted (transparent pixels composited onto white) and counted by mode;
 truncated or corrupt files and decompression bombs raise ``SkipSample``.
 
-Preprocessing resizes exactly like inference (``vision.resize``: by default keeping the aspect
+Decoding imports no torch (the converters start faster). Preprocessing resizes exactly like inference (``vision.resize``: by default keeping the aspect
 ratio and padding with the normalisation mean colour, as in the paper), then flips
 horizontally with a per-sample probability, then normalises.
 """
@@ -14,14 +14,16 @@ from __future__ import annotations
 import io
 import warnings
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from flamingo.config import VisionConfig
 from flamingo.data.schema import SkipSample
-from flamingo.vision import square, to_uint8
+
+if TYPE_CHECKING:
+    import torch
 
 EXIF_ORIENTATION = 0x0112
 
@@ -101,6 +103,9 @@ class ImagePreprocessor:
         self.cfg = cfg
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
+        # imported here: decoding alone (the converters' share) needs neither torch nor the tower
+        from flamingo.vision import square, to_uint8
+
         image = square(image, self.cfg)
         if flip:
             image = ImageOps.mirror(image)
