@@ -90,9 +90,15 @@ class Evaluator:
 
     @torch.no_grad()
     def _encode(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels, _, _ = self.processor.preprocess_images([[im] for im in images])  # (M, F, C, H, W)
-        tokens = self.model.vision(pixels.unsqueeze(1).to(self.device, self.dtype))
-        return tokens.mean(dim=(1, 2, 3)).float().cpu()  # (B, Dv)
+        # (M, F, C, H, W), and a tiled tower's aspect-ratio ids (M,)
+        pixels, _, ratios = self.processor.preprocess_images([[im] for im in images])
+        extra = {} if ratios is None else {"aspect_ratio_ids": ratios[:, None].to(self.device)}
+        tokens = self.model.vision(pixels.unsqueeze(1).to(self.device, self.dtype), **extra)
+        tokens = tokens.flatten(1, 3).float()  # (M, tokens, Dv)
+        if ratios is None:
+            return tokens.mean(dim=1).cpu()  # (M, Dv)
+        real = self.model.vision.token_mask(ratios.to(self.device)).float()  # real tiles only
+        return ((tokens * real[..., None]).sum(1) / real.sum(1, keepdim=True)).cpu()
 
     def _features(self, items: list[Item], tag: str, shared: bool = False) -> torch.Tensor:
         """(N, Dv) mean-pooled vision features of ``items``' images, cached in ``cache_dir``.
@@ -201,6 +207,9 @@ class Evaluator:
             attention_mask=enc["attention_mask"].to(self.device),
             pixel_values=enc["pixel_values"].to(self.device, self.dtype),
             media_slots=enc["media_slots"].to(self.device),
+            aspect_ratio_ids=enc["aspect_ratio_ids"].to(self.device)
+            if "aspect_ratio_ids" in enc
+            else None,
         )
         if task.protocol.class_ranking == "mean":  # per token (OpenFlamingo)
             scores = scores / torch.tensor([len(c) for c in candidates], device=scores.device)

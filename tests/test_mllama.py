@@ -435,3 +435,25 @@ def test_what_cannot_be_reproduced_is_refused_by_name(reference):
     enc = FlamingoProcessor.from_pretrained(directory)(TEXTS, images())
     with pytest.raises(ValueError, match="aspect_ratio_ids"):
         model(**{k: v for k, v in enc.items() if k != "aspect_ratio_ids"})
+
+
+def test_every_eval_task_runs_on_a_llama_vision_checkpoint(tmp_path):
+    """Few-shot prompts of several images in Llama 3.2's form (``<|image|>`` per image),
+    RICES features from the tiled tower's real tiles, class ranking by scores."""
+    import yaml
+
+    from eval.run import main as eval_main
+    from tests.eval_fixtures import small_eval_config
+    from tests.test_eval import BENCHMARKS
+
+    _, directory = save_reference(tmp_path, "cross-first")
+    config = small_eval_config(tmp_path)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "demos": "rices"}))
+    results = eval_main(["--config", str(config), "--checkpoint", str(directory)])["results"]
+    assert any((tmp_path / "cache").glob("rices-*.safetensors"))
+    assert set(results) == BENCHMARKS
+    for task, by_shots in results.items():
+        for entry in by_shots.values():
+            for metric in entry["scores"].values():
+                assert 0 <= metric["mean"] <= 100 + 1e-6, task
+            assert all(len(p) > 0 for p in entry["predictions"]), task
