@@ -36,6 +36,10 @@ CPU = {
     "generation-idefics-small": [
         *("bench.generation", "--against", "idefics", "--config", "small", "--device", "cpu"),
     ],
+    "generation-mllama-tiny": ["bench.generation", "--against", "mllama", "--device", "cpu"],
+    "generation-mllama-small": [
+        *("bench.generation", "--against", "mllama", "--config", "small", "--device", "cpu"),
+    ],
     "data_throughput": ["bench.data_throughput"],
     "convert": ["bench.convert"],
     "padding": ["bench.padding", "--config", "small"],

@@ -1,10 +1,12 @@
 """Generation, ours vs OpenFlamingo: 4-shot captioning prompt, beam 3, 20 new tokens, batch 8,
 same weights (OpenFlamingo's, converted with ``from_openflamingo``), same tokens asserted; or
-ours vs transformers' IDEFICS (``--against idefics``): its ``generate`` on a random
+ours vs transformers' IDEFICS (``--against idefics``) or Llama 3.2 Vision (``--against
+mllama``, ``bench/generation_mllama.py``): its ``generate`` on a random
 ``IdeficsForVisionText2Text`` and ours on the same weights (``Flamingo.from_pretrained`` of its directory).
 
     python -m bench.generation [--config tiny|small] [--batch 8] [--beams 3] [--new 20]
     python -m bench.generation --against idefics [--config tiny|small] [--beams 1]
+    python -m bench.generation --against mllama [--config tiny|small]
 
 OpenFlamingo's ``generate`` does not run with transformers 5 (its forward's signature), so its
 side is our beam search driving *its* ``forward``: the full sequence every step, the images
@@ -266,6 +268,7 @@ def prompt_batch(ours, image_size: int, batch: int, shots: int = 4):
 REFERENCE_SIDE = {
     "openflamingo": "our beam search over OpenFlamingo's forward (no caches, images re-encoded per beam); its generate fails with transformers 5",
     "idefics": "transformers' IdeficsForVisionText2Text.generate (LM KV cache; cross-attention keys and values recomputed every step)",
+    "mllama": "transformers' MllamaForConditionalGeneration.generate (LM KV cache with the cross-attention layers' keys and values cached)",
 }
 
 
@@ -295,12 +298,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--against",
-        choices=("openflamingo", "idefics"),
+        choices=("openflamingo", "idefics", "mllama"),
         default="openflamingo",
         help="the reference implementation timed against ours",
     )
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--beams", type=int, default=None, help="default 3 (1 with idefics)")
+    parser.add_argument(
+        "--beams", type=int, default=None, help="default 3 (1 with idefics, mllama)"
+    )
     parser.add_argument("--new", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -308,11 +313,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.beams is None:
-        args.beams = 1 if args.against == "idefics" else 3
+        args.beams = 1 if args.against in ("idefics", "mllama") else 3
+    if args.against in ("idefics", "mllama") and args.beams != 1:
+        parser.error(f"--against {args.against} compares greedy tokens: --beams 1")
     if args.against == "idefics":
-        if args.beams != 1:
-            parser.error("--against idefics compares greedy tokens: --beams 1")
         timings, outputs = against_idefics(args)
+    elif args.against == "mllama":
+        from bench.generation_mllama import against_mllama
+
+        timings, outputs = against_mllama(args, timed)
     else:
         timings, outputs = against_openflamingo(args)
     reference = args.against
@@ -334,10 +343,10 @@ def main() -> None:
         else f"{platform.machine()} CPU, {args.threads} threads",
         "torch": torch.__version__,
         "reference_side": REFERENCE_SIDE[reference],
-        "warmed_up": cuda or reference == "idefics",
+        "warmed_up": cuda or reference != "openflamingo",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = "generation" if reference == "openflamingo" else "generation-idefics"
+    prefix = "generation" if reference == "openflamingo" else f"generation-{reference}"
     path = args.out / f"{prefix}-{Path(args.config).stem}-{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(

@@ -77,7 +77,11 @@ def speed_ceilings(records: list[dict]) -> list[str]:
     return ["", *lines] if lines else []
 
 
-REFERENCES = {"openflamingo": "OpenFlamingo", "idefics": "transformers' IDEFICS"}
+REFERENCES = {
+    "openflamingo": "OpenFlamingo",
+    "idefics": "transformers' IDEFICS",
+    "mllama": "transformers' Llama 3.2 Vision",
+}
 
 
 def generation_table(records: list[dict]) -> list[str]:

@@ -24,6 +24,7 @@ evenly over every vision token of its row, the MLP output zeroed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -221,12 +222,15 @@ class MllamaCrossAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor
     ) -> torch.Tensor:
+        """``bias`` (B, 1, T, M): 0 where a token reads a media token, the dtype's lowest
+        value elsewhere. Grouped-query attention without copying the keys and values per
+        query head (SDPA's ``enable_gqa``)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2))
         k, v = kv
-        groups = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=self.heads != self.kv_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -250,23 +254,40 @@ class MllamaCrossBlock(nn.Module):
         self,
         hidden: torch.Tensor,
         media: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
-        allowed: torch.Tensor | None,
+        mask: CrossMask | None,
     ) -> torch.Tensor:
-        """``media``: (B, M, D) flattened media tokens, or their keys and values; ``allowed``
-        (B, T, M) bool, what each token reads. No media: the layer is skipped (as transformers
-        skips it for text alone)."""
+        """``media``: (B, M, D) flattened media tokens, or their keys and values; ``mask``:
+        what each token reads (:func:`cross_mask`, built once per call for every layer). No
+        media: the layer is skipped (as transformers skips it for text alone)."""
         if media is None:
             return hidden
         kv = self.cross_attn.media_kv(media) if isinstance(media, torch.Tensor) else media
-        reads = allowed.any(-1, keepdim=True)  # (B, T, 1)
-        dtype = hidden.dtype
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=hidden.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
-        if self.uniform_rows:
-            bias = bias * reads  # a row that reads nothing attends to all evenly
-        attended = self.cross_attn(self.input_layernorm(hidden), kv, bias[:, None])
+        bias = mask.uniform if self.uniform_rows else mask.bias
+        attended = self.cross_attn(self.input_layernorm(hidden), kv, bias)
+        reads = mask.reads.to(hidden.dtype)
         if not self.uniform_rows:
             attended = attended * reads
         hidden = hidden + self.cross_attn_attn_gate.tanh() * attended
         mlp = self.mlp(self.post_attention_layernorm(hidden)) * reads
         return hidden + self.cross_attn_mlp_gate.tanh() * mlp
+
+
+@dataclass(frozen=True)
+class CrossMask:
+    """What the tokens of one call read, for every cross-attention layer (built once)."""
+
+    bias: torch.Tensor
+    """(B, 1, T, M): 0 where a token reads a media token, the lowest value elsewhere."""
+    uniform: torch.Tensor
+    """The same with the rows that read nothing all 0 (transformers' even attention there)."""
+    reads: torch.Tensor
+    """(B, T, 1) bool: the token reads some media token."""
+
+
+def cross_mask(allowed: torch.Tensor, dtype: torch.dtype) -> CrossMask:
+    """``allowed`` (B, T, M) bool -> the :class:`CrossMask` of a call in ``dtype``."""
+    reads = allowed.any(-1, keepdim=True)
+    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    bias = torch.where(allowed, zero, low)[:, None]
+    return CrossMask(bias, torch.where(reads[:, None], bias, zero), reads)

@@ -321,9 +321,13 @@ def test_the_instruct_chat_template_gives_mllama_processors_ids(reference):
 
 
 def greedy_cases(directory):
-    """One prompt per image arrangement, left padded: (their inputs, ours)."""
-    texts = ["A <|image|>photo of", "<|image|>It"]
-    batch = [[noise_image(7, (50, 20))], [noise_image(8, (24, 70))]]
+    """Left-padded prompts of several images each (a run of two, text between), so that a
+    generated token reads only the last run: (their inputs, ours)."""
+    texts = ["A <|image|>photo of<|image|> a", "<|image|><|image|>It"]
+    batch = [
+        [noise_image(7, (50, 20)), noise_image(6, (30, 30))],
+        [noise_image(8, (24, 70)), noise_image(5, (64, 20))],
+    ]
     theirs = MllamaProcessor.from_pretrained(directory)(
         images=batch, text=texts, return_tensors="pt", padding=True, padding_side="left"
     )
@@ -457,3 +461,14 @@ def test_every_eval_task_runs_on_a_llama_vision_checkpoint(tmp_path):
             for metric in entry["scores"].values():
                 assert 0 <= metric["mean"] <= 100 + 1e-6, task
             assert all(len(p) > 0 for p in entry["predictions"]), task
+
+
+def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypatch):
+    from bench import generation
+
+    argv = ["bench.generation", "--against", "mllama", "--batch", "2", "--new", "3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--device", "cpu", "--out", str(tmp_path)])
+    generation.main()
+    record = json.loads((tmp_path / "generation-mllama-tiny-cpu.json").read_text())
+    assert record["identical_tokens"] and record["against"] == "mllama"
+    assert record["seconds"]["ours"] > 0 and record["seconds"]["mllama"] > 0

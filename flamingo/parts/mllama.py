@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flamingo.mllama import MllamaCrossBlock, visible_media
+from flamingo.mllama import CrossMask, MllamaCrossBlock, cross_mask, visible_media
 from flamingo.parts.base import Flops, Fusion, LMCall
 from flamingo.parts.cross_attention import check_media
 
@@ -24,8 +24,8 @@ from flamingo.parts.cross_attention import check_media
 class MllamaContext:
     media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None
     """(B, N * R, D) media tokens, or one (keys, values) per block; None: text only."""
-    allowed: torch.Tensor | None
-    """(B, T, N * R) bool: the media tokens each token reads."""
+    mask: CrossMask | None
+    """What each token reads, for every block (built once per call)."""
 
 
 @dataclass
@@ -35,8 +35,10 @@ class MllamaDecoding:
     latents: torch.Tensor | None
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
     media_mask: torch.Tensor | None
-    """(B, N, R) bool: the tokens the continuation reads (the prompt's last token's media, their
-    real tiles)."""
+    """(B, N, R) bool: the media's real tokens (what the prompt's own call reads through)."""
+    continuation: torch.Tensor | None
+    """(B, N, R) bool: the tokens a generated token reads (the prompt's last token's media,
+    their real tiles): a cached step sees only its own token, not the run of images before."""
 
 
 class MllamaFusion(Fusion):
@@ -92,12 +94,16 @@ class MllamaFusion(Fusion):
             check_media(call.input_ids, media, call.media_index, model.policy.sync_free, part)
             n, per_item = media.shape[1:3]
             media = media.flatten(1, 2)
+        if not len(model.lm.gated_blocks):  # no layer reads them
+            call.context = MllamaContext(None, None)
+            return call
         image_id = model.special_tokens.image_id
         visible = visible_media(call.input_ids, image_id, call.media_index, n)  # (B, T, N)
         allowed = visible.repeat_interleave(per_item, dim=-1)
         if call.media_mask is not None:
             allowed = allowed & call.media_mask.flatten(1, 2)[:, None]
-        call.context = MllamaContext(media, allowed)
+        dtype = model.lm.gated_blocks[0].cross_attn.q_proj.weight.dtype
+        call.context = MllamaContext(media, cross_mask(allowed, dtype))
         return call
 
     def block_inputs(self, block_idx: int, block: nn.Module, context: MllamaContext) -> tuple:
@@ -106,7 +112,7 @@ class MllamaFusion(Fusion):
             media = media[block_idx]
         elif media is not None:
             media = media.to(block.cross_attn.q_proj.weight.dtype)
-        return media, context.allowed
+        return media, context.mask
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -122,32 +128,39 @@ class MllamaFusion(Fusion):
         tokens read the same: none is an image), and with a cache every block's keys and
         values, once per prompt."""
         if media_latents is None:
-            return MllamaDecoding(None, None, None)
+            return MllamaDecoding(None, None, None, None)
         b, n, r = media_latents.shape[:3]
         if media_mask is None:
             media_mask = torch.ones(b, n, r, dtype=torch.bool, device=media_latents.device)
+        continuation = media_mask
         if input_ids is not None:
             phi = model.media_index(input_ids)
             visible = visible_media(input_ids, model.special_tokens.image_id, phi, n)[:, -1]
-            media_mask = media_mask & visible[..., None]
+            continuation = media_mask & visible[..., None]
         kv = None
         if use_cache:
             flat = media_latents.flatten(1, 2)
             blocks = model.lm.gated_blocks
             kv = [b.cross_attn.media_kv(flat.to(b.cross_attn.q_proj.weight.dtype)) for b in blocks]
-        return MllamaDecoding(media_latents, kv, media_mask)
+        return MllamaDecoding(media_latents, kv, media_mask, continuation)
 
     def step_media(self, state: MllamaDecoding, use_cache: bool, first: bool) -> dict[str, Any]:
+        """The prompt's call, and every uncached call (the whole sequence again), read through
+        the media's own mask, each token finding its images in the ids; a cached step's one
+        token reads what the prompt's last token read."""
         if state.latents is None:
             return {}
-        if use_cache:
-            return {"media_kv": state.kv, "media_mask": state.media_mask}
-        return {"media_latents": state.latents, "media_mask": state.media_mask}
+        if not use_cache:
+            return {"media_latents": state.latents, "media_mask": state.media_mask}
+        mask = state.media_mask if first else state.continuation
+        return {"media_kv": state.kv, "media_mask": mask}
 
     def select(self, state: MllamaDecoding, index: torch.Tensor) -> MllamaDecoding:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         kv = None if state.kv is None else [(k[index], v[index]) for k, v in state.kv]
-        return MllamaDecoding(pick(state.latents), kv, pick(state.media_mask))
+        return MllamaDecoding(
+            pick(state.latents), kv, pick(state.media_mask), pick(state.continuation)
+        )
 
     def flops(self, s: Any) -> Flops:
         t, d, kv = s.seq_len, s.lm_width, s.lm_kv_width or s.lm_width
