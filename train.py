@@ -99,6 +99,9 @@ def train_step(engine: Engine, step: StepBatches, cfg: TrainConfig, lr: float) -
         if "document_ids" in batch:  # packed rows (flamingo/packing.py)
             packed["document_ids"] = batch["document_ids"].to(engine.device, non_blocking=True)
             packed["across_documents"] = across[name]
+        if "aspect_ratio_ids" in batch:  # a tiled tower's (Llama 3.2 Vision)
+            ratios = batch["aspect_ratio_ids"].to(engine.device, non_blocking=True)
+            packed["aspect_ratio_ids"] = ratios
         nll = engine.forward(
             ids, mask, pixel_values=pixels, media_slots=slots, labels=labels, **packed
         ).nll_sum

@@ -108,6 +108,7 @@ class _FusedHeadNLL(torch.autograd.Function):
         new_position = torch.full((vocab_size,), -1, dtype=torch.long, device=rows.device)
         new_position[new_ids] = torch.arange(len(new_ids), device=rows.device)
 
+        has_new = new_weight.shape[0] > 0
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if need_grad else None
         grad_new = torch.zeros_like(new_weight, dtype=torch.float32) if need_grad else None
@@ -123,12 +124,13 @@ class _FusedHeadNLL(torch.autograd.Function):
             is_new = t_new >= 0
             on_base = ~is_new & (t < base_vocab)
             t_base = torch.where(on_base, t, 0)
-            target_logit = torch.where(
-                is_new,
-                new.gather(1, t_new.clamp(min=0)[:, None]).squeeze(1),
-                torch.where(on_base, base.gather(1, t_base[:, None]).squeeze(1), 0.0),
-            )
-            peak = torch.maximum(base.amax(-1), new.amax(-1))[:, None]
+            on_base_logit = torch.where(on_base, base.gather(1, t_base[:, None]).squeeze(1), 0.0)
+            if has_new:
+                new_logit = new.gather(1, t_new.clamp(min=0)[:, None]).squeeze(1)
+                target_logit = torch.where(is_new, new_logit, on_base_logit)
+                peak = torch.maximum(base.amax(-1), new.amax(-1))[:, None]
+            else:  # no new token (a checkpoint's tokenizer brings them all: LLaVA, Llama 3.2)
+                target_logit, peak = on_base_logit, base.amax(-1)[:, None]
             peak = torch.where(has_zero_columns, peak.clamp(min=0.0), peak)
             base, new = base.sub_(peak).exp_(), new.sub_(peak).exp_()  # overridden: exactly 0
             sum_exp = base.sum(-1, keepdim=True) + new.sum(-1, keepdim=True)
@@ -143,7 +145,8 @@ class _FusedHeadNLL(torch.autograd.Function):
             # d(sum NLL)/d logits = softmax - one_hot(target), for each part of the vocabulary
             base, new = base.div_(sum_exp), new.div_(sum_exp)
             base.scatter_add_(1, t_base[:, None], -on_base.to(base.dtype)[:, None])
-            new.scatter_add_(1, t_new.clamp(min=0)[:, None], -is_new.to(new.dtype)[:, None])
+            if has_new:
+                new.scatter_add_(1, t_new.clamp(min=0)[:, None], -is_new.to(new.dtype)[:, None])
             if weights is not None:  # rows without a target: no gradient
                 base.mul_(w[:, None])
                 new.mul_(w[:, None])

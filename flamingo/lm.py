@@ -176,10 +176,15 @@ class NewTokenEmbeddings(nn.Module):
             "token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False
         )
         k = len(token_ids)
-        self.input_rows = nn.Parameter(input_matrix.float().mean(0, keepdim=True).repeat(k, 1))
-        self.output_rows = (
-            None if tied else nn.Parameter(output_matrix.float().mean(0, keepdim=True).repeat(k, 1))
-        )
+        if k:
+            rows = lambda m: nn.Parameter(m.float().mean(0, keepdim=True).repeat(k, 1))  # noqa: E731
+            self.input_rows = rows(input_matrix)
+            self.output_rows = None if tied else rows(output_matrix)
+        else:  # the tokenizer brings every token (LLaVA's, Llama 3.2 Vision's): nothing trains
+            # here, and no engine is given an empty parameter (ZeRO-3 cannot gather one)
+            empty = torch.zeros(0, input_matrix.shape[1])  # real, whatever the build's device
+            self.register_buffer("input_rows", empty, persistent=False)
+            self.register_buffer("output_rows", None if tied else empty.clone(), persistent=False)
 
     def output_weight(self) -> torch.Tensor:
         return self.input_rows if self.output_rows is None else self.output_rows

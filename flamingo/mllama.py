@@ -109,9 +109,10 @@ class MllamaVisionTower(nn.Module):
                 f"{None if aspect_ratio_ids is None else tuple(aspect_ratio_ids.shape)}"
             )
         b, n = pixel_values.shape[:2]
-        # transformers' rule: an empty slot (id 0) keeps its first tile unmasked
         tile_mask = self.tile_mask(aspect_ratio_ids)
-        tile_mask[..., 0] = True
+        if pixel_values.dtype == torch.uint8:  # the training loader's: normalised here
+            pixel_values = normalise_tiles(pixel_values, tile_mask, self.cfg)
+        tile_mask[..., 0] = True  # transformers' rule: an empty slot keeps its first tile
         dtype = self.model.patch_embedding.weight.dtype
         out = self.model(
             pixel_values.to(dtype), aspect_ratio_ids, tile_mask.long()
@@ -148,11 +149,12 @@ def fit_to_canvas(
     return target_h, min(math.floor(width * scale_h) or 1, target_w)
 
 
-def tile_image(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, int]:
-    """An RGB image -> ``(tiles (max_num_tiles, 3, S, S) float32, aspect_ratio_id)``, as
-    ``MllamaImageProcessor`` makes them: bilinear resize (antialiased) onto the best canvas,
-    zero padding to the canvas, scaled to [0, 1] and normalised, cut into tiles row by row, the
-    missing tiles zeros."""
+def tile_uint8(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, int]:
+    """An RGB image -> ``(tiles (max_num_tiles, 3, S, S) uint8, aspect_ratio_id)``, as
+    ``MllamaImageProcessor`` cuts them before normalising: bilinear resize (antialiased) onto
+    the best canvas, zero padding to the canvas, cut into tiles row by row, the missing tiles
+    zeros (:func:`normalise_tiles` makes them the tower's input; the training loader ships
+    these, normalised on the device)."""
     from torchvision.transforms.v2 import functional as tvf
 
     config = vision_config(cfg)
@@ -162,17 +164,31 @@ def tile_image(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, int
     pixels = tvf.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
     rows, cols = best_canvas(image.height, image.width, ratios, tile)
     size = fit_to_canvas(image.height, image.width, rows * tile, cols * tile, tile)
-    pixels = tvf.resize(
-        pixels, list(size), interpolation=tvf.InterpolationMode.BILINEAR, antialias=True
-    )
+    bilinear = tvf.InterpolationMode.BILINEAR
+    pixels = tvf.resize(pixels, list(size), interpolation=bilinear, antialias=True)
     pixels = F.pad(pixels, (0, cols * tile - size[1], 0, rows * tile - size[0]))
-    mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
-    std = torch.tensor(cfg.image_std).view(3, 1, 1)
-    pixels = (pixels.float() * (1 / 255) - mean) / std
     tiles = pixels.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
-    out = torch.zeros(config.max_num_tiles, 3, tile, tile)
+    out = torch.zeros(config.max_num_tiles, 3, tile, tile, dtype=torch.uint8)
     out[: rows * cols] = tiles
     return out, ratios.index((rows, cols)) + 1
+
+
+def normalise_tiles(tiles: torch.Tensor, real: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """uint8 tiles (..., T, 3, S, S) -> the tower's float input: scaled to [0, 1] and
+    normalised, the missing tiles (``real`` (..., T) False) zeros."""
+    mean = torch.tensor(cfg.image_mean, device=tiles.device).view(3, 1, 1)
+    std = torch.tensor(cfg.image_std, device=tiles.device).view(3, 1, 1)
+    pixels = (tiles.float() * (1 / 255) - mean) / std
+    return pixels * real[..., None, None, None]
+
+
+def tile_image(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, int]:
+    """An RGB image -> ``(tiles (max_num_tiles, 3, S, S) float32, aspect_ratio_id)``, as
+    ``MllamaImageProcessor`` makes them: :func:`tile_uint8`, normalised, the missing tiles
+    zeros."""
+    tiles, ratio = tile_uint8(image, cfg)
+    real = torch.arange(tiles.shape[0]) < int(tiles_of(vision_config(cfg))[ratio])
+    return normalise_tiles(tiles, real, cfg), ratio
 
 
 # -- which media a token reads ------------------------------------------------------------------

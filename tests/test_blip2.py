@@ -164,7 +164,7 @@ def test_blip2_processors_prompt_order_with_a_start_token(tmp_path):
         ours.images_before_bos,
     )
     raw = encode_pair("k", solid_png(), "png", "a cat")
-    ids, _, _ = pre(raw, random.Random(0), Counter())
+    ids, _, _, _ = pre(raw, random.Random(0), Counter())
     caption = theirs(images=[image], text="a cat<|endofchunk|>", return_tensors="pt")["input_ids"]
     assert ids[: QUERIES + 1] == caption[0, : QUERIES + 1].tolist()
 

@@ -165,3 +165,18 @@ def test_local_sources_are_saved_absolute_so_the_export_loads_from_anywhere(
     loaded = Flamingo.from_pretrained(work / "run" / "model")
     enc = processor([PROMPT], images=[[noise_image(1), noise_image(2)]])
     assert torch.equal(loaded(**enc).logits, trained(**enc).logits)
+
+
+def test_an_earlier_versions_empty_new_token_rows_load_and_other_extras_are_refused(tmp_path):
+    """Checkpoints of a model whose tokenizer brings every token (LLaVA's, Llama 3.2 Vision's)
+    held its new-token rows as empty parameters; they are empty buffers now (ZeRO-3 cannot
+    gather an empty parameter): the empty tensors load, anything else unexpected is refused."""
+    from flamingo.checkpoint import load_tensors
+
+    expected = {"projector.w": torch.zeros(2, 3)}
+    path = tmp_path / "model.safetensors"
+    save_file({**expected, "lm.new_tokens.input_rows": torch.zeros(0, 3)}, str(path))
+    assert set(load_tensors(path, expected)) == {"projector.w"}
+    save_file({**expected, "lm.new_tokens.input_rows": torch.zeros(1, 3)}, str(path))
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_tensors(path, expected)

@@ -67,10 +67,10 @@ def test_the_data_path_writes_the_same_runs(processor):
     images = ImagePreprocessor(processor.vision_cfg)
     special, tokenizer = processor.special_tokens, processor.tokenizer
     raw = encode_pair("k", solid((200, 10, 10)), "png", "a red square")
-    ids, pixels, _ = Preprocessor(cfg, tokenizer, special, images, TOKENS)(
+    ids, pixels, _, _ = Preprocessor(cfg, tokenizer, special, images, TOKENS)(
         raw, random.Random(0), Counter()
     )
-    once, _, _ = Preprocessor(cfg, tokenizer, special, images)(raw, random.Random(0), Counter())
+    once, _, _, _ = Preprocessor(cfg, tokenizer, special, images)(raw, random.Random(0), Counter())
     assert pixels.shape[0] == 1 and ids.count(special.image_id) == TOKENS
     at = once.index(special.image_id)
     assert ids == once[:at] + [special.image_id] * TOKENS + once[at + 1 :]

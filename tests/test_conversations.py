@@ -59,7 +59,7 @@ def test_the_vicuna_template_writes_llavas_text():
 
 def test_only_the_replies_are_targets(processor):
     raw = encode_conversation("k", TURNS, (solid((200, 10, 10)), "png"))
-    ids, pixels, targets = preprocessor(processor)(raw, random.Random(0), Counter())
+    ids, pixels, targets, _ = preprocessor(processor)(raw, random.Random(0), Counter())
     assert pixels.shape[:2] == (1, 1) and len(ids) == len(targets)
     image_id = processor.special_tokens.image_id
     assert ids.count(image_id) == TOKENS
@@ -81,7 +81,7 @@ def solid_image():
 
 def test_a_text_only_conversation_has_no_media(processor):
     raw = encode_conversation("k", TURNS[:2])
-    ids, pixels, targets = preprocessor(processor)(raw, random.Random(0), Counter())
+    ids, pixels, targets, _ = preprocessor(processor)(raw, random.Random(0), Counter())
     assert pixels.shape[0] == 0 and processor.special_tokens.image_id not in ids
     assert sum(targets) > 0
 

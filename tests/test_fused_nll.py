@@ -27,6 +27,7 @@ LAYOUTS = {
     "appended": (13, (13, 14), 15),
     "inside": (20, (17, 3), 20),
     "gap": (13, (16, 17), 18),
+    "none": (13, (), 13),  # the tokenizer brings every token (LLaVA's, Llama 3.2 Vision's)
 }
 
 
@@ -46,11 +47,12 @@ def test_loss_and_gradients_equal_the_plain_path(
     base_weight = torch.randn(base_vocab, 16, generator=g).requires_grad_(base_trains)
     new_weight = torch.randn(len(ids), 16, generator=g, requires_grad=True)
     wrt = (hidden, new_weight, base_weight) if base_trains else (hidden, new_weight)
-    new_ids = torch.tensor(ids)
+    new_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.randint(0, vocab, (3, 7), generator=g)
     labels[0, :4] = IGNORE
-    labels[1, 2] = ids[0]
-    labels[2, 5] = ids[1]
+    if ids:
+        labels[1, 2] = ids[0]
+        labels[2, 5] = ids[1]
     if layout == "gap":
         labels[2, 3] = 14  # a zero column is a valid target too
 

@@ -401,7 +401,9 @@ def test_training_text_takes_idefics_prompt_form_and_its_fake_tokens_are_no_targ
         processor.special_tokens,
         ImagePreprocessor(processor.vision_cfg),
     )
-    ids, pixels, _ = pre._caption("a red square", [_png((255, 0, 0))], random.Random(0), Counter())
+    ids, pixels, _, _ = pre._caption(
+        "a red square", [_png((255, 0, 0))], random.Random(0), Counter()
+    )
     tok = processor.tokenizer
     # what IDEFICS's processor makes of the same caption, with the end-of-sequence it ends on
     expected = theirs(text=[[noise_image(0), "a red square" + tok.eos_token]], return_tensors="pt")

@@ -472,3 +472,82 @@ def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypat
     record = json.loads((tmp_path / "generation-mllama-tiny-cpu.json").read_text())
     assert record["identical_tokens"] and record["against"] == "mllama"
     assert record["seconds"]["ours"] > 0 and record["seconds"]["mllama"] > 0
+
+
+def fine_tune_config(tmp_path, init_from, run, steps: int, **extra) -> dict:
+    from tests.tiny_shards import write_tiny_shards
+
+    shards = write_tiny_shards(tmp_path / "shards", per_kind=24, shards=2)
+    return {
+        "init_from": str(init_from),
+        "output_dir": str(run),
+        "steps": steps,
+        "engine": {"precision": "fp32"},
+        "num_workers": 0,
+        "tensorboard": False,
+        "log_every": 1,
+        "checkpoint_every": steps,
+        "optim": {"lr": 3e-3, "warmup_steps": 3},
+        "datasets": [
+            {"name": "docs", "kind": "interleaved", "shards": shards["interleaved"],
+             "batch_size": 4, "seq_len": 48, "max_images": 2},
+            {"name": "pairs", "kind": "pairs", "shards": shards["pairs"], "batch_size": 4,
+             "seq_len": 24, "loss_weight": 0.5},
+        ],
+        **extra,
+    }  # fmt: skip
+
+
+def test_fine_tuning_with_the_lm_frozen_then_back_to_transformers(tmp_path):
+    """train.py from a Llama 3.2 Vision checkpoint (transformers' format, converted on load):
+    its tiles travel as uint8 with their aspect-ratio ids, the cross-attention layers and the
+    projection train, the LM and the tower stay as they were, the loss falls, and the export
+    goes back to transformers' format with its logits."""
+    import yaml
+
+    import train
+
+    _, directory = save_reference(tmp_path, "11b-like")
+    run = tmp_path / "run"
+    config = fine_tune_config(tmp_path, directory, run, 30)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    train.main(["--config", str(tmp_path / "train.yaml")])
+    losses = [json.loads(line)["loss/total"] for line in (run / "metrics.jsonl").open()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+    tuned, start = Flamingo.from_pretrained(run / "model"), ours_of(directory)
+    assert tuned.lm.new_tokens.token_ids.numel() == 0  # the tokenizer brings every token
+    assert set(tuned.trainable_modules()) == {"projector", "gated_blocks", "new_tokens"}
+    frozen = dict(start.named_parameters())
+    for name, p in tuned.named_parameters():
+        changed = not torch.equal(p, frozen[name])
+        assert changed == name.startswith(("projector.", "lm.gated_blocks.")), name
+    back = export_mllama(tuned, FlamingoProcessor.from_pretrained(run / "model"), tmp_path / "hf")
+    reference = MllamaForConditionalGeneration.from_pretrained(back).eval()
+    enc = their_inputs(directory)
+    ours = FlamingoProcessor.from_pretrained(directory)(TEXTS, images())
+    with meta_zeroing():
+        close(their_logits(reference, enc), our_logits(tuned, ours), enc["attention_mask"])
+
+
+@pytest.mark.multiprocess
+def test_fine_tuning_on_two_processes_under_zero2_and_zero3(tmp_path):
+    """The same recipe on two ranks (torchrun), ZeRO-2 and ZeRO-3 (the trainable parts
+    partitioned; ``init_from`` loads the frozen weights whole, replicated): the same trained
+    weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from tests.test_train import check, two_ranks
+
+    _, directory = save_reference(tmp_path, "11b-like")
+    weights = {}
+    for stage, ds in (("zero2", "zero2.json"), ("zero3", "zero3.json")):
+        run = tmp_path / stage
+        engine = {"precision": "fp32", "deepspeed": f"configs/deepspeed/{ds}"}
+        config = fine_tune_config(tmp_path, directory, run, 3, engine=engine)
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(config))
+        check(two_ranks(["train.py", "--config", str(tmp_path / f"{stage}.yaml")]))
+        weights[stage] = load_file(str(run / "model" / "model.safetensors"))
+    assert any(k.startswith("lm.gated_blocks.") for k in weights["zero2"])
+    for name, want in weights["zero2"].items():
+        torch.testing.assert_close(weights["zero3"][name], want, rtol=1e-4, atol=1e-5)

@@ -100,13 +100,19 @@ class ImagePreprocessor:
     values)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
+        # imported here: decoding alone (the converters' share) needs neither torch nor the tower
+        from flamingo.config import FlamingoConfig
+        from flamingo.parts import TOWERS
+
         self.cfg = cfg
+        self.tower = TOWERS[cfg.kind](FlamingoConfig(vision=cfg))
+        """The tower's own resize (a tiled tower's tiles and their aspect-ratio id)."""
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
-        # imported here: decoding alone (the converters' share) needs neither torch nor the tower
-        from flamingo.vision import square, to_uint8
+        """One frame (3, size, size); :meth:`media` for any tower."""
+        return self.media(image, flip)[0][0]
 
-        image = square(image, self.cfg)
-        if flip:
-            image = ImageOps.mirror(image)
-        return to_uint8(image)
+    def media(self, image: Image.Image, flip: bool = False) -> tuple[torch.Tensor, int | None]:
+        """An image -> its uint8 frames (F, 3, H, W) (a tiled tower's tiles) and its
+        aspect-ratio id (None but for a tiled tower), mirrored if ``flip``."""
+        return self.tower.training_pixels(image, flip)

@@ -194,7 +194,7 @@ class ShardStream:
         if self.cfg.packing != "none":
             yield from self._packed()
             return
-        pending: list[tuple[str, list[int], torch.Tensor]] = []
+        pending: list[Item] = []
         for item, final in self._items():
             if item is None:  # the last partial batch, or None: either way the final state
                 last = collate(pending, self.pad_id, self.cfg.name) if pending else None
@@ -253,7 +253,7 @@ class ShardStream:
             f"{self.tag}/sample/{self._shard_index[url]}/{key}/{self.state.epoch}/{pos}"
         )
         try:
-            ids, pixels, targets = self.preprocess(raw, rng, counters)
+            ids, pixels, targets, ratios = self.preprocess(raw, rng, counters)
         except SkipSample as e:
             counters[f"skip/{e.reason}"] += 1
             if counters[f"skip/{e.reason}"] == 1:
@@ -267,7 +267,7 @@ class ShardStream:
             self._check_skip_rate(url)
             return None
         counters["ok"] += 1
-        return key, ids, pixels, targets
+        return key, ids, pixels, targets, ratios
 
     def _check_skip_rate(self, url: str) -> None:
         seen = self.counters["seen"]

@@ -33,22 +33,26 @@ from flamingo.media import media_slots
 from flamingo.tokens import (
     END_OF_CHUNK,
     IMAGE,
+    MLLAMA_IMAGE,
     SpecialTokens,
     chunk_ends,
     encode,
     expand_images,
     idefics_prompt,
+    mllama_prompt,
 )
 
-Processed = tuple[list[int], torch.Tensor, list[bool] | None]
-Item = tuple[str, list[int], torch.Tensor, list[bool] | None]
+Processed = tuple[list[int], torch.Tensor, list[bool] | None, torch.Tensor | None]
+Item = tuple[str, list[int], torch.Tensor, list[bool] | None, torch.Tensor | None]
 """A preprocessed sample with its key, as the loader batches it."""
-"""A sample's token ids, its uint8 pixels (N, F, C, H, W), and which tokens are targets
-(conversations: the assistant's replies; None: the default rule, ``flamingo.losses``)."""
+"""A sample's token ids, its uint8 pixels (N, F, C, H, W) (a tiled tower's tiles for F), which
+tokens are targets (conversations: the assistant's replies; None: the default rule,
+``flamingo.losses``), and a tiled tower's aspect-ratio ids (N,) (None for other towers)."""
 
 
 class Preprocessor:
-    """Raw shard sample -> (input_ids, pixel_values (N, F, C, H, W), targets) for one dataset."""
+    """Raw shard sample -> (input_ids, pixel_values (N, F, C, H, W), targets, aspect-ratio ids)
+    for one dataset."""
 
     def __init__(
         self,
@@ -95,6 +99,9 @@ class Preprocessor:
         if self.special.around_image_id is not None:  # lm.special_tokens: idefics
             text = idefics_prompt(text, self.tokenizer, self.special)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.special.image_text == MLLAMA_IMAGE:  # lm.special_tokens: mllama, its form
+            text = mllama_prompt(chunk_ends(text, self.tokenizer, self.special), self.tokenizer)
+            return self.tokenizer(text)["input_ids"]
         return encode(
             self.tokenizer, chunk_ends(text, self.tokenizer, self.special), self.images_before_bos
         )
@@ -127,8 +134,9 @@ class Preprocessor:
         if self.special.image_id not in ids:  # a BOS-heavy tokenizer and a tiny seq_len
             raise SkipSample("no_images", "the <image> token fell outside seq_len")
         flip = rng.random() < self.cfg.p_flip  # one decision per clip: frames stay consistent
-        pixels = torch.stack([self.images(self._decode(f, counters), flip) for f in frames])
-        return self._expanded(ids), pixels[None], None  # (N=1, F, C, H, W)
+        media = [self.images.media(self._decode(f, counters), flip) for f in frames]
+        pixels = torch.cat([m for m, _ in media])  # (F, C, H, W): frames, or one image's tiles
+        return self._expanded(ids), pixels[None], None, _ratios(media[:1])  # (N=1, F, C, H, W)
 
     def _interleaved(self, doc: InterleavedSample, rng: random.Random, counters: Counter):
         # Validate every image first: a bad one is dropped with its <image> (meaning kept).
@@ -148,8 +156,9 @@ class Preprocessor:
         ids = self._tokens(text + self.eos)
         self._check_markers(ids, len(images))
         ids, kept = self._window(ids, rng)
-        pixels = torch.stack([self.images(images[k], rng.random() < self.cfg.p_flip) for k in kept])
-        return self._expanded(ids), pixels[:, None], None  # (N, F=1, C, H, W)
+        media = [self.images.media(images[k], rng.random() < self.cfg.p_flip) for k in kept]
+        pixels = torch.stack([m for m, _ in media])  # (N, F, C, H, W): F=1, or tiles
+        return self._expanded(ids), pixels, None, _ratios(media)
 
     def _conversation(self, sample: ConversationSample, rng: random.Random, counters: Counter):
         """A conversation in the dataset's template, the assistant's replies its targets
@@ -166,13 +175,15 @@ class Preprocessor:
         if not any(targets[1:]):
             raise SkipSample("no_targets", "no assistant reply within seq_len")
         size = self.images.cfg.image_size
-        pixels = torch.zeros(0, 1, 3, size, size, dtype=torch.uint8)
+        frames = self.images.tower.frames()
+        pixels, ratios = torch.zeros(0, frames, 3, size, size, dtype=torch.uint8), None
         if has_image:
             flip = rng.random() < self.cfg.p_flip
-            pixels = self.images(self._decode(sample.image, counters), flip)[None, None]
+            media = self.images.media(self._decode(sample.image, counters), flip)
+            pixels, ratios = media[0][None], _ratios([media])
         runs = [self.image_tokens if t == self.special.image_id else 1 for t in ids]
         expanded = [target for target, n in zip(targets, runs, strict=True) for _ in range(n)]
-        return self._expanded(ids), pixels, expanded
+        return self._expanded(ids), pixels, expanded, ratios
 
     def _check_markers(self, ids: list[int], images: int) -> None:
         """One ``<image>`` token per image: the last line of defence behind :meth:`clean`
@@ -254,7 +265,7 @@ def _targets(samples: list[Item], width: int, rows: list[list[Item]] | None = No
     out = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, row in enumerate(rows):
         at = 0
-        for _, ids, _, targets in row:
+        for _, ids, _, targets, _ in row:
             out[b, at : at + len(ids)] = torch.tensor(
                 targets if targets is not None else [True] * len(ids)
             )
@@ -262,22 +273,42 @@ def _targets(samples: list[Item], width: int, rows: list[list[Item]] | None = No
     return out
 
 
+def _ratios(media: list[tuple[torch.Tensor, int | None]]) -> torch.Tensor | None:
+    """The aspect-ratio ids (N,) of a sample's media (a tiled tower's), else None."""
+    if not media or media[0][1] is None:
+        return None
+    return torch.tensor([r for _, r in media], dtype=torch.long)
+
+
+def media_of(samples: list[Item], rows: list[list[Item]]) -> dict[str, torch.Tensor]:
+    """The samples' media flat, in order: ``pixel_values (M, F, C, H, W)``, ``media_slots
+    (B, N)`` for ``rows`` (the samples of each row), and a tiled tower's ``aspect_ratio_ids
+    (M,)``."""
+    batch = {
+        "pixel_values": torch.cat([s[2] for s in samples]),
+        "media_slots": media_slots([sum(s[2].shape[0] for s in row) for row in rows]),
+    }
+    ratios = [s[4] for s in samples if s[4] is not None]
+    if ratios:
+        batch["aspect_ratio_ids"] = torch.cat(ratios)
+    return batch
+
+
 def collate(samples: list[Item], pad_id: int, name: str) -> dict[str, Any]:
     """Right-padded ids and mask (B, T); the samples' media flat, in order, as uint8
     ``pixel_values (M, F, C, H, W)`` with ``media_slots (B, N)`` (``Flamingo.encode_media``):
     no padding image is ever decoded, shipped or encoded. Conversations add ``targets (B, T)``."""
-    width = max(len(ids) for _, ids, _, _ in samples)
+    width = max(len(ids) for _, ids, _, _, _ in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for b, (_, ids, _, _) in enumerate(samples):
+    for b, (_, ids, _, _, _) in enumerate(samples):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
     batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "pixel_values": torch.cat([pix for _, _, pix, _ in samples]),
-        "media_slots": media_slots([pix.shape[0] for _, _, pix, _ in samples]),
-        "keys": [k for k, _, _, _ in samples],
+        **media_of(samples, [[s] for s in samples]),
+        "keys": [s[0] for s in samples],
         "dataset": name,
     }
     targets = _targets(samples, width)
@@ -290,13 +321,13 @@ def collate_packed(rows: list[list[Item]], pad_id: int, name: str) -> dict[str, 
     """Packed rows (several samples each, :mod:`flamingo.packing`): their ids concatenated and
     right-padded (B, T), ``document_ids (B, T)`` (each sample of a row numbered in order;
     padding takes the next number), and the media flat as in :func:`collate`."""
-    width = max(sum(len(ids) for _, ids, _, _ in row) for row in rows)
+    width = max(sum(len(s[1]) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     documents = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
         at = 0
-        for d, (_, ids, _, _) in enumerate(row):
+        for d, (_, ids, _, _, _) in enumerate(row):
             input_ids[b, at : at + len(ids)] = torch.tensor(ids)
             documents[b, at : at + len(ids)] = d
             at += len(ids)
@@ -307,9 +338,8 @@ def collate_packed(rows: list[list[Item]], pad_id: int, name: str) -> dict[str, 
         "input_ids": input_ids,
         "attention_mask": mask,
         "document_ids": documents,
-        "pixel_values": torch.cat([pix for _, _, pix, _ in samples]),
-        "media_slots": media_slots([sum(pix.shape[0] for _, _, pix, _ in row) for row in rows]),
-        "keys": [k for k, _, _, _ in samples],
+        **media_of(samples, rows),
+        "keys": [s[0] for s in samples],
         "dataset": name,
     }
     targets = _targets(samples, width, rows)

@@ -49,6 +49,21 @@ class Tower:
         resize alike)."""
         raise NotImplementedError
 
+    def frames(self) -> int:
+        """F of one image (a tiled tower's tiles)."""
+        return 1
+
+    def training_pixels(self, image: Any, flip: bool) -> tuple[torch.Tensor, int | None]:
+        """PIL image -> ``(its uint8 frames (F, 3, H, W), its aspect-ratio id)``, what the
+        training loader ships (the tower normalises uint8 pixels on the device): resized as
+        :meth:`image_transform` resizes, not normalised, mirrored if ``flip``."""
+        from PIL import ImageOps
+
+        from flamingo.vision import square, to_uint8
+
+        image = square(image, self.cfg.vision)
+        return to_uint8(ImageOps.mirror(image) if flip else image)[None], None
+
     def preprocess(self, image: Any) -> tuple[torch.Tensor, int | None]:
         """PIL image -> ``(its frames (F, C, H, W), its aspect-ratio id)``: one frame and no
         id here; a tiled tower's tiles and the id of their arrangement."""

@@ -55,5 +55,17 @@ class MllamaTower(Tower):
 
         return tile_image(image, self.cfg.vision)
 
+    def frames(self) -> int:
+        from flamingo.mllama import vision_config
+
+        return vision_config(self.cfg.vision).max_num_tiles
+
+    def training_pixels(self, image: Any, flip: bool) -> tuple[torch.Tensor, int | None]:
+        from PIL import ImageOps
+
+        from flamingo.mllama import tile_uint8
+
+        return tile_uint8(ImageOps.mirror(image) if flip else image, self.cfg.vision)
+
 
 TOWERS: dict[str, type[Tower]] = {t.name: t for t in (OpenClipTower, MllamaTower)}
