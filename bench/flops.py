@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flamingo.config import FlamingoConfig
+from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.parts import parts_of
 
 PEAK_TFLOPS = {  # dense peaks by device name and precision (vendor datasheets; dense = half
@@ -137,16 +137,17 @@ class StepShape:
     qformer_intermediate: int = 0
     qformer_cross_every: int = 2
     queries: int = 0  # Q
+    tower: str = "open_clip"  # vision.kind (flamingo.parts.TOWERS): its FLOP term
+    tiles: int = 1  # a tiled tower's tiles an image (Llama 3.2 Vision's max_num_tiles)
+    vision_global_layers: int = 0  # its global layers, after the local ones
+    vision_seq: int = 0  # its tokens a tile as its layers see them (patches + CLS, padded to 8)
+    media_width: int = 0  # the tower's output width where it is not vision_width (0: it is)
 
 
 def _terms(s: StepShape) -> dict[str, tuple[float, float]]:
     """Every part's forward FLOPs for the whole batch, with its forward + backward factor: the
-    tower, the LM and its head here; the connector's and the fusion's from their own terms
-    (``flamingo.parts``: ``Connector.flops``, ``Fusion.flops``)."""
-    w, tokens = s.vision_width, s.patches + 1
-    vision = 2 * s.patches * 3 * s.patch**2 * w + s.vision_layers * (
-        2 * tokens * (4 * w * w + 2 * w * s.vision_mlp) + 4 * tokens * tokens * w
-    )
+    LM and its head here; the tower's (an image's), the connector's and the fusion's from their
+    own terms (``flamingo.parts``: ``Tower.flops``, ``Connector.flops``, ``Fusion.flops``)."""
     t, d = s.seq_len, s.lm_width
     kv = s.lm_kv_width or d
     lm = s.lm_layers * 2 * t * (2 * d * d + 2 * d * kv + s.lm_mlp_matrices * d * s.lm_ffn)
@@ -154,8 +155,11 @@ def _terms(s: StepShape) -> dict[str, tuple[float, float]]:
     head = 2 * t * d * s.vocab
     items = s.batch * s.images
     trains = 3 if s.lm_trains else 2  # weight gradients too when the LM trains
+    parts = parts_of(
+        FlamingoConfig(connector=s.connector, vision=VisionConfig(kind=s.tower, pretrained=None))
+    )
     terms = {
-        "vision": (float(vision * items * s.frames), 1),  # frozen, read by no gradient
+        "vision": (float(parts.tower.flops(s) * items * s.frames), 1),  # frozen: no gradient
         "lm": (float(lm * s.batch), trains),
         "lm_attention": (float(lm_attention * s.batch), 3),
         "head": (float(head * s.batch), trains),
@@ -163,7 +167,6 @@ def _terms(s: StepShape) -> dict[str, tuple[float, float]]:
     if s.new_tokens:  # the head's k columns and the embedding's one-hot product of k rows
         # backward: the columns' input and weight gradients (3F), the rows' weight gradient (2F)
         terms["new_tokens"] = (float(4 * t * d * s.new_tokens * s.batch), 2.5)
-    parts = parts_of(FlamingoConfig(connector=s.connector))
     return {**terms, **parts.connector.flops(s), **parts.fusion.flops(s)}
 
 

@@ -72,7 +72,9 @@ def batches(samples, size: int, rows: int, packed: bool) -> list[dict]:
     from flamingo.data.pipeline import pack_rows
     from flamingo.data.preprocess import collate, collate_packed
 
-    items = [(f"s{i}", ids, pixels_for(n, size, i), None) for i, (ids, n) in enumerate(samples)]
+    items = [
+        (f"s{i}", ids, pixels_for(n, size, i), None, None) for i, (ids, n) in enumerate(samples)
+    ]
     if not packed:
         return [collate(items[i : i + rows], 0, "bench") for i in range(0, len(items), rows)]
     window = DatasetConfig.pack_window  # the loader's default

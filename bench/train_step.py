@@ -90,16 +90,12 @@ def step_shape(
 ) -> StepShape:
     """The dimensions the FLOP count of a step needs, from the model config (and the
     tokenizer's count of new token rows, when given)."""
-    import open_clip
     from transformers import AutoConfig
 
     from flamingo.lm import decoder_layout
+    from flamingo.parts import parts_of
 
-    if cfg.vision.architecture is not None:
-        vision_cfg = cfg.vision.architecture["vision_cfg"]
-    else:
-        vision_cfg = open_clip.get_model_config(cfg.vision.model_name)["vision_cfg"]
-    width, size, patch = vision_cfg["width"], vision_cfg["image_size"], vision_cfg["patch_size"]
+    parts = parts_of(cfg)
     if cfg.lm.architecture is not None:
         arch = dict(cfg.lm.architecture)
         lm = AutoConfig.for_model(arch.pop("model_type"), **arch)
@@ -113,33 +109,28 @@ def step_shape(
     heads = lm.num_attention_heads
     head_dim = getattr(lm, "head_dim", None) or lm.hidden_size // heads
     kv_heads = getattr(lm, "num_key_value_heads", None) or heads
-    layers = vision_cfg["layers"] + cfg.vision.feature_layer + 1  # the blocks that run
     return StepShape(
         batch=batch,
         seq_len=seq_len,
         images=images,
-        vision_width=width,
-        vision_layers=layers,
-        vision_mlp=int(width * vision_cfg.get("mlp_ratio", 4.0)),
-        patch=patch,
-        patches=(size // patch) ** 2,
+        **parts.tower.shape(),  # its width, layers, patches, tokens an image (and tiles)
+        tower=cfg.vision.kind,
         resampler_depth=cfg.resampler.depth,
         resampler_inner=cfg.resampler.heads * cfg.resampler.dim_head,
         latents=cfg.resampler.num_latents,
         resampler_ff_mult=cfg.resampler.ff_mult,
-        gated_blocks=len(cfg.xattn.layer_indices(lm.num_hidden_layers)),
+        gated_blocks=len(parts.fusion.layer_indices(lm.num_hidden_layers)),
         xattn_inner=cfg.xattn.heads * cfg.xattn.dim_head,
         xattn_ff_mult=cfg.xattn.ff_mult,
         lm_width=lm.hidden_size,
         lm_layers=lm.num_hidden_layers,
         lm_ffn=ffn,
-        vocab=lm.vocab_size,
+        vocab=cfg.lm.head_rows or lm.vocab_size,
         frames=frames,
         lm_kv_width=kv_heads * head_dim,
         lm_mlp_matrices=3 if decoder_layout(lm.model_type).gated_mlp else 2,
         connector=cfg.connector,
         projector_layers=cfg.projector.layers,
-        image_tokens=(size // patch) ** 2 + int(cfg.vision.cls_token),
         qformer_layers=cfg.qformer.layers,
         qformer_width=cfg.qformer.width,
         qformer_intermediate=cfg.qformer.intermediate,

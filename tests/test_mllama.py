@@ -551,3 +551,34 @@ def test_fine_tuning_on_two_processes_under_zero2_and_zero3(tmp_path):
     assert any(k.startswith("lm.gated_blocks.") for k in weights["zero2"])
     for name, want in weights["zero2"].items():
         torch.testing.assert_close(weights["zero3"][name], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_flop_formula_counts_the_tiled_tower_and_the_cross_attention_layers():
+    """Every tile's patches, the local and global layers over an image's padded tiles at once,
+    the projection, and the cross-attention layers (queries, the media's keys and values,
+    the SwiGLU MLP), forward and training step, against the matrix products counted."""
+    from bench.flops import forward_flops, train_step_flops
+    from bench.run_flops import MatmulFlops
+    from bench.train_step import step_shape
+    from flamingo.losses import make_labels, summed_nll
+    from tests.helpers import PRESET_OVERRIDES, build, set_gates
+
+    model = build(*PRESET_OVERRIDES["mllama"]).train()
+    set_gates(model)
+    special = model.special_tokens
+    batch, images, seq_len = 2, 2, 24
+    ids = torch.randint(3, 800, (batch, seq_len))
+    ids[:, 2], ids[:, 10] = special.image_id, special.image_id
+    pixels = torch.randn(batch, images, 2, 3, 16, 16)  # 2 tiles of 16 pixels an image
+    ratios = torch.tensor([[1, 2], [3, 1]])  # 1x1, 1x2 and 2x1 tilings
+    mask = torch.ones_like(ids)
+    shape = step_shape(model.cfg, batch, seq_len, images, new_tokens=len(special.new_ids))
+    assert (shape.tiles, shape.vision_seq, shape.image_tokens, shape.gated_blocks) == (2, 8, 10, 2)
+    run = lambda: model(ids, mask, pixel_values=pixels, aspect_ratio_ids=ratios)  # noqa: E731
+    with torch.no_grad(), MatmulFlops() as forward:
+        run()
+    assert sum(forward_flops(shape).values()) == pytest.approx(forward.total, 1e-6)
+    labels = make_labels(ids, mask, special)
+    with MatmulFlops() as train:
+        summed_nll(run().logits, labels).backward()
+    assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-6)

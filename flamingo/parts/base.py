@@ -53,6 +53,14 @@ class Tower:
         """F of one image (a tiled tower's tiles)."""
         return 1
 
+    def shape(self) -> dict[str, Any]:
+        """Its fields of a step's shape (``bench.flops.StepShape``), from the config alone."""
+        raise NotImplementedError
+
+    def flops(self, s: Any) -> float:
+        """Forward FLOPs of one image (one frame) for a step of shape ``s``."""
+        raise NotImplementedError
+
     def training_pixels(self, image: Any, flip: bool) -> tuple[torch.Tensor, int | None]:
         """PIL image -> ``(its uint8 frames (F, 3, H, W), its aspect-ratio id)``, what the
         training loader ships (the tower normalises uint8 pixels on the device): resized as
@@ -125,6 +133,10 @@ class Fusion:
     def image_tokens(self, connector_tokens: int) -> int:
         """``<image>`` tokens an image is in the text."""
         raise NotImplementedError
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The LM layers its blocks run before (none: it has no blocks)."""
+        return []
 
     def blocks(
         self, lm_config: Any, num_layers: int, dim_media: int

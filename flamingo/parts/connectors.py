@@ -76,7 +76,7 @@ class Projector(Connector):
         return f"connector: {self.cfg.connector} ({self.tokens()} tokens per image: the tower's)"
 
     def flops(self, s: Any) -> Flops:
-        items, w, d = s.batch * s.images, s.vision_width, s.lm_width
+        items, w, d = s.batch * s.images, s.media_width or s.vision_width, s.lm_width
         first = 2 * s.image_tokens * w * d  # reads the frozen tower: no input gradient
         second = (s.projector_layers == 2) * 2 * s.image_tokens * d * d
         return {

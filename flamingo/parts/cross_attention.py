@@ -91,10 +91,13 @@ class CrossAttentionFusion(Fusion):
     def image_tokens(self, connector_tokens: int) -> int:
         return 1  # one <image> per image; its media tokens are the blocks' keys and values
 
+    def layer_indices(self, num_layers: int) -> list[int]:
+        return self.cfg.xattn.layer_indices(num_layers)
+
     def blocks(
         self, lm_config: Any, num_layers: int, dim_media: int
     ) -> tuple[nn.ModuleList, list[int]]:
-        indices = self.cfg.xattn.layer_indices(num_layers)
+        indices = self.layer_indices(num_layers)
         make = lambda: GatedCrossAttentionBlock(self.cfg.xattn, lm_config.hidden_size, dim_media)  # noqa: E731
         return nn.ModuleList(make() for _ in indices), indices
 

@@ -50,10 +50,13 @@ class MllamaFusion(Fusion):
     def image_tokens(self, connector_tokens: int) -> int:
         return 1  # one <|image|> per image
 
+    def layer_indices(self, num_layers: int) -> list[int]:
+        return list(self.cfg.mllama.layers)
+
     def blocks(
         self, lm_config: Any, num_layers: int, dim_media: int
     ) -> tuple[nn.ModuleList, list[int]]:
-        indices = list(self.cfg.mllama.layers)
+        indices = self.layer_indices(num_layers)
         bad = [i for i in indices if not 0 <= i < num_layers]
         if bad:
             raise ValueError(

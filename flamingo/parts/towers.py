@@ -29,6 +29,30 @@ class OpenClipTower(Tower):
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
         return image_transform(self.cfg.vision)
 
+    def shape(self) -> dict[str, Any]:
+        import open_clip
+
+        vision = self.cfg.vision
+        if vision.architecture is not None:
+            arch = vision.architecture["vision_cfg"]
+        else:
+            arch = open_clip.get_model_config(vision.model_name)["vision_cfg"]
+        width, size, patch = arch["width"], arch["image_size"], arch["patch_size"]
+        return {
+            "vision_width": width,
+            "vision_layers": arch["layers"] + vision.feature_layer + 1,  # the blocks that run
+            "vision_mlp": int(width * arch.get("mlp_ratio", 4.0)),
+            "patch": patch,
+            "patches": (size // patch) ** 2,
+            "image_tokens": (size // patch) ** 2 + int(vision.cls_token),
+        }
+
+    def flops(self, s: Any) -> float:
+        w, tokens = s.vision_width, s.patches + 1
+        return 2 * s.patches * 3 * s.patch**2 * w + s.vision_layers * (
+            2 * tokens * (4 * w * w + 2 * w * s.vision_mlp) + 4 * tokens * tokens * w
+        )
+
 
 class MllamaTower(Tower):
     """Llama 3.2 Vision's tiled ViT (:class:`flamingo.mllama.MllamaVisionTower`): an image is
@@ -49,6 +73,34 @@ class MllamaTower(Tower):
 
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
         return lambda image: self.preprocess(image)[0]
+
+    def shape(self) -> dict[str, Any]:
+        from flamingo.mllama import vision_config
+
+        config = vision_config(self.cfg.vision)
+        patches = (config.image_size // config.patch_size) ** 2
+        return {
+            "vision_width": config.hidden_size,
+            "vision_layers": config.num_hidden_layers,
+            "vision_global_layers": config.num_global_layers,
+            "vision_mlp": config.intermediate_size,
+            "patch": config.patch_size,
+            "patches": patches,
+            "tiles": config.max_num_tiles,
+            "vision_seq": -(-(patches + 1) // 8) * 8,  # padded to a multiple of 8
+            "image_tokens": config.max_num_tiles * (patches + 1),
+            "media_width": config.vision_output_dim,
+        }
+
+    def flops(self, s: Any) -> float:
+        """Every tile's patch embedding, then local and global layers over all the tiles'
+        (padded) tokens at once: real patches attend to padded tiles, so all are computed.
+        transformers builds the tiles' attention mask as an outer product, a matrix product
+        too (``seq x 1`` by ``1 x seq``)."""
+        w, seq = s.vision_width, s.tiles * s.vision_seq
+        embed = s.tiles * 2 * s.patches * 3 * s.patch**2 * w
+        layer = 2 * seq * (4 * w * w + 2 * w * s.vision_mlp) + 4 * seq * seq * w
+        return embed + (s.vision_layers + s.vision_global_layers) * layer + 2 * seq * seq
 
     def preprocess(self, image: Any) -> tuple[torch.Tensor, int | None]:
         from flamingo.mllama import tile_image
