@@ -57,10 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a checkpoint directory or Hub id (ours, an OpenFlamingo release, an IDEFICS "
         "checkpoint: Flamingo.from_pretrained)",
     )
-    parser.add_argument("--shots", type=int, nargs="+", help="override the config's shots")
+    parser.add_argument("--shots", nargs="+", help="override the config's shots")
     parser.add_argument("--tasks", nargs="+", help="evaluate only these tasks of the config")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides (key=value)")
+    args = parser.parse_args(argv)
+    # a list flag takes every word after it, the overrides that follow too: they go back
+    for flag in ("shots", "tasks"):
+        values = getattr(args, flag)
+        if values:
+            args.overrides = [v for v in values if "=" in v] + args.overrides
+            setattr(args, flag, [v for v in values if "=" not in v] or None)
+    if args.shots:
+        bad = [v for v in args.shots if not v.isdigit()]
+        if bad:
+            parser.error(f"--shots takes numbers of demonstrations, got {bad}")
+        args.shots = [int(v) for v in args.shots]
+    return args
 
 
 class Evaluator:
@@ -345,6 +357,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cfg = EvalConfig.from_yaml(args.config, args.overrides)
     if args.shots:
         cfg = cfg.replace(shots=args.shots)
+    unknown = [n for n in args.tasks or [] if n not in cfg.tasks]
+    if unknown:  # before the model is loaded
+        raise SystemExit(
+            f"--tasks {unknown} are not in {args.config} (it has {sorted(cfg.tasks)}); a "
+            "config override is written key=value"
+        )
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device

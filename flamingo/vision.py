@@ -118,6 +118,8 @@ def resize_crop(image: Image.Image, size: int, offset: str = "round") -> Image.I
 def square(image: Image.Image, cfg: VisionConfig) -> Image.Image:
     """An RGB image made ``image_size`` square as ``vision.resize`` says: in training and at
     inference alike (the one resize of the project)."""
+    if image.width < 1 or image.height < 1:  # PIL makes them; no resize has a ratio for them
+        raise ValueError(f"an image must have pixels, got a {image.width}x{image.height} image")
     image = image.convert("RGB")
     if cfg.resize == "crop":
         return resize_crop(image, cfg.image_size, cfg.crop_offset)

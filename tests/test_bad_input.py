@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from PIL import Image
 from webdataset import TarWriter
 
@@ -291,3 +292,13 @@ def test_video_clips_that_would_share_a_key_all_arrive(tmp_path):
     samples = shard_samples(out, "video")
     assert len({s["__key__"] for s in samples}) == 2
     assert summary(out, "video")["events"] == {"caption_rows_unusable": 1}
+
+
+@pytest.mark.parametrize("resize", ["pad", "crop", "squash"])
+def test_an_image_without_pixels_is_refused_by_name(resize):
+    """A 0x0 image raised ZeroDivisionError deep in the pad resize."""
+    from flamingo.config import VisionConfig
+    from flamingo.vision import square
+
+    with pytest.raises(ValueError, match="0x0 image"):
+        square(Image.new("RGB", (0, 0)), VisionConfig(resize=resize, pretrained=None))

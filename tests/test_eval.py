@@ -379,3 +379,23 @@ def test_finished_trials_are_on_disk_when_a_later_task_fails(setup, tmp_path, mo
     record = json.loads(written.read_text())
     assert not record["complete"] and set(record["results"]) == {"coco"}
     assert len(record["results"]["coco"]["0"]["scores"]["CIDEr"]["trials"]) == 2
+
+
+def test_list_flags_leave_the_overrides_that_follow_them_and_bad_tasks_stop_before_loading(
+    tmp_path,
+):
+    """``--tasks coco max_items=4`` once evaluated every item of coco and then crashed on a
+    task named ``max_items=4``; an unknown task now stops the run before the model loads."""
+    from eval.run import main, parse_args
+    from tests.eval_fixtures import small_eval_config
+
+    args = parse_args(["--config", "c.yaml", "--checkpoint", "x", "--tasks", "coco",
+                       "max_items=4", "--shots", "0", "4", "trials=1"])  # fmt: skip
+    assert args.tasks == ["coco"] and args.shots == [0, 4]
+    assert sorted(args.overrides) == ["max_items=4", "trials=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "c.yaml", "--checkpoint", "x", "--shots", "two"])
+    config = small_eval_config(tmp_path)
+    missing = tmp_path / "no-such-checkpoint"  # never read: the task check comes first
+    with pytest.raises(SystemExit, match="cocoa"):
+        main(["--config", str(config), "--checkpoint", str(missing), "--tasks", "cocoa"])
