@@ -203,3 +203,14 @@ def small_eval_config(root: Path) -> Path:
     path = root / "eval.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def assert_every_task_scored(results: dict, benchmarks: set[str]) -> None:
+    """Every benchmark of :func:`write_all` ran: each metric a percentage, each prediction
+    non-empty (the checkpoint-format tests' check of an end-to-end ``eval.run``)."""
+    assert set(results) == benchmarks
+    for task, by_shots in results.items():
+        for entry in by_shots.values():
+            for metric in entry["scores"].values():
+                assert 0 <= metric["mean"] <= 100 + 1e-6, task
+            assert all(len(p) > 0 for p in entry["predictions"]), task

@@ -355,18 +355,13 @@ def test_fine_tuning_a_converted_idefics_lowers_the_loss(tmp_path):
 
 def test_every_eval_task_runs_on_an_idefics_checkpoint(tmp_path):
     from eval.run import main as eval_main
-    from tests.eval_fixtures import small_eval_config
+    from tests.eval_fixtures import assert_every_task_scored, small_eval_config
     from tests.test_eval import BENCHMARKS
 
     _, _, directory = save_reference(tmp_path, "qk_norms_vector_gates")
     args = ["--config", str(small_eval_config(tmp_path)), "--checkpoint", str(directory)]
     results = eval_main(args)["results"]
-    assert set(results) == BENCHMARKS
-    for task, by_shots in results.items():
-        for entry in by_shots.values():
-            for metric in entry["scores"].values():
-                assert 0 <= metric["mean"] <= 100 + 1e-6, task
-            assert all(len(p) > 0 for p in entry["predictions"]), task
+    assert_every_task_scored(results, BENCHMARKS)
 
 
 def test_the_generation_bench_against_idefics_gets_its_tokens(tmp_path, monkeypatch, capsys):
