@@ -45,6 +45,15 @@ def add_output_args(parser: argparse.ArgumentParser, prefix: str) -> None:
         "or also by its SHA-256 (reads every shard again); a damaged one is written again",
     )
     parser.add_argument(
+        "--max-skip-ratio",
+        type=float,
+        default=0.5,
+        help="end with exit status 3 when more than this fraction of the items were skipped "
+        "(bad images, missing files, ...; the shards are written all the same): a wrong "
+        "--image-root or format shows as a failed command, not a quiet near-empty corpus; "
+        "1 never fails (default 0.5)",
+    )
+    parser.add_argument(
         "--skip-input",
         action="append",
         metavar="PATH",

@@ -69,7 +69,7 @@ Build = Callable[[argparse.Namespace, tuple[str, ...], int], Work]
 """A converter's ``build(args, inputs, j)``, the work of input ``inputs[j]``: a module-level
 function (workers import it)."""
 
-RUN_OPTIONS = ("out", "workers", "part", "verify", "skip_input")
+RUN_OPTIONS = ("out", "workers", "part", "verify", "skip_input", "max_skip_ratio")
 """Options that do not change what is written (``common.add_output_args`` adds them);
 every other one must match on resume."""
 
@@ -404,7 +404,29 @@ def convert(
         )
         return None
     print(f"\n{layout.out}:\n{report(merged)}")
+    check_skip_ratio(merged, getattr(args, "max_skip_ratio", 1.0))
     return merged
+
+
+SKIP_EXIT = 3
+"""The exit status of a conversion that skipped more than ``--max-skip-ratio`` of its items."""
+
+
+def check_skip_ratio(summary: dict[str, Any], limit: float) -> None:
+    """End the command with :data:`SKIP_EXIT` when more than ``limit`` of the items were
+    skipped, naming the reasons (the shards and summaries are written first)."""
+    skipped = sum(summary["skipped"].values())
+    items = skipped + summary["samples_written"] + summary["samples_reused"]
+    if not items or skipped / items <= limit:
+        return
+    reasons = ", ".join(f"{r} {n}" for r, n in Counter(summary["skipped"]).most_common())
+    print(
+        f"error: {skipped} of {items} items were skipped ({skipped / items:.0%}, above "
+        f"--max-skip-ratio {limit:g}): {reasons}. Check the inputs (an --image-root, a "
+        "format), or pass --max-skip-ratio 1 to accept it",
+        file=sys.stderr,
+    )
+    raise SystemExit(SKIP_EXIT)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,7 +80,7 @@ def run_mmc4(tmp_path, docs, raw_lines=()):
     out = tmp_path / "out"
     interleaved.main(
         ["mmc4", "--jsonl", str(tmp_path / "docs.jsonl"), "--images", str(tmp_path / "imgs")]
-        + ["--out", str(out)]
+        + ["--out", str(out), "--max-skip-ratio", "1"]  # these tests count the skips
     )
     return summary(out, "mmc4"), shard_samples(out, "mmc4")
 
@@ -302,3 +302,21 @@ def test_an_image_without_pixels_is_refused_by_name(resize):
 
     with pytest.raises(ValueError, match="0x0 image"):
         square(Image.new("RGB", (0, 0)), VisionConfig(resize=resize, pretrained=None))
+
+
+def test_a_conversion_that_skips_most_items_fails_and_says_why(tmp_path, capsys):
+    """It exited 0 with a near-empty corpus (a wrong image root looks like this): now status 3
+    above --max-skip-ratio, the shards and summary written all the same; 1 accepts it."""
+    (tmp_path / "a.png").write_bytes(solid(RED))
+    rows = [{"image": "a.png", "caption": "kept"}] + [
+        {"image": f"missing-{i}.png", "caption": "lost"} for i in range(3)
+    ]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--table", str(tmp_path / "t.jsonl"), "--image-root", str(tmp_path)]
+    with pytest.raises(SystemExit) as ended:
+        pairs.main([*args, "--out", str(tmp_path / "out")])
+    assert ended.value.code == 3
+    assert "3 of 4 items were skipped (75%" in capsys.readouterr().err
+    assert summary(tmp_path / "out", "pairs")["samples_written"] == 1  # written all the same
+    pairs.main([*args, "--out", str(tmp_path / "ok"), "--max-skip-ratio", "1"])
+    assert summary(tmp_path / "ok", "pairs")["skipped"] == {"missing_image": 3}

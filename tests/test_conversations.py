@@ -156,7 +156,16 @@ def test_llavas_json_converts_to_shards_and_loads(tmp_path, processor):
     path.write_text(json.dumps(records))
     out = tmp_path / "shards"
     convert_conversations.main(
-        ["--llava", str(path), "--images", str(tmp_path / "images"), "--out", str(out)]
+        [
+            "--max-skip-ratio",
+            "1",
+            "--llava",
+            str(path),
+            "--images",
+            str(tmp_path / "images"),
+            "--out",
+            str(out),
+        ]
     )
     summary = json.loads((out / "conversations-summary.json").read_text())
     assert summary["samples_written"] == 2

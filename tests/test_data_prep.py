@@ -145,6 +145,8 @@ def test_mmc4_documents_keep_image_order_with_markers(tmp_path, processor):
     interleaved.main(
         [
             "mmc4",
+            "--max-skip-ratio",
+            "1",
             "--jsonl",
             str(tmp_path / "docs.jsonl"),
             "--images",
@@ -241,7 +243,18 @@ def test_video_files_and_frame_folders(tmp_path, processor):
     (vids / "short.txt").write_text("too short")
     (vids / "broken.mp4").write_bytes(b"not a video")
     (vids / "broken.txt").write_text("broken")
-    video.main(["--videos", str(vids), "--num-frames", "3", "--out", str(tmp_path / "out")])
+    video.main(
+        [
+            "--max-skip-ratio",
+            "1",
+            "--videos",
+            str(vids),
+            "--num-frames",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     s = summary(tmp_path / "out", "video")
     assert s["samples_written"] == 1
     assert s["skipped"] == {"too_few_frames": 1, "video_decode_error": 1}
@@ -260,7 +273,16 @@ def test_video_files_and_frame_folders(tmp_path, processor):
         (frames / f"{i:03d}.png").write_bytes(solid(colour))
     (frames / "caption.txt").write_text("five frames")
     video.main(
-        ["--frames", str(tmp_path / "frames"), "--num-frames", "3", "--out", str(tmp_path / "out2")]
+        [
+            "--max-skip-ratio",
+            "1",
+            "--frames",
+            str(tmp_path / "frames"),
+            "--num-frames",
+            "3",
+            "--out",
+            str(tmp_path / "out2"),
+        ]
     )
     samples = shard_samples(tmp_path / "out2", "video")
     assert len(samples) == 1 and sorted(k for k in samples[0] if k.startswith("frame")) == [

@@ -127,6 +127,8 @@ def test_jsonl_tables(rows, duplicate):
         out = tmp / "out"
         pairs.main(
             [
+                "--max-skip-ratio",
+                "1",
                 "--table",
                 str(tmp / "t.jsonl"),
                 "--image-root",
@@ -186,7 +188,18 @@ def test_csv_tables(rows):
                 bad["empty_text"] += 1
         (tmp / "t.csv").write_bytes(text.getvalue().encode() + b"".join(raw_rows))
         out = tmp / "out"
-        pairs.main(["--table", str(tmp / "t.csv"), "--image-root", str(tmp), "--out", str(out)])
+        pairs.main(
+            [
+                "--max-skip-ratio",
+                "1",
+                "--table",
+                str(tmp / "t.csv"),
+                "--image-root",
+                str(tmp),
+                "--out",
+                str(out),
+            ]
+        )
         s = summary_of(out, "pairs")
         assert s["samples_written"] == len(good) and Counter(s["skipped"]) == bad
         assert [x["txt"].decode() for x in written(out, "pairs")] == good
@@ -262,6 +275,8 @@ def test_mmc4_documents(docs):
         interleaved.main(
             [
                 "mmc4",
+                "--max-skip-ratio",
+                "1",
                 "--jsonl",
                 str(tmp / "d.jsonl"),
                 "--images",
