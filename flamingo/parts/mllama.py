@@ -2,9 +2,10 @@
 before chosen layers of the frozen Llama (``flamingo.mllama.MllamaCrossBlock``).
 
 A call's context is the media (flattened per row: ``(B, N * R, D)``, or each block's keys and
-values while decoding) and one boolean mask ``(B, T, N * R)`` every block shares: which media
-each token reads (:func:`flamingo.mllama.visible_media`), restricted to the tokens of each
-image's real tiles (``media_mask``, from the aspect-ratio ids).
+values while decoding) and one mask every block shares (:class:`flamingo.mllama.CrossMask`,
+built once per call): which media each token reads (:func:`flamingo.mllama.visible_media`),
+restricted to the tokens of each image's real tiles (``media_mask``, from the aspect-ratio
+ids).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from flamingo.parts.cross_attention import check_media
 
 @dataclass(frozen=True)
 class MllamaContext:
+    """What the cross-attention layers of one LM call read (set for the call, then cleared)."""
+
     media: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None
     """(B, N * R, D) media tokens, or one (keys, values) per block; None: text only."""
     mask: CrossMask | None
