@@ -13,7 +13,10 @@ order as its markers. A media item is one PIL image or a list of PIL frames (vid
     batch["media_slots"]  # (B, N) = [[0, 1], [2, -1]]: where each sequence's n-th item is
 
 Only real media are preprocessed and encoded; a slot past a sequence's own media is -1, and
-the model gives it zero latents that no ``<image>`` token points at.
+the model gives it zero latents that no ``<image>`` token points at. A tiled tower (Llama 3.2
+Vision's) cuts each image into tiles (F) and adds ``batch["aspect_ratio_ids"]`` (M,); its
+texts take that model's form (``lm.special_tokens: mllama``: ``<|image|>`` per image, written
+as ``<image>`` or itself, the start token after the images that open a text).
 
 With ``lm.special_tokens: idefics`` the same text is written in IDEFICS's prompt form before it
 is tokenized: the tokenizer's beginning-of-sequence token first, each run of ``<image>``
@@ -239,7 +242,9 @@ class FlamingoProcessor:
 
         Returns ``input_ids`` and ``attention_mask`` (B, T) and, when images are given, the
         batch's media flat: ``pixel_values (M, F, C, H, W)`` and ``media_slots (B, N)``
-        (:meth:`preprocess_images`). ``max_length`` truncates from the right; it is an
+        (:meth:`preprocess_images`), and for a tiled tower (Llama 3.2 Vision's) the images'
+        ``aspect_ratio_ids (M,)``; pass the batch as it is (``model(**batch)``,
+        ``model.generate(**batch)``). ``max_length`` truncates from the right; it is an
         error if that cuts an ``<image>`` marker off (its image would be orphaned).
         ``add_special_tokens=False``: the texts hold the tokenizer's own (a rendered chat).
         """
