@@ -118,3 +118,29 @@ def test_the_command_loads_what_install_built(capsys):
     assert "DeepSpeed ops ready: ShareMemCommBuilder, CPUAdamBuilder (0 built now)" in (
         capsys.readouterr().out
     )
+
+
+def test_cpu_adams_vendor_query_starts_no_process(monkeypatch):
+    """DeepSpeed's CPU Adam asks py-cpuinfo for the vendor whenever one is made; pinned, the
+    answer comes from /proc/cpuinfo with no helper process (a launched rank's only other step
+    that could wait on something other than the compiler or the network)."""
+    import multiprocessing
+    import platform
+    import subprocess
+
+    import cpuinfo
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", cpuinfo.get_cpu_info)  # restored after
+    ops.pin_cpuinfo()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(multiprocessing, "Process", refuse)
+    info = cpuinfo.get_cpu_info()
+    machine = platform.machine()
+    assert info["arch"] == ops.CPUINFO_ARCH.get(machine, machine) and info["flags"]
+    assert ops.linux_cpu_info("aarch64", ARM_SVE) == {
+        "vendor_id_raw": "", "brand_raw": "", "arch": "ARM_8", "flags": ["asimd", "fp", "sve"]
+    }  # fmt: skip

@@ -13,7 +13,8 @@ things here keep that out of a run's way:
   ``multiprocessing`` child) and is the one step of a build that can wait on something other
   than the compiler. The flags are the ones DeepSpeed would choose (``-march=native`` and the
   widest SIMD the CPU has), so a process that builds through DeepSpeed alone finds the same
-  build.
+  build. CPU Adam's own vendor query, when the optimiser is made, is answered the same way
+  (:func:`pin_cpuinfo`).
 
 ``python -m flamingo.training.ops`` builds them ahead (``make install`` does), so neither the
 first run nor the test suite compiles under a launcher's timeout.
@@ -80,6 +81,40 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
+CPUINFO_ARCH = {"x86_64": "X86_64", "AMD64": "X86_64", "aarch64": "ARM_8", "ppc64le": "PPC_64"}
+"""py-cpuinfo's ``arch`` for ``platform.machine()``."""
+
+
+def linux_cpu_info(machine: str, cpuinfo: str) -> dict[str, Any]:
+    """The fields of py-cpuinfo's ``get_cpu_info()`` that DeepSpeed reads (``vendor_id_raw``,
+    ``arch``, ``flags``, ``brand_raw``), from ``platform.machine()`` and ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags") or fields.get("Features") or ""
+    return {
+        "vendor_id_raw": fields.get("vendor_id") or fields.get("CPU implementer", ""),
+        "brand_raw": fields.get("model name", ""),
+        "arch": CPUINFO_ARCH.get(machine, machine),
+        "flags": sorted(flags.split()),
+    }
+
+
+def pin_cpuinfo() -> None:
+    """Answer py-cpuinfo's ``get_cpu_info()`` from ``/proc/cpuinfo`` in this process: DeepSpeed's
+    CPU Adam asks it for the CPU vendor every time one is made (to warn about fp16 on AMD),
+    and each query starts helper processes, one running CPUID in a ``multiprocessing`` child,
+    inside a launched rank. Linux only; elsewhere py-cpuinfo answers as before."""
+    proc = Path("/proc/cpuinfo")
+    if not proc.is_file():
+        return
+    import cpuinfo
+
+    info = linux_cpu_info(platform.machine(), proc.read_text(errors="replace"))
+    cpuinfo.get_cpu_info = lambda: dict(info)
+
+
 def built(builder: Any) -> bool:
     """Whether the op's library already lies in its build folder (torch names the folder
     after the op; a rebuilt version is ``NAME_vN.so``)."""
@@ -101,6 +136,8 @@ def load_ops(names: list[str], announce: bool) -> list[str]:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    if CPU_ADAM in names:
+        pin_cpuinfo()  # the optimiser asks it again when it is made
     made = []
     for name in names:
         builder = get_accelerator().create_op_builder(name)
