@@ -23,6 +23,8 @@ evenly over every vision token of its row, the MLP output zeroed.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +44,14 @@ from flamingo.config import VisionConfig
 
 
 def vision_config(cfg: VisionConfig) -> MllamaVisionConfig:
-    return MllamaVisionConfig(**dict(cfg.architecture or {}))
+    """transformers' config of the tower ``cfg`` describes, made once per architecture and
+    shared (read it, never change it): the tiling of every image reads it."""
+    return _vision_config(json.dumps(dict(cfg.architecture or {}), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _vision_config(architecture: str) -> MllamaVisionConfig:
+    return MllamaVisionConfig(**json.loads(architecture))
 
 
 def aspect_ratios(config: MllamaVisionConfig) -> list[tuple[int, int]]:
@@ -62,7 +71,7 @@ class MllamaVisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        config = vision_config(cfg)
+        config = MllamaVisionConfig(**dict(cfg.architecture or {}))  # its own: the model's
         if config.image_size != cfg.image_size:
             raise ValueError(
                 f"vision.image_size={cfg.image_size} but the tower's tiles are "
@@ -187,7 +196,8 @@ def tile_image(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, int
     ``MllamaImageProcessor`` makes them: :func:`tile_uint8`, normalised, the missing tiles
     zeros."""
     tiles, ratio = tile_uint8(image, cfg)
-    real = torch.arange(tiles.shape[0]) < int(tiles_of(vision_config(cfg))[ratio])
+    rows, cols = aspect_ratios(vision_config(cfg))[ratio - 1]
+    real = torch.arange(tiles.shape[0]) < rows * cols
     return normalise_tiles(tiles, real, cfg), ratio
 
 

@@ -41,7 +41,7 @@ from flamingo.checkpoint import read_checkpoint_config
 from flamingo.config import FlamingoConfig, VisionConfig
 from flamingo.hub import snapshot
 from flamingo.media import media_slots
-from flamingo.parts import TOWERS, Tower, parts_of
+from flamingo.parts import Tower, parts_of, tower_of
 from flamingo.tokens import (
     END_OF_UTTERANCE,
     IMAGE,
@@ -80,11 +80,7 @@ class FlamingoProcessor:
         tokens per image (the LLaVA connector, whose projected tokens take their places)."""
         self.special_tokens = special_tokens
         self.vision_cfg = vision_cfg
-        self.tower = (
-            tower
-            if tower is not None
-            else TOWERS[vision_cfg.kind](FlamingoConfig(vision=vision_cfg))
-        )
+        self.tower = tower if tower is not None else tower_of(vision_cfg)
         """The tower's preprocessing (a tiled tower's tiles and aspect-ratio ids)."""
         self.image_transform = self.tower.image_transform()
         self.padding_side = padding_side

@@ -132,53 +132,43 @@ def idefics_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
     )
 
 
-def llava_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
-    """The ids of an ``llava-hf`` tokenizer's tokens: its own ``<image>`` (whose row the LM's
-    embedding has: nothing is new), the end-of-sequence token ending a chunk, its pad token
-    (``<PAD>`` added, and then owned, where it has none)."""
-    if IMAGE not in tokenizer.get_vocab():
+def own_image_token(
+    tokenizer: PreTrainedTokenizerBase, scheme: str, marker: str, model: str, needs_bos: bool
+) -> SpecialTokens:
+    """The ids of a tokenizer that brings its own image token ``marker`` (its LM's embedding
+    has the row: nothing is new): the end-of-sequence token ends a chunk, and ``<PAD>`` is
+    added (and then owned) where it has no pad token. ``model`` names it in errors."""
+    if marker not in tokenizer.get_vocab():
         raise ValueError(
-            f"lm.special_tokens: llava needs a LLaVA tokenizer, with {IMAGE} in its vocabulary "
-            "(llava-hf/*); use lm.special_tokens: flamingo to add the tokens to any other"
+            f"lm.special_tokens: {scheme} needs a {model} tokenizer, with {marker} in its "
+            "vocabulary; use lm.special_tokens: flamingo to add the tokens to any other"
         )
-    if tokenizer.eos_token_id is None:
-        raise ValueError("lm.special_tokens: llava needs a tokenizer with an end-of-sequence token")
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD})
-    new_ids = (tokenizer.pad_token_id,) if tokenizer.pad_token == PAD else ()
-    return SpecialTokens(
-        image_id=tokenizer.convert_tokens_to_ids(IMAGE),
-        end_of_chunk_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-        new_ids=new_ids,
-        eos_id=tokenizer.eos_token_id,
-    )
-
-
-def mllama_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
-    """The ids of a Llama 3.2 Vision tokenizer's tokens: its ``<|image|>`` (an input row of the
-    LM's embedding, no row of its head: nothing is new), the end-of-sequence token ending a
-    chunk, its pad token (``<PAD>`` added, and then owned, where it has none)."""
-    if MLLAMA_IMAGE not in tokenizer.get_vocab():
-        raise ValueError(
-            f"lm.special_tokens: mllama needs a Llama 3.2 Vision tokenizer, with {MLLAMA_IMAGE} "
-            "in its vocabulary; use lm.special_tokens: flamingo to add tokens to any other"
+    if tokenizer.eos_token_id is None or (needs_bos and tokenizer.bos_token is None):
+        ends = (
+            "a beginning- and an end-of-sequence token" if needs_bos else "an end-of-sequence token"
         )
-    if tokenizer.bos_token is None or tokenizer.eos_token_id is None:
-        raise ValueError(
-            "lm.special_tokens: mllama needs a tokenizer with a beginning- and an "
-            "end-of-sequence token"
-        )
+        raise ValueError(f"lm.special_tokens: {scheme} needs a tokenizer with {ends}")
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD})
     return SpecialTokens(
-        image_id=tokenizer.convert_tokens_to_ids(MLLAMA_IMAGE),
+        image_id=tokenizer.convert_tokens_to_ids(marker),
         end_of_chunk_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         new_ids=(tokenizer.pad_token_id,) if tokenizer.pad_token == PAD else (),
         eos_id=tokenizer.eos_token_id,
-        image_text=MLLAMA_IMAGE,
+        image_text=marker,
     )
+
+
+def llava_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    """An ``llava-hf`` tokenizer's: its own ``<image>`` (:func:`own_image_token`)."""
+    return own_image_token(tokenizer, "llava", IMAGE, "LLaVA (llava-hf/*)", needs_bos=False)
+
+
+def mllama_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    """A Llama 3.2 Vision tokenizer's: its ``<|image|>`` (an input row of the LM's embedding,
+    no row of its head), and a start token, which its prompts place after leading images."""
+    return own_image_token(tokenizer, "mllama", MLLAMA_IMAGE, "Llama 3.2 Vision", needs_bos=True)
 
 
 def mllama_prompt(text: str, tokenizer: PreTrainedTokenizerBase) -> str:

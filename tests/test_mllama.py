@@ -577,3 +577,31 @@ def test_the_flop_formula_counts_the_tiled_tower_and_the_cross_attention_layers(
     with MatmulFlops() as train:
         summed_nll(run().logits, labels).backward()
     assert train_step_flops(shape)["total"] == pytest.approx(train.total, 1e-6)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_loaders_uint8_tiles_are_the_processors_pixels(reference, flip):
+    """The training loader ships uint8 tiles and their aspect-ratio id; normalised on the
+    device (the missing tiles zeroed), they are what the processor gives at inference, and the
+    tower reads the same tokens from either (odd sizes: every tiling)."""
+    from PIL import ImageOps
+
+    from flamingo.data.images import ImagePreprocessor
+
+    _, directory = reference
+    model = ours_of(directory)
+    loader = ImagePreprocessor(model.cfg.vision)
+    processor = FlamingoProcessor.from_pretrained(directory)
+    for size in ((5, 3), (200, 90), (56, 28), (17, 101)):
+        image = noise_image(sum(size), size)
+        tiles, ratio = loader.media(image, flip)
+        assert tiles.dtype == torch.uint8
+        pixels, want_ratio = processor.tower.preprocess(ImageOps.mirror(image) if flip else image)
+        assert ratio == want_ratio
+        ids = torch.tensor([[ratio]])
+        with torch.no_grad():
+            from_loader = model.vision(tiles[None, None], ids)
+            from_processor = model.vision(pixels[None, None], ids)
+        torch.testing.assert_close(from_loader, from_processor, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="tiles of an image"):
+        loader(image)  # one frame: not what a tiled tower makes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -77,3 +79,29 @@ def test_video_through_the_model(processor, model):
     assert torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="max_num_frames=4"):
         model(**processor(["<image>a long video"], images=[[clip + clip]]))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "marker", "needs_bos"), [("llava", "<image>", False), ("mllama", "<|image|>", True)]
+)
+def test_a_checkpoints_own_image_token_is_found_or_its_absence_named(scheme, marker, needs_bos):
+    """LLaVA's and Llama 3.2 Vision's tokenizers bring their image token (nothing is new): a
+    tokenizer without it is refused naming the scheme, a missing pad token becomes <PAD>."""
+    from transformers import AutoTokenizer
+
+    from flamingo.tokens import PAD, TINY_TOKENIZER_DIR, add_special_tokens
+
+    bare = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    with pytest.raises(
+        ValueError, match=f"lm.special_tokens: {scheme} needs .*{re.escape(marker)}"
+    ):
+        add_special_tokens(bare, scheme)
+    tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    tok.add_special_tokens({"additional_special_tokens": [marker]})
+    special = add_special_tokens(tok, scheme)
+    assert special.image_id == tok.convert_tokens_to_ids(marker) and special.image_text == marker
+    assert tok.pad_token == PAD and special.new_ids == (tok.pad_token_id,)
+    if needs_bos:
+        tok.bos_token = None
+        with pytest.raises(ValueError, match="beginning- and an end-of-sequence"):
+            add_special_tokens(tok, scheme)

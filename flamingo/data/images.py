@@ -101,16 +101,21 @@ class ImagePreprocessor:
 
     def __init__(self, cfg: VisionConfig) -> None:
         # imported here: decoding alone (the converters' share) needs neither torch nor the tower
-        from flamingo.config import FlamingoConfig
-        from flamingo.parts import TOWERS
+        from flamingo.parts import tower_of
 
         self.cfg = cfg
-        self.tower = TOWERS[cfg.kind](FlamingoConfig(vision=cfg))
+        self.tower = tower_of(cfg)
         """The tower's own resize (a tiled tower's tiles and their aspect-ratio id)."""
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
-        """One frame (3, size, size); :meth:`media` for any tower."""
-        return self.media(image, flip)[0][0]
+        """One frame (3, size, size); :meth:`media` for any tower (a tiled one's tiles)."""
+        frames, _ = self.media(image, flip)
+        if frames.shape[0] != 1:
+            raise ValueError(
+                f"vision.kind: {self.cfg.kind} makes {frames.shape[0]} tiles of an image: use "
+                "ImagePreprocessor.media, which gives them with their aspect-ratio id"
+            )
+        return frames[0]
 
     def media(self, image: Image.Image, flip: bool = False) -> tuple[torch.Tensor, int | None]:
         """An image -> its uint8 frames (F, 3, H, W) (a tiled tower's tiles) and its

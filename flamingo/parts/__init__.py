@@ -13,7 +13,7 @@ registries asks the parts (:func:`parts_of`), never a connector's name.
 
 from __future__ import annotations
 
-from flamingo.config import PRESETS, FlamingoConfig
+from flamingo.config import PRESETS, FlamingoConfig, VisionConfig
 from flamingo.parts.base import Connector, Flops, Fusion, LMCall, Parts, Tower
 from flamingo.parts.connectors import CONNECTORS
 from flamingo.parts.cross_attention import CrossAttentionFusion
@@ -34,6 +34,11 @@ def parts_of(cfg: FlamingoConfig) -> Parts:
     )
 
 
+def tower_of(vision: VisionConfig) -> Tower:
+    """The tower of a vision config alone (a processor's or a loader's preprocessing)."""
+    return TOWERS[vision.kind](FlamingoConfig(vision=vision))
+
+
 def combinations() -> list[str]:
     """Every registered preset (``connector:`` value): what the contract tests run over."""
     return sorted(PRESETS)
@@ -51,4 +56,5 @@ __all__ = [
     "Tower",
     "combinations",
     "parts_of",
+    "tower_of",
 ]
