@@ -26,6 +26,7 @@ import train
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.training.checkpoints import CheckpointDir
 from flamingo.training.engine import adamw, param_groups
+from flamingo.training.ops import SHM_DIR
 from tests.helpers import ROOT, build, free_port, noise_image
 from tests.processes import process_group, run_group
 from tests.tiny_shards import write_tiny_shards
@@ -281,12 +282,6 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
-def deepspeed(args: list[str], timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    """The ``deepspeed`` launcher on ``args``, its ranks killed with it (tests/processes.py)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *args]
-    return run_group(cmd, timeout, cwd=ROOT, env=launcher_env(), **popen)
-
-
 def two_ranks(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """``args`` on two processes through ``torchrun``, for the tests of what ZeRO computes (the
     launcher's own tests use ``deepspeed``'s): the engine is the same, and torchrun starts its
@@ -484,8 +479,9 @@ def test_a_dying_rank_ends_the_job(shards, tmp_path):
     out = tmp_path / "dying"
     args = train_args(shards, out, "zero2", steps=100000, checkpoint_every=100000)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    port = free_port()
     with process_group(
-        [*cmd, "--master_port", free_port(), *args],
+        [*cmd, "--master_port", port, *args],
         cwd=ROOT,
         env=launcher_env(),
         stdout=subprocess.PIPE,
@@ -506,6 +502,10 @@ def test_a_dying_rank_ends_the_job(shards, tmp_path):
         output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "exits with return code" in output or "killed" in output.lower(), output[-2000:]
+    # DeepSpeed's CPU communication op made a 66 MB shared-memory segment per rank (the
+    # launcher's ranks are all local); a killed run leaves none behind in /dev/shm (RAM)
+    assert "shm_comm" in output  # its op was loaded
+    assert not [p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
 
 
 @pytest.mark.multiprocess

@@ -35,7 +35,13 @@ from torch import nn
 
 from flamingo.layers import ExecutionPolicy, PartitionedWeights, building_partitioned
 from flamingo.training.config import EngineConfig, OptimConfig
-from flamingo.training.ops import first_on_node, import_deepspeed, load_ops, wanted
+from flamingo.training.ops import (
+    first_on_node,
+    import_deepspeed,
+    init_distributed,
+    load_ops,
+    wanted,
+)
 from flamingo.xattn import flex_attention
 
 OWNED_KEYS = (
@@ -176,7 +182,7 @@ def model_construction(
         deepspeed = import_deepspeed()
         ds_config = DeepSpeedEngine.build_config(cfg, optim, micro_batches_per_step)
         load_ops(wanted(offloads_optimizer(ds_config)), announce=first_on_node())
-        deepspeed.init_distributed(timeout=cfg_timeout(cfg))  # zero.Init partitions over it
+        init_distributed(deepspeed, cfg_timeout(cfg))  # zero.Init partitions over it
         switch = HfDeepSpeedConfig(ds_config)
         weights = PartitionedWeights(
             holds_no_data=lambda p: hasattr(p, "ds_id"),
@@ -428,7 +434,7 @@ class DeepSpeedEngine(Engine):
         ds_config = self.build_config(cfg, optim, micro_batches_per_step)
         # built before DeepSpeed asks, and said (it would compile them in silence)
         load_ops(wanted(offloads_optimizer(ds_config)), announce=first_on_node())
-        deepspeed.init_distributed(timeout=cfg_timeout(cfg))
+        init_distributed(deepspeed, cfg_timeout(cfg))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         groups = param_groups(model, optim.weight_decay)
         zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
