@@ -393,7 +393,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--config",
@@ -440,7 +440,7 @@ def main() -> None:
     )
     parser.add_argument("--impl", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.precision == "bf16" and args.engine != "zero2":
         parser.error("--precision bf16 runs under DeepSpeed: add --engine zero2")
     if args.impl:

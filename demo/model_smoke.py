@@ -32,11 +32,11 @@ def shape_image(colour: str, kind: str, size: int = 64) -> Image.Image:
     return image
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resampler.depth=3")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     start = time.perf_counter()
     torch.manual_seed(0)
