@@ -209,3 +209,18 @@ def test_keys_are_unique_across_inputs_and_shards(tmp_path):
     keys = [x["__key__"] for name in files(out) for x in read_shard(str(out / name))]
     assert keys == ["00000_000", "00000_001", "00001_000", "00001_001"]
     assert summary(out, "pairs")["skipped"] == {"duplicate_key": 1}
+
+
+def test_writers_of_one_summary_at_once_each_rename_a_whole_file(tmp_path):
+    """Two parts finishing together both merge the summaries: with one shared temporary name,
+    one writer's rename found the file already moved by the other (FileNotFoundError)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flamingo.data.writing import write_json
+
+    path = tmp_path / "mmc4-summary.json"
+    values = [{"writer": i, "pad": "x" * 10_000} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda v: [write_json(path, v) for _ in range(20)], values))
+    assert json.loads(path.read_text()) in values
+    assert [p.name for p in tmp_path.iterdir()] == ["mmc4-summary.json"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,7 +166,8 @@ def test_shards_and_records_are_synced_before_they_are_renamed(tmp_path, monkeyp
         range(3), lambda i: {"__key__": f"k{i}", "txt": b"x"}, tmp_path, "w", items_per_shard=5
     )
     shard, record = str(tmp_path / "w-00000.tar"), str(tmp_path / "progress" / "w-00000.tar.json")
-    order = [(kind, path.removesuffix(".tmp")) for kind, path in events]
+    # a temporary name is the final one + ".tmp", or + ".PID-RANDOM.tmp" (write_json's)
+    order = [(kind, re.sub(r"(\.\d+-[0-9a-f]+)?\.tmp$", "", path)) for kind, path in events]
     # the record, then the shard: each file synced, renamed, and its folder synced
     assert order.index(("fsync", record)) < order.index(("rename", record))
     assert order.index(("rename", record)) < order.index(("fsync", str(tmp_path / "progress")))

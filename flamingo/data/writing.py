@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -118,9 +119,11 @@ def durable_replace(tmp: Path, final: Path) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     """Write JSON under a temporary name, sync it and rename it: a reader never sees half a
-    file, and a crash never leaves an empty one under the final name."""
+    file, and a crash never leaves an empty one under the final name. The temporary name is
+    the writer's own: processes that write the same file at once (two parts of a conversion
+    finishing together, each merging the summaries) each rename a whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     with tmp.open("w") as f:
         f.write(json.dumps(value, indent=2) + "\n")
         f.flush()
