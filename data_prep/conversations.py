@@ -32,7 +32,7 @@ from data_prep.common import (
     json_list_items,
     read_file,
 )
-from data_prep.corpus import Work, convert, expand_inputs
+from data_prep.corpus import Conversion, Work, expand_inputs, run_command
 from flamingo.chat import check_turns
 from flamingo.data.schema import SkipSample, encode_conversation, sanitize_key
 from flamingo.tokens import IMAGE
@@ -116,7 +116,7 @@ def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
     return Work(items, encode, len(items), events=events)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.conversations",
         description=__doc__,
@@ -129,11 +129,15 @@ def main(argv: list[str] | None = None) -> None:
         "--images", type=Path, default=Path("."), help="the records' image paths are under this"
     )
     add_output_args(parser, "conversations")
-    args = parser.parse_args(argv)
-    try:
-        convert(build, args, expand_inputs(args.llava), "llava", "conversations")
-    except ValueError as e:
-        parser.error(str(e))
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> Conversion:
+    return Conversion(build, args, tuple(expand_inputs(args.llava)), "llava", "conversations")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(make_parser(), argv, prepare)
 
 
 if __name__ == "__main__":

@@ -408,6 +408,62 @@ def convert(
     return merged
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """A converter's command line, parsed, with its inputs listed: what a run converts, or a
+    part of one (a datatrove task, data_prep/pipeline.py)."""
+
+    build: Build
+    args: argparse.Namespace
+    inputs: tuple[str, ...]
+    option: str
+    """The option that named the inputs (resume compares the inputs one by one instead)."""
+    desc: str
+
+    def run(self, part: tuple[int, int] | None = None) -> dict[str, Any] | None:
+        """Convert (see :func:`convert`); ``part=(I, N)``: only what ``--part I/N`` would,
+        in this process."""
+        args = self.args
+        if part is not None:
+            args = argparse.Namespace(
+                **{**vars(args), "part": f"{part[0]}/{part[1]}", "workers": 1}
+            )
+        return convert(self.build, args, list(self.inputs), self.option, self.desc)
+
+    def input_summaries(self, part: int, parts: int) -> list[dict[str, Any]]:
+        """The summaries of the complete inputs of part ``part`` of ``parts``."""
+        layout = Layout(Path(self.args.out), self.args.prefix, self.inputs)
+        found = (_read(layout.input_summary(j)) for j in range(part, len(self.inputs), parts))
+        return [s for s in found if s is not None]
+
+
+def parse_command(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    prepare: Callable[[argparse.Namespace], Conversion],
+) -> Conversion:
+    """A converter's command line as a :class:`Conversion`; a bad one ends with the
+    converter's usage and the reason (exit status 2), as argparse does."""
+    args = parser.parse_args(argv)
+    try:
+        return prepare(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    prepare: Callable[[argparse.Namespace], Conversion],
+) -> None:
+    """A converter's ``main``: parse, convert, and end a bad input with the usage too."""
+    conversion = parse_command(parser, argv, prepare)
+    try:
+        conversion.run()
+    except ValueError as e:
+        parser.error(str(e))
+
+
 SKIP_EXIT = 3
 """The exit status of a conversion that skipped more than ``--max-skip-ratio`` of its items."""
 

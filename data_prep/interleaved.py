@@ -37,7 +37,7 @@ from data_prep.common import (
     read_file,
     read_table,
 )
-from data_prep.corpus import Work, convert, expand_inputs
+from data_prep.corpus import Conversion, Work, expand_inputs, run_command
 from flamingo.data.schema import SkipSample, encode_interleaved, sanitize_key
 
 MMC4_THRESHOLD = 0.24
@@ -229,7 +229,7 @@ def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
     return Work(enumerate(read_table(Path(table))), encode, count_rows(Path(table)), events)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.interleaved",
         description=__doc__,
@@ -262,14 +262,17 @@ def main(argv: list[str] | None = None) -> None:
         help="folder that image paths are relative to ({stem}: the input's name)",
     )
     add_output_args(obelics, "obelics")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def prepare(args: argparse.Namespace) -> Conversion:
     option = "jsonl" if args.source == "mmc4" else "parquet"
-    try:
-        inputs = expand_inputs(getattr(args, option))
-        convert(build, args, inputs, option, args.source)
-    except ValueError as e:
-        parser.error(str(e))
+    inputs = expand_inputs(getattr(args, option))
+    return Conversion(build, args, tuple(inputs), option, args.source)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(make_parser(), argv, prepare)
 
 
 if __name__ == "__main__":

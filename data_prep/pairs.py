@@ -30,7 +30,7 @@ from data_prep.common import (
     read_table,
     text_member,
 )
-from data_prep.corpus import Work, convert, expand_inputs
+from data_prep.corpus import Conversion, Work, expand_inputs, run_command
 from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_pair, sanitize_key, unique_keys
 from flamingo.data.shards import ShardError, read_shard
 
@@ -135,7 +135,7 @@ def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
     return Work(img2dataset_items(source, input_events), encode, input_events=input_events)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.pairs",
         description=__doc__,
@@ -162,14 +162,17 @@ def main(argv: list[str] | None = None) -> None:
         "--caption-column", default="caption", help="--table column with the caption"
     )
     add_output_args(parser, "pairs")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def prepare(args: argparse.Namespace) -> Conversion:
     option = next(name for name in SOURCES if getattr(args, name))
-    try:
-        inputs = expand_inputs(getattr(args, option), "dir" if option == "folder" else "file")
-        convert(build, args, inputs, option, "pairs")
-    except ValueError as e:
-        parser.error(str(e))
+    inputs = expand_inputs(getattr(args, option), "dir" if option == "folder" else "file")
+    return Conversion(build, args, tuple(inputs), option, "pairs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(make_parser(), argv, prepare)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_prep.common import add_output_args, read_file, read_table, text_member
-from data_prep.corpus import Work, convert, expand_inputs
+from data_prep.corpus import Conversion, Work, expand_inputs, run_command
 from flamingo.data.images import decode_image
 from flamingo.data.schema import IMAGE_EXTS, SkipSample, encode_video, unique_keys
 
@@ -116,7 +116,7 @@ def build(args: argparse.Namespace, inputs: tuple[str, ...], j: int) -> Work:
     return Work(items, encode, len(items), input_events=input_events)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.video",
         description=__doc__,
@@ -134,16 +134,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip")
     add_output_args(parser, "video")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> Conversion:
     if args.num_frames < 1:
-        parser.error("--num-frames must be >= 1")
+        raise ValueError("--num-frames must be >= 1")
     if args.captions and not args.captions.is_file():
-        parser.error(f"--captions {args.captions} does not exist")
+        raise ValueError(f"--captions {args.captions} does not exist")
     option = "videos" if args.videos else "frames"
-    try:
-        convert(build, args, expand_inputs(getattr(args, option), "dir"), option, "video")
-    except ValueError as e:
-        parser.error(str(e))
+    inputs = expand_inputs(getattr(args, option), "dir")
+    return Conversion(build, args, tuple(inputs), option, "video")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(make_parser(), argv, prepare)
 
 
 if __name__ == "__main__":
