@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 LOCK_PYTHON := 3.11
-EXTRAS := dev,data,train,eval
+EXTRAS := dev,data,train,eval,lmms-eval
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 # `make lock` re-resolves every pin to the newest release the ranges allow; `make lock
