@@ -458,6 +458,47 @@ def test_every_eval_task_runs_on_a_llama_vision_checkpoint(tmp_path):
     assert_every_task_scored(results, BENCHMARKS)
 
 
+def test_lmms_eval_plugin_writes_llama_vision_prompts_as_transformers_does(tmp_path):
+    """``--model flamingo`` on a Llama 3.2 Vision checkpoint in transformers' format: each
+    image's ``<|image|>`` before the task's text, the start token after them, tiles and
+    aspect-ratio ids; its answers are transformers' own greedy tokens for that prompt."""
+    from lmms_eval.api.instance import Instance
+
+    from flamingo.lmms_eval import FlamingoLMMs
+
+    reference, directory = save_reference(tmp_path, "cross-first")
+    lm = FlamingoLMMs(pretrained=str(directory), batch_size=2)
+    docs = [{"images": [noise_image(1, (60, 30))]}, {"images": [noise_image(2, (33, 33))] * 2}]
+    lm.task_dict = {"t": {"test": docs}}
+    contexts = ["What is in it? Answer:", "Which of the two is brighter?"]
+    requests = [
+        Instance(
+            "generate_until",
+            (
+                context,
+                {"until": ["\n"], "max_new_tokens": 4},
+                lambda d: d["images"],
+                i,
+                "t",
+                "test",
+            ),
+            0,
+            {"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i, context in enumerate(contexts)
+    ]
+    answers = lm.generate_until(requests)
+    processor = MllamaProcessor.from_pretrained(directory)
+    for doc, context, answer in zip(docs, contexts, answers, strict=True):
+        prompt = "<|image|>" * len(doc["images"]) + context
+        enc = processor(images=[doc["images"]], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = reference.generate(**enc, max_new_tokens=4, do_sample=False)
+        text = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
+        assert answer == text.split(processor.tokenizer.eos_token)[0].split("\n")[0]
+        assert answer
+
+
 def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypatch):
     from bench import generation
 
