@@ -19,15 +19,18 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
-import open_clip
 import torch
 from einops import rearrange
-from open_clip.model import _build_vision_tower
-from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
 from flamingo.config import VisionConfig
+from flamingo.quiet_imports import deferring_wandb
+
+with deferring_wandb():  # open_clip imports timm, which would import wandb (1.1 s)
+    import open_clip
+    from open_clip.model import _build_vision_tower
+    from open_clip.transformer import VisionTransformer
 
 
 def build_clip(cfg: VisionConfig) -> nn.Module:
