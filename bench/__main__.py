@@ -37,8 +37,15 @@ CPU = {
         *("bench.generation", "--against", "idefics", "--config", "small", "--device", "cpu"),
     ],
     "generation-mllama-tiny": ["bench.generation", "--against", "mllama", "--device", "cpu"],
+    "generation-mllama-beam3-tiny": [
+        *("bench.generation", "--against", "mllama", "--beams", "3", "--device", "cpu"),
+    ],
     "generation-mllama-small": [
         *("bench.generation", "--against", "mllama", "--config", "small", "--device", "cpu"),
+    ],
+    "generation-mllama-beam3-small": [
+        *("bench.generation", "--against", "mllama", "--config", "small", "--beams", "3"),
+        *("--device", "cpu"),
     ],
     "data_throughput": ["bench.data_throughput"],
     "convert": ["bench.convert"],

@@ -6,7 +6,7 @@ mllama``, ``bench/generation_mllama.py``): its ``generate`` on a random
 
     python -m bench.generation [--config tiny|small] [--batch 8] [--beams 3] [--new 20]
     python -m bench.generation --against idefics [--config tiny|small] [--beams 1]
-    python -m bench.generation --against mllama [--config tiny|small]
+    python -m bench.generation --against mllama [--config tiny|small] [--beams 3|1]
 
 OpenFlamingo's ``generate`` does not run with transformers 5 (its forward's signature), so its
 side is our beam search driving *its* ``forward``: the full sequence every step, the images
@@ -304,7 +304,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
-        "--beams", type=int, default=None, help="default 3 (1 with idefics, mllama)"
+        "--beams", type=int, default=None, help="default 3 (1 against idefics and mllama)"
     )
     parser.add_argument("--new", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -314,8 +314,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.beams is None:
         args.beams = 1 if args.against in ("idefics", "mllama") else 3
-    if args.against in ("idefics", "mllama") and args.beams != 1:
-        parser.error(f"--against {args.against} compares greedy tokens: --beams 1")
+    if args.against == "idefics" and args.beams != 1:
+        parser.error(
+            "--against idefics compares greedy tokens (its beam search's rules are not ours): --beams 1"
+        )
     if args.against == "idefics":
         timings, outputs = against_idefics(args)
     elif args.against == "mllama":
@@ -347,6 +349,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = "generation" if reference == "openflamingo" else f"generation-{reference}"
+    if reference == "mllama" and args.beams > 1:  # both kinds of row kept
+        prefix += f"-beam{args.beams}"
     path = args.out / f"{prefix}-{Path(args.config).stem}-{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(

@@ -1,5 +1,7 @@
 """``bench.generation --against mllama``: ours vs transformers' ``MllamaForConditionalGeneration``
-``generate`` on the same random Llama 3.2 Vision weights and prompts, greedy, tokens compared.
+``generate`` on the same random Llama 3.2 Vision weights and prompts, greedy or beam search,
+tokens compared (neither side stops early, so both beam searches keep the ``num_beams`` best
+of the same candidates at every step and return the best sequence of the full length).
 
 The prompts open with an image and every row has as many (4-shot captioning, ``<|image|>`` per
 image), so no token reads nothing and no image slot is empty: the two semantics of text before
@@ -99,7 +101,7 @@ def mllama_prompts(batch: int, shots: int = 4) -> tuple[list[str], list[list[Ima
 
 
 def against_mllama(args, timed) -> tuple[dict, dict]:
-    """Time ours and transformers' ``generate`` on the same weights and prompts (greedy)."""
+    """Time ours and transformers' ``generate`` on the same weights and prompts."""
     from transformers import MllamaProcessor
 
     from flamingo import FlamingoProcessor
@@ -113,7 +115,7 @@ def against_mllama(args, timed) -> tuple[dict, dict]:
         mine = FlamingoProcessor.from_pretrained(directory)(texts, images)
     if not torch.equal(mine["input_ids"], theirs["input_ids"]):
         raise SystemExit("the two processors built different input_ids")
-    device, new = args.device, args.new
+    device, new, beams = args.device, args.new, args.beams
     ours, reference = ours.to(device), reference.to(device)
     reference.generation_config.eos_token_id = None  # neither side stops: all `new` tokens
     mine = {k: v.to(device) for k, v in mine.items()}
@@ -121,11 +123,15 @@ def against_mllama(args, timed) -> tuple[dict, dict]:
     runs = (
         (
             "ours",
-            lambda: ours.generate(**mine, max_new_tokens=new, eos_token_id=-1)[:, -new:],
+            lambda: ours.generate(**mine, max_new_tokens=new, num_beams=beams, eos_token_id=-1)[
+                :, -new:
+            ],
         ),
         (
             "mllama",
-            lambda: reference.generate(**theirs, max_new_tokens=new, do_sample=False)[:, -new:],
+            lambda: reference.generate(
+                **theirs, max_new_tokens=new, num_beams=beams, do_sample=False
+            )[:, -new:],
         ),
     )
     return timed(runs, device, warm_up=True)

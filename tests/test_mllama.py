@@ -499,14 +499,22 @@ def test_lmms_eval_plugin_writes_llama_vision_prompts_as_transformers_does(tmp_p
         assert answer
 
 
-def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypatch):
+@pytest.mark.parametrize("beams", [1, 3])
+def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypatch, beams):
+    """Greedy and beam search: ours and transformers' give the same tokens (the bench fails
+    otherwise), each kind of row in its own record."""
     from bench import generation
 
     argv = ["bench.generation", "--against", "mllama", "--batch", "2", "--new", "3"]
-    monkeypatch.setattr("sys.argv", [*argv, "--device", "cpu", "--out", str(tmp_path)])
+    argv += ["--beams", str(beams), "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
     generation.main()
-    record = json.loads((tmp_path / "generation-mllama-tiny-cpu.json").read_text())
+    name = (
+        "generation-mllama-tiny-cpu.json" if beams == 1 else "generation-mllama-beam3-tiny-cpu.json"
+    )
+    record = json.loads((tmp_path / name).read_text())
     assert record["identical_tokens"] and record["against"] == "mllama"
+    assert record["beams"] == beams
     assert record["seconds"]["ours"] > 0 and record["seconds"]["mllama"] > 0
 
 
