@@ -42,6 +42,24 @@ class MllamaDecoding:
     continuation: torch.Tensor | None
     """(B, N, R) bool: the tokens a generated token reads (the prompt's last token's media,
     their real tiles): a cached step sees only its own token, not the run of images before."""
+    step: MllamaStep | None = None
+    """With a cache: every one-token step's context, built once (no mask rebuilt a step)."""
+
+
+@dataclass(frozen=True)
+class MllamaStep:
+    """``media_kv`` of a cached decoding step: the blocks' keys and values and the step's
+    mask, made once per prompt (what :meth:`MllamaFusion.lm_inputs` would build each step from
+    the token alone: a generated token is never an image, so it reads ``continuation``)."""
+
+    context: MllamaContext
+
+    def select(self, index: torch.Tensor, kv: list) -> MllamaStep:
+        """Rows ``index``, with ``kv`` the keys and values already selected."""
+        mask = self.context.mask
+        assert mask is not None
+        rows = CrossMask(mask.bias[index], mask.uniform[index], mask.reads[index])
+        return MllamaStep(MllamaContext(kv, rows))
 
 
 class MllamaFusion(Fusion):
@@ -83,6 +101,11 @@ class MllamaFusion(Fusion):
     # -- one call -------------------------------------------------------------------------------
 
     def lm_inputs(self, model: Any, call: LMCall) -> LMCall:
+        if isinstance(call.media_kv, MllamaStep):  # a generated token: its context is made
+            if call.input_ids.shape[1] != 1:
+                raise ValueError("an MllamaStep's context is for one generated token a call")
+            call.context = call.media_kv.context
+            return call
         media = call.media_kv if call.media_kv is not None else call.media_latents
         if media is None:
             check_media(call.input_ids, None, call.media_index, model.policy.sync_free)
@@ -143,12 +166,15 @@ class MllamaFusion(Fusion):
             phi = model.media_index(input_ids)
             visible = visible_media(input_ids, model.special_tokens.image_id, phi, n)[:, -1]
             continuation = media_mask & visible[..., None]
-        kv = None
-        if use_cache:
+        kv, step = None, None
+        blocks = model.lm.gated_blocks
+        if use_cache and len(blocks):
             flat = media_latents.flatten(1, 2)
-            blocks = model.lm.gated_blocks
             kv = [b.cross_attn.media_kv(flat.to(b.cross_attn.q_proj.weight.dtype)) for b in blocks]
-        return MllamaDecoding(media_latents, kv, media_mask, continuation)
+            dtype = blocks[0].cross_attn.q_proj.weight.dtype
+            mask = cross_mask(continuation.flatten(1, 2)[:, None], dtype)
+            step = MllamaStep(MllamaContext(kv, mask))
+        return MllamaDecoding(media_latents, kv, media_mask, continuation, step)
 
     def step_media(self, state: MllamaDecoding, use_cache: bool, first: bool) -> dict[str, Any]:
         """The prompt's call, and every uncached call (the whole sequence again), read through
@@ -158,14 +184,17 @@ class MllamaFusion(Fusion):
             return {}
         if not use_cache:
             return {"media_latents": state.latents, "media_mask": state.media_mask}
-        mask = state.media_mask if first else state.continuation
-        return {"media_kv": state.kv, "media_mask": mask}
+        if first or state.step is None:
+            mask = state.media_mask if first else state.continuation
+            return {"media_kv": state.kv, "media_mask": mask}
+        return {"media_kv": state.step}
 
     def select(self, state: MllamaDecoding, index: torch.Tensor) -> MllamaDecoding:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         kv = None if state.kv is None else [(k[index], v[index]) for k, v in state.kv]
+        step = None if state.step is None or kv is None else state.step.select(index, kv)
         return MllamaDecoding(
-            pick(state.latents), kv, pick(state.media_mask), pick(state.continuation)
+            pick(state.latents), kv, pick(state.media_mask), pick(state.continuation), step
         )
 
     def flops(self, s: Any) -> Flops:
