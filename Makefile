@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 LOCK_PYTHON := 3.11
-EXTRAS := dev,data,train,eval,lmms-eval
+EXTRAS := dev,data,train,eval,lmms-eval,docs
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 # `make lock` re-resolves every pin to the newest release the ranges allow; `make lock
 # LOCK_ARGS=` keeps the current pins and only adds what pyproject.toml now asks for.
 LOCK_ARGS ?= --upgrade
 
-.PHONY: install test lint format demo bench bench-gpu bench-gpu-wheels lock test-latest test-oldest test-pins check-java clean
+.PHONY: install test lint format demo docs bench bench-gpu bench-gpu-wheels lock test-latest test-oldest test-pins check-java clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ format: install
 
 demo: install
 	$(BIN)/python -m demo.run
+
+# The docs site (docs/, mkdocs.yml): built with --strict, then served at http://127.0.0.1:8000
+docs: install
+	$(BIN)/mkdocs build --strict
+	$(BIN)/mkdocs serve
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m bench

@@ -1,4 +1,4 @@
-"""Activation memory: what one micro-batch keeps for its backward, and the README's rule from it.
+"""Activation memory: what one micro-batch keeps for its backward, and docs/training.md's rule from it.
 
     python -m bench.activations [--config small] [--seq-len 256] [--batch 2] [--out bench/results]
 
@@ -8,7 +8,7 @@ weights in bf16, as ``engine.precision: bf16`` trains it. Varying one thing at a
 layers with a gated block before each, gated blocks alone, images per sequence) gives the
 bytes per token of an LM layer and of a gated block, and the bytes per image of the resampler,
 in units of the LM width ``d`` and of ``d_v x (V + R) x depth``: the coefficients of the
-README's rule ("When to checkpoint activations"). Also the totals with each checkpointing
+docs/training.md's rule ("When to checkpoint activations"). Also the totals with each checkpointing
 option. Device-independent counts (the same tensors are saved on a GPU), measured here on CPU.
 """
 

@@ -11,7 +11,7 @@ on held-out pairs.
 The checkpoint it writes keeps only the ``state_dict``, like any open_clip checkpoint: a model
 config loads it with ``vision.architecture`` = the same architecture and ``vision.pretrained`` =
 the file. A real run (LAION-style shards, several GPUs) runs ``flamingo.training.clip_stage``
-with open_clip_train's flags; the README's "Stage 1: the vision tower" gives the command.
+with open_clip_train's flags; docs/training.md's "Stage 1: the vision tower" gives the command.
 """
 
 from __future__ import annotations

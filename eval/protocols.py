@@ -12,7 +12,7 @@ says which code it is comparable with:
 - ``openflamingo``: what ``open_flamingo/eval/evaluate.py`` does, for comparing against
   OpenFlamingo's and IDEFICS's published tables (``tests/test_protocols.py`` runs its code).
 
-Each field's docstring says what it changes; the README's protocol table says where each
+Each field's docstring says what it changes; the protocol table of docs/evaluation.md says where each
 value comes from in the reference code.
 """
 

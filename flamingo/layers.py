@@ -85,7 +85,7 @@ class ExecutionPolicy:
     backward (the checkpointed modules then rebuild nothing themselves)."""
     checkpoint_gated_blocks: bool = False
     """Recompute the gated blocks alone in the backward, the frozen LM's layers keeping their
-    activations: the larger share of the activation memory per token (README, "When to
+    activations: the larger share of the activation memory per token (docs/training.md, "When to
     checkpoint activations") for a recompute of the trainable blocks only."""
     rebuild_activations: bool = True
     """Rebuild cheap activations (LayerNorm and GELU outputs) in the backward instead of keeping

@@ -376,7 +376,7 @@ def test_the_flop_formula_counts_the_qformer_connector(counted_vision_attention)
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    from tests.tiny_shards import write_tiny_shards
+    from data_prep.tiny import write_tiny_shards
 
     return write_tiny_shards(tmp_path_factory.mktemp("shards"), per_kind=16, shards=1)
 

@@ -275,8 +275,8 @@ def test_stage_2_trains_the_qformer_and_new_rows_only(tiny_processor):
 
 def test_train_py_trains_the_qformer(tmp_path):
     import train
+    from data_prep.tiny import write_tiny_shards
     from tests.helpers import ROOT
-    from tests.tiny_shards import write_tiny_shards
 
     shards = write_tiny_shards(tmp_path / "shards")
     out = tmp_path / "run"

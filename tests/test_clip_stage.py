@@ -10,9 +10,9 @@ import pickle
 import pytest
 from webdataset.tariterators import tar_file_expander
 
+from data_prep.tiny import write_tiny_shards
 from flamingo.data.shards import expand_shards
 from flamingo.training import clip_stage
-from tests.tiny_shards import write_tiny_shards
 
 oc_data = pytest.importorskip("open_clip_train.data")
 

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
+from data_prep.tiny import write_tiny_shards
 from tests.helpers import ROOT, free_port
 from tests.processes import process_group, run_group
 from tests.test_train import CONFIG, launcher_env, metrics, overrides
-from tests.tiny_shards import write_tiny_shards
 
 
 @pytest.fixture(scope="module")

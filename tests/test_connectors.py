@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import train
+from data_prep.tiny import write_tiny_shards
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.data.images import ImagePreprocessor
 from flamingo.data.preprocess import Preprocessor
@@ -22,7 +23,6 @@ from flamingo.losses import IGNORE, make_labels
 from flamingo.training.engine import param_groups
 from tests.helpers import ROOT, build, noise_image, tiny_config
 from tests.test_data import solid
-from tests.tiny_shards import write_tiny_shards
 
 LLAVA = ("connector=llava", "vision.feature_layer=-2", "vision.ln_post_on_tokens=false")
 TOKENS = 16  # the tiny tower's 4 x 4 patches, the CLS token dropped

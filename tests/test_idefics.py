@@ -305,7 +305,7 @@ def test_fine_tuning_a_converted_idefics_lowers_the_loss(tmp_path):
     import yaml
 
     import train
-    from tests.tiny_shards import write_tiny_shards
+    from data_prep.tiny import write_tiny_shards
 
     reference, _, directory = save_reference(tmp_path, "plain")
     Flamingo.from_pretrained(directory).save_pretrained(tmp_path / "converted")
@@ -379,11 +379,11 @@ def test_training_text_takes_idefics_prompt_form_and_its_fake_tokens_are_no_targ
     import random
     from collections import Counter
 
+    from data_prep.tiny import square_png
     from flamingo.data.config import DatasetConfig
     from flamingo.data.images import ImagePreprocessor
     from flamingo.data.preprocess import Preprocessor
     from flamingo.losses import IGNORE, make_labels
-    from tests.tiny_shards import _png
 
     _, theirs, directory = save_reference(tmp_path, "plain")
     processor = FlamingoProcessor.from_config(
@@ -397,7 +397,7 @@ def test_training_text_takes_idefics_prompt_form_and_its_fake_tokens_are_no_targ
         ImagePreprocessor(processor.vision_cfg),
     )
     ids, pixels, _, _ = pre._caption(
-        "a red square", [_png((255, 0, 0))], random.Random(0), Counter()
+        "a red square", [square_png((255, 0, 0))], random.Random(0), Counter()
     )
     tok = processor.tokenizer
     # what IDEFICS's processor makes of the same caption, with the end-of-sequence it ends on

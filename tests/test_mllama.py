@@ -519,7 +519,7 @@ def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypat
 
 
 def fine_tune_config(tmp_path, init_from, run, steps: int, **extra) -> dict:
-    from tests.tiny_shards import write_tiny_shards
+    from data_prep.tiny import write_tiny_shards
 
     shards = write_tiny_shards(tmp_path / "shards", per_kind=24, shards=2)
     return {

@@ -48,15 +48,15 @@ def test_the_notebook_finds_the_demo_model_from_any_folder(monkeypatch):
     assert Path(namespace["CHECKPOINT"]) == ROOT / DEFAULT_OUT / "flamingo" / "model"
 
 
-def test_the_readme_llava_stage_2_reads_what_the_converter_writes():
-    """The README's stage-2 command read shards/llava-*.tar; the conversations converter,
-    as the README runs it (--out shards/llava), writes shards/llava/conversations-*.tar."""
+def test_the_docs_llava_stage_2_reads_what_the_converter_writes():
+    """The docs' LLaVA stage-2 command read shards/llava-*.tar; the conversations converter,
+    as the docs run it (--out shards/llava), writes shards/llava/conversations-*.tar."""
     import fnmatch
     import re
 
     from data_prep.conversations import make_parser
 
-    readme = (ROOT / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
     (command,) = re.findall(r"python -m data_prep\.conversations [^\n]*", readme)
     args = make_parser().parse_args(command.split()[3:])
     written = f"{args.out}/{args.prefix}-00000.tar"

@@ -23,13 +23,13 @@ import yaml
 from safetensors.torch import load_file
 
 import train
+from data_prep.tiny import write_tiny_shards
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.training.checkpoints import CheckpointDir
 from flamingo.training.engine import adamw, param_groups
 from flamingo.training.ops import SHM_DIR
 from tests.helpers import ROOT, build, free_port, noise_image
 from tests.processes import process_group, run_group
-from tests.tiny_shards import write_tiny_shards
 
 CONFIG = ROOT / "configs" / "train" / "tiny.yaml"
 

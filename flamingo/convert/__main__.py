@@ -28,7 +28,8 @@ from flamingo.config import FlamingoConfig
 from flamingo.model import Flamingo
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line: a sub-command per registered format, and ``to-mllama``."""
     parser = argparse.ArgumentParser(
         prog="python -m flamingo.convert", description=__doc__.splitlines()[0]
     )
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     back.add_argument("checkpoint", help="our checkpoint directory (or Hub repo id)")
     back.add_argument("out_dir", type=Path, help="where to write the transformers checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     if args.source == "to-mllama":

@@ -27,7 +27,7 @@ class DatasetConfig(YamlConfig):
     """Tokens per sequence (paper/OpenFlamingo: 32 for pairs and video, 256 for interleaved)."""
     packing: Literal["none", "block_diagonal", "cross_document"] = "none"
     """Several samples per row of ``packed_len`` tokens (fewer padding tokens, bigger matrix
-    products; README, "Packing"): ``block_diagonal`` keeps each sample's self-attention,
+    products; docs/data.md, "Packing"): ``block_diagonal`` keeps each sample's self-attention,
     positions, images and loss to itself (exact: every sample gets the loss it has alone);
     ``cross_document`` lets self-attention run over the whole row, as IDEFICS trained (this
     changes the results; images and loss still stop at each sample's boundary); ``none``:

@@ -69,7 +69,7 @@ class EngineConfig(YamlConfig):
     activation_checkpointing: bool | Literal["gated_blocks"] = False
     """Recompute activations in the backward pass to save memory: ``true`` the decoder layers
     and gated blocks (the frozen LM's forward runs twice), ``gated_blocks`` the gated blocks
-    only (most of the memory per token for a fraction of the recompute); README, "When to
+    only (most of the memory per token for a fraction of the recompute); docs/training.md, "When to
     checkpoint activations"."""
     compile: bool = False
     """Compile the repeated blocks (decoder layers, gated blocks, perceiver layers, the tower's
