@@ -42,6 +42,7 @@ from tqdm import tqdm
 from data_prep.workers import run_all
 from flamingo.data.shards import expand_shards
 from flamingo.data.writing import (
+    EXAMPLES,
     RECORDS,
     OutputMismatch,
     WriteSummary,
@@ -213,6 +214,7 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "samples_reused": 0,
     }
     skipped, events, per_input = Counter(), Counter(), []
+    examples: dict[str, list[str]] = {}
     for s in summaries:
         for key in ("shards_written", "shards_reused", "shards_redone"):
             total[key] += s.get(key, [])
@@ -220,6 +222,10 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         total["samples_reused"] += s["samples_reused"]
         skipped.update(s["skipped"])
         events.update(s["events"])
+        for reason, found in s.get("skipped_examples", {}).items():
+            kept = examples.setdefault(reason, [])
+            tag = f"{s['input']}, " if len(summaries) > 1 else ""
+            kept += [f"{tag}{e}" for e in found[: EXAMPLES - len(kept)]]
         line = {
             "input": s["input"],
             "samples": s["samples_written"] + s["samples_reused"],
@@ -227,7 +233,13 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             "events": s["events"],
         }
         per_input.append({**line, "excluded": True} if s.get("excluded") else line)
-    return {**total, "skipped": dict(skipped), "events": dict(events), "per_input": per_input}
+    return {
+        **total,
+        "skipped": dict(skipped),
+        "skipped_examples": examples,
+        "events": dict(events),
+        "per_input": per_input,
+    }
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -239,6 +251,7 @@ def report(summary: dict[str, Any]) -> str:
         Counter(summary["skipped"]),
         Counter(summary["events"]),
         summary.get("shards_redone", []),
+        summary.get("skipped_examples", {}),
     )
     lines = [f"inputs: {summary['inputs']}"]
     left_out = summary.get("inputs_skipped", [])
@@ -476,10 +489,14 @@ def check_skip_ratio(summary: dict[str, Any], limit: float) -> None:
     if not items or skipped / items <= limit:
         return
     reasons = ", ".join(f"{r} {n}" for r, n in Counter(summary["skipped"]).most_common())
+    top = Counter(summary["skipped"]).most_common(1)[0][0]
+    example = summary.get("skipped_examples", {}).get(top, [])
     print(
         f"error: {skipped} of {items} items were skipped ({skipped / items:.0%}, above "
-        f"--max-skip-ratio {limit:g}): {reasons}. Check the inputs (an --image-root, a "
-        "format), or pass --max-skip-ratio 1 to accept it",
+        f"--max-skip-ratio {limit:g}): {reasons}"
+        + (f" (e.g. {example[0]})" if example else "")
+        + ". Check the inputs (an --image-root, a format), or pass --max-skip-ratio 1 to "
+        "accept it",
         file=sys.stderr,
     )
     raise SystemExit(SKIP_EXIT)

@@ -316,7 +316,13 @@ def test_a_conversion_that_skips_most_items_fails_and_says_why(tmp_path, capsys)
     with pytest.raises(SystemExit) as ended:
         pairs.main([*args, "--out", str(tmp_path / "out")])
     assert ended.value.code == 3
-    assert "3 of 4 items were skipped (75%" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "3 of 4 items were skipped (75%" in captured.err
+    # the skipped items are named, not only counted: in the error, the report and the summary
+    assert "(e.g. item 1: missing_image:" in captured.err and "missing-0.png" in captured.err
+    assert "e.g. item 2: missing_image:" in captured.out
+    examples = summary(tmp_path / "out", "pairs")["skipped_examples"]["missing_image"]
+    assert len(examples) == 3 and "missing-2.png" in examples[2]
     assert summary(tmp_path / "out", "pairs")["samples_written"] == 1  # written all the same
     pairs.main([*args, "--out", str(tmp_path / "ok"), "--max-skip-ratio", "1"])
     assert summary(tmp_path / "ok", "pairs")["skipped"] == {"missing_image": 3}

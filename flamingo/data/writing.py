@@ -47,6 +47,10 @@ class OutputMismatch(ValueError):
     """An output folder holds shards that a run with other settings wrote."""
 
 
+EXAMPLES = 3
+"""Skipped items a summary names per reason (the counts cover them all)."""
+
+
 @dataclass
 class WriteSummary:
     """What a converter wrote and skipped."""
@@ -60,15 +64,25 @@ class WriteSummary:
     """Things that changed a written sample without skipping it (e.g. an image dropped)."""
     shards_redone: list[str] = field(default_factory=list)
     """Shards an earlier run finished that no longer matched their records, written again."""
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few skipped items of this run by reason, each with what was wrong."""
+
+    def note_skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        examples = self.skipped_examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES:
+            examples.append(example)
 
     def report(self) -> str:
         lines = [
             f"shards written: {len(self.shards_written)}, reused from an earlier run: "
             f"{len(self.shards_reused)}",
             f"samples written: {self.samples_written}, in reused shards: {self.samples_reused}",
-            f"samples skipped: {sum(self.skipped.values())}"
-            + "".join(f"\n  {reason}: {n}" for reason, n in sorted(self.skipped.items())),
+            f"samples skipped: {sum(self.skipped.values())}",
         ]
+        for reason, n in sorted(self.skipped.items()):
+            lines.append(f"  {reason}: {n}")
+            lines += [f"    e.g. {example}" for example in self.skipped_examples.get(reason, [])]
         if self.shards_redone:
             lines.append(
                 f"damaged shards of an earlier run written again: {len(self.shards_redone)}"
@@ -86,6 +100,7 @@ class WriteSummary:
             "samples_written": self.samples_written,
             "samples_reused": self.samples_reused,
             "skipped": dict(self.skipped),
+            "skipped_examples": self.skipped_examples,
             "events": dict(self.events),
         }
 
@@ -226,6 +241,7 @@ class _Shards:
         self.hashing: _HashingFile | None = None
         self.writer: TarWriter | None = None
         self.samples, self.skipped, self.events_before = 0, Counter(), Counter()
+        self.examples: dict[str, list[str]] = {}
 
     @property
     def writing(self) -> bool:
@@ -261,6 +277,7 @@ class _Shards:
         self.finish()
         self.index = index
         self.samples, self.skipped, self.events_before = 0, Counter(), Counter(self.events)
+        self.examples = {}
         final = shard_name(self.out_dir, self.prefix, index)
         reused = self._reusable(final)
         if reused is not None:
@@ -268,6 +285,9 @@ class _Shards:
             self.summary.samples_reused += reused["samples"]
             self.summary.skipped.update(reused["skipped"])
             self.summary.events.update(reused["events"])
+            for reason, examples in reused.get("skipped_examples", {}).items():
+                kept = self.summary.skipped_examples.setdefault(reason, [])
+                kept += examples[: EXAMPLES - len(kept)]
             return
         self.tmp = final.with_name(final.name + ".tmp")
         self.file = self.tmp.open("wb")
@@ -281,9 +301,12 @@ class _Shards:
         self.summary.samples_written += len(samples)
         self.samples += len(samples)
 
-    def skip(self, reason: str) -> None:
-        self.summary.skipped[reason] += 1
+    def skip(self, reason: str, example: str) -> None:
+        self.summary.note_skip(reason, example)
         self.skipped[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES:
+            examples.append(example)
 
     def finish(self) -> None:
         """Close the open shard: synced, its record first, then renamed into place."""
@@ -298,6 +321,7 @@ class _Shards:
             "fingerprint": self.fingerprint,
             "samples": self.samples,
             "skipped": dict(self.skipped),
+            "skipped_examples": self.examples,
             "events": dict(self.events - self.events_before),
             "bytes": self.hashing.bytes,
             "sha256": self.hashing.sha256.hexdigest(),
@@ -366,7 +390,7 @@ def write_shards(
                 if taken:
                     raise SkipSample("duplicate_key", f"{taken[0]!r} is already in the output")
             except SkipSample as e:
-                shards.skip(e.reason)
+                shards.skip(e.reason, f"item {i}: {e}")
                 continue
             shards.add(samples)
     except BaseException:
