@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo.data.shards import expand_shards, missing_local_shards
 from flamingo.layers import torch_dtype
 from flamingo.losses import weighted_loss
 from flamingo.parts import parts_of
@@ -219,9 +220,30 @@ class Setup:
     metrics_fn: Callable[..., dict]
 
 
+def check_shards(cfg: TrainConfig) -> None:
+    """Every dataset's shards exist, before anything is built: a brace list of files that are
+    not there used to surface after the model was built, deep in the loader."""
+    for i, dataset in enumerate(cfg.datasets):
+        try:
+            urls = expand_shards(dataset.shards)
+        except ValueError as e:
+            raise ValueError(f"datasets.{i} ({dataset.name}): {e}") from None
+        missing = missing_local_shards(urls)
+        if missing:
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            raise ValueError(
+                f"datasets.{i} ({dataset.name}): {len(missing)} of {len(urls)} shards do not "
+                f"exist: {shown}. Write them first (data_prep/; for configs/train/tiny*.yaml: "
+                f"python -m data_prep.tiny --out data/tiny) or point datasets.{i}.shards at yours"
+            )
+
+
 def setup(cfg: TrainConfig) -> Setup:
     """The run ``cfg`` describes, built: ``main`` runs its steps, ``bench.run_flops`` counts
     some."""
+    check_shards(cfg)
     seed_everything(cfg.seed)  # same model initialisation on every rank
     first_stage = cfg.objective == "qformer_stage1"
     step_fn, metrics_fn = (

@@ -129,3 +129,15 @@ def test_the_readme_hub_block_names_a_known_release():
     compile(hub[0], "README.md", "exec")
     (name,) = re.findall(r'name = "([^"]+)"', hub[0])
     assert name in OPENFLAMINGO_RELEASES
+
+
+def test_convert_without_arguments_names_what_its_usage_shows(capsys):
+    """It said `required: source`, a name its usage did not show."""
+    from flamingo.convert.__main__ import main
+
+    with pytest.raises(SystemExit) as ended:
+        main([])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2
+    assert "[-h] FORMAT ..." in err and "required: FORMAT" in err
+    assert "source" not in err

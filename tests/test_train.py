@@ -261,15 +261,20 @@ def test_non_finite_loss_skips_the_whole_step(shards, tmp_path, monkeypatch):
     assert all(torch.isfinite(torch.tensor(x["grad_norm"])) for i, x in enumerate(m) if i != 1)
 
 
-def test_resume_auto_ignores_a_partial_checkpoint(shards, tmp_path):
+def test_resume_auto_ignores_a_partial_checkpoint(shards, tmp_path, caplog):
     out = tmp_path / "partial"
     train.main(["--config", str(CONFIG), *overrides(shards, out, steps=2, checkpoint_every=2)])
     partial = out / "checkpoints" / "step-00000004.tmp"
     partial.mkdir()
     (partial / "engine.pt").write_bytes(b"truncated")
-    train.main(["--config", str(CONFIG), *overrides(shards, out, steps=3, checkpoint_every=3)])
+    resumed = overrides(shards, out, steps=3, checkpoint_every=3, **{"optim.lr": 5e-4})
+    with caplog.at_level("WARNING", logger="flamingo.checkpoints"):
+        train.main(["--config", str(CONFIG), *resumed])
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
     assert not partial.exists()  # pruned once a newer checkpoint completed
+    # a resume that changes the optimiser's settings says so (it was silent)
+    (warning,) = [m for m in caplog.messages if "changed" in m]
+    assert "optim.lr 0.001 -> 0.0005" in warning and "steps 2 -> 3" in warning
 
 
 # -- multi-process, through the deepspeed launcher ------------------------------------------------
@@ -723,3 +728,19 @@ def test_a_finished_builds_leftover_lock_is_found_and_a_live_one_kept(tmp_path):
     os.utime(running / "adam.so", (old, old))  # an older build, being rebuilt now
     (running / "lock").touch()
     assert stale_extension_locks(tmp_path) == [finished / "lock"]
+
+
+def test_shards_that_do_not_exist_are_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """A brace list of missing files surfaced after the model was built, deep in the loader
+    (a glob matching nothing was refused at once): now both before anything is built."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the shards were checked")
+
+    monkeypatch.setattr(Flamingo, "from_config", built)
+    base = ["--config", str(CONFIG), f"output_dir={tmp_path / 'out'}"]
+    missing = f"datasets.0.shards={tmp_path}/nowhere-{{00000..00003}}.tar"
+    with pytest.raises(ValueError, match=r"datasets\.0 \(interleaved\): 4 of 4 shards do not"):
+        train.main([*base, missing])
+    with pytest.raises(ValueError, match=r"datasets\.0 \(interleaved\): .* matches no file"):
+        train.main([*base, f"datasets.0.shards={tmp_path}/nowhere-*.tar"])

@@ -33,7 +33,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flamingo.convert", description=__doc__.splitlines()[0]
     )
-    sub = parser.add_subparsers(dest="source", required=True)
+    sub = parser.add_subparsers(
+        dest="source",
+        required=True,
+        metavar="FORMAT",
+        help="the checkpoint's format (each takes its own arguments: FORMAT --help)",
+    )
     of = sub.add_parser(
         "openflamingo", help="an OpenFlamingo checkpoint.pt (read with weights_only=True)"
     )

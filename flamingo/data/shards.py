@@ -9,6 +9,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from webdataset import gopen
@@ -32,6 +33,12 @@ def expand_shards(spec: str) -> list[str]:
     if not urls:
         raise ValueError(f"shard spec {spec!r} names no shards")
     return urls
+
+
+def missing_local_shards(urls: list[str]) -> list[str]:
+    """The local paths of ``urls`` that are not files (URLs and ``pipe:`` commands pass)."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    return [u for u in local if not Path(u.removeprefix("file:")).is_file()]
 
 
 class ShardError(Exception):

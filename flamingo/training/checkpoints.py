@@ -48,6 +48,19 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 log = logging.getLogger("flamingo.checkpoints")
 
 
+def schedule_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What a resume changes in the optimiser's settings and the schedule's length, as
+    ``optim.lr 0.001 -> 0.0005`` (a checkpoint from before configs were saved: nothing)."""
+    changes = []
+    before, after = saved.get("optim", {}), now.get("optim", {})
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            changes.append(f"optim.{key} {before.get(key)} -> {after.get(key)}")
+    if "steps" in saved and saved["steps"] != now.get("steps"):
+        changes.append(f"steps {saved['steps']} -> {now.get('steps')} (the schedule's length)")
+    return changes
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint to resume from verifies."""
 
@@ -338,6 +351,15 @@ class Checkpointer:
                 raise ValueError(
                     f"{path} was trained with another model config; start a new output_dir"
                 )
+            if engine.is_main:
+                changed = schedule_changes(saved.get("train", {}), self.cfg.to_dict())
+                if changed:
+                    log.warning(
+                        "resuming %s with %s changed: the optimiser's state and the step come "
+                        "from the checkpoint, the new values apply from here on",
+                        path,
+                        ", ".join(changed),
+                    )
             files = sorted(path.glob("trainer_rank*.json"))
             written = saved.get("world_size", len(files))
             if len(files) != written:
