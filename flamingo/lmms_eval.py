@@ -20,7 +20,8 @@ of text) and ``loglikelihood`` (the requests of one document and context scored 
 :meth:`Flamingo.score`, which runs the prompt once and shares its caches across the
 candidates; whether greedy decoding gives the continuation, and its summed *negative*
 log-likelihood: lmms-eval 0.7.3 picks a multiple-choice answer by the smallest value, as its
-own models return losses). Multi-round generation and video inputs are refused by name.
+own models return losses; its ``perplexity`` metric, ``exp(-mean)``, then reads ``exp(-NLL)``,
+as it does for its own models). Multi-round generation and video inputs are refused by name.
 
 lmms-eval's demonstrations are text-only, so this is a third protocol beside ``eval/``'s
 ``official`` and ``openflamingo`` few-shot protocols, not a replacement for them.
