@@ -744,3 +744,31 @@ def test_shards_that_do_not_exist_are_refused_before_the_model_is_built(tmp_path
         train.main([*base, missing])
     with pytest.raises(ValueError, match=r"datasets\.0 \(interleaved\): .* matches no file"):
         train.main([*base, f"datasets.0.shards={tmp_path}/nowhere-*.tar"])
+
+
+def test_the_curves_show_each_dataset_the_weighted_total_and_stage_1_objectives_apart():
+    """The weighted total shared the "NLL per target token" axis with the datasets, squashing
+    them; BLIP-2's stage 1 showed one "NLL" of about 21 that was its three losses summed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from flamingo.training.runlog import curves_figure
+
+    def lines(ax):
+        return {line.get_label() for line in ax.get_lines()}
+
+    stage2 = [
+        {"step": s, "loss/total": 9.0 - s, "loss/pairs": 2.0, "loss/docs": 1.5, "gate/0": 0.1}
+        for s in (1, 2)
+    ]
+    axes = curves_figure(stage2).axes
+    assert lines(axes[0]) == {"pairs", "docs"} and lines(axes[1]) == {"total"}
+    assert axes[0].get_ylabel() == "NLL per target token" and lines(axes[2]) == {"0"}
+    stage1 = [
+        {"step": s, "loss/total": 21.0, "loss/pairs": 21.0, "itc/pairs": 9.0, "itm/pairs": 0.7}
+        | {"itg/pairs": 11.3}
+        for s in (1, 2)
+    ]
+    axes = curves_figure(stage1).axes
+    assert lines(axes[0]) == {"itc (pairs)", "itm (pairs)", "itg (pairs)"}
+    assert axes[0].get_ylabel() == "loss per objective" and len(axes) == 2

@@ -1,6 +1,6 @@
 """Metric logging of a training run (rank 0): the console bar's companion files.
 
-``metrics.jsonl``, TensorBoard and ``curves.png`` (loss per dataset, ``|tanh(gate)|`` per layer)
+``metrics.jsonl``, TensorBoard and ``curves.png`` (loss per dataset, the weighted total, ``|tanh(gate)|`` per layer)
 beside the checkpoints. A resumed run rewrites ``metrics.jsonl`` to the history saved with its
 checkpoint (and TensorBoard purges the later events), so the steps that ran after that
 checkpoint before a kill are not repeated.
@@ -58,7 +58,7 @@ class RunLogger:
             self.writer.flush()
 
     def plot(self) -> Path | None:
-        """Loss per dataset and |tanh(gate)| per layer (if any) over steps -> ``curves.png``."""
+        """The curves of the run so far -> ``curves.png`` (:func:`curves_figure`)."""
         if not self.enabled or not self.history:
             return None
         import matplotlib
@@ -66,21 +66,7 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [r["step"] for r in self.history]
-        gates = sorted({k for r in self.history for k in r if k.startswith("gate/")})
-        # a panel for the gates when the model has them (the LLaVA connector has none)
-        fig, axes = plt.subplots(1, 2 if gates else 1, figsize=(11 if gates else 6, 4))
-        ax_loss = axes[0] if gates else axes
-        for key in sorted({k for r in self.history for k in r if k.startswith("loss/")}):
-            ax_loss.plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
-        ax_loss.set(xlabel="step", ylabel="NLL per target token", title="loss")
-        ax_loss.legend()
-        if gates:
-            for key in gates:
-                axes[1].plot(steps, [r.get(key, float("nan")) for r in self.history], label=key[5:])
-            axes[1].set(xlabel="step", ylabel="|tanh(gate)|", title="gates")
-            axes[1].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
+        fig = curves_figure(self.history)
         path = self.output_dir / "curves.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -91,3 +77,42 @@ class RunLogger:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+OBJECTIVES = ("itc", "itm", "itg")
+"""BLIP-2 stage 1's losses (contrastive, matching, generation; ``stage1.LOSSES``), logged as
+``itc/<dataset>`` and so on."""
+
+
+def curves_figure(history: list[dict[str, Any]]) -> Any:
+    """Each dataset's loss on one panel (each stage-1 objective its own curve: their sum is no
+    NLL), the weighted total on its own (it sums weighted losses, a scale of its own), and
+    ``|tanh(gate)|`` per layer when the model has gates."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    keys = sorted({k for r in history for k in r})
+    objectives = [k for k in keys if k.split("/")[0] in OBJECTIVES]
+    per_dataset = objectives or [k for k in keys if k.startswith("loss/") and k != "loss/total"]
+    gates = [k for k in keys if k.startswith("gate/")]
+    panels = 2 + bool(gates)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+
+    def curve(ax: Any, key: str, label: str) -> None:
+        ax.plot(steps, [r.get(key, float("nan")) for r in history], label=label)
+
+    for key in per_dataset:
+        name, dataset = key.split("/", 1)
+        curve(axes[0], key, f"{name} ({dataset})" if objectives else dataset)
+    ylabel = "loss per objective" if objectives else "NLL per target token"
+    axes[0].set(xlabel="step", ylabel=ylabel, title="each dataset")
+    axes[0].legend(fontsize=7)
+    curve(axes[1], "loss/total", "total")
+    axes[1].set(xlabel="step", ylabel="sum of loss_weight x loss", title="weighted total")
+    if gates:
+        for key in gates:
+            curve(axes[2], key, key[5:])
+        axes[2].set(xlabel="step", ylabel="|tanh(gate)|", title="gates")
+        axes[2].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -29,8 +29,9 @@ from flamingo.qformer_pretraining import (
 from flamingo.training.batches import StepBatches
 from flamingo.training.config import TrainConfig
 from flamingo.training.engine import Engine
+from flamingo.training.runlog import OBJECTIVES
 
-LOSSES = ("itc", "itm", "itg")
+LOSSES = OBJECTIVES  # contrastive, matching, generation: each logged, and plotted, on its own
 SHAPE = (
     "queries",
     "layers",
