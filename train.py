@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, cli
 from flamingo.data.shards import expand_shards, missing_local_shards
 from flamingo.layers import torch_dtype
 from flamingo.losses import weighted_loss
@@ -363,4 +363,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

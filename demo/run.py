@@ -385,4 +385,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flamingo import cli
+
+    cli.run(main)

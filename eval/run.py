@@ -37,7 +37,7 @@ from eval.fewshot import (
 )
 from eval.protocols import get_protocol
 from eval.tasks import Item, Task, get_task
-from flamingo import Flamingo, FlamingoProcessor
+from flamingo import Flamingo, FlamingoProcessor, cli
 from flamingo.data.writing import write_json
 from flamingo.hub import OPENFLAMINGO_RELEASES
 from flamingo.layers import torch_dtype
@@ -410,4 +410,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

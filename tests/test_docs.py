@@ -141,3 +141,39 @@ def test_convert_without_arguments_names_what_its_usage_shows(capsys):
     assert ended.value.code == 2
     assert "[-h] FORMAT ..." in err and "required: FORMAT" in err
     assert "source" not in err
+
+
+def test_a_user_error_ends_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    """Config, path and input errors were right but buried under a 13-16 line traceback."""
+    done = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/train/tiny.yaml"]
+        + ["datasets.0.shards=/nowhere/x-{0..1}.tar"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "datasets.0 (interleaved): 2 of 2 shards" in errors[0]
+
+    from flamingo import cli
+
+    def main():
+        raise ValueError("optim.lr: expected a number, got 'fast'")
+
+    with pytest.raises(SystemExit) as ended:
+        cli.run(main, ["prog"])
+    assert ended.value.code == 2 and "error: optim.lr" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="optim.lr"):  # the traceback, on request
+        cli.run(main, ["prog", "--debug"])
+    monkeypatch.setenv("FLAMINGO_DEBUG", "1")
+    with pytest.raises(ValueError, match="optim.lr"):
+        cli.run(main, ["prog"])
+
+    def bug():
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        cli.run(bug, ["prog"])

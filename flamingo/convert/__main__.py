@@ -24,6 +24,7 @@ from pathlib import Path
 
 import flamingo.formats as formats
 import flamingo.hub as hub
+from flamingo import cli
 from flamingo.config import FlamingoConfig
 from flamingo.model import Flamingo
 
@@ -115,4 +116,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
