@@ -247,8 +247,16 @@ class FlamingoProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         if self.special_tokens.image_text != IMAGE:  # the tokenizer's own marker is one too
             texts = [t.replace(self.special_tokens.image_text, IMAGE) for t in texts]
-        if images is not None and len(images) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
+        if images is not None:
+            flat = [type(m).__name__ for m in images if not isinstance(m, (list, tuple))]
+            if flat:
+                raise ValueError(
+                    f"images takes one list of media per text, got a flat list ({flat[0]} "
+                    "items): images=[[image]] for one text with one image, "
+                    "images=[[a, b], [c]] for two texts"
+                )
+            if len(images) != len(texts):
+                raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
         for i, t in enumerate(texts):
             markers = t.count(IMAGE)
             given = 0 if images is None else len(images[i])

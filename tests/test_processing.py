@@ -32,6 +32,9 @@ def test_marker_image_mismatch_is_a_clear_error(processor):
         processor(["<image>a"])
     with pytest.raises(ValueError, match="2 texts but 1 image lists"):
         processor(["a", "b"], images=[[]])
+    # one flat list of images (not one list per text) was an unclear TypeError
+    with pytest.raises(ValueError, match=r"flat list \(Image items\): images=\[\[image\]\]"):
+        processor(["<image>a"], images=[solid((1, 2, 3))])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
