@@ -64,9 +64,47 @@ def release_config(repo_id: str, overrides: list[str] | None = None) -> Flamingo
     return FlamingoConfig.from_yaml(path, [*own, *(overrides or [])])
 
 
-def _fetched(repo_id: str, revision: str | None, what: str, fetch) -> Path:
+HUB_PROBE_S = 3.0
+"""How long a Hub id waits to learn whether the Hub answers at all."""
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached from here (one TCP connection to its endpoint, at most
+    :data:`HUB_PROBE_S`), or None when it can, or when ``HF_HUB_OFFLINE`` already says so.
+    Without this, a Hub id on a machine without network waited ~45 s through
+    ``huggingface_hub``'s retries, printing a warning for each."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        return Path(fetch())
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_S):
+            return None
+    except OSError as e:
+        return f"the Hub ({constants.ENDPOINT}) cannot be reached: {e}"
+
+
+def _fetched(repo_id: str, revision: str | None, what: str, fetch) -> Path:
+    """``fetch(local_files_only)``'s path; on a machine that cannot reach the Hub, what the
+    cache holds, or at once an error saying so."""
+    unreachable = hub_unreachable()
+    if unreachable is not None:
+        try:
+            return Path(fetch(True))
+        except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
+            raise FileNotFoundError(
+                f"{repo_id!r} is not a local directory, {what} of it at revision "
+                f"{revision or 'main'} is not in the Hugging Face cache, and {unreachable}: "
+                "give a checkpoint directory, connect this machine, or fill the cache "
+                "where the Hub is reachable (HF_HOME)"
+            ) from None
+    try:
+        return Path(fetch(False))
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"{repo_id!r} is neither a local directory nor a Hub repo this machine can read"
@@ -104,7 +142,10 @@ def foreign_type(name: str | Path, revision: str | None = None) -> str | None:
         if not is_repo_id(name):
             return None
         try:
-            path = Path(hf_hub_download(str(name), "config.json", revision=revision))
+            local = hub_unreachable() is not None  # no retries: the cache, or the loader says
+            path = Path(
+                hf_hub_download(str(name), "config.json", revision=revision, local_files_only=local)
+            )
         except Exception:  # no such repo, file or revision here: the caller's loader says so
             return None
     if not path.is_file():
@@ -137,7 +178,9 @@ def snapshot(
         repo_id,
         revision,
         "a snapshot",
-        lambda: snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns),
+        lambda local: snapshot_download(
+            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=local
+        ),
     )
 
 
@@ -157,7 +200,7 @@ def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
         repo_id,
         revision,
         filename,
-        lambda: hf_hub_download(repo_id, filename, revision=revision),
+        lambda local: hf_hub_download(repo_id, filename, revision=revision, local_files_only=local),
     )
 
 

@@ -90,3 +90,21 @@ def test_the_converter_takes_a_release_id(stand_in_release, tmp_path):
     assert (tmp_path / "out" / "config.json").is_file()
     with pytest.raises(SystemExit):  # an id that is no release needs --config
         main(["openflamingo", "someone/other", str(tmp_path / "out2")])
+
+
+def test_a_hub_id_without_the_hub_fails_at_once_in_one_message(tmp_path, monkeypatch):
+    """Without network a Hub id waited ~45 s through huggingface_hub's retries, a warning
+    for each: now one connection attempt, then the cache or an error saying both."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert "cannot be reached" in hub.hub_unreachable()
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"not in the Hugging Face cache, and the Hub"):
+        Flamingo.from_pretrained("someone/not-cached")
+    assert time.monotonic() - start < 10
