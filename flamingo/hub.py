@@ -17,6 +17,7 @@ transformers' loaders and the same cache.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -70,23 +71,27 @@ HUB_PROBE_S = 3.0
 
 def hub_unreachable() -> str | None:
     """Why the Hub cannot be reached from here (one TCP connection to its endpoint, at most
-    :data:`HUB_PROBE_S`), or None when it can, or when ``HF_HUB_OFFLINE`` already says so.
-    Without this, a Hub id on a machine without network waited ~45 s through
-    ``huggingface_hub``'s retries, printing a warning for each."""
+    :data:`HUB_PROBE_S`, once per endpoint and process: a load by id asks several times), or
+    None when it can, or when ``HF_HUB_OFFLINE`` already says so. Without this, a Hub id on a
+    machine without network waited ~45 s through ``huggingface_hub``'s retries, printing a
+    warning for each."""
+    from huggingface_hub import constants
+
+    return None if constants.HF_HUB_OFFLINE else _probe(constants.ENDPOINT)
+
+
+@functools.cache
+def _probe(endpoint: str) -> str | None:
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return None
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_S):
             return None
     except OSError as e:
-        return f"the Hub ({constants.ENDPOINT}) cannot be reached: {e}"
+        return f"the Hub ({endpoint}) cannot be reached: {e}"
 
 
 def _fetched(repo_id: str, revision: str | None, what: str, fetch) -> Path:

@@ -103,8 +103,12 @@ def test_a_hub_id_without_the_hub_fails_at_once_in_one_message(tmp_path, monkeyp
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    hub._probe.cache_clear()
     assert "cannot be reached" in hub.hub_unreachable()
     start = time.monotonic()
     with pytest.raises(FileNotFoundError, match=r"not in the Hugging Face cache, and the Hub"):
         Flamingo.from_pretrained("someone/not-cached")
     assert time.monotonic() - start < 10
+    probes = hub._probe.cache_info()
+    assert probes.misses == 1 and probes.hits >= 2  # the load asks several times: one probe
+    hub._probe.cache_clear()  # the next test's endpoint is probed afresh
