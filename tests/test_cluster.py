@@ -1,5 +1,6 @@
 """What a first cluster run meets, rehearsed on one CPU machine (DeepSpeed's own launcher for the
-nodes, torchrun where only the ranks matter):
+nodes; where only the ranks matter, ranks started as torchrun starts them, forked with the
+imports done):
 an evaluation during training longer than the process group's timeout, a node-local output
 folder, a lost (or added) node, the export's memory (issue 41)."""
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 import train
 from data_prep.tiny import write_tiny_shards
 from tests.helpers import ROOT, free_port
-from tests.processes import process_group, run_group
+from tests.processes import fork_ranks, process_group
 from tests.test_train import CONFIG, launcher_env, metrics, overrides
 
 
@@ -67,10 +68,8 @@ def test_the_whole_trainable_state_carries_a_deepspeed_run_exactly(config, preci
     # taken after two steps, given to an engine with other trainable weights, taken back:
     # equal, and one more step on each gives the same weights (ZeRO-1/2's linked optimiser
     # views, ZeRO-3's partitioned working copies)
-    command = [sys.executable, "-m", "tests.trainable_state_probe"]
-    result = run_group(
-        [*command, f"configs/deepspeed/{config}.json", precision], 300, cwd=ROOT, env=launcher_env()
-    )
+    command = ["-m", "tests.trainable_state_probe", f"configs/deepspeed/{config}.json"]
+    result = fork_ranks([*command, precision], 1, 300, ROOT, launcher_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["moments"] == 2 * report["keys"] // 3 > 0 and report["steps"] == [2, 2]
@@ -138,10 +137,9 @@ def test_a_run_moves_between_one_and_two_processes_and_evaluates_past_the_timeou
         **{"engine.deepspeed": "configs/deepspeed/zero2.json", "engine.timeout_minutes": 0.15},
     )
     resume = ["--resume", str(one / "checkpoints" / "step-00000002")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", free_port(), "tests/cluster_train.py", "--config", str(CONFIG)]
+    command = ["tests/cluster_train.py", "--config", str(CONFIG), *resume, *args]
     env = dict(launcher_env(), FLAMINGO_TEST_EVAL_SLEEP="12", FLAMINGO_TEST_RECORD=str(record))
-    result = run_group([*command, *resume, *args], 420, cwd=ROOT, env=env)
+    result = fork_ranks(command, 2, 420, ROOT, env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "carried over to 2" in result.stdout + result.stderr  # the data positions
     logged = metrics(two)

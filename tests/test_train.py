@@ -1,8 +1,9 @@
 """train.py: the loss falls, resume is exact, bad steps are skipped, DeepSpeed multi-process.
 
 The launcher's own tests (two nodes, a dying rank, a kill while checkpointing) run the real
-``deepspeed`` launcher on the CPU accelerator (gloo); those of what ZeRO computes start their two
-ranks with ``torchrun`` (the same engine, started sooner).
+``deepspeed`` launcher on the CPU accelerator (gloo); those of what ZeRO computes start their
+ranks as ``torchrun`` does, forked from a server that has done the imports (the same engine,
+started sooner: tests/processes.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from flamingo.training.checkpoints import CheckpointDir
 from flamingo.training.engine import adamw, param_groups
 from flamingo.training.ops import SHM_DIR
 from tests.helpers import ROOT, build, free_port, noise_image
-from tests.processes import process_group, run_group
+from tests.processes import fork_ranks, process_group
 
 CONFIG = ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -288,12 +289,10 @@ def launcher_env() -> dict[str, str]:
 
 
 def two_ranks(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """``args`` on two processes through ``torchrun``, for the tests of what ZeRO computes (the
-    launcher's own tests use ``deepspeed``'s): the engine is the same, and torchrun starts its
-    ranks about 4 s sooner than deepspeed's launcher, which imports DeepSpeed itself first."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", free_port(), *args]
-    return run_group(cmd, timeout, cwd=ROOT, env=launcher_env())
+    """``args`` on two ranks as ``torchrun`` starts them, forked with the imports done
+    (``tests/processes.py:fork_ranks``), for the tests of what ZeRO computes; the launchers'
+    own tests below run DeepSpeed's launcher."""
+    return fork_ranks(args, 2, timeout, ROOT, launcher_env())
 
 
 def train_args(shards, out, ds: str, **kw) -> list[str]:
@@ -391,8 +390,8 @@ def test_zero2_and_zero3_agree_when_a_step_leaves_a_parameter_out(zero_runs):
 
 def probe(config: str, precision: str, *options: str) -> dict:
     """One watched step of ``tests/deepspeed_probe.py`` in a one-rank group."""
-    cmd = [sys.executable, "-m", "tests.deepspeed_probe", f"configs/deepspeed/{config}.json"]
-    done = run_group([*cmd, precision, *options], 300, cwd=ROOT, env=launcher_env())
+    cmd = ["-m", "tests.deepspeed_probe", f"configs/deepspeed/{config}.json", precision]
+    done = fork_ranks([*cmd, *options], 1, 300, ROOT, launcher_env())
     check(done)
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
