@@ -18,38 +18,10 @@ pairs, no LM: ``flamingo/training/stage1.py``); ``init_qformer`` starts stage 2 
 from __future__ import annotations
 
 import argparse
-import logging
-import math
-import random
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, cli
-from flamingo.data.shards import expand_shards, missing_local_shards
-from flamingo.layers import torch_dtype
-from flamingo.losses import weighted_loss
-from flamingo.parts import parts_of
-from flamingo.qformer_pretraining import QFormerPretraining
-from flamingo.training import stage1
-from flamingo.training.batches import Batches, StepBatches
-from flamingo.training.checkpoints import Checkpointer
-from flamingo.training.config import TrainConfig
-from flamingo.training.engine import Engine, build_engine, model_construction
-from flamingo.training.runlog import RunLogger
-from flamingo.typed_config import apply_overrides
-
-if TYPE_CHECKING:
-    from eval.config import EvalConfig
-
-log = logging.getLogger("flamingo.train")
+from flamingo import cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +45,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dotted config overrides, e.g. steps=100 datasets.0.batch_size=4",
     )
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and usage errors before the imports below (seconds)
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo.data.shards import expand_shards, missing_local_shards
+from flamingo.layers import torch_dtype
+from flamingo.losses import weighted_loss
+from flamingo.parts import parts_of
+from flamingo.qformer_pretraining import QFormerPretraining
+from flamingo.training import stage1
+from flamingo.training.batches import Batches, StepBatches
+from flamingo.training.checkpoints import Checkpointer
+from flamingo.training.config import TrainConfig
+from flamingo.training.engine import Engine, build_engine, model_construction
+from flamingo.training.runlog import RunLogger
+from flamingo.typed_config import apply_overrides
+
+if TYPE_CHECKING:
+    from eval.config import EvalConfig
+
+log = logging.getLogger("flamingo.train")
 
 
 def seed_everything(seed: int) -> None:
@@ -167,7 +174,7 @@ def eval_config(cfg: TrainConfig, engine: Engine) -> EvalConfig | None:
         )
     from eval.config import EvalConfig
 
-    return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides)
+    return EvalConfig.from_yaml(cfg.eval_config, cfg.eval_overrides, "eval_overrides")
 
 
 def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
@@ -189,7 +196,11 @@ def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
     """The checkpoint ``init_from`` names, its frozen parts in the engine's precision."""
     model = Flamingo.from_pretrained(cfg.init_from)
     if cfg.model_overrides:  # what trains (TRAINING_FIELDS): lm.trainable, the adapters
-        wanted = FlamingoConfig.from_dict(apply_overrides(model.cfg.to_dict(), cfg.model_overrides))
+        try:
+            changed = apply_overrides(model.cfg.to_dict(), cfg.model_overrides)
+            wanted = FlamingoConfig.from_dict(changed)
+        except ValueError as e:
+            raise ValueError(f"model_overrides (over {cfg.init_from}): {e}") from None
         if wanted.lm.lora != model.cfg.lm.lora and model.cfg.lm.trainable == "lora":
             raise ValueError(
                 f"{cfg.init_from} has LoRA adapters already: their settings (lm.lora) stay"
@@ -255,7 +266,7 @@ def setup(cfg: TrainConfig) -> Setup:
         model = fine_tuned_model(cfg)
         model_cfg, processor = model.cfg, FlamingoProcessor.from_config(model.cfg)
     else:
-        model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides)
+        model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides, "model_overrides")
         model_cfg = model_cfg.replace(cfg.engine.model_changes())  # the engine owns precision
         processor = FlamingoProcessor.from_config(model_cfg)
         with model_construction(cfg.engine, cfg.optim, micro_batches):

@@ -11,37 +11,9 @@ the predictions, scores every (task, shots, trial), writes ``<output_dir>/result
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.distributed as dist
-from PIL import Image
-from tqdm import tqdm
-
-from eval import prompts
-from eval.config import EvalConfig, TaskConfig
-from eval.fewshot import (
-    RICES,
-    encode_images,
-    features_path,
-    load_features,
-    open_rgb,
-    query_set,
-    random_demos,
-    save_features,
-)
-from eval.protocols import get_protocol
-from eval.tasks import Item, Task, get_task
-from flamingo import Flamingo, FlamingoProcessor, cli
-from flamingo.data.writing import write_json
-from flamingo.hub import OPENFLAMINGO_RELEASES
-from flamingo.layers import torch_dtype
-from flamingo.typed_config import to_dict
+from flamingo import cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +45,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--shots takes numbers of demonstrations, got {bad}")
         args.shots = [int(v) for v in args.shots]
     return args
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and usage errors before the imports below (seconds)
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from eval import prompts
+from eval.config import EvalConfig, TaskConfig
+from eval.fewshot import (
+    RICES,
+    encode_images,
+    features_path,
+    load_features,
+    open_rgb,
+    query_set,
+    random_demos,
+    save_features,
+)
+from eval.protocols import get_protocol
+from eval.tasks import Item, Task, get_task
+from flamingo import Flamingo, FlamingoProcessor
+from flamingo.data.writing import write_json
+from flamingo.hub import OPENFLAMINGO_RELEASES
+from flamingo.layers import torch_dtype
+from flamingo.typed_config import to_dict
 
 
 class Evaluator:

@@ -6,6 +6,9 @@ user's to fix, and the message says how; a 15-line traceback above it only burie
 unreadable file) ends with ``error: <message>`` on stderr and exit status 2, as argparse ends
 a bad command line. ``--debug`` on the command line or ``FLAMINGO_DEBUG=1`` shows the
 traceback instead. Anything else (a bug) keeps its traceback.
+
+:func:`parse_first` lets a command whose imports take seconds (torch, transformers) answer
+``--help`` and a bad command line before it makes them.
 """
 
 from __future__ import annotations
@@ -44,3 +47,10 @@ def run(main: Callable[[], Any], argv: list[str] | None = None) -> Any:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_USAGE) from None
+
+
+def parse_first(parse: Callable[[list[str]], Any]) -> None:
+    """Parse ``sys.argv`` once before a command's heavy imports (called above them, under
+    ``if __name__ == "__main__"``), so that ``--help`` and a usage error answer at once instead
+    of after seconds of importing torch; ``main`` parses again (``--debug`` is left out)."""
+    parse([arg for arg in sys.argv[1:] if arg != "--debug"])

@@ -13,6 +13,7 @@ never changed in place: :meth:`YamlConfig.replace` returns a new, re-validated t
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -108,6 +109,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         moved = getattr(cls, "MOVED_KEYS", {})
         hint = "".join(f"; {prefix}{k} is now {prefix}{moved[k]}" for k in unknown if k in moved)
         raise ValueError(f"unknown config key(s) {names}; valid keys here: {sorted(fields)}{hint}")
+    missing = [
+        prefix + name
+        for name, f in fields.items()
+        if name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"missing config key(s) {', '.join(missing)}")
     kwargs = {name: _check_value(v, hints[name], prefix + name) for name, v in data.items()}
     try:
         return cls(**kwargs)
@@ -156,14 +166,52 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path,
+    overrides: list[str] | None = None,
+    overrides_from: str = "command line",
+) -> T:
     """Load config class ``cls`` from YAML plus ``section.key=value`` overrides; errors name
-    the file and the dotted key."""
-    data = apply_overrides(load_yaml(path), list(overrides or []))
+    the dotted key and where the bad value came from: the file, or the override, from
+    ``overrides_from`` (the command line, or a key such as ``model_overrides``: :func:`blame`)."""
+    overrides = list(overrides or [])
+    try:
+        data = apply_overrides(load_yaml(path), overrides)
+    except ValueError as e:
+        raise ValueError(f"{overrides_from}: {e}") from None
     try:
         return from_dict(cls, data)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{blame(cls, path, overrides, str(e), overrides_from)}: {e}") from None
+
+
+def blame(
+    cls: type, path: str | Path, overrides: list[str], error: str, overrides_from: str
+) -> str:
+    """Where the value an error is about came from: the last override whose key the error
+    names (``datasets.0.x`` is ``datasets[0].x`` in errors; a section's override answers for
+    every key in it); else the file, if it gives the error alone; else the override without
+    which the error goes; else the overrides as a whole."""
+    named = error.replace("[", ".").replace("]", "")
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", named):
+            return f"{overrides_from} {item!r} (over {path})"
+
+    def error_with(items: list[str]) -> str | None:
+        try:
+            from_dict(cls, apply_overrides(load_yaml(path), items))
+        except ValueError as e:
+            return str(e)
+        return None
+
+    if not overrides or error_with([]) == error:
+        return str(path)
+    for i, item in reversed(list(enumerate(overrides))):
+        if error_with(overrides[:i] + overrides[i + 1 :]) != error:
+            return f"{overrides_from} {item!r} (over {path})"
+    return f"{overrides_from} {' '.join(overrides)!r} (over {path})"
 
 
 def positive(key: str, value: int | float) -> None:
@@ -197,9 +245,15 @@ class YamlConfig:
         return from_dict(cls, data)
 
     @classmethod
-    def from_yaml(cls: type[C], path: str | Path, overrides: list[str] | None = None) -> C:
-        """Load from YAML, then apply ``section.key=value`` overrides."""
-        return load_config(cls, path, overrides)
+    def from_yaml(
+        cls: type[C],
+        path: str | Path,
+        overrides: list[str] | None = None,
+        overrides_from: str = "command line",
+    ) -> C:
+        """Load from YAML, then apply ``section.key=value`` overrides (``overrides_from`` says
+        where they came from, for errors)."""
+        return load_config(cls, path, overrides, overrides_from)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -126,6 +126,30 @@ def test_bad_keys_and_values_name_the_key(override: str, key: str):
         FlamingoConfig.from_yaml(TINY, overrides=[override])
 
 
+def test_an_error_blames_the_command_line_or_the_file_that_gave_the_value(tmp_path: Path):
+    """A command-line typo was reported as the YAML file's (``configs/train/tiny.yaml:
+    unknown config key(s) optim.lrr``)."""
+    tiny = ROOT / "configs/train/tiny.yaml"
+    cases = {
+        "optim.lrr=1": "unknown config key(s) optim.lrr",
+        "datasets.0.batch_size=0": "datasets[0].batch_size must be > 0",
+        "datasets=[{name: x}]": "missing config key(s) datasets[0].kind, datasets[0].shards",
+        "datasets.1.at_epoch_end=stop": "at_epoch_end: stop needs resampled: false",  # unnamed
+    }
+    for override, error in cases.items():
+        with pytest.raises(ValueError) as raised:
+            TrainConfig.from_yaml(tiny, ["steps=3", override])
+        assert str(raised.value).startswith(f"command line {override!r} (over {tiny}): ")
+        assert error in str(raised.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny.read_text().replace("optim: {lr:", "optim: {lrr:"))
+    for overrides in ([], ["steps=3", "optim.lr=1e-3"]):
+        with pytest.raises(ValueError, match=rf"^{bad}: unknown config key\(s\) optim\.lrr"):
+            TrainConfig.from_yaml(bad, overrides)
+    with pytest.raises(ValueError, match="^model_overrides 'xattn.heads=two' \\(over "):
+        FlamingoConfig.from_yaml(TINY, ["xattn.heads=two"], "model_overrides")
+
+
 def test_a_dataset_that_cannot_run_out_cannot_stop_the_run():
     tiny = ROOT / "configs/train/tiny.yaml"
     with pytest.raises(ValueError, match="pairs: at_epoch_end: stop needs resampled: false"):
