@@ -502,7 +502,7 @@ def check_skip_ratio(summary: dict[str, Any], limit: float) -> None:
     raise SystemExit(SKIP_EXIT)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.corpus",
         description="Merge the per-input summaries of a conversion (run by several machines "
@@ -510,6 +510,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="the converters' --out")
     parser.add_argument("--prefix", required=True, help="the converters' --prefix")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser()
     args = parser.parse_args(argv)
     found = sorted(args.out.glob(f"{args.prefix}-[0-9][0-9][0-9][0-9][0-9]-summary.json"))
     summaries = [s for p in found if (s := _read(p)) is not None]
