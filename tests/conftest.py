@@ -4,8 +4,6 @@ every test runs under (time limit, deprecations, stale build locks). Helpers: te
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
@@ -13,6 +11,7 @@ import pytest
 
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
 from tests.helpers import build, tiny_config
+from tests.time_limit import time_limit  # noqa: F401 (an autouse fixture: every test's limit)
 
 
 class _Records(logging.Handler):
@@ -52,29 +51,6 @@ def stale_extension_locks(root: Path) -> list[Path]:
         if built and all(lib.stat().st_mtime > lock.stat().st_mtime for lib in built):
             stale.append(lock)
     return stale
-
-
-# The longest test (an offloaded two-rank run that compiles CPU Adam) takes ~2 minutes here.
-TEST_LIMIT_S = float(os.environ.get("FLAMINGO_TEST_LIMIT_S", 900))
-
-
-@pytest.fixture(autouse=True)
-def time_limit(request):
-    """Fail a test that runs past TEST_LIMIT_S instead of letting it hold the whole suite
-    (CI ends a run that goes past its limit with nothing to read): the alarm raises in the
-    test's own frame, so the failure shows where it waited, and the test's cleanup (the
-    process groups of tests/processes.py) runs."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"{request.node.nodeid} ran past {TEST_LIMIT_S:g} s (tests/conftest.py)")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, TEST_LIMIT_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session", autouse=True)

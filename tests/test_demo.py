@@ -79,18 +79,21 @@ def test_bad_set_names_the_expected_form():
         demo_run.parse_sets(["flamingo:steps=3"])
 
 
-def test_the_llava_stage_trains_both_stages_and_scores_beside_flamingo(demo_dir):
-    """``--stages llava`` reuses the world, tower, LM and Flamingo model, trains LLaVA's two
-    stages on half the steps each (here a few: what they learn is the full demo's to show),
-    and adds its rows at the shots its prompts fit."""
+def test_the_connector_stages_train_llava_and_blip2_and_compare_the_three(demo_dir):
+    """``--stages connectors`` reuses the world, tower, LM and Flamingo model, trains LLaVA's
+    and BLIP-2's two stages on half the steps each (here a few: what they learn is the full
+    demo's to show), adds their rows at the shots their prompts fit, and writes the three
+    connectors' table (one run for both connectors: each stage's run rescores every row)."""
     from flamingo import FlamingoConfig
     from flamingo.checkpoint import read_checkpoint_config
+    from flamingo.qformer_pretraining import QFormerPretraining
 
     clip = demo_dir / "clip" / "toy-clip.pt"
     before = clip.stat().st_mtime_ns
     args = [*SHORT, "--set", "flamingo.steps=20", "--set", "eval.max_items=8"]  # 10 a stage
-    demo_run.main(["--out", str(demo_dir), "--stages", "llava", *args])
+    demo_run.main(["--out", str(demo_dir), "--stages", "connectors", *args])
     assert clip.stat().st_mtime_ns == before
+    # LLaVA: the projector alone, then the LM unfrozen; single images, no video
     first, _ = read_checkpoint_config(demo_dir / "llava-stage1" / "model")
     second, _ = read_checkpoint_config(demo_dir / "llava" / "model")
     assert isinstance(first, FlamingoConfig)
@@ -98,26 +101,15 @@ def test_the_llava_stage_trains_both_stages_and_scores_beside_flamingo(demo_dir)
     assert (second.connector, second.lm.trainable) == ("llava", "full")
     train = (demo_dir / "configs" / "train-llava.yaml").read_text()
     assert "video" not in train and "runs/demo" not in train
-    scores = json.loads((demo_dir / "scores.json").read_text())
-    for setting in ("LLaVA connector, random demos", "LLaVA connector, blind"):
-        assert set(scores[setting]["coco"]) == {"0", "4"}, setting
-    assert "random demos" in scores and "RICES demos" in scores  # Flamingo's rows stay
-
-
-def test_the_blip2_stage_trains_both_stages_and_the_connectors_are_compared(demo_dir):
-    """``--stages connectors`` adds BLIP-2's two stages (the LLaVA runs are the previous
-    test's) and writes the three connectors' table."""
-    from flamingo.checkpoint import read_checkpoint_config
-    from flamingo.qformer_pretraining import QFormerPretraining
-
-    args = [*SHORT, "--set", "flamingo.steps=20", "--set", "eval.max_items=8"]  # 10 a stage
-    demo_run.main(["--out", str(demo_dir), "--stages", "connectors", *args])
-    first = QFormerPretraining.from_pretrained(demo_dir / "blip2-stage1" / "model")
+    # BLIP-2: the Q-Former's stage 1 (no LM), then into the frozen LM
+    first_qformer = QFormerPretraining.from_pretrained(demo_dir / "blip2-stage1" / "model")
     second, _ = read_checkpoint_config(demo_dir / "blip2" / "model")
-    assert first.model_cfg.connector == second.connector == "qformer"
+    assert first_qformer.model_cfg.connector == second.connector == "qformer"
     scores = json.loads((demo_dir / "scores.json").read_text())
-    for setting in ("BLIP-2 connector, random demos", "BLIP-2 connector, blind"):
-        assert set(scores[setting]["coco"]) == {"0", "4"}, setting
+    for connector in ("LLaVA", "BLIP-2"):
+        for setting in (f"{connector} connector, random demos", f"{connector} connector, blind"):
+            assert set(scores[setting]["coco"]) == {"0", "4"}, setting
+    assert "random demos" in scores and "RICES demos" in scores  # Flamingo's rows stay
     table = (demo_dir / "connectors.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| Flamingo", "| LLaVA", "| BLIP-2"]
     assert " + " in table[4] and "nan" not in table[4]  # two stages, each timed

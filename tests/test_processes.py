@@ -64,7 +64,7 @@ def test_what_a_finished_launch_left_running_is_killed():
 def test_a_test_that_hangs_fails_at_the_time_limit(tmp_path):
     (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(600)\n")
     env = dict(os.environ, FLAMINGO_TEST_LIMIT_S="2")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", str(tmp_path)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.time_limit", str(tmp_path)]
     cmd += ["-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
     done = run_group(cmd, 120, cwd=ROOT, env=env)
     assert done.returncode == 1, done.stdout[-2000:]
