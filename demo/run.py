@@ -27,7 +27,8 @@ The YAML files under configs/demo/ name paths under runs/demo/; the runner re-ro
 OUT (absolute, so the checkpoints load from anywhere) and writes each stage's effective config
 to OUT/configs/. ``--set`` overrides a stage's config, e.g. ``--set flamingo.steps=300
 --set eval.max_items=20``. Writes OUT/results.md (scores on all, seen and held-out colour-shape
-combinations) and OUT/kshot.png, and prints the table.
+combinations, the k-shot plot OUT/kshot.png, and the connectors' table once they are trained)
+and prints the tables.
 """
 
 from __future__ import annotations
@@ -302,11 +303,13 @@ class Demo:
         (self.out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         kshot_plot(scores, cfg.shots, self.out / "kshot.png")
         table = results_table(scores, cfg.shots)
-        (self.out / "results.md").write_text(table + "\n")
+        page = ["# The toy world's results", "", table, "", "![score against shots](kshot.png)"]
         if all(exported(self.out / run) for runs, _, _ in CONNECTOR_RUNS.values() for run in runs):
             comparison = connectors_table(self.out, scores, cfg.shots, CONNECTOR_RUNS)
             (self.out / "connectors.md").write_text(comparison + "\n")
             table += "\n\n" + comparison
+            page += ["", "## The three connectors", "", comparison]
+        (self.out / "results.md").write_text("\n".join(page) + "\n")
         return table
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,15 +143,33 @@ def converted(
         out = hub.converted_dir(str(directory), commit=checkpoint.parent.name)
         if not (out / "config.json").is_file():  # written last: a complete conversion
             cfg = hub.release_config(str(directory))
-            convert(kind, checkpoint, build, cfg).save_pretrained(out)
+            with announced(kind, directory, out):
+                convert(kind, checkpoint, build, cfg).save_pretrained(out)
         return out
     if Path(directory).is_dir():  # converted in memory, each time
         return convert(kind, directory, build)
     snap = hub.transformers_snapshot(str(directory), revision)
     out = hub.converted_dir(str(directory), commit=snap.name)
     if not (out / "config.json").is_file():
-        convert(kind, snap, build).save_pretrained(out)
+        with announced(kind, directory, out):
+            convert(kind, snap, build).save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def announced(kind: str, name: str | Path, out: Path) -> Iterator[None]:
+    """Say on stderr what a first load by id is doing (a 9B checkpoint converts for minutes,
+    silent otherwise) and how long it took; later loads read ``out`` at once."""
+    print(
+        f"flamingo: converting the {kind} checkpoint {name} once, into {out} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    yield
+    print(
+        f"flamingo: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True
+    )
 
 
 def foreign_config(kind: str, directory: str | Path, revision: str | None) -> FlamingoConfig:

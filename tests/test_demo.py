@@ -62,8 +62,9 @@ def test_scores_are_finite_and_beat_the_blind_baseline(demo_dir):
     seeing = scores["random demos"]["coco"]["0"]["all"][1]
     blind = scores["blind (blank images)"]["coco"]["0"]["all"][1]
     assert seeing > blind + 10, (seeing, blind)
-    table = (demo_dir / "results.md").read_text()
-    assert "| random demos | coco | CIDEr | held-out |" in table
+    page = (demo_dir / "results.md").read_text()
+    assert "| random demos | coco | CIDEr | held-out |" in page
+    assert "![score against shots](kshot.png)" in page and "connectors" not in page
 
 
 def test_finished_stages_are_reused(demo_dir, capsys):
@@ -111,6 +112,8 @@ def test_the_connector_stages_train_llava_and_blip2_and_compare_the_three(demo_d
             assert set(scores[setting]["coco"]) == {"0", "4"}, setting
     assert "random demos" in scores and "RICES demos" in scores  # Flamingo's rows stay
     table = (demo_dir / "connectors.md").read_text().splitlines()
+    page = (demo_dir / "results.md").read_text()
+    assert "![score against shots](kshot.png)" in page and "\n".join(table) in page
     assert [row.split(" | ")[0] for row in table[2:]] == ["| Flamingo", "| LLaVA", "| BLIP-2"]
     assert " + " in table[4] and "nan" not in table[4]  # two stages, each timed
     for row in table[2:]:  # every stage's FLOPs counted, BLIP-2's stage 1 included

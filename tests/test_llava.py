@@ -195,12 +195,16 @@ def test_both_key_layouts_convert_the_same(tmp_path):
         assert (got - expected)[real].abs().max().item() <= 1e-4
 
 
-def test_hub_repo_and_cli_convert_offline(tmp_path, offline_cache):
+def test_hub_repo_and_cli_convert_offline(tmp_path, offline_cache, capsys):
     reference, directory = save_reference(tmp_path)
     lay_out(offline_cache, "llava-hf/tiny-llava", directory)
     by_id = Flamingo.from_pretrained("llava-hf/tiny-llava")  # converted once, then kept
     kept = hub.converted_dir("llava-hf/tiny-llava", COMMIT)
     assert (kept / "config.json").is_file()
+    said = capsys.readouterr().err  # a first load says what it is doing; a later one is quiet
+    assert f"converting the llava checkpoint llava-hf/tiny-llava once, into {kept}" in said
+    Flamingo.from_pretrained("llava-hf/tiny-llava")
+    assert "converting" not in capsys.readouterr().err
     out = tmp_path / "converted"
     convert_main(["llava", "llava-hf/tiny-llava", str(out)])
     again = Flamingo.from_pretrained(out)
