@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 
 import pytest
 import yaml
@@ -109,20 +110,28 @@ def test_the_python_blocks_that_need_nothing_run_as_written(scratch, monkeypatch
 
 def test_the_command_blocks_that_need_nothing_run_as_written(scratch, monkeypatch):
     """docs/models.md: BLIP-2's stages 1 and 2, LLaVA's stages 1 and 2 (on the conversations
-    converted above), each from the one before, as the page shows them."""
+    converted above), each from the one before, as the page shows them; docs/training.md:
+    two processes through DeepSpeed's launcher (the real one, on the CPU)."""
     import train
+    from tests.processes import run_group
+    from tests.test_train import launcher_env
 
     monkeypatch.chdir(scratch)
     ran = []
     for block in BLOCKS:
         if block.language == "bash" and not block.needs:
             for argv in commands(block.code):
-                assert argv[:2] == ["python", "train.py"], f"{block.page}: no runner for {argv}"
-                train.main(argv[2:])
+                if argv[0] == "deepspeed":
+                    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", *argv[1:]]
+                    done = run_group(launcher, 300, cwd=scratch, env=launcher_env())
+                    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+                else:
+                    assert argv[:2] == ["python", "train.py"], f"{block.page}: no runner: {argv}"
+                    train.main(argv[2:])
                 ran.append(argv)
-    assert len(ran) == 4
-    for run in ("tiny-blip2", "tiny-blip2-stage2", "tiny-llava", "tiny-llava-stage2"):
+    assert len(ran) == 5
+    for run in ("tiny-zero2", "tiny-blip2", "tiny-blip2-stage2", "tiny-llava", "tiny-llava-stage2"):
         assert (scratch / "runs" / run / "checkpoints" / "step-00000020").is_dir(), run
     assert (scratch / "runs" / "tiny-blip2" / "model" / "qformer_stage1.safetensors").is_file()
-    for run in ("tiny-blip2-stage2", "tiny-llava", "tiny-llava-stage2"):
+    for run in ("tiny-zero2", "tiny-blip2-stage2", "tiny-llava", "tiny-llava-stage2"):
         assert (scratch / "runs" / run / "model" / "config.json").is_file(), run
