@@ -283,6 +283,8 @@ class FlamingoLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> inputs_embeds (B, T, E): frozen rows, new tokens from own rows."""
+        if not self.new_tokens.token_ids.numel():  # the tokenizer brought every token: no rows
+            return self.hf.get_input_embeddings()(input_ids)
         is_new = input_ids.unsqueeze(-1) == self.new_tokens.token_ids  # (B, T, k)
         base_ids = input_ids.masked_fill(is_new.any(-1), 0)
         embeds = self.hf.get_input_embeddings()(base_ids)

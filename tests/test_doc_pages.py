@@ -2,7 +2,8 @@
 run here runs as written, in a scratch folder holding tiny stand-ins for what it reads; one that
 needs the Hub, GPUs or a corpus says so above it (tests/helpers/docs.py) and is compiled, its
 imports run and its commands parsed by the programs they call, so a flag, a config path or a
-name that drifts fails here."""
+name that drifts fails here. The Hub blocks of LLaVA and Llama 3.2 Vision run too, against
+tiny checkpoints laid out under their ids in an offline Hub cache."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, lay_out
 from tests.helpers.docs import NEEDS, blocks, check_command, commands
 
 PAGES = sorted((ROOT / "docs").glob("*.md"))
@@ -135,3 +136,61 @@ def test_the_command_blocks_that_need_nothing_run_as_written(scratch, monkeypatc
     assert (scratch / "runs" / "tiny-blip2" / "model" / "qformer_stage1.safetensors").is_file()
     for run in ("tiny-zero2", "tiny-blip2-stage2", "tiny-llava", "tiny-llava-stage2"):
         assert (scratch / "runs" / run / "model" / "config.json").is_file(), run
+
+
+def test_the_hub_blocks_run_on_tiny_stand_ins_under_their_ids(tmp_path, offline_cache, monkeypatch):
+    """docs/checkpoints.md's LLaVA and Llama 3.2 Vision blocks by Hub id, run as written
+    against tiny random checkpoints that transformers saved, laid out in an offline Hub cache
+    under those ids (converted on the first load, as a real id would be)."""
+    from PIL import Image
+
+    from tests import test_llava, test_mllama
+
+    stand_ins = {
+        "llava-hf/llava-1.5-7b-hf": test_llava.save_reference(tmp_path / "llava")[1],
+        "meta-llama/Llama-3.2-11B-Vision-Instruct": test_mllama.save_reference(
+            tmp_path / "mllama", "11b-like"
+        )[1],
+    }
+    for repo_id, directory in stand_ins.items():
+        lay_out(offline_cache, repo_id, directory)
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    ran = set()
+    for block in BLOCKS:
+        named = {repo_id for repo_id in stand_ins if f'"{repo_id}"' in block.code}
+        if block.language == "python" and named:
+            scope = {"__name__": "__main__"}
+            exec(compile(block.code, block.page, "exec"), scope)
+            assert scope["out"].shape[1] > scope["batch"]["input_ids"].shape[1]  # it generated
+            ran |= named
+    assert ran == set(stand_ins)
+    # their convert commands too: by id, from a directory in transformers' format, and back
+    # (a fine-tuned model of ours: here the one just converted)
+    import shutil
+
+    from flamingo.convert.__main__ import main as convert
+
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    ids = {
+        "llava": "llava-hf/llava-1.5-7b-hf",
+        "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+    }
+    for kind, repo_id in ids.items():
+        (tmp_path / "path" / "to" / f"{kind}-checkpoint").symlink_to(stand_ins[repo_id])
+    converted = []
+    for block in BLOCKS:
+        for argv in commands(block.code) if block.language == "bash" else []:
+            if argv[:3] == ["python", "-m", "flamingo.convert"] and argv[3] in ids:
+                convert(argv[3:])
+                converted.append(argv[3:5])
+            elif argv[3:4] == ["to-mllama"]:
+                shutil.copytree(tmp_path / argv[5], tmp_path / argv[4])
+                convert(argv[3:])
+                config = json.loads((tmp_path / argv[5] / "config.json").read_text())
+                assert config["model_type"] == "mllama"
+                converted.append(argv[3:5])
+    assert sorted(converted) == sorted(
+        [[kind, source] for kind in ids for source in (ids[kind], f"path/to/{kind}-checkpoint")]
+        + [["to-mllama", "our_finetuned_dir"]]
+    )
