@@ -45,3 +45,18 @@ def test_help_and_usage_errors_answer_before_torch_is_imported(command, argv, co
     ended = json.loads(done.stdout.strip().splitlines()[-1])
     assert ended == {"code": code, "torch": False}, done.stderr[-2000:]
     assert ("usage:" in done.stdout + done.stderr) and "Traceback" not in done.stderr
+
+
+def test_the_demo_command_describes_the_demo_make_runs(capsys):
+    """``python -m flamingo.demo --help`` described an older ``make demo``; the program the
+    Makefile's demo target runs now describes itself, every stage it runs included."""
+    from demo import run
+
+    recipe = (ROOT / "Makefile").read_text().split("\ndemo:")[1].split("\n\n")[0]
+    assert "-m demo.run" in recipe
+    with pytest.raises(SystemExit) as ended:
+        run.main(["--help"])
+    shown = capsys.readouterr().out
+    assert ended.value.code == 0 and "make demo" in shown
+    for stage in run.STAGES:
+        assert f"\n  {stage} " in shown, stage
