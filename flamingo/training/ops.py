@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,10 @@ def shm_buffer(rank: int, env: dict[str, str] | None = None) -> Path:
     return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
+DEPRECATED_GATHER = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+"""torch's warning at each of DeepSpeed's ZeRO gathers (the locked torch 2.14.1, DeepSpeed 0.19.8)."""
+
+
 def init_distributed(deepspeed: Any, timeout: Any) -> None:
     """``deepspeed.init_distributed``, and this rank's shared-memory segment unlinked as soon
     as every rank has mapped it.
@@ -194,6 +199,9 @@ def init_distributed(deepspeed: Any, timeout: Any) -> None:
     until the processes end, then the system frees it, even after a crash or a kill."""
     import torch.distributed as dist
 
+    # DeepSpeed's ZeRO gathers call torch's deprecated all_gather_into_tensor: two lines of
+    # FutureWarning in every rank's log at every step, about a call of DeepSpeed's, not ours
+    warnings.filterwarnings("ignore", DEPRECATED_GATHER, FutureWarning)
     fresh = not (dist.is_available() and dist.is_initialized())
     deepspeed.init_distributed(timeout=timeout)
     if not fresh:
