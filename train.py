@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor
+from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, hub
 from flamingo.data.shards import expand_shards, missing_local_shards
 from flamingo.layers import torch_dtype
 from flamingo.losses import weighted_loss
@@ -72,7 +72,7 @@ from flamingo.training import stage1
 from flamingo.training.batches import Batches, StepBatches
 from flamingo.training.checkpoints import Checkpointer
 from flamingo.training.config import TrainConfig
-from flamingo.training.engine import Engine, build_engine, model_construction
+from flamingo.training.engine import Engine, build_engine, model_construction, zero_stage_of
 from flamingo.training.runlog import RunLogger
 from flamingo.typed_config import apply_overrides
 
@@ -192,9 +192,16 @@ def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
         )
 
 
-def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
-    """The checkpoint ``init_from`` names, its frozen parts in the engine's precision."""
-    model = Flamingo.from_pretrained(cfg.init_from)
+def fine_tuned_model(cfg: TrainConfig, micro_batches: int = 1) -> Flamingo:
+    """The checkpoint ``init_from`` names, its frozen parts in the engine's precision. With
+    ZeRO-3's ``frozen_weights: partitioned`` its LM is built partitioned (``model_construction``:
+    loaded from its source, no rank holding it whole) in the engine's precision."""
+    if cfg.engine.frozen_weights == "partitioned" and zero_stage_of(cfg.engine) == 3:
+        check_partitionable(cfg.init_from)
+        with model_construction(cfg.engine, cfg.optim, micro_batches):
+            model = Flamingo.from_pretrained(cfg.init_from, changes=cfg.engine.model_changes())
+    else:
+        model = Flamingo.from_pretrained(cfg.init_from)
     if cfg.model_overrides:  # what trains (TRAINING_FIELDS): lm.trainable, the adapters
         try:
             changed = apply_overrides(model.cfg.to_dict(), cfg.model_overrides)
@@ -215,6 +222,31 @@ def fine_tuned_model(cfg: TrainConfig) -> Flamingo:
         model.lm.hf.to(dtype)
         model.cfg = model.cfg.replace(changes)
     return model
+
+
+def check_partitionable(init_from: str | Path) -> None:
+    """A checkpoint whose frozen LM can be built partitioned: ours, its LM named by a source
+    (a Hub id or directory transformers loads under ZeRO-3's ``zero.Init``). A foreign format
+    (converted into a whole model) or an LM whose weights are in the checkpoint's own files
+    loads whole."""
+    from flamingo import formats
+    from flamingo.checkpoint import read_checkpoint_config
+
+    kind = formats.kind_of(init_from)
+    if kind is not None:
+        raise ValueError(
+            f"init_from {init_from}: a {kind} checkpoint is converted whole, so "
+            "engine.frozen_weights=partitioned cannot apply: convert it first "
+            "(python -m flamingo.convert) and give its LM a source, or use "
+            "engine.frozen_weights=replicated"
+        )
+    model_cfg, _ = read_checkpoint_config(hub.snapshot(init_from))
+    if model_cfg.lm.name_or_path is None:
+        raise ValueError(
+            f"init_from {init_from}: its LM has no source to load partitioned from "
+            "(lm.name_or_path is null: its weights are in the checkpoint's files); use "
+            "engine.frozen_weights=replicated"
+        )
 
 
 @dataclass
@@ -263,7 +295,7 @@ def setup(cfg: TrainConfig) -> Setup:
     per_step = len(cfg.datasets) if cfg.mixing == "all" else 1
     micro_batches = per_step * cfg.accumulation
     if cfg.init_from is not None:
-        model = fine_tuned_model(cfg)
+        model = fine_tuned_model(cfg, micro_batches)
         model_cfg, processor = model.cfg, FlamingoProcessor.from_config(model.cfg)
     else:
         model_cfg = FlamingoConfig.from_yaml(cfg.model, cfg.model_overrides, "model_overrides")

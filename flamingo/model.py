@@ -139,6 +139,7 @@ class Flamingo(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         revision: str | None = None,
+        changes: dict[str, Any] | None = None,
     ) -> Flamingo:
         """Rebuild a model from a checkpoint written by :meth:`save_pretrained`: frozen parts
         from their sources, the rest from the checkpoint, loaded strictly. ``directory`` is a
@@ -146,8 +147,12 @@ class Flamingo(nn.Module):
         format, or an OpenFlamingo v2 release or an IDEFICS or LLaVA repo, converted on first
         use and kept converted (an IDEFICS or LLaVA directory is converted in memory, each
         time).
-        ``dtype``/``device`` cast and move it all."""
+        ``dtype``/``device`` cast and move it all; ``changes`` (dotted config fields, a
+        checkpoint in our format) apply before it is built, e.g. the engine's ``frozen_dtype``
+        for an LM built partitioned."""
         kind = formats.kind_of(directory, revision)
+        if kind is not None and changes:
+            raise ValueError(f"{directory}: a {kind} checkpoint takes no config changes")
         if kind is not None:  # converted in memory (a directory) or once into the cache (an id)
             found = formats.converted(kind, directory, revision, cls.from_config)
             if isinstance(found, nn.Module):
@@ -155,7 +160,7 @@ class Flamingo(nn.Module):
             directory = found
         directory = hub.snapshot(directory, revision)
         cfg, meta = read_checkpoint_config(directory)
-        cfg = cfg.replace({"lm.tokenizer": str(directory)})  # the tokenizer saved with the weights
+        cfg = cfg.replace({"lm.tokenizer": str(directory), **(changes or {})})  # its tokenizer
         # every weight in the checkpoint's files (a converted IDEFICS, a random tiny model):
         # built without storage and given them, not initialised and then overwritten; not
         # for an LM that ties its embeddings (built without storage, the tie is lost)

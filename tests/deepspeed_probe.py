@@ -1,6 +1,6 @@
 """One training step of the tiny model through ``DeepSpeedEngine`` in a one-rank group, watched.
 
-    python -m tests.deepspeed_probe CONFIG.json PRECISION [LM_DIR] [key=value ...]
+    python -m tests.deepspeed_probe CONFIG.json PRECISION [LM_DIR] [key=value ...] [init_from=DIR]
 
 Run by the tests in a subprocess (DeepSpeed's process group and its patches stay out of the
 test process). Three micro-batches make the step; every collective is recorded with the
@@ -9,7 +9,8 @@ size. The model is built as ``train.py`` builds it (``model_construction``), wit
 in LM_DIR (``save_pretrained``) when given. Prints one JSON line: the optimiser class, the
 collectives, which parameters ZeRO partitioned (those carrying a ``ds_id``), frozen and
 trainable apart, and how many LM weights were partitioned, holding no data, as construction
-ended.
+ended. With ``init_from=DIR`` the model is that checkpoint, built as ``train.py`` fine-tunes one
+(``train.fine_tuned_model``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> None:
     from flamingo.training.engine import DeepSpeedEngine, model_construction
     from tests.helpers import noise_image, tiny_config
 
+    init_from = next((o.split("=", 1)[1] for o in options if o.startswith("init_from=")), None)
+    options = [o for o in options if not o.startswith("init_from=")]
     engine_cfg = EngineConfig.from_dict(
         {
             "precision": precision,
@@ -53,8 +56,21 @@ def main() -> None:
     processor = FlamingoProcessor.from_config(cfg)
     torch.manual_seed(0)
     optim = OptimConfig(warmup_steps=1)
-    with model_construction(engine_cfg, optim, 3):
-        model = Flamingo.from_config(cfg, processor)
+    if init_from:  # as train.py fine-tunes a checkpoint
+        import train
+        from flamingo.training.config import TrainConfig
+
+        engine = {"engine.precision": precision, "engine.deepspeed": config}
+        engine.update((f"engine.{k}", v) for k, v in (o.split("=", 1) for o in options))
+        run = TrainConfig.from_yaml(
+            "configs/train/tiny.yaml",
+            ["model=null", f"init_from={init_from}", *(f"{k}={v}" for k, v in engine.items())],
+        )
+        model = train.fine_tuned_model(run, 3)
+        processor = FlamingoProcessor.from_pretrained(init_from)
+    else:
+        with model_construction(engine_cfg, optim, 3):
+            model = Flamingo.from_config(cfg, processor)
     lm_weights = list(model.lm.hf.parameters())
     built_partitioned = sum(hasattr(p, "ds_id") and p.numel() == 0 for p in lm_weights)
     new_rows = model.lm.new_tokens.input_rows.detach().double().sum().item()  # their mean init

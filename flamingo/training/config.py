@@ -201,10 +201,6 @@ class TrainConfig(YamlConfig):
                 f"weights fix the architecture; only {list(TRAINING_FIELDS)} (what trains) may "
                 "change"
             )
-        if self.init_from is not None and self.engine.frozen_weights == "partitioned":
-            raise ValueError(
-                "init_from loads a checkpoint whole: use engine.frozen_weights=replicated"
-            )
         if self.objective == "qformer_stage1":
             given = [k for k in ("init_from", "init_qformer") if getattr(self, k) is not None]
             if given or self.eval_every:
