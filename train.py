@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, hub
 from flamingo.data.shards import expand_shards, missing_local_shards
-from flamingo.layers import torch_dtype
+from flamingo.layers import is_partitioned, torch_dtype
 from flamingo.losses import weighted_loss
 from flamingo.parts import parts_of
 from flamingo.qformer_pretraining import QFormerPretraining
@@ -194,12 +194,18 @@ def check_datasets(cfg: TrainConfig, model_cfg: FlamingoConfig) -> None:
 
 def fine_tuned_model(cfg: TrainConfig, micro_batches: int = 1) -> Flamingo:
     """The checkpoint ``init_from`` names, its frozen parts in the engine's precision. With
-    ZeRO-3's ``frozen_weights: partitioned`` its LM is built partitioned (``model_construction``:
-    loaded from its source, no rank holding it whole) in the engine's precision."""
+    ZeRO-3's ``frozen_weights: partitioned`` it is built partitioned (``model_construction``;
+    the engine's precision applied before the build) and its weights written into the
+    partitions as they load, no rank holding the frozen LM whole."""
     if cfg.engine.frozen_weights == "partitioned" and zero_stage_of(cfg.engine) == 3:
-        check_partitionable(cfg.init_from)
+        source = partitionable_source(cfg.init_from)
         with model_construction(cfg.engine, cfg.optim, micro_batches):
-            model = Flamingo.from_pretrained(cfg.init_from, changes=cfg.engine.model_changes())
+            model = Flamingo.from_pretrained(source, changes=cfg.engine.model_changes())
+            head = model.lm.hf.get_output_embeddings().weight  # cut whole for lm.head_rows
+            lm = model.lm.hf.named_parameters()
+            whole = [n for n, p in lm if not is_partitioned(p) and p is not head]
+        if whole:  # the build ignored zero.Init: a whole LM on every rank is what was refused
+            raise RuntimeError(f"{cfg.init_from}: LM weights built whole: {whole[:5]}")
     else:
         model = Flamingo.from_pretrained(cfg.init_from)
     if cfg.model_overrides:  # what trains (TRAINING_FIELDS): lm.trainable, the adapters
@@ -224,22 +230,24 @@ def fine_tuned_model(cfg: TrainConfig, micro_batches: int = 1) -> Flamingo:
     return model
 
 
-def check_partitionable(init_from: str | Path) -> None:
-    """A checkpoint whose frozen LM can be built partitioned: ours, its LM named by a source
-    (a Hub id or directory transformers loads under ZeRO-3's ``zero.Init``). A foreign format
-    (converted into a whole model) or an LM whose weights are in the checkpoint's own files
-    loads whole."""
+def partitionable_source(init_from: str | Path) -> str | Path:
+    """Where ``init_from`` loads from partitioned: ours if its LM has a source (transformers
+    loads it under ``zero.Init``), or the files of a foreign checkpoint whose loader writes
+    into partitions (``Format.loads_partitioned``: Llama 3.2 Vision's; a Hub id's downloaded
+    snapshot, converted in memory, not into the cache). Other formats, or ours with the LM's
+    weights in its own files, load whole: refused by name."""
     from flamingo import formats
     from flamingo.checkpoint import read_checkpoint_config
 
     kind = formats.kind_of(init_from)
     if kind is not None:
-        raise ValueError(
-            f"init_from {init_from}: a {kind} checkpoint is converted whole, so "
-            "engine.frozen_weights=partitioned cannot apply: convert it first "
-            "(python -m flamingo.convert) and give its LM a source, or use "
-            "engine.frozen_weights=replicated"
-        )
+        if not formats.lookup(kind).loads_partitioned:
+            raise ValueError(
+                f"init_from {init_from}: a {kind} checkpoint loads whole, so "
+                "engine.frozen_weights=partitioned cannot apply; use engine.frozen_weights="
+                "replicated"
+            )
+        return init_from if Path(init_from).is_dir() else hub.transformers_snapshot(init_from)
     model_cfg, _ = read_checkpoint_config(hub.snapshot(init_from))
     if model_cfg.lm.name_or_path is None:
         raise ValueError(
@@ -247,6 +255,7 @@ def check_partitionable(init_from: str | Path) -> None:
             "(lm.name_or_path is null: its weights are in the checkpoint's files); use "
             "engine.frozen_weights=replicated"
         )
+    return init_from
 
 
 @dataclass

@@ -31,6 +31,7 @@ from transformers import AutoConfig
 
 import flamingo.hub as hub
 from flamingo.config import FlamingoConfig
+from flamingo.layers import building_partitioned_now
 
 M = TypeVar("M")
 
@@ -52,6 +53,10 @@ class Format:
     storage_free: bool = True
     """Every weight comes from the checkpoint (build the model without storage, when its
     config allows: :func:`building`)."""
+    loads_partitioned: bool = False
+    """Its loader writes into a model built partitioned (ZeRO-3's ``zero.Init``), tested so:
+    it maps through :func:`flamingo.convert.mapping.assign_mapped`, which writes into the
+    partitions, and a two-rank run matches the replicated one (Llama 3.2 Vision's)."""
     description: str = ""
     """One line for the command line's help."""
 
@@ -94,8 +99,9 @@ def weights_all_in_files(cfg: FlamingoConfig) -> bool:
 @contextlib.contextmanager
 def building(cfg: FlamingoConfig, storage_free: bool = True) -> Iterator[bool]:
     """Build modules with their parameters on the meta device (buffers as usual) when every
-    weight of ``cfg`` comes from files (:func:`weights_all_in_files`); yields whether it does."""
-    if not (storage_free and weights_all_in_files(cfg)):
+    weight of ``cfg`` comes from files (:func:`weights_all_in_files`); yields whether it does.
+    Not while an engine builds the model partitioned (its ``zero.Init`` makes the storage)."""
+    if not (storage_free and weights_all_in_files(cfg)) or building_partitioned_now():
         yield False
         return
     from accelerate import init_empty_weights  # imported here: only loading needs it
@@ -109,16 +115,18 @@ def convert(
     source: Any,
     build: Callable[[FlamingoConfig], M],
     cfg: FlamingoConfig | None = None,
+    changes: dict[str, Any] | None = None,
 ) -> M:
     """A checkpoint of format ``name`` (``source``: a directory, a file, or what the format's
-    loader takes) as our model: its config (read from ``source``, or ``cfg``), the model built by ``build(config)`` (without storage where its weights all come
-    from the checkpoint), the tensors mapped into it."""
+    loader takes) as our model: its config (read from ``source``, or ``cfg``; ``changes``
+    applied, e.g. an engine's ``frozen_dtype``), the model built by ``build(config)`` (without
+    storage where its weights all come from the checkpoint), the tensors mapped into it."""
     fmt = lookup(name)
     if cfg is None:
         if fmt.config is None:
             raise ValueError(f"a {name} checkpoint names no model config: give one")
         cfg = fmt.config(source)
-    cfg = fmt.prepare(cfg)
+    cfg = fmt.prepare(cfg.replace(changes) if changes else cfg)
     with building(cfg, fmt.storage_free):
         model = build(cfg)
     return fmt.load(model, source)
@@ -134,10 +142,20 @@ def kind_of(directory: str | Path, revision: str | None = None) -> str | None:
 
 
 def converted(
-    kind: str, directory: str | Path, revision: str | None, build: Callable[[FlamingoConfig], Any]
+    kind: str,
+    directory: str | Path,
+    revision: str | None,
+    build: Callable[[FlamingoConfig], Any],
+    changes: dict[str, Any] | None = None,
 ) -> Any:
-    """A foreign checkpoint as our model: a local directory converted in memory (the model),
-    or a Hub id converted once per commit into the cache (the converted directory, to load)."""
+    """A foreign checkpoint as our model: a local directory converted in memory (the model;
+    ``changes`` to its config applied), or a Hub id converted once per commit into the cache
+    (the converted directory, to load)."""
+    if not Path(directory).is_dir() and (changes or building_partitioned_now()):
+        raise ValueError(
+            f"{directory}: a {kind} Hub id is converted whole into the cache; give its "
+            "downloaded files (a directory) to convert it with config changes or partitioned"
+        )
     if kind == "openflamingo":  # a release by id: its checkpoint.pt and the config we keep
         checkpoint = hub.download(str(directory), "checkpoint.pt", revision)
         out = hub.converted_dir(str(directory), commit=checkpoint.parent.name)
@@ -147,7 +165,7 @@ def converted(
                 convert(kind, checkpoint, build, cfg).save_pretrained(out)
         return out
     if Path(directory).is_dir():  # converted in memory, each time
-        return convert(kind, directory, build)
+        return convert(kind, directory, build, changes=changes)
     snap = hub.transformers_snapshot(str(directory), revision)
     out = hub.converted_dir(str(directory), commit=snap.name)
     if not (out / "config.json").is_file():

@@ -142,6 +142,11 @@ class PartitionedWeights:
     holds_no_data: Callable[[torch.Tensor], bool]
     gathered: Callable[[list[torch.Tensor]], contextlib.AbstractContextManager]
     """A context in which the given partitioned parameters are whole (read-only)."""
+    written: Callable[[list[torch.Tensor]], contextlib.AbstractContextManager] | None = None
+    """A context in which they are whole and what is written into them is kept (partitioned
+    again on the way out): how a checkpoint's tensors reach a model built partitioned."""
+    whole_shape: Callable[[torch.Tensor], torch.Size] | None = None
+    """A partitioned parameter's shape, whole."""
 
 
 _building_partitioned: list[PartitionedWeights] = []
@@ -160,6 +165,32 @@ def building_partitioned(weights: PartitionedWeights) -> Iterator[None]:
 def is_partitioned(param: torch.Tensor) -> bool:
     """Whether the engine building the model partitioned ``param`` (it then holds no data)."""
     return bool(_building_partitioned) and _building_partitioned[-1].holds_no_data(param)
+
+
+def building_partitioned_now() -> bool:
+    """Whether the model is being built by an engine that partitions weights as they are made."""
+    return bool(_building_partitioned)
+
+
+def shape_whole(param: torch.Tensor) -> torch.Size:
+    """``param``'s shape, the whole one for a parameter the engine partitioned as it built it."""
+    if is_partitioned(param) and _building_partitioned[-1].whole_shape is not None:
+        return _building_partitioned[-1].whole_shape(param)
+    return param.shape
+
+
+def write_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``param``, into its partitions when the engine partitioned it as it
+    built it (gathered, written, partitioned again); in place either way."""
+    with torch.no_grad():
+        if not is_partitioned(param):
+            param.copy_(value)
+            return
+        written = _building_partitioned[-1].written
+        if written is None:
+            raise RuntimeError("this engine partitions weights but cannot write into them")
+        with written([param]):
+            param.data.copy_(value.to(param.dtype))
 
 
 @contextlib.contextmanager

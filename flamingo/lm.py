@@ -152,7 +152,12 @@ def keep_head_rows(model: nn.Module, rows: int) -> None:
     if not 0 < rows <= head.out_features:
         raise ValueError(f"lm.head_rows={rows} but the LM head has {head.out_features} rows")
     kept = nn.Linear(head.in_features, rows, bias=False, device=head.weight.device)
-    kept.weight = nn.Parameter(head.weight[:rows].detach(), requires_grad=head.weight.requires_grad)
+    if is_partitioned(head.weight):  # built under zero.Init: whole here, partitioned by the engine
+        with whole(head.weight):
+            weight = head.weight[:rows].detach().clone()
+    else:
+        weight = head.weight[:rows].detach()
+    kept.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
     model.set_output_embeddings(kept)
 
 

@@ -147,14 +147,12 @@ class Flamingo(nn.Module):
         format, or an OpenFlamingo v2 release or an IDEFICS or LLaVA repo, converted on first
         use and kept converted (an IDEFICS or LLaVA directory is converted in memory, each
         time).
-        ``dtype``/``device`` cast and move it all; ``changes`` (dotted config fields, a
-        checkpoint in our format) apply before it is built, e.g. the engine's ``frozen_dtype``
-        for an LM built partitioned."""
+        ``dtype``/``device`` cast and move it all; ``changes`` (dotted config fields; for a
+        foreign format, a local directory) apply before it is built, e.g. the engine's
+        ``frozen_dtype`` for an LM built partitioned."""
         kind = formats.kind_of(directory, revision)
-        if kind is not None and changes:
-            raise ValueError(f"{directory}: a {kind} checkpoint takes no config changes")
         if kind is not None:  # converted in memory (a directory) or once into the cache (an id)
-            found = formats.converted(kind, directory, revision, cls.from_config)
+            found = formats.converted(kind, directory, revision, cls.from_config, changes)
             if isinstance(found, nn.Module):
                 return found.to(device=device, dtype=torch_dtype(dtype)).eval()
             directory = found

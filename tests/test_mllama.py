@@ -576,8 +576,9 @@ def test_fine_tuning_with_the_lm_frozen_then_back_to_transformers(tmp_path):
 @pytest.mark.multiprocess
 def test_fine_tuning_on_two_processes_under_zero2_and_zero3(tmp_path):
     """The same recipe on two ranks (torchrun), ZeRO-2 and ZeRO-3 (the trainable parts
-    partitioned; ``init_from`` loads the frozen weights whole, replicated): the same trained
-    weights."""
+    partitioned), and ZeRO-3 with the frozen weights partitioned too (the checkpoint converted
+    into a model built under ``zero.Init``, each tensor written into its partitions; a weight
+    of the LM built whole stops the run): the same trained weights."""
     import yaml
     from safetensors.torch import load_file
 
@@ -585,16 +586,20 @@ def test_fine_tuning_on_two_processes_under_zero2_and_zero3(tmp_path):
 
     _, directory = save_reference(tmp_path, "11b-like")
     weights = {}
-    for stage, ds in (("zero2", "zero2.json"), ("zero3", "zero3.json")):
+    runs = {"zero2": ("zero2.json", {}), "zero3": ("zero3.json", {})}
+    runs["zero3-partitioned"] = ("zero3.json", {"frozen_weights": "partitioned"})
+    for stage, (ds, options) in runs.items():
         run = tmp_path / stage
-        engine = {"precision": "fp32", "deepspeed": f"configs/deepspeed/{ds}"}
+        engine = {"precision": "fp32", "deepspeed": f"configs/deepspeed/{ds}", **options}
         config = fine_tune_config(tmp_path, directory, run, 3, engine=engine)
         (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(config))
         check(two_ranks(["train.py", "--config", str(tmp_path / f"{stage}.yaml")]))
         weights[stage] = load_file(str(run / "model" / "model.safetensors"))
     assert any(k.startswith("lm.gated_blocks.") for k in weights["zero2"])
     for name, want in weights["zero2"].items():
-        torch.testing.assert_close(weights["zero3"][name], want, rtol=1e-4, atol=1e-5)
+        for stage in ("zero3", "zero3-partitioned"):
+            got = weights[stage][name]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{stage}: {name}")
 
 
 def test_the_flop_formula_counts_the_tiled_tower_and_the_cross_attention_layers():

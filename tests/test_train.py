@@ -459,7 +459,12 @@ def test_zero3_partitions_a_checkpoints_frozen_lm_when_asked(saved_lm, tmp_path)
     assert replicated["grad_norm"] == pytest.approx(partitioned["grad_norm"], rel=1e-6)
     build().save_pretrained(tmp_path / "own")  # the tiny config's LM: random, in the files
     with pytest.raises(ValueError, match="its LM has no source to load partitioned from"):
-        train.check_partitionable(tmp_path / "own")
+        train.partitionable_source(tmp_path / "own")
+    from tests import test_llava  # a format whose partitioned load is not tested: refused
+
+    _, llava = test_llava.save_reference(tmp_path / "llava")
+    with pytest.raises(ValueError, match="a llava checkpoint loads whole"):
+        train.partitionable_source(llava)
 
 
 @pytest.mark.multiprocess

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from flamingo.layers import is_partitioned, shape_whole, write_whole
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -141,7 +143,8 @@ def assign_mapped(
     with one of ``ignored``, buffers the model rebuilds); a missing, unused or mis-shaped one
     is an error naming it and the ``source`` format. Tensors are assigned, not copied: the
     model may have been built without storage (on the meta device), and a copy would hold
-    the weights twice."""
+    the weights twice; those of parameters built partitioned (ZeRO-3's ``zero.Init``) are
+    written into their partitions (:func:`flamingo.layers.write_whole`)."""
     params = dict(model.named_parameters())
     missing = sorted(n for n in params if n not in names and n not in absent)
     if missing:
@@ -154,16 +157,18 @@ def assign_mapped(
             raise ValueError(f"the {source} checkpoint lacks {lacking} (for our {ours})")
         used.update(theirs)
         tensor = torch.cat([state[t] for t in theirs]) if len(theirs) > 1 else state[theirs[0]]
-        target = params[ours]
-        if tensor.numel() != target.numel():
+        shape = shape_whole(params[ours])
+        if tensor.numel() != shape.numel():
             raise ValueError(
                 f"{theirs[0]} has shape {tuple(tensor.shape)}; our {ours} is "
-                f"{tuple(target.shape)}: the config does not match the checkpoint"
+                f"{tuple(shape)}: the config does not match the checkpoint"
             )
-        values[ours] = tensor.reshape(target.shape)
+        values[ours] = tensor.reshape(shape)
     unused = sorted(k for k in state if k not in used and not k.endswith(ignored))
     if unused:
         raise ValueError(f"{source} tensors with no place in our model: {unused[:10]}")
+    for name in [n for n in values if is_partitioned(params[n])]:  # built under ZeRO-3
+        write_whole(params[name], values.pop(name))
     device = next((p.device for p in params.values() if not p.is_meta), torch.device("cpu"))
     cast = {n: t.to(device=device, dtype=params[n].dtype) for n, t in values.items()}
     model.load_state_dict(cast, strict=False, assign=True)

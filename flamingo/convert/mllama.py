@@ -285,6 +285,7 @@ register(
         "mllama",
         directory_config,
         lambda model, directory: load_mllama(model, read_mllama(directory)),
+        loads_partitioned=True,  # tests/test_mllama.py: ZeRO-3 partitioned = ZeRO-2
         description="a Llama 3.2 Vision checkpoint (transformers' format, meta-llama/*-Vision*)",
     )
 )

@@ -187,6 +187,8 @@ def model_construction(
         weights = PartitionedWeights(
             holds_no_data=lambda p: hasattr(p, "ds_id"),
             gathered=lambda params: deepspeed.zero.GatheredParameters(params),
+            written=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0),
+            whole_shape=lambda p: p.ds_shape,
         )
         try:
             with building_partitioned(weights):
