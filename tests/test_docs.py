@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.docs import check_command
+from tests.helpers.docs import blocks, check_command, commands
 
 README = ROOT / "README.md"
 
 
-def blocks(text: str, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
-
-
-def commands(block: str) -> list[list[str]]:
-    """A bash block's commands: continuation lines joined, comments dropped."""
-    joined = block.replace("\\\n", " ")
-    parsed = (shlex.split(line, comments=True) for line in joined.splitlines())
-    return [argv for argv in parsed if argv]
+def readme(language: str) -> list[str]:
+    """The README's blocks in ``language`` (the docs pages' reader, tests/helpers/docs.py)."""
+    return [block.code for block in blocks(README) if block.language == language]
 
 
 def test_the_readme_is_short_and_indexes_every_page():
@@ -60,7 +53,7 @@ def test_the_readme_training_block_runs_as_written(tmp_path, monkeypatch):
     import train
     from data_prep import tiny
 
-    (block,) = [b for b in blocks(README.read_text(), "bash") if "data_prep.tiny" in b]
+    (block,) = [b for b in readme("bash") if "data_prep.tiny" in b]
     for name in ("configs", "train.py"):
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
@@ -82,7 +75,7 @@ def test_the_readme_commands_that_need_data_or_gpus_parse():
     """Each other command is parsed by the program it runs (flags, config files and their
     overrides, task names, converter names); the Hub, GPUs and the datasets are not here."""
     seen = set()
-    for block in blocks(README.read_text(), "bash"):
+    for block in readme("bash"):
         for argv in commands(block):
             if argv[0] == "make" or "data_prep.tiny" in argv or "train.py" in argv[:2]:
                 continue  # the Makefile's targets (CI, the demo's test); the run above
@@ -97,7 +90,7 @@ def test_the_readme_hub_block_names_a_known_release():
     """The by-name block needs the Hub: it compiles, and its id is one the loader knows."""
     from flamingo.hub import OPENFLAMINGO_RELEASES
 
-    python = blocks(README.read_text(), "python")
+    python = readme("python")
     hub = [b for b in python if "from_pretrained(name" in b]
     assert len(hub) == 1
     compile(hub[0], "README.md", "exec")

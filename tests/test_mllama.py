@@ -23,7 +23,7 @@ from transformers import (
     MllamaProcessor,
 )
 
-from flamingo import hub
+from flamingo import formats, hub
 from flamingo.config import OPENAI_MEAN, OPENAI_STD
 from flamingo.convert.__main__ import main as convert_main
 from flamingo.convert.mllama import export_mllama, mllama_config, read_mllama
@@ -516,6 +516,21 @@ def test_the_generation_bench_against_mllama_gets_its_tokens(tmp_path, monkeypat
     assert record["identical_tokens"] and record["against"] == "mllama"
     assert record["beams"] == beams
     assert record["seconds"]["ours"] > 0 and record["seconds"]["mllama"] > 0
+
+
+def test_config_changes_apply_before_the_build(reference):
+    """``from_pretrained(..., changes=)``, as ``train.py`` gives an engine's precision to a
+    checkpoint it builds partitioned: the frozen parts are built in it (not cast after), the
+    trained ones stay float32; a Hub id of a foreign format takes none (converted whole into
+    the cache)."""
+    _, directory = reference
+    model = Flamingo.from_pretrained(directory, changes={"frozen_dtype": "bfloat16"})
+    assert model.cfg.frozen_dtype == "bfloat16"
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    with pytest.raises(ValueError, match="give its downloaded files"):
+        formats.converted("mllama", "meta-llama/x", None, Flamingo.from_config, {"a": 1})
 
 
 def fine_tune_config(tmp_path, init_from, run, steps: int, **extra) -> dict:

@@ -438,11 +438,14 @@ def test_zero3_partitions_the_frozen_weights_only_when_asked(saved_lm):
     assert replicated["grad_norm"] == pytest.approx(partitioned["grad_norm"], rel=1e-6)
 
 
-def test_zero3_partitions_a_checkpoints_frozen_lm_when_asked(saved_lm, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_partitions_a_checkpoints_frozen_lm_when_asked(saved_lm, tmp_path, precision):
     """``init_from`` a checkpoint whose LM has a source (as an OpenFlamingo release converted
-    by id has): ``partitioned`` builds that LM partitioned as it loads (no rank holds it whole)
-    and the same step follows as with it replicated. A checkpoint whose LM weights are in its
-    own files, or a foreign one, loads whole: refused by name."""
+    by id has): ``partitioned`` builds that LM partitioned as it loads (no rank holds it whole),
+    in the engine's precision (bf16: the checkpoint's fp32 frozen_dtype changed before the
+    build, which refuses a mismatch), and the same step follows as with it replicated. A
+    checkpoint whose LM weights are in its own files, or a foreign format whose partitioned
+    load is untested, is refused by name (Llama 3.2 Vision's: tests/test_mllama.py)."""
     import train
     from tests.helpers import set_gates
 
@@ -450,13 +453,16 @@ def test_zero3_partitions_a_checkpoints_frozen_lm_when_asked(saved_lm, tmp_path)
     set_gates(model)
     model.save_pretrained(tmp_path / "ckpt")
     checkpoint = f"init_from={tmp_path / 'ckpt'}"
-    replicated = probe("zero3", "fp32", checkpoint)
-    partitioned = probe("zero3", "fp32", checkpoint, "frozen_weights=partitioned")
+    replicated = probe("zero3", precision, checkpoint)
+    partitioned = probe("zero3", precision, checkpoint, "frozen_weights=partitioned")
     assert replicated["built_partitioned"] == 0
     assert partitioned["built_partitioned"] == partitioned["lm_weights"] > 0
     assert partitioned["partitioned"]["frozen"] == partitioned["frozen_parameters"] > 0
     assert replicated["new_rows"] == pytest.approx(partitioned["new_rows"], rel=1e-12)
-    assert replicated["grad_norm"] == pytest.approx(partitioned["grad_norm"], rel=1e-6)
+    rel = 1e-6 if precision == "fp32" else 1e-2
+    assert replicated["grad_norm"] == pytest.approx(partitioned["grad_norm"], rel=rel)
+    if precision == "bf16":
+        return
     build().save_pretrained(tmp_path / "own")  # the tiny config's LM: random, in the files
     with pytest.raises(ValueError, match="its LM has no source to load partitioned from"):
         train.partitionable_source(tmp_path / "own")
